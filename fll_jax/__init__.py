@@ -1,0 +1,1 @@
+"""fll_jax: focal liver lesion classification on multisequence MRI in JAX/Flax."""
