@@ -9,7 +9,7 @@ setup(
         "(Wang et al., Insights into Imaging 2021) in JAX/Flax."
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["fll_jax", "fll_jax.*"]),
+    packages=find_packages(include=["fll_jax", "fll_jax.*", "configs"]),
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",
@@ -22,6 +22,7 @@ setup(
         "nibabel>=5.2",
         "scikit-learn>=1.4",
         "statsmodels>=0.14",
+        "pandas>=2",
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

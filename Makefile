@@ -1,0 +1,28 @@
+# `make demo`: set up .venv from this repository's files, then run the main job on the quick phantom.
+# `make test`: set up .venv, then run the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+# Tests run on four fake CPU devices so the data-parallel code is exercised without a GPU.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
+
+.PHONY: venv demo test benchmark clean-demo
+
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[tf,dicom,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(PY) experiments/cross_validate.py --config configs/quick.py --workdir $(WORKDIR)
+
+test: venv
+	$(TEST_ENV) $(PY) -m pytest -q tests
+
+benchmark: venv
+	$(PY) experiments/benchmark.py

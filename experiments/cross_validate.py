@@ -1,0 +1,39 @@
+"""The main job: build the data if absent, train the folds, ensemble, evaluate, report.
+
+  python experiments/cross_validate.py --config configs/quick.py --workdir runs/demo
+  python experiments/cross_validate.py --config configs/paper.py:sequences=t2w+dwi+adc,fusion=attention \
+      --workdir runs/t2_dwi_adc_attention
+  python experiments/cross_validate.py --config configs/paper.py --count_params   # no training
+
+Rerunning an interrupted command resumes each fold from its latest checkpoint.
+"""
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
+flags.DEFINE_string("workdir", "runs/demo", "Where config, checkpoints, predictions and report go.")
+flags.DEFINE_bool("count_params", False, "Print the model's parameter count and exit without training.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if FLAGS.count_params:
+        from fll_jax.models import count_params
+
+        print(f"{count_params(config.model, config.sequences, config.input_size):,} parameters "
+              f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
+        return
+    from fll_jax.train.cross_validate import cross_validate
+
+    metrics = cross_validate(config, FLAGS.workdir)
+    ens = metrics["test"]["ensemble"]
+    print(json.dumps({k: ens[k] for k in ("accuracy_7way", "auc_binary") if k in ens}, indent=1))
+    print(f"wrote {FLAGS.workdir}: config.json, predictions.csv, metrics.json, report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,53 @@
+"""Parse config strings such as 'sequences=t2w+dwi+adc,fusion=attention'."""
+from __future__ import annotations
+
+import ml_collections
+
+from fll_jax.constants import SEQUENCES, sequence_index
+
+# Short keys a config string may set, and where each lives in the config.
+_KEYS = {
+    "sequences": "sequences",
+    "fusion": "model.fusion",
+    "depth": "model.depth",
+    "width": "model.width",
+    "folds": "train.folds",
+    "fold": "train.folds",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "scale": "data.scale",
+    "backend": "data.backend",
+    "seed": "seed",
+}
+
+
+def _parse_value(key: str, text: str):
+    if key == "sequences":
+        names = tuple(s for s in text.split("+") if s)
+        for name in names:
+            sequence_index(name)
+        return tuple(sorted(names, key=SEQUENCES.index))
+    if key in ("folds", "fold"):
+        return tuple(int(f) for f in text.split("+"))
+    if key in ("depth", "width", "epochs", "batch_size", "seed"):
+        return int(text)
+    return text
+
+
+def apply_config_string(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Apply 'key=value,key=value' overrides; unknown keys fail listing the known ones."""
+    if not arg:
+        return config
+    for item in arg.split(","):
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _KEYS:
+            raise ValueError(
+                f"bad config string item {item!r}; expected key=value with key in: {', '.join(_KEYS)}"
+            )
+        node = config
+        *parents, leaf = _KEYS[key].split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = _parse_value(key, text.strip())
+    return config

@@ -1,0 +1,74 @@
+"""Reading and checking workdir/predictions.csv (the format written by the training job)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fll_jax.constants import NUM_CLASSES, to_binary
+
+META_COLUMNS: tuple[str, ...] = (
+    "split", "fold", "patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm",
+)
+# Metadata used only by the subgroup tables; absent columns are filled in rather than refused.
+OPTIONAL_DEFAULTS: dict[str, object] = {"patient_id": "unknown", "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan}
+ENSEMBLE = "ensemble"
+
+
+def prob_columns(model: str) -> tuple[list[str], list[str]]:
+    """Column names of a model's binary and seven-way probabilities."""
+    return [f"{model}_p2_{k}" for k in range(2)], [f"{model}_p7_{k}" for k in range(NUM_CLASSES)]
+
+
+def model_names(frame: pd.DataFrame) -> list[str]:
+    """Fold models present in the frame's columns (fold0, fold1, ...), in fold order."""
+    folds = {int(m.group(1)) for c in frame.columns if (m := re.fullmatch(r"fold(\d+)_p7_0", c))}
+    return [f"fold{k}" for k in sorted(folds)]
+
+
+def probabilities(frame: pd.DataFrame, model: str = ENSEMBLE) -> tuple[np.ndarray, np.ndarray]:
+    """(p7 [N, 7], p2 [N, 2]) of one model on the frame's rows."""
+    cols2, cols7 = prob_columns(model)
+    return frame[cols7].to_numpy(np.float64), frame[cols2].to_numpy(np.float64)
+
+
+def load_predictions(path: str | Path) -> pd.DataFrame:
+    """Read predictions.csv and check it; errors name the file, the row and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no predictions file (run the training job, or pass the right --workdir)")
+    frame = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "background": str, "scanner": str})
+    cols2, cols7 = prob_columns(ENSEMBLE)
+    for column, default in OPTIONAL_DEFAULTS.items():
+        if column not in frame.columns:
+            frame[column] = default
+    missing = [c for c in (*META_COLUMNS, *cols2, *cols7) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {', '.join(missing)}")
+    bad_split = ~frame["split"].isin(["test", "val"])
+    if bad_split.any():
+        row = int(np.flatnonzero(bad_split)[0])
+        raise ValueError(f"{path}: row {row + 2}: split {frame['split'].iloc[row]!r} is neither 'test' nor 'val'")
+    labels = pd.to_numeric(frame["label7"], errors="coerce")
+    bad_label = ~labels.isin(range(NUM_CLASSES))
+    if bad_label.any():
+        row = int(np.flatnonzero(bad_label)[0])
+        raise ValueError(f"{path}: row {row + 2}: label7 {frame['label7'].iloc[row]!r} is not an integer 0-{NUM_CLASSES - 1}")
+    frame["label7"] = labels.astype(int)
+    wrong2 = frame["label2"].to_numpy() != to_binary(frame["label7"].to_numpy())
+    if wrong2.any():
+        row = int(np.flatnonzero(wrong2)[0])
+        raise ValueError(f"{path}: row {row + 2}: label2 {frame['label2'].iloc[row]} disagrees with label7 {frame['label7'].iloc[row]}")
+    probs = frame[cols2 + cols7].to_numpy(np.float64)
+    bad_prob = ~np.isfinite(probs).all(axis=1)
+    if bad_prob.any():
+        row = int(np.flatnonzero(bad_prob)[0])
+        raise ValueError(f"{path}: row {row + 2}: ensemble probabilities are missing or not finite")
+    if not (frame["split"] == "test").any():
+        raise ValueError(f"{path}: no test rows")
+    for key in ("background", "scanner"):
+        frame[key] = frame[key].fillna("unknown").astype(str)
+    frame["diameter_mm"] = pd.to_numeric(frame["diameter_mm"], errors="coerce")
+    return frame

@@ -1,0 +1,310 @@
+"""The run's report: metrics.json, report.md and figures/, all from predictions.csv + config.json.
+
+write_report(workdir) is what the training job calls and what experiments/report.py reruns;
+it reads nothing else, so a report can be regenerated without retraining.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES
+from fll_jax.evaluation import discrimination as disc
+from fll_jax.evaluation.figures import plot_confusion, plot_roc
+from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, model_names, probabilities
+from fll_jax.evaluation.stats import METRIC_KEYS, format_interval
+from fll_jax.evaluation.subgroups import FACTORS, subgroups
+
+ROW_NAMES = {
+    "accuracy": "ACC", "sensitivity": "Sensitivity", "specificity": "Specificity",
+    "ppv": "PPV", "npv": "NPV", "plr": "PLR", "nlr": "NLR",
+}
+COLUMN_NAMES = {disc.BINARY_COLUMN: "Two-way", **{c: CLASS_NAMES[c] for c in CLASSES}}
+DISPLAY_CLASSES = [CLASS_NAMES[c] for c in CLASSES]
+SUMMARY_KEYS = ("accuracy_7way", "accuracy_2way", "auc_binary", "auc_macro_ovr", "macro_f1", "cohen_kappa", "challenge_score")
+ARGMAX_NOTE = "argmax of each head (binary head for the two-way column, seven-way head for the others)"
+
+
+def data_description(config: dict) -> dict:
+    """Phantom or real, from config['data'] (lenient about missing keys and spellings)."""
+    data = config.get("data") or {}
+    source = str(data.get("source", "")).lower()
+    manifest = data.get("manifest") or ""
+    if source == "phantom":
+        scale = data.get("scale", "?")
+        return {"source": "phantom", "phantom": True, "text": f"synthetic phantom (scale '{scale}')"}
+    if source == "manifest" or manifest:
+        return {"source": "manifest", "phantom": False, "text": f"real data from manifest {manifest or '(path not recorded)'}"}
+    return {"source": source or "unknown", "phantom": None, "text": "not recorded in config.json"}
+
+
+def run_description(config: dict, workdir: Path) -> dict:
+    """The settings a reader of the report needs to know which run it describes."""
+    model = config.get("model") or {}
+    train = config.get("train") or {}
+    return {
+        "workdir": str(workdir.resolve()),
+        "sequences": list(config.get("sequences") or []),
+        "fusion": model.get("fusion"),
+        "depth": model.get("depth"),
+        "width": model.get("width"),
+        "input_size": config.get("input_size"),
+        "epochs": train.get("epochs"),
+        "folds": list(train.get("folds") or []),
+        "seed": config.get("seed"),
+    }
+
+
+def _model_block(frame: pd.DataFrame, model: str, thresholds: dict | None, confidence: float) -> dict:
+    """Summary, AUCs, Table 3 columns and confusion matrices of one model on some rows."""
+    p7, p2 = probabilities(frame, model)
+    label7, label2 = frame["label7"].to_numpy(int), frame["label2"].to_numpy(int)
+    block = disc.summary_metrics(label7, p7, label2, p2, confidence)
+    block["auc"] = disc.auc_table(label7, p7, label2, p2, confidence)
+    block["table3_argmax"] = disc.table3(label7, p7, label2, p2, None, confidence)
+    if thresholds is not None:
+        block["table3_validation_thresholds"] = disc.table3(label7, p7, label2, p2, thresholds, confidence)
+    block["confusion_7way"] = disc.confusion(label7, p7.argmax(1), len(CLASSES))
+    block["confusion_2way"] = disc.confusion(label2, p2.argmax(1), 2)
+    return block
+
+
+def _fold_summary(frame: pd.DataFrame, model: str, confidence: float) -> dict:
+    p7, p2 = probabilities(frame, model)
+    return disc.summary_metrics(frame["label7"].to_numpy(int), p7, frame["label2"].to_numpy(int), p2, confidence)
+
+
+def evaluate(frame: pd.DataFrame, confidence: float = 0.95) -> dict:
+    """Every metric of the report from a checked predictions frame (see load_predictions)."""
+    test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
+    thresholds = None
+    if len(val):
+        vp7, vp2 = probabilities(val, ENSEMBLE)
+        thresholds = disc.validation_thresholds(val["label7"].to_numpy(int), vp7, val["label2"].to_numpy(int), vp2)
+    metrics: dict = {"test": {ENSEMBLE: _model_block(test, ENSEMBLE, thresholds, confidence)}, "val": {}}
+    for model in model_names(frame):
+        cols = [f"{model}_p7_{k}" for k in range(len(CLASSES))] + [f"{model}_p2_{k}" for k in range(2)]
+        on_test = test[test[cols].notna().all(axis=1)]
+        if len(on_test):
+            metrics["test"][model] = _fold_summary(on_test, model, confidence)
+    if len(val):
+        metrics["val"][ENSEMBLE] = _model_block(val, ENSEMBLE, None, confidence)
+        for model in model_names(frame):
+            own = val[val["fold"] == int(model[len("fold"):])]
+            if len(own):
+                metrics["val"][model] = _fold_summary(own, model, confidence)
+    metrics["operating_points"] = {"table3_argmax": ARGMAX_NOTE, "validation_thresholds": thresholds}
+    p7, p2 = probabilities(test, ENSEMBLE)
+    correct7 = p7.argmax(1) == test["label7"].to_numpy(int)
+    correct2 = p2.argmax(1) == test["label2"].to_numpy(int)
+    metrics["subgroups"] = subgroups(test, correct7, correct2, confidence)
+    return metrics
+
+
+def json_safe(value):
+    """Plain JSON types; NaN and infinities become None."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def table3_markdown(table: dict) -> list[str]:
+    """The paper's Table 3 layout: rows ACC..NLR with CIs, the two-way column then seven classes."""
+    header = ["", *(COLUMN_NAMES[c] for c in disc.TABLE3_COLUMNS)]
+    rows = [[f"{ROW_NAMES[k]} (95% CI)", *(format_interval(tuple(table[c][k])) for c in disc.TABLE3_COLUMNS)] for k in METRIC_KEYS]
+    rows.append(["TP/FP/FN/TN", *("/".join(str(table[c]["counts"][x]) for x in ("tp", "fp", "fn", "tn")) for c in disc.TABLE3_COLUMNS)])
+    return _markdown_table(header, rows)
+
+
+def _summary_markdown(blocks: dict) -> list[str]:
+    header = ["model", "n", "ACC 7-way (95% CI)", "ACC 2-way (95% CI)", "AUC 2-way (95% CI)", "macro AUC", "macro F1", "kappa", "(F1+kappa)/2"]
+    rows = []
+    for name, b in blocks.items():
+        rows.append([
+            name, str(b["n"]),
+            f"{b['correct_7way']}/{b['n']} = " + format_interval((b["accuracy_7way"], *b["accuracy_7way_ci"])),
+            format_interval((b["accuracy_2way"], *b["accuracy_2way_ci"])),
+            format_interval((b["auc_binary"], *b["auc_binary_ci"])),
+            _fmt(b["auc_macro_ovr"]), _fmt(b["macro_f1"]), _fmt(b["cohen_kappa"]), _fmt(b["challenge_score"]),
+        ])
+    return _markdown_table(header, rows)
+
+
+def _confusion_markdown(counts: list[list[int]], names: list[str]) -> list[str]:
+    return _markdown_table(["true \\ predicted", *names], [[names[i], *map(str, row)] for i, row in enumerate(counts)])
+
+
+def _subgroup_markdown(sub: dict) -> list[str]:
+    lines = []
+    for factor in FACTORS:
+        seven, two = sub[factor]["seven_way"], sub[factor]["two_way"]
+        lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way {_fmt(seven['overall_chi2_p'])}, "
+                  f"two-way {_fmt(two['overall_chi2_p'])})", ""]
+        header = ["level", "n", "ACC 7-way (95% CI)", "rest", "p chi2 (Yates)", "p Fisher",
+                  "ACC 2-way (95% CI)", "rest", "p chi2 (Yates)", "p Fisher"]
+        rows = []
+        for level, s in seven["levels"].items():
+            t = two["levels"][level]
+            rows.append([
+                level, str(s["n"]),
+                format_interval((s["accuracy"], *s["accuracy_ci"])), _fmt(s["rest_accuracy"]), _fmt(s["chi2_yates_p"]), _fmt(s["fisher_p"]),
+                format_interval((t["accuracy"], *t["accuracy_ci"])), _fmt(t["rest_accuracy"]), _fmt(t["chi2_yates_p"]), _fmt(t["fisher_p"]),
+            ])
+        lines += _markdown_table(header, rows)
+    return lines
+
+
+def _auc_markdown(auc: dict) -> list[str]:
+    rows = [[COLUMN_NAMES[c], format_interval((auc[c]["auc"], auc[c]["lower"], auc[c]["upper"]))] for c in disc.TABLE3_COLUMNS]
+    rows.append(["macro mean (one-vs-rest)", _fmt(auc["macro_ovr"])])
+    return _markdown_table(["task", "AUC (95% CI, DeLong)"], rows)
+
+
+def report_markdown(metrics: dict, figures: list[str]) -> str:
+    """report.md from the metrics dict (and the relative paths of the figures written)."""
+    data, run = metrics["data"], metrics["run"]
+    ens = metrics["test"][ENSEMBLE]
+    lines = [f"# Evaluation report: {Path(run['workdir']).name}", ""]
+    if data["phantom"]:
+        lines += [f"> **Data: {data['text']}.** These numbers come from synthetic images; they exercise the "
+                  "pipeline and are **not evidence of clinical performance**.", ""]
+    elif data["phantom"] is False:
+        lines += [f"> Data: {data['text']}.", ""]
+    else:
+        lines += ["> Data source: not recorded in config.json (phantom or real unknown); "
+                  "do not read these numbers as clinical evidence without checking.", ""]
+    lines += [
+        f"Run: `{run['workdir']}`; sequences {', '.join(run['sequences']) or '?'}; fusion {run['fusion']}; "
+        f"ResNet depth {run['depth']}, width {run['width']}; input {run['input_size']}^3; "
+        f"{run['epochs']} epochs; folds {run['folds']}; seed {run['seed']}.",
+        "",
+        f"Test split: {ens['n']} lesions; the ensemble is the mean of the fold models' probabilities. "
+        "Validation rows are out-of-fold: each lesion scored by the model whose validation fold holds it.",
+        "",
+        "## Summary (operating point: argmax)",
+        "",
+        "Test split:",
+        "",
+        *_summary_markdown(metrics["test"]),
+        "",
+        "Validation (out-of-fold):",
+        "",
+        *(_summary_markdown(metrics["val"]) if metrics["val"] else ["(no validation rows in predictions.csv)"]),
+        "",
+        "## Table 3 layout: ensemble on the test split, argmax",
+        "",
+        f"Operating point: {ARGMAX_NOTE}. The seven one-vs-rest columns then come from one confusion "
+        "matrix, so their false positives and false negatives both sum to the number of errors.",
+        "",
+        *table3_markdown(ens["table3_argmax"]),
+        "",
+    ]
+    thresholds = metrics["operating_points"]["validation_thresholds"]
+    if "table3_validation_thresholds" in ens:
+        shown = ", ".join(f"{COLUMN_NAMES[c]} {_fmt(t)}" for c, t in thresholds.items())
+        lines += [
+            "## Table 3 layout: ensemble on the test split, validation thresholds",
+            "",
+            "Operating point: per column, the probability threshold (malignant probability for the two-way "
+            "column, that class's probability for the others) maximising Youden's J on the out-of-fold "
+            f"validation rows: {shown}. Columns are then independent one-vs-rest decisions. The paper's "
+            "Table 3 looks like this kind of table: its seven columns imply 49 false positives but only 4 "
+            "false negatives, which no single argmax confusion matrix can give.",
+            "",
+            *table3_markdown(ens["table3_validation_thresholds"]),
+            "",
+        ]
+    lines += [
+        "## AUC (ensemble, test split)",
+        "",
+        *_auc_markdown(ens["auc"]),
+        "",
+        "## Confusion matrices (ensemble, test split, argmax)",
+        "",
+        *_confusion_markdown(ens["confusion_7way"]["counts"], DISPLAY_CLASSES),
+        "",
+        *_confusion_markdown(ens["confusion_2way"]["counts"], list(BINARY_CLASSES)),
+        "",
+        "## Subgroups (ensemble, test split, argmax)",
+        "",
+        "Accuracy per level against the rest of the test split, as the paper compares lesions with and "
+        "without cirrhosis or fatty liver. p chi2 (Yates) is Pearson's chi-square with continuity "
+        "correction on the 2x2 table (this reproduces the paper's subgroup p-values); p Fisher is Fisher's "
+        "exact test. Size bins follow the paper's cropping rule.",
+        *_subgroup_markdown(metrics["subgroups"]),
+        "",
+        "## Figures",
+        "",
+        *(f"![{Path(f).stem}]({f})" for f in figures),
+        "",
+        "## Methods",
+        "",
+        "Proportions (accuracy, sensitivity, specificity, PPV, NPV): modified Wilson interval (Brown, Cai & "
+        "DasGupta 2001; one-sided Poisson bound when the count or its complement is at most x*, x* = 2 for "
+        "n <= 50 and 3 above). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); '-' marks an "
+        "undefined bound. AUC: DeLong variance with a Wald interval clipped to [0, 1]. Macro F1 and "
+        "Cohen's kappa on the seven-way argmax; (F1 + kappa)/2 is the LLD-MMRI challenge score.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_figures(frame: pd.DataFrame, metrics: dict, out_dir: Path) -> list[str]:
+    """ROC and confusion figures of the test ensemble (and the out-of-fold confusion)."""
+    test = frame[frame["split"] == "test"]
+    p7, p2 = probabilities(test, ENSEMBLE)
+    label7, label2 = test["label7"].to_numpy(int), test["label2"].to_numpy(int)
+    paths = [
+        plot_roc({"benign vs malignant": (label2 == 1, p2[:, 1])}, "Two-way ROC (test, ensemble)", out_dir / "roc_test_binary.png"),
+        plot_roc({CLASS_NAMES[c]: (label7 == k, p7[:, k]) for k, c in enumerate(CLASSES)},
+                 "Seven-way one-vs-rest ROC (test, ensemble)", out_dir / "roc_test_7way.png"),
+        plot_confusion(metrics["test"][ENSEMBLE]["confusion_7way"]["counts"], DISPLAY_CLASSES, "Test", out_dir / "confusion_test_7way.png"),
+        plot_confusion(metrics["test"][ENSEMBLE]["confusion_2way"]["counts"], list(BINARY_CLASSES), "Test", out_dir / "confusion_test_2way.png"),
+    ]
+    if metrics["val"]:
+        paths.append(plot_confusion(metrics["val"][ENSEMBLE]["confusion_7way"]["counts"], DISPLAY_CLASSES,
+                                    "Validation (out-of-fold)", out_dir / "confusion_val_7way.png"))
+    return [str(p.relative_to(out_dir.parent)) for p in paths]
+
+
+def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
+    """Read workdir/predictions.csv and config.json; write metrics.json, report.md and figures/.
+
+    Returns the metrics dict (also in metrics.json): metrics['test']['ensemble'] holds the
+    headline numbers (accuracy_7way, auc_binary, ...), Table 3 at argmax and at validation
+    thresholds, AUCs and confusion matrices; metrics['test'][f'fold{k}'] each fold model on the
+    test split; metrics['val'] the out-of-fold validation metrics; metrics['subgroups'].
+    """
+    workdir = Path(workdir)
+    frame = load_predictions(workdir / "predictions.csv")
+    config_path = workdir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    metrics = evaluate(frame, confidence)
+    metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
+    metrics = json_safe(metrics)
+    figures = write_figures(frame, metrics, workdir / "figures")
+    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (workdir / "report.md").write_text(report_markdown(metrics, figures))
+    return metrics

@@ -1,0 +1,103 @@
+"""Diagnostic statistics of a 2x2 table with the paper's confidence intervals.
+
+Proportions: the modified Wilson interval (Brown, Cai & DasGupta 2001, Stat. Sci. 16:101-133,
+section 4.1.1). Likelihood ratios: the log method (Simel, Samsa & Matchar 1991,
+J. Clin. Epidemiol. 44:763-770). Everything else comes from statsmodels and scipy.
+"""
+from __future__ import annotations
+
+import math
+
+from scipy import stats
+from statsmodels.stats.proportion import proportion_confint
+
+# (estimate, lower, upper); None where a value is undefined (printed '-', as the paper does).
+Interval = tuple[float | None, float | None, float | None]
+METRIC_KEYS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "plr", "nlr")
+
+
+def default_x_star(n: int) -> int:
+    """Brown, Cai & DasGupta's x*: 2 for n <= 50, 3 above (they state 51-100; 3 is kept beyond)."""
+    return 2 if n <= 50 else 3
+
+
+def modified_wilson(x: int, n: int, confidence: float = 0.95, x_star: int | None = None) -> Interval:
+    """Proportion x/n with the modified Wilson interval.
+
+    The Wilson score interval, except that for 1 <= x <= x* the lower bound becomes the one-sided
+    Poisson bound chi2_{2x, alpha} / (2n), and symmetrically the upper bound for 1 <= n-x <= x*.
+    ``x_star=None`` uses Brown, Cai & DasGupta's rule (default_x_star); the paper's Table 3
+    is reproduced exactly with ``x_star=2`` (see tests/test_stats.py).
+    """
+    x, n = int(x), int(n)
+    if n <= 0:
+        return (None, None, None)
+    if not 0 <= x <= n:
+        raise ValueError(f"count {x} is outside 0..{n}")
+    alpha = 1.0 - confidence
+    k = default_x_star(n) if x_star is None else x_star
+    lower, upper = proportion_confint(x, n, alpha=alpha, method="wilson")
+    if 1 <= x <= k:
+        lower = 0.5 * stats.chi2.ppf(alpha, 2 * x) / n
+    if 1 <= n - x <= k:
+        upper = 1.0 - 0.5 * stats.chi2.ppf(alpha, 2 * (n - x)) / n
+    return (x / n, float(max(0.0, lower)), float(min(1.0, upper)))
+
+
+def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.95) -> Interval:
+    """Ratio (a/n_a) / (b/n_b) with the log-method interval (Simel et al. 1991).
+
+    PLR = likelihood_ratio(tp, tp+fn, fp, fp+tn); NLR = likelihood_ratio(fn, tp+fn, tn, fp+tn).
+    A zero numerator gives (0, 0, None), as the paper prints NLR when fn = 0; a zero
+    denominator gives an undefined ratio. The normal quantile is taken to two decimals
+    (1.96 at 95 %), as Simel et al. write the formula; the paper's Table 3 needs that.
+    """
+    if n_a <= 0 or n_b <= 0 or b == 0:
+        return (None, None, None)
+    if a == 0:
+        return (0.0, 0.0, None)
+    ratio = (a / n_a) / (b / n_b)
+    se = math.sqrt(1 / a - 1 / n_a + 1 / b - 1 / n_b)
+    z = round(float(stats.norm.ppf(0.5 + confidence / 2)), 2)
+    return (ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se))
+
+
+def binary_metrics(
+    tp: int, fp: int, fn: int, tn: int, confidence: float = 0.95, x_star: int | None = None
+) -> dict[str, Interval]:
+    """Accuracy, sensitivity, specificity, PPV, NPV, PLR and NLR, each (estimate, lower, upper).
+
+    Args:
+      tp, fp, fn, tn: the 2x2 counts (positive = the class or 'malignant').
+      confidence: two-sided level of every interval.
+      x_star: the modified Wilson cut-off (None: Brown, Cai & DasGupta's rule).
+    """
+    counts = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    for name, value in counts.items():
+        if int(value) != value or value < 0:
+            raise ValueError(f"{name}={value!r}: counts must be non-negative integers")
+    tp, fp, fn, tn = (int(v) for v in (tp, fp, fn, tn))
+    pos, neg = tp + fn, fp + tn
+
+    def prop(x: int, n: int) -> Interval:
+        return modified_wilson(x, n, confidence, x_star)
+
+    return {
+        "accuracy": prop(tp + tn, pos + neg),
+        "sensitivity": prop(tp, pos),
+        "specificity": prop(tn, neg),
+        "ppv": prop(tp, tp + fp),
+        "npv": prop(tn, tn + fn),
+        "plr": likelihood_ratio(tp, pos, fp, neg, confidence),
+        "nlr": likelihood_ratio(fn, pos, tn, neg, confidence),
+    }
+
+
+def format_interval(interval: Interval, digits: int = 3) -> str:
+    """'0.903 (0.834, 0.945)' with '-' for an undefined value, as in the paper's Table 3."""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+    est, lo, hi = interval
+    return f"{fmt(est)} ({fmt(lo)}, {fmt(hi)})"

@@ -1,0 +1,119 @@
+"""The multi-sequence classifier: one backbone branch per used sequence, then a fusion."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fll_jax.constants import sequence_index
+from fll_jax.models.fusion import FUSIONS
+from fll_jax.models.registry import lookup
+from fll_jax.models.resnet3d import BACKBONES, DTYPES, SHORTCUTS, STAGE_SIZES
+
+
+class Branch(nn.Module):
+    """One sequence's path: backbone feature map (sown for Grad-CAM), then global average pool."""
+
+    backbone: nn.Module
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        fmap = self.backbone(x, train)
+        self.sow("intermediates", "stage4", fmap)
+        return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2, 3))
+
+
+class MultiSequenceClassifier(nn.Module):
+    """Input [B, S, D, H, W, C] (the used sequences in `sequences` order) -> dict of outputs.
+
+    Outputs: logits2 [B, 2] and logits7 [B, 7] (float32), features [B, S, F] (float32), and
+    sequence_weights [B, S] for the fusions that compute them. The branches are a Python loop of
+    submodules named branch_<seq> (nn.vmap turns them into grouped convolutions, 5x slower on
+    an H100); with a shared-backbone fusion they all call one module named 'backbone'.
+    """
+
+    sequences: tuple[str, ...]
+    fusion: str = "paper"
+    dropout: float = 0.0
+    backbone: str = "resnet"
+    depth: int = 18
+    width: int = 64
+    stem_kernel: int = 7
+    stem_stride: int = 2
+    shortcut: str = "B"
+    space_to_depth: bool = False
+    dtype: str = "float32"
+
+    def _backbone(self, **kwargs) -> nn.Module:
+        return lookup(BACKBONES, self.backbone, "backbone")(
+            depth=self.depth,
+            width=self.width,
+            stem_kernel=self.stem_kernel,
+            stem_stride=self.stem_stride,
+            shortcut=self.shortcut,
+            space_to_depth=self.space_to_depth,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> dict:
+        if x.ndim != 6 or x.shape[1] != len(self.sequences):
+            raise ValueError(
+                f"input must be [B, {len(self.sequences)} sequences ({', '.join(self.sequences)}), D, H, W, C], "
+                f"got shape {x.shape}"
+            )
+        fusion = lookup(FUSIONS, self.fusion, "fusion")
+        shared = self._backbone(name="backbone") if fusion.shared_backbone else None
+        feats = []
+        for i, seq in enumerate(self.sequences):
+            # parent=None: an unbound backbone, adopted by its branch (params under branch_<seq>).
+            net = shared if shared is not None else self._backbone(parent=None)
+            feats.append(Branch(net, name=f"branch_{seq}")(x[:, i], train))
+        feats = jnp.stack(feats, axis=1)
+        outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, train)
+        return dict(outputs, features=feats)
+
+
+def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str]) -> MultiSequenceClassifier:
+    """The classifier for a model config (keys as configs/paper.py's `model`) and used sequences."""
+    sequences = tuple(sequences)
+    if not sequences:
+        raise ValueError("the model needs at least one sequence")
+    for seq in sequences:
+        sequence_index(seq)
+    if len(set(sequences)) != len(sequences):
+        raise ValueError(f"sequences repeat: {', '.join(sequences)}")
+    backbone = model_config.get("backbone", "resnet")
+    # Fail at build time, not at the first trace, on any unknown name.
+    lookup(BACKBONES, backbone, "backbone")
+    lookup(FUSIONS, model_config.fusion, "fusion")
+    lookup(STAGE_SIZES, model_config.depth, "ResNet depth")
+    lookup({s: s for s in SHORTCUTS}, model_config.shortcut, "shortcut type")
+    lookup(DTYPES, model_config.dtype, "dtype")
+    return MultiSequenceClassifier(
+        sequences=sequences,
+        fusion=model_config.fusion,
+        dropout=float(model_config.dropout),
+        backbone=backbone,
+        depth=int(model_config.depth),
+        width=int(model_config.width),
+        stem_kernel=int(model_config.stem_kernel),
+        stem_stride=int(model_config.stem_stride),
+        shortcut=model_config.shortcut,
+        space_to_depth=bool(model_config.space_to_depth),
+        dtype=model_config.dtype,
+    )
+
+
+def count_params(
+    model_config: ml_collections.ConfigDict, sequences: Sequence[str], input_size: int = 64, in_channels: int = 2
+) -> int:
+    """Number of trainable parameters, from shapes alone (jax.eval_shape; nothing is allocated)."""
+    model = build_model(model_config, sequences)
+    x = jax.ShapeDtypeStruct((1, len(model.sequences), input_size, input_size, input_size, in_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda key, x: model.init(key, x, train=False)["params"], jax.random.key(0), x)
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes))

@@ -1,0 +1,137 @@
+"""Fusion strategies: per-sequence features [B, S, F] -> logits of both heads, by name.
+
+Every fusion module takes `sequences` (the used ones, in input order) and `dropout` (applied to
+the head inputs) and returns a dict with logits2 [B, 2] and logits7 [B, 7] in float32.
+`shared_backbone` tells the classifier to use one branch's weights for every sequence.
+"""
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fll_jax.constants import BINARY_CLASSES, NUM_CLASSES, SEQUENCES
+from fll_jax.models.initializers import normal_flat, variance_scaling_flat
+
+# LeCun-scaled normal (Flax's Dense default scale), drawn flat: fast to compile on XLA:CPU.
+Dense = functools.partial(nn.Dense, kernel_init=variance_scaling_flat(1.0, "fan_in"))
+
+# The paper's groups: T2WI, DWI, ADC join the binary head; LAP, PVP, DP the seven-way head.
+BINARY_GROUP = SEQUENCES[0:3]
+MULTICLASS_GROUP = SEQUENCES[4:7]
+
+
+def _heads(x2: jax.Array, x7: jax.Array, dropout: float, train: bool, suffix: str = "") -> tuple[jax.Array, jax.Array]:
+    """Dropout, then one float32 linear layer per task (created in the calling module)."""
+    drop = nn.Dropout(dropout, deterministic=not train)
+    logits2 = Dense(len(BINARY_CLASSES), name=f"head2{suffix}")(drop(x2.astype(jnp.float32)))
+    logits7 = Dense(NUM_CLASSES, name=f"head7{suffix}")(drop(x7.astype(jnp.float32)))
+    return logits2, logits7
+
+
+class _AttentionPool(nn.Module):
+    """Softmax-weighted sum over sequences, scores from a tanh MLP shared by all sequences."""
+
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hidden = min(self.hidden, tokens.shape[-1])
+        scores = Dense(1, name="score")(jnp.tanh(Dense(hidden, name="key")(tokens)))[..., 0]
+        weights = jax.nn.softmax(scores, axis=1)
+        return jnp.einsum("bs,bsf->bf", weights, tokens), weights
+
+
+class PaperFusion(nn.Module):
+    """The paper's: all features, plus the used members of each head's group, per head."""
+
+    sequences: tuple[str, ...]
+    dropout: float = 0.0
+    shared_backbone: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+        fused_all = feats.reshape(feats.shape[0], -1)
+
+        def with_group(group):
+            return jnp.concatenate(
+                [fused_all] + [feats[:, self.sequences.index(s)] for s in group if s in self.sequences], axis=-1
+            )
+
+        logits2, logits7 = _heads(with_group(BINARY_GROUP), with_group(MULTICLASS_GROUP), self.dropout, train)
+        return {"logits2": logits2, "logits7": logits7}
+
+
+class ConcatFusion(nn.Module):
+    """All features concatenated into both heads."""
+
+    sequences: tuple[str, ...]
+    dropout: float = 0.0
+    shared_backbone: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+        fused = feats.reshape(feats.shape[0], -1)
+        logits2, logits7 = _heads(fused, fused, self.dropout, train)
+        return {"logits2": logits2, "logits7": logits7}
+
+
+class AttentionFusion(nn.Module):
+    """Learned per-lesion sequence weights (softmax over sequences), reported as sequence_weights."""
+
+    sequences: tuple[str, ...]
+    dropout: float = 0.0
+    shared_backbone: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+        pooled, weights = _AttentionPool(name="attention")(feats)
+        logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
+        return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
+
+
+class LateFusion(nn.Module):
+    """Each sequence's own heads; the logits are averaged over sequences."""
+
+    sequences: tuple[str, ...]
+    dropout: float = 0.0
+    shared_backbone: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+        per_seq = [_heads(feats[:, i], feats[:, i], self.dropout, train, f"_{s}") for i, s in enumerate(self.sequences)]
+        return {
+            "logits2": jnp.mean(jnp.stack([l2 for l2, _ in per_seq]), axis=0),
+            "logits7": jnp.mean(jnp.stack([l7 for _, l7 in per_seq]), axis=0),
+        }
+
+
+class SharedFusion(nn.Module):
+    """For one backbone shared by all sequences: a learned sequence embedding is added to each
+    sequence's features, which are then pooled by attention (a linear head after concatenation
+    would absorb the embedding as a constant bias; the softmax scores do not)."""
+
+    sequences: tuple[str, ...]
+    dropout: float = 0.0
+    shared_backbone: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+        embedding = self.param(
+            "sequence_embedding", normal_flat(0.02), (len(self.sequences), feats.shape[-1]), jnp.float32
+        )
+        pooled, weights = _AttentionPool(name="attention")(feats + embedding)
+        logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
+        return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
+
+
+FUSIONS: dict[str, type[nn.Module]] = {
+    "paper": PaperFusion,
+    "concat": ConcatFusion,
+    "attention": AttentionFusion,
+    "late": LateFusion,
+    "shared": SharedFusion,
+}

@@ -1,0 +1,112 @@
+"""The 3D ResNet backbone (basic blocks; depths 10, 18 and 34) and the backbone registry."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fll_jax.models.conv import Conv3D
+from fll_jax.models.registry import lookup
+
+STAGE_SIZES: dict[int, tuple[int, ...]] = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+SHORTCUTS = ("A", "B")
+DTYPES: dict[str, Any] = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+    # PyTorch's defaults (momentum 0.1 there is 0.9 here), so the paper's recipe carries over.
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3^3 convolutions with batch norm and a residual connection.
+
+    Attributes:
+      features: output channels.
+      stride: of the first convolution and of the shortcut.
+      shortcut: 'B' projects (1^3 conv + BN) when the shape changes; 'A' subsamples and
+        zero-pads the channels (no parameters).
+      space_to_depth: compute the strided convolutions over 2^3 blocks (same values).
+      dtype: compute dtype.
+    """
+
+    features: int
+    stride: int = 1
+    shortcut: str = "B"
+    space_to_depth: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = functools.partial(Conv3D, space_to_depth=self.space_to_depth, dtype=self.dtype)
+        y = conv(self.features, 3, self.stride, name="conv1")(x)
+        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = conv(self.features, 3, 1, name="conv2")(y)
+        y = _batch_norm(train, self.dtype, "bn2")(y)
+        residual = x.astype(self.dtype)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            if self.shortcut == "B":
+                residual = conv(self.features, 1, self.stride, name="shortcut_conv")(x)
+                residual = _batch_norm(train, self.dtype, "shortcut_bn")(residual)
+            else:
+                s = self.stride
+                residual = residual[:, ::s, ::s, ::s]
+                pad = self.features - residual.shape[-1]
+                residual = jnp.pad(residual, [(0, 0)] * 4 + [(0, pad)])
+        return nn.relu(y + residual)
+
+
+class ResNet3D(nn.Module):
+    """3D ResNet: stem convolution, BN, ReLU, 3^3 max-pool, four stages of basic blocks.
+
+    Returns the last stage's feature map [B, d, h, w, 8 * width] in the compute dtype.
+
+    Attributes:
+      depth: 10, 18 or 34.
+      width: channels of the first stage; the stages have width * (1, 2, 4, 8).
+      stem_kernel: odd side of the stem convolution's kernel.
+      stem_stride: stride of the stem convolution.
+      shortcut: 'B' (projection) or 'A' (zero-padded identity).
+      space_to_depth: compute every strided convolution over blocks (same values, faster).
+      dtype: 'bfloat16' or 'float32' compute; parameters are float32 either way.
+    """
+
+    depth: int = 18
+    width: int = 64
+    stem_kernel: int = 7
+    stem_stride: int = 2
+    shortcut: str = "B"
+    space_to_depth: bool = False
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        stages = lookup(STAGE_SIZES, self.depth, "ResNet depth")
+        lookup({s: s for s in SHORTCUTS}, self.shortcut, "shortcut type")
+        dtype = lookup(DTYPES, self.dtype, "dtype")
+        x = Conv3D(
+            self.width, self.stem_kernel, self.stem_stride, self.space_to_depth, dtype, name="stem_conv"
+        )(x)
+        x = nn.relu(_batch_norm(train, dtype, "stem_bn")(x))
+        x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
+        for stage, blocks in enumerate(stages):
+            for block in range(blocks):
+                x = BasicBlock(
+                    self.width * 2**stage,
+                    stride=2 if stage > 0 and block == 0 else 1,
+                    shortcut=self.shortcut,
+                    space_to_depth=self.space_to_depth,
+                    dtype=dtype,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x, train)
+        return x
+
+
+# Backbones by name: each factory takes the model config's backbone keys and returns an
+# unbound module mapping [B, D, H, W, C] to a feature map [B, d, h, w, F].
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet3D}

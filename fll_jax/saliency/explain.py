@@ -1,0 +1,314 @@
+"""Explaining a cross-validation workdir's ensemble on test lesions, and scoring the maps.
+
+For a few test lesions per class: the chosen map (integrated gradients by default) of the
+five fold models' mean output, sequence importance by attribution share and by branch
+occlusion, a PNG overlay, an importance bar chart and NIfTI maps in every sequence's native
+space. With score=True also the phantom scores (scoring.py). Layout under workdir/explain/:
+
+  lesions/<lesion_id>/overlay.png, importance.png, <seq>_<method>.nii.gz
+  lesions.csv            one row per lesion: classes, F, completeness, importance per sequence
+  importance_by_class.png  mean attribution share per true class and sequence (paper Fig. 6)
+  summary.json           settings, median completeness, and the scores when asked for
+  scores.md              the scores as tables (score=True)
+
+Maps are computed on the network's input grid (config.input_size^3, resampled from the
+stored patch exactly as in evaluation) and the model in float32 whatever it trained in, so
+that the completeness check measures the quadrature, not bf16 rounding.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, sequence_index, to_binary
+from fll_jax.data import prepare
+from fll_jax.data.manifest import read_manifest
+from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.models import build_model
+from fll_jax.saliency.gradcam import grad_cam
+from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
+from fll_jax.saliency.importance import SequenceImportance, sequence_importance
+from fll_jax.saliency.integrated_gradients import IGResult, integrated_gradients, make_baseline
+from fll_jax.saliency.outputs import (
+    axial_axis, importance_figure, input_grid_affine, lesion_figure, write_native_map,
+)
+from fll_jax.saliency.scoring import (
+    lesion_focus, randomisation_correlation, reinitialised_variables, top_k_hit_rates, voxel_spacing,
+)
+from fll_jax.saliency.target import ClassScore
+from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.step import seq_indices
+
+METHODS = ("ig", "gradient", "smoothgrad", "gradcam")
+EXPLAINED = ("predicted", "true")
+
+
+@dataclass
+class Settings:
+    """How each lesion is explained (the flags of experiments/explain.py)."""
+
+    method: str = "ig"
+    head: str = "seven"
+    output: str = "prob"
+    baseline: str = "zeros"
+    steps: int = 64
+    quadrature: str = "trapezoid"
+    chunk: int = 16
+    explained: str = "predicted"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.explained not in EXPLAINED:
+            raise ValueError(f"unknown explained class {self.explained!r}; known: {', '.join(EXPLAINED)}")
+
+
+@dataclass
+class LesionMap:
+    """One lesion's map [S, D, H, W] with its class index, probabilities and IG details."""
+
+    attributions: np.ndarray
+    index: int
+    probs: np.ndarray
+    importance: SequenceImportance
+    ig: IGResult | None
+
+
+def lesion_input(image: np.ndarray, mask: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+    """Network input [S_used, M, M, M, 2] from one lesion's stored uint8 patches [7, N, N, N]."""
+    batch = {"image": np.asarray(image)[None], "mask": np.asarray(mask)[None]}
+    return np.asarray(prepare_inputs(batch, seq_indices(config), config.input_size))[0]
+
+
+def attribution_map(
+    score: ClassScore, x: np.ndarray, sequences: Sequence[str], settings: Settings, index: int
+) -> tuple[np.ndarray, np.ndarray, IGResult | None]:
+    """(map [S, D, H, W], baseline image, IG details or None) of class `index`."""
+    settings.check()
+    if settings.method == "ig":
+        ig = integrated_gradients(
+            score, x, index=index, baseline=settings.baseline, steps=settings.steps, quadrature=settings.quadrature
+        )
+        return ig.attributions, ig.baseline, ig
+    baseline = make_baseline(x[..., 0], settings.baseline)
+    if settings.method == "gradient":
+        return vanilla_gradient(score, x, index=index), baseline, None
+    if settings.method == "smoothgrad":
+        return smoothgrad(score, x, index=index, samples=settings.steps, seed=settings.seed), baseline, None
+    return grad_cam(score, x, sequences, index=index), baseline, None
+
+
+def compute_map(
+    score: ClassScore, x: np.ndarray, sequences: Sequence[str], settings: Settings, index: int | None = None
+) -> LesionMap:
+    """The settings' map of class `index` (default: predicted) and both importance measures."""
+    probs = score.predict(x)
+    index = int(np.argmax(probs)) if index is None else int(index)
+    attributions, baseline, ig = attribution_map(score, x, sequences, settings, index)
+    importance = sequence_importance(score, x, attributions, baseline, sequences, index=index)
+    return LesionMap(attributions, index, probs, importance, ig)
+
+
+def pick_lesions(records: Sequence, num_per_class: int, split: str = "test") -> list:
+    """The first num_per_class lesions of each class in the split, in manifest order."""
+    picked, count = [], {}
+    for record in records:
+        if record.split == split and count.get(record.label, 0) < num_per_class:
+            count[record.label] = count.get(record.label, 0) + 1
+            picked.append(record)
+    if not picked:
+        raise ValueError(f"no lesion in split {split!r} to explain")
+    return picked
+
+
+def _float32_model(config: ml_collections.ConfigDict):
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.dtype = "float32"
+    return build_model(model_config, config.sequences)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _class_names(head: str) -> list[str]:
+    return list(BINARY_CLASSES) if head == "binary" else [CLASS_NAMES[c] for c in CLASSES]
+
+
+def explain_workdir(
+    workdir: str | Path,
+    *,
+    num_per_class: int = 2,
+    score: bool = False,
+    settings: Settings | None = None,
+    out_dir: str | Path | None = None,
+) -> dict:
+    """Explain the workdir's fold ensemble on test lesions; write workdir/explain/.
+
+    Needs fll_jax.train.checkpoints.load_fold_models(workdir) -> (model, [variables], config)
+    and the config's manifest (fll_jax.data.prepare.manifest_path). Returns summary.json's
+    content.
+    """
+    # Looked up at call time: the training code owns it (and tests stand in for it).
+    from fll_jax.train.checkpoints import load_fold_models
+
+    settings = settings or Settings()
+    settings.check()
+    workdir = Path(workdir)
+    out = Path(out_dir) if out_dir is not None else workdir / "explain"
+    (out / "lesions").mkdir(parents=True, exist_ok=True)
+    _, variables, config = load_fold_models(workdir)
+    model = _float32_model(config)
+    ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
+    random_score = None
+    if score:
+        # One re-initialised model is the reference map of the randomisation check.
+        shape = (len(config.sequences),) + (config.input_size,) * 3 + (2,)
+        fresh = reinitialised_variables(model, variables[0], np.zeros(shape, np.float32), seed=settings.seed + 1)
+        random_score = ClassScore.from_model(model, fresh, head=settings.head, output=settings.output,
+                                             chunk=settings.chunk)
+    records = pick_lesions(read_manifest(prepare.manifest_path(config)), num_per_class)
+    rows = [_explain_record(record, config, ens, random_score, settings, out / "lesions")
+            for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "lesions.csv", index=False)
+    class_importance_figure(frame, config.sequences, out / "importance_by_class.png")
+    summary = _summary(frame, config, settings, config.sequences, score)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if score:
+        (out / "scores.md").write_text(scores_markdown(summary))
+    return summary
+
+
+def _explain_record(record, config, ens: ClassScore, random_score: ClassScore | None, settings: Settings,
+                    folder: Path) -> dict:
+    """One lesion: map, importance, (scores), files; returns its lesions.csv row."""
+    sequences = tuple(config.sequences)
+    names = _class_names(settings.head)
+    patch = preprocess_lesion(record)
+    x = lesion_input(patch.image, patch.mask, config)
+    affines = [
+        input_grid_affine(patch.patch_affine[sequence_index(s)], patch.image.shape[-1], config.input_size)
+        for s in sequences
+    ]
+    true = int(record.label) if settings.head == "seven" else int(to_binary(record.label))
+    lesion = compute_map(ens, x, sequences, settings, true if settings.explained == "true" else None)
+    pred = int(np.argmax(lesion.probs))
+    row = {
+        "lesion_id": record.lesion_id, "patient_id": record.patient_id, "label7": int(record.label),
+        "true": names[true], "predicted": names[pred], "p_predicted": float(lesion.probs[pred]),
+        "explained": names[lesion.index], "method": settings.method,
+    }
+    if lesion.ig is not None:
+        row.update(f_x=lesion.ig.f_x, f_baseline=lesion.ig.f_baseline, delta=lesion.ig.delta,
+                   relative_delta=lesion.ig.relative_delta)
+    for r in lesion.importance.as_rows():
+        row[f"share_{r['sequence']}"] = r["attribution_share"]
+        row[f"occlusion_{r['sequence']}"] = r["occlusion_drop"]
+    if random_score is not None:
+        random_map = attribution_map(random_score, x, sequences, settings, lesion.index)[0]
+        row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map)
+        spacings = [voxel_spacing(a) for a in affines]
+        row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, x[..., 1], spacings)
+    _write_lesion(folder / _safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings, row)
+    return row
+
+
+def _write_lesion(folder: Path, record, x, lesion: LesionMap, affines, sequences, settings, row) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    title = (f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} "
+             f"(p = {row['p_predicted']:.2f}); {settings.method} for {row['explained']}")
+    lesion_figure(x[..., 0], x[..., 1], lesion.attributions, sequences, folder / "overlay.png",
+                  title=title, axis=axial_axis(affines[0]))
+    importance_figure(lesion.importance, folder / "importance.png",
+                      title=f"{record.lesion_id}: {row['explained']} ({settings.method})")
+    for s, volume, affine in zip(sequences, lesion.attributions, affines):
+        write_native_map(volume, affine, record.images[s], folder / f"{s}_{settings.method}.nii.gz")
+
+
+def class_importance_figure(frame: pd.DataFrame, sequences: Sequence[str], path: Path) -> None:
+    """Heat map of the mean attribution share per true class (rows) and sequence (columns)."""
+    shares = frame.groupby("label7")[[f"share_{s}" for s in sequences]].mean().sort_index()
+    fig = Figure(figsize=(1.2 + 0.7 * len(sequences), 1.0 + 0.45 * len(shares)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(shares.to_numpy(), cmap="Reds", vmin=0.0, aspect="auto")
+    ax.set_xticks(range(len(sequences)), [SEQUENCE_NAMES[s] for s in sequences])
+    ax.set_yticks(range(len(shares)), [CLASS_NAMES[CLASSES[i]] for i in shares.index])
+    fig.colorbar(image, ax=ax, label="mean |attribution| share")
+    fig.savefig(path, dpi=110)
+
+
+def _median(values) -> float:
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if len(values) else float("nan")
+
+
+def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, score: bool) -> dict:
+    summary = {
+        "data": "synthetic phantom (not clinical evidence)" if config.data.source == "phantom" else config.data.manifest,
+        "settings": vars(settings),
+        "sequences": list(sequences),
+        "num_lesions": int(len(frame)),
+        "accuracy": float(np.mean(frame["true"] == frame["predicted"])),
+    }
+    if "relative_delta" in frame:
+        summary["completeness"] = {
+            "median_relative_delta": _median(frame["relative_delta"]),
+            "max_relative_delta": float(frame["relative_delta"].max()),
+            "median_abs_delta": _median(np.abs(frame["delta"])),
+        }
+    if not score:
+        return summary
+    labels = frame["label7"].to_numpy()
+    tables = {}
+    for measure, prefix in (("attribution_share", "share_"), ("occlusion", "occlusion_")):
+        importance = frame[[prefix + s for s in sequences]].to_numpy()
+        tables[measure] = top_k_hit_rates(importance, labels, sequences, k=3)
+    summary["hit_rates"] = tables
+    summary["lesion_focus"] = {
+        "median_share_inside": _median(frame["focus_share"]),
+        "median_volume_share": _median(frame["focus_volume_share"]),
+        "margin_mm": 5.0,
+    }
+    summary["randomisation"] = {
+        "median_spearman": _median(frame["randomisation_spearman"]),
+        "note": "rank correlation of |map| between the trained ensemble and one re-initialised model; "
+                "low values mean the map depends on what the model learned",
+    }
+    return summary
+
+
+def scores_markdown(summary: dict) -> str:
+    """The scores of summary.json as Markdown tables."""
+    lines = [f"# Explanation scores ({summary['data']})", ""]
+    s = summary["settings"]
+    lines.append(f"Method {s['method']} on the {s['head']} head ({s['output']}), baseline {s['baseline']}, "
+                 f"{s['steps']} steps ({s['quadrature']}); {summary['num_lesions']} test lesions, "
+                 f"ensemble accuracy on them {summary['accuracy']:.2f}.")
+    if "completeness" in summary:
+        lines.append(f"Median relative completeness delta: {summary['completeness']['median_relative_delta']:.2%}.")
+    for measure, table in summary["hit_rates"].items():
+        lines += ["", f"## Key-sequence hit rate in the top 3 ({measure})", "",
+                  "| class | n | key sequences: hit rate | mean | chance |", "|---|---|---|---|---|"]
+        for name, entry in table.items():
+            hits = ", ".join(f"{SEQUENCE_NAMES[q]} {r:.2f}" for q, r in entry["hits"].items())
+            lines.append(f"| {CLASS_NAMES[name]} | {entry['n']} | {hits} | {entry['mean']:.2f} | {entry['chance']:.2f} |")
+    focus = summary["lesion_focus"]
+    lines += ["", "## Lesion focus", "",
+              f"Median share of |attribution| within {focus['margin_mm']:.0f} mm of the lesion: "
+              f"{focus['median_share_inside']:.2f}, against a volume share of {focus['median_volume_share']:.2f}.",
+              "", "## Model randomisation (Adebayo et al. 2018)", "",
+              f"Median Spearman correlation, trained vs re-initialised: {summary['randomisation']['median_spearman']:.2f}.",
+              ""]
+    return "\n".join(lines)

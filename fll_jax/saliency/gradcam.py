@@ -1,0 +1,83 @@
+"""3D Grad-CAM (Selvaraju et al. 2017) from each branch's last-stage feature map.
+
+Every branch (module 'branch_<seq>') sows its last-stage feature map A [d, h, w, K] under
+'intermediates'/'stage4' and returns its global average pool f = mean_v A(v). Grad-CAM's
+channel weights are the spatial means of dF/dA_k, and through the pool
+dF/dA_k(v) = dF/df_k / N at every voxel, so the weights are dF/df_k / N. The model is
+therefore split at the pooled features: a zero offset is added to each branch's output with
+`nn.intercept_methods` (public Flax API; no change to the model), dF/d(offset) = dF/df, and
+the feature maps come from the sown intermediates, all in one forward and backward pass.
+
+The map per sequence is ReLU(sum_k alpha_k A_k), upsampled to the input patch with
+jax.image.resize (trilinear); for an ensemble, the mean of the fold models' maps. F is the
+score's output: Selvaraju et al. use the logit, so build the ClassScore with output='logit'
+to follow them exactly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fll_jax.saliency.target import HEADS, ClassScore
+
+
+def _add_to_branch_outputs(offsets: dict):
+    """Interceptor: offsets[name] is added to what the module called `name` returns."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.name in offsets:
+            return out + offsets[context.module.name]
+        return out
+
+    return interceptor
+
+
+def _build(score: ClassScore, names: tuple[str, ...]):
+    """(variables, x [1, S, D, H, W, 2], index) -> one model's maps [S, D, H, W]."""
+
+    def run(variables, x, offsets):
+        with nn.intercept_methods(_add_to_branch_outputs(offsets)):
+            return score.apply_fn(variables, x, mutable=["intermediates"])
+
+    def maps(variables, x, index):
+        num_features = jax.eval_shape(score.apply_fn, variables, x)["features"].shape[-1]
+        zeros = {n: jnp.zeros((1, num_features), jnp.float32) for n in names}
+
+        def f(offsets):
+            out, state = run(variables, x, offsets)
+            logits = out[HEADS[score.head]].astype(jnp.float32)
+            chosen = jax.nn.softmax(logits) if score.output == "prob" else logits
+            fmaps = {n: state["intermediates"][n]["stage4"][-1] for n in names}
+            return jnp.take(chosen[0], index), fmaps
+
+        grads, fmaps = jax.grad(f, has_aux=True)(zeros)
+        cams = []
+        for n in names:
+            fmap = fmaps[n][0].astype(jnp.float32)  # [d, h, w, K]
+            weights = grads[n][0] / np.prod(fmap.shape[:3])
+            cam = jax.nn.relu(jnp.einsum("dhwk,k->dhw", fmap, weights))
+            cams.append(jax.image.resize(cam, x.shape[2:5], method="trilinear"))
+        return jnp.stack(cams)
+
+    return maps
+
+
+def grad_cam(score: ClassScore, x: np.ndarray, sequences: Sequence[str], *, index: int | None = None) -> np.ndarray:
+    """Grad-CAM maps [S, D, H, W] (non-negative) of class `index` (default: predicted).
+
+    score must wrap a model's apply (ClassScore.from_model); x: [S, D, H, W, 2];
+    sequences: the model's used sequences, in input order.
+    """
+    x = np.asarray(x, np.float32)
+    if len(sequences) != x.shape[0]:
+        raise ValueError(f"{len(sequences)} sequence names for an input of {x.shape[0]} sequences")
+    index = score.resolve_index(x, index)
+    names = tuple(f"branch_{s}" for s in sequences)
+    fn = score.compiled(("grad_cam", names), lambda: _build(score, names))
+    total = sum(np.asarray(fn(v, x[None], jnp.asarray(index, jnp.int32))) for v in score.variables)
+    return total / len(score.variables)

@@ -1,0 +1,92 @@
+"""On-device input preparation: sequence selection, resampling and the paper's augmentation.
+
+Every lesion's volumes are resampled once through one affine map from the output grid
+(input_size^3) into the stored patch (64^3): identity for evaluation (centre-aligned, so
+64 -> 32 is an exact 2x2x2 mean), and a random rotation, flip, shift and scale in training,
+shared by all sequences and by each image and its mask. Lighting change (gain and offset per
+sequence) and Gaussian noise then touch the image channel only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.scipy.ndimage import map_coordinates
+
+
+def _rotation(angles: jax.Array) -> jax.Array:
+    """Rotation matrix from three angles (radians) about the three axes."""
+    cx, cy, cz = jnp.cos(angles)
+    sx, sy, sz = jnp.sin(angles)
+    rx = jnp.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = jnp.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = jnp.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def random_affine(rng: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """A random (matrix, offset) in normalised [-1, 1] patch coordinates."""
+    k_rot, k_flip, k_shift, k_scale = jax.random.split(rng, 4)
+    limit = jnp.deg2rad(cfg.rotate_deg)
+    matrix = _rotation(jax.random.uniform(k_rot, (3,), minval=-limit, maxval=limit))
+    if cfg.flip:
+        signs = jnp.where(jax.random.bernoulli(k_flip, 0.5, (3,)), -1.0, 1.0)
+        matrix = matrix * signs[None, :]
+    # Zooming in (scale > 1) samples a smaller region of the stored patch.
+    scale = jax.random.uniform(k_scale, (), minval=cfg.scale_min, maxval=cfg.scale_max)
+    offset = jax.random.uniform(k_shift, (3,), minval=-2 * cfg.shift, maxval=2 * cfg.shift)
+    return matrix / scale, offset
+
+
+def _source_coords(matrix: jax.Array, offset: jax.Array, stored: int, out: int) -> jax.Array:
+    """Coordinates [3, out, out, out] in stored-voxel units of every output voxel centre."""
+    u = (jnp.arange(out, dtype=jnp.float32) + 0.5) / out * 2.0 - 1.0
+    grid = jnp.stack(jnp.meshgrid(u, u, u, indexing="ij"))  # [3, o, o, o]
+    mapped = jnp.einsum("ij,j...->i...", matrix, grid) + offset[:, None, None, None]
+    return (mapped + 1.0) / 2.0 * stored - 0.5
+
+
+def _resample(volumes: jax.Array, coords: jax.Array) -> jax.Array:
+    """Linear resampling of [C, N, N, N] volumes at shared coordinates."""
+    sample = lambda v: map_coordinates(v, list(coords), order=1, mode="nearest")
+    return jax.vmap(sample)(volumes)
+
+
+def _lesion_inputs(image, mask, rng, cfg, out: int, train: bool):
+    """[S, N, N, N] image and mask (float in [0, 1]) -> [S, out, out, out, 2]."""
+    stored = image.shape[-1]
+    k_affine, k_gain, k_bias, k_noise = jax.random.split(rng, 4)
+    if train:
+        matrix, offset = random_affine(k_affine, cfg)
+    else:
+        matrix, offset = jnp.eye(3), jnp.zeros(3)
+    if train or out != stored:
+        coords = _source_coords(matrix, offset, stored, out)
+        both = _resample(jnp.concatenate([image, mask]), coords)
+        image, mask = jnp.split(both, 2)
+    if train:
+        num_seq = image.shape[0]
+        gain = jax.random.uniform(k_gain, (num_seq, 1, 1, 1), minval=1 - cfg.intensity, maxval=1 + cfg.intensity)
+        bias = jax.random.uniform(k_bias, (num_seq, 1, 1, 1), minval=-cfg.intensity, maxval=cfg.intensity)
+        image = image * gain + bias + cfg.noise_std * jax.random.normal(k_noise, image.shape)
+    return jnp.stack([image, mask], axis=-1)
+
+
+def prepare_inputs(
+    batch: dict,
+    seq_indices: tuple[int, ...],
+    input_size: int,
+    rng: jax.Array | None = None,
+    cfg: ml_collections.ConfigDict | None = None,
+) -> jax.Array:
+    """Network input [B, S_used, M, M, M, 2] from uint8 batch arrays [B, 7, N, N, N].
+
+    With rng and cfg (cfg.enabled true) the lesion is augmented; otherwise only resampled.
+    """
+    idx = jnp.asarray(seq_indices)
+    image = batch["image"][:, idx].astype(jnp.float32) / 255.0
+    mask = batch["mask"][:, idx].astype(jnp.float32) / 255.0
+    train = rng is not None and cfg is not None and cfg.enabled
+    rngs = jax.random.split(rng if rng is not None else jax.random.key(0), image.shape[0])
+    fn = lambda im, ma, r: _lesion_inputs(im, ma, r, cfg, input_size, train)
+    return jax.vmap(fn)(image, mask, rngs)

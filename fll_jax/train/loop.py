@@ -1,0 +1,162 @@
+"""Training one cross-validation fold: epochs, validation, best/latest checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from fll_jax.train.checkpoints import FoldCheckpoints, variables_of
+from fll_jax.train.sharding import shard_batch
+from fll_jax.train.step import DEVICE_KEYS, TrainState, abstract_state
+
+# Validation metrics a config may select the best epoch by (all: higher is better).
+SELECT_METRICS = ("accuracy_7way", "accuracy_2way", "auc_binary", "neg_loss")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class Steps:
+    """The compiled functions and objects shared by every fold (compiled once)."""
+
+    model: object
+    tx: object
+    init: Callable
+    train: Callable
+    predict: Callable
+    mesh: jax.sharding.Mesh
+
+
+def run_predictions(steps: Steps, variables: dict, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Probabilities and metadata of every valid lesion in an evaluation pass."""
+    keep: dict[str, list] = {}
+    for batch in batches:
+        device = shard_batch(batch, steps.mesh, ("image", "mask"))
+        probs = jax.device_get(steps.predict(variables, device))
+        valid = np.asarray(batch["valid"], bool)
+        for key, value in {**{k: batch[k] for k in batch if k not in ("image", "mask")}, **probs}.items():
+            keep.setdefault(key, []).append(np.asarray(value)[valid])
+    return {k: np.concatenate(v) for k, v in keep.items()}
+
+
+def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
+    """The quick metrics used to pick each fold's best epoch."""
+    label7, label2 = pred["label7"], pred["label2"]
+    p7 = np.clip(pred["p7"][np.arange(len(label7)), label7], 1e-7, 1.0)
+    metrics = {
+        "accuracy_7way": float(np.mean(pred["p7"].argmax(-1) == label7)),
+        "accuracy_2way": float(np.mean(pred["p2"].argmax(-1) == label2)),
+        "neg_loss": float(np.mean(np.log(p7))),
+    }
+    both = len(np.unique(label2)) == 2
+    metrics["auc_binary"] = float(roc_auc_score(label2, pred["p2"][:, 1])) if both else float("nan")
+    return metrics
+
+
+def _is_better(new: dict, best: dict | None, metric: str) -> bool:
+    """Higher selected metric wins; ties go to the lower validation loss."""
+    if best is None:
+        return True
+    return (new[metric], new["neg_loss"]) > (best[metric], best["neg_loss"])
+
+
+def train_fold(
+    config: ml_collections.ConfigDict,
+    fold: int,
+    source,
+    steps: Steps,
+    steps_per_epoch: int,
+    fold_dir: Path,
+    writer=None,
+    on_epoch_end: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Train on every fold but `fold`, validate on it; resume from the latest checkpoint.
+
+    Returns the fold's summary (best epoch and its validation metrics), also in done.json.
+    """
+    fold_dir = Path(fold_dir)
+    done = fold_dir / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if config.train.select_metric not in SELECT_METRICS:
+        raise ValueError(f"unknown select_metric {config.train.select_metric!r}; known: {', '.join(SELECT_METRICS)}")
+    train_folds = [f for f in range(config.data.num_folds) if f != fold]
+    ckpt = FoldCheckpoints(fold_dir / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
+    restored = ckpt.restore_latest()
+    if restored is None:
+        rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), fold)
+        state, meta = steps.init(rng), {"epoch": -1, "best": None, "history": []}
+    else:
+        state, meta = restored
+    bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
+    try:
+        for epoch in range(meta["epoch"] + 1, config.train.epochs):
+            state, train_metrics = _train_epoch(config, fold, epoch, train_folds, source, steps, state, steps_per_epoch, bar)
+            if not all(math.isfinite(v) for v in train_metrics.values()):
+                last = meta["epoch"]
+                raise NonFiniteLossError(
+                    f"fold {fold}, epoch {epoch}: non-finite training metrics {train_metrics}; stopped. "
+                    f"The last good checkpoint (epoch {last}) is kept in {fold_dir / 'checkpoints'}."
+                )
+            val = validation_metrics(
+                run_predictions(steps, variables_of(state), source.eval_batches([fold], config.train.eval_batch_size))
+            )
+            record = {"epoch": epoch, "train": train_metrics, "val": val}
+            meta["history"].append(record)
+            meta["epoch"] = epoch
+            if _is_better(val, meta["best"] and meta["best"]["val"], config.train.select_metric):
+                meta["best"] = record
+                ckpt.save_best(epoch, state, meta)
+            ckpt.save_latest(epoch, state, meta)
+            _log(writer, fold, epoch, train_metrics, val)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", val_acc7=f"{val['accuracy_7way']:.2f}")
+            if on_epoch_end is not None:
+                ckpt.wait()
+                on_epoch_end(fold, epoch)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+    summary = {"fold": fold, "best_epoch": meta["best"]["epoch"], "best_val": meta["best"]["val"], "history": meta["history"]}
+    done.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], source, steps: Steps,
+                 state: TrainState, steps_per_epoch: int, bar) -> tuple[TrainState, dict]:
+    """One pass over the training folds; metrics averaged over its steps on the host."""
+    collected = []
+    batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
+    for i, batch in enumerate(batches):
+        batch = dict(batch, valid=np.ones(len(batch["label7"]), bool))
+        state, metrics = steps.train(state, shard_batch(batch, steps.mesh, DEVICE_KEYS))
+        collected.append(metrics)
+        if i % config.train.log_every == 0:
+            bar.set_postfix(step=f"{i + 1}/{steps_per_epoch}", loss=f"{float(metrics['loss']):.3f}")
+    if not collected:
+        raise ValueError(
+            f"fold {fold}: no training batch (training folds hold fewer lesions than batch_size "
+            f"{config.train.batch_size})"
+        )
+    host = jax.device_get(collected)
+    return state, {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _log(writer, fold: int, epoch: int, train: dict, val: dict) -> None:
+    if writer is None:
+        return
+    for name, metrics in (("train", train), ("val", val)):
+        for key, value in metrics.items():
+            writer.add_scalar(f"fold{fold}/{name}/{key}", value, epoch)
+    writer.flush()

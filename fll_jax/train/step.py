@@ -1,0 +1,145 @@
+"""Train state, optimiser and the pure, jit-compiled train and evaluation steps."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from fll_jax.constants import sequence_index
+from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.loss import multitask_loss
+from fll_jax.train.sharding import data_sharding, replicated
+
+# Batch entries the device needs; the rest (ids, metadata) stay on the host.
+DEVICE_KEYS = ("image", "mask", "label7", "valid")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay over the whole run."""
+    total = max(1, config.train.epochs * steps_per_epoch)
+    warmup = min(total - 1, config.optim.warmup_epochs * steps_per_epoch)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup, decay_steps=total
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.optim.grad_clip),
+        optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+    )
+
+
+def seq_indices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    return tuple(sequence_index(s) for s in config.sequences)
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, config) -> Callable:
+    """key -> a fresh TrainState (traceable, so it can be shape-evaluated or jitted)."""
+    shape = (1, len(config.sequences), config.input_size, config.input_size, config.input_size, 2)
+
+    def init(key):
+        init_key, state_key = jax.random.split(key)
+        variables = model.init(init_key, jnp.zeros(shape, jnp.float32), train=False)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(variables["params"]),
+            rng=state_key,
+        )
+
+    return init
+
+
+def compile_init(model: nn.Module, tx, config, mesh: Mesh) -> Callable[[jax.Array], TrainState]:
+    """A jitted rng -> TrainState whose output is born replicated on the mesh."""
+    init = _init_fn(model, tx, config)
+    shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init, jax.random.PRNGKey(0)))
+    return jax.jit(init, out_shardings=shardings)
+
+
+def abstract_state(model: nn.Module, tx, config, mesh: Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, the target that checkpoints restore into."""
+    abstract = jax.eval_shape(_init_fn(model, tx, config), jax.random.PRNGKey(0))
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def _loss_kwargs(config: ml_collections.ConfigDict) -> dict:
+    weights = tuple(config.loss.class_weights)
+    return dict(
+        binary_weight=config.loss.binary_weight,
+        multiclass_weight=config.loss.multiclass_weight,
+        label_smoothing=config.loss.label_smoothing,
+        class_weights=jnp.asarray(weights, jnp.float32) if weights else None,
+    )
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, config) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch: augment, forward, multitask loss, AdamW."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    aug_rng, dropout_rng = jax.random.split(rng)
+    x = prepare_inputs(batch, seq_indices(config), config.input_size, aug_rng, config.augment)
+
+    def loss_fn(params):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
+        loss, parts = multitask_loss(outputs, batch["label7"], valid=batch["valid"], **_loss_kwargs(config))
+        correct = (jnp.argmax(outputs["logits7"], -1) == batch["label7"]).astype(jnp.float32)
+        return loss, (updates["batch_stats"], dict(parts, loss=loss, accuracy_7way=correct.mean()))
+
+    (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def predict(variables: dict, batch: dict, *, model: nn.Module, config) -> dict:
+    """Class probabilities of both heads for a batch, without augmentation."""
+    x = prepare_inputs(batch, seq_indices(config), config.input_size)
+    outputs = model.apply(variables, x, train=False)
+    return {
+        "p2": jax.nn.softmax(outputs["logits2"].astype(jnp.float32)),
+        "p7": jax.nn.softmax(outputs["logits7"].astype(jnp.float32)),
+    }
+
+
+def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
+    """jit-compiled (init, train_step, predict) for this mesh; the state buffer is donated."""
+    batch_sharding = {k: data_sharding(mesh) for k in DEVICE_KEYS}
+    rep = replicated(mesh)
+    train = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=config),
+        in_shardings=(rep, batch_sharding),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    pred = jax.jit(
+        functools.partial(predict, model=model, config=config),
+        in_shardings=(rep, {k: data_sharding(mesh) for k in ("image", "mask")}),
+        out_shardings=rep,
+    )
+    return compile_init(model, tx, config, mesh), train, pred

@@ -1,0 +1,10 @@
+"""Four fake CPU devices, set before JAX starts, so multi-device code runs in every test."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+# Tests rebuild the same small programs many times; a persistent cache compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/fll_jax_test_xla_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -1,0 +1,63 @@
+"""Tiny configs and synthetic batches shared by the training tests."""
+from __future__ import annotations
+
+import numpy as np
+
+from configs import quick
+from fll_jax.constants import NUM_CLASSES, SEQUENCES, to_binary
+
+
+def tiny_config(arg: str | None = None, size: int = 16):
+    """A config that compiles in seconds on the CPU: depth 10, width 2, 16^3."""
+    config = quick.get_config(arg)
+    config.model.depth = 10
+    config.model.width = 2
+    config.input_size = size
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 8
+    config.train.epochs = 2
+    config.train.folds = (0, 1, 2, 3, 4)
+    config.data.backend = "numpy"
+    return config
+
+
+def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
+    """A batch in the pipeline's format with a class-dependent signal, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    label7 = np.arange(n) % NUM_CLASSES
+    image = rng.integers(0, 60, (n, len(SEQUENCES), size, size, size), dtype=np.uint8)
+    centre = slice(size // 4, 3 * size // 4)
+    for i, label in enumerate(label7):
+        image[i, label % len(SEQUENCES), centre, centre, centre] += 150
+    mask = np.zeros_like(image)
+    mask[:, :, centre, centre, centre] = 255
+    return {
+        "image": image,
+        "mask": mask,
+        "label7": label7.astype(np.int32),
+        "label2": to_binary(label7),
+        "valid": np.ones(n, bool),
+    }
+
+
+def synthetic_patches(per_fold: int = 8, test: int = 8, size: int = 16, seed: int = 0):
+    """A PatchSet of learnable random lesions: five dev folds and a test split, one lesion per patient."""
+    from fll_jax.data.patchset import PatchSet
+
+    folds = np.concatenate([np.repeat(np.arange(5), per_fold), np.full(test, -1)]).astype(np.int32)
+    n = len(folds)
+    batch = random_batch(n, size, seed)
+    ids = np.array([f"P{i:03d}" for i in range(n)])
+    return PatchSet(
+        image=batch["image"],
+        mask=batch["mask"],
+        label7=batch["label7"],
+        label2=batch["label2"],
+        fold=folds,
+        patient_id=ids,
+        lesion_id=np.array([f"{p}_L1" for p in ids]),
+        scanner=np.array(["GE Signa"] * n),
+        background=np.array(["normal", "cirrhotic", "fatty"] * n)[:n],
+        diameter_mm=np.full(n, 20.0, np.float32),
+        patch_affine=np.tile(np.eye(4), (n, 7, 1, 1)),
+    )

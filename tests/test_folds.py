@@ -1,0 +1,59 @@
+"""Patient-level folds: no patient in two folds, none in both dev and test, stratified, seeded."""
+import numpy as np
+import pytest
+
+from fll_jax.data.folds import FoldError, assign_folds, check_folds
+
+
+def cohort(seed=0, patients=60):
+    """Lesions of `patients` patients, 1-4 lesions each, one class per patient, 20 % test."""
+    rng = np.random.default_rng(seed)
+    pid, labels, splits = [], [], []
+    for p in range(patients):
+        count, label = rng.integers(1, 5), p % 7
+        pid += [f"P{p:03d}"] * count
+        labels += [label] * count
+        splits += ["test" if p % 5 == 4 else "dev"] * count
+    return np.array(pid), np.array(labels), np.array(splits)
+
+
+def test_folds_keep_patients_together_and_hold_out_the_test_split():
+    pid, labels, splits = cohort()
+    folds = assign_folds(pid, labels, splits, num_folds=5, seed=0)
+    assert set(folds[splits == "test"]) == {-1}
+    assert set(folds[splits == "dev"]) == {0, 1, 2, 3, 4}
+    for patient in np.unique(pid):
+        assert len(set(folds[pid == patient])) == 1
+    assert not set(pid[folds == -1]) & set(pid[folds >= 0])
+    # Stratified: every class with at least five dev patients appears in every fold.
+    for label in range(7):
+        dev_patients = set(pid[(labels == label) & (splits == "dev")])
+        if len(dev_patients) >= 5:
+            assert set(folds[(labels == label) & (splits == "dev")]) == {0, 1, 2, 3, 4}
+    check_folds(pid, folds, splits)
+
+
+def test_folds_are_fixed_by_the_seed():
+    pid, labels, splits = cohort()
+    a = assign_folds(pid, labels, splits, seed=1)
+    np.testing.assert_array_equal(a, assign_folds(pid, labels, splits, seed=1))
+    assert not np.array_equal(a, assign_folds(pid, labels, splits, seed=2))
+
+
+def test_check_folds_rejects_leaks():
+    pid = np.array(["A", "A", "B", "C"])
+    with pytest.raises(FoldError, match="'A' is in folds"):
+        check_folds(pid, [0, 1, 1, 2])
+    with pytest.raises(FoldError, match="'A' is in both dev and test"):
+        check_folds(pid, [0, -1, 1, 2])
+    with pytest.raises(FoldError, match="split 'test' but fold 1"):
+        check_folds(pid, [0, 0, 1, 2], ["dev", "dev", "test", "dev"])
+
+
+def test_assign_folds_rejects_bad_splits():
+    with pytest.raises(FoldError, match="both dev and test"):
+        assign_folds(["A", "A", "B"], [0, 0, 1], ["dev", "test", "dev"], num_folds=2)
+    with pytest.raises(FoldError, match="fewer than num_folds"):
+        assign_folds(["A", "B"], [0, 1], ["dev", "dev"], num_folds=5)
+    with pytest.raises(FoldError, match="unknown split"):
+        assign_folds(["A", "B"], [0, 1], ["dev", "train"], num_folds=2)

@@ -1,0 +1,181 @@
+"""Manifest format: round trip, and one clear error per kind of bad row."""
+import csv
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fll_jax.constants import SEQUENCES
+from fll_jax.data import manifest as mf
+
+AFFINE = np.diag([1.5, 1.5, 6.0, 1.0])
+
+
+def _write_patient(folder: pathlib.Path, n_lesions: int) -> tuple[dict, dict]:
+    """Tiny NIfTI files: one image and one mask per sequence, lesions valued 1..n."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((8, 8, 4), np.uint8)
+    for v in range(1, n_lesions + 1):
+        mask[v, 2:4, 1:3] = v
+    images, masks = {}, {}
+    for s in SEQUENCES:
+        images[s], masks[s] = folder / f"{s}.nii.gz", folder / f"{s}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((8, 8, 4), 100, np.int16), AFFINE), images[s])
+        nib.save(nib.Nifti1Image(mask, AFFINE), masks[s])
+    return images, masks
+
+
+def _record(patient, k, images, masks, **kw):
+    fields = dict(patient_id=patient, lesion_id=f"{patient}_L{k}", label=4, mask_value=k,
+                  images=images, masks=masks, scanner="GE Signa", field_strength=1.5,
+                  background="cirrhotic", diameter_mm=21.5, split="dev")
+    fields.update(kw)
+    return mf.LesionRecord(**fields)
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A valid manifest: patient A with three lesions, patient B with one (no diameter)."""
+    img_a, mask_a = _write_patient(tmp_path / "patients" / "A", 3)
+    img_b, mask_b = _write_patient(tmp_path / "patients" / "B", 1)
+    records = [_record("A", k, img_a, mask_a) for k in (1, 2, 3)]
+    records.append(_record("B", 1, img_b, mask_b, label=0, diameter_mm=None, split="test",
+                           background="normal", field_strength=3.0))
+    path = tmp_path / "manifest.csv"
+    mf.write_manifest(records, path)
+    return path, records
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rewrite(path, rows, fieldnames=None):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_round_trip_with_relative_paths(good):
+    path, records = good
+    rows = _rows(path)
+    assert rows[0]["t2w_image"] == "patients/A/t2w.nii.gz"  # relative to the manifest
+    assert rows[0]["label"] == "hcc" and rows[3]["diameter_mm"] == ""
+    assert mf.read_manifest(path) == records
+
+
+def test_labels_by_number_or_name(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[0]["label"], rows[1]["label"], rows[2]["label"] = "6", "FNH", "Haemangioma"
+    _rewrite(path, rows)
+    assert [r.label for r in mf.read_manifest(path)] == [6, 1, 2, 0]
+
+
+def test_mask_files_are_read_once(good, monkeypatch):
+    path, _ = good
+    calls = []
+    real = nib.load
+    monkeypatch.setattr(nib, "load", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    mf.read_manifest(path)
+    assert len(calls) == len(set(calls)) == 2 * 2 * len(SEQUENCES)  # 2 patients, image + mask
+
+
+def _expect_error(path, *fragments):
+    with pytest.raises(mf.ManifestError) as e:
+        mf.read_manifest(path)
+    for fragment in (str(path),) + fragments:
+        assert fragment in str(e.value), (fragment, str(e.value))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("column, value, fragments", [
+    ("label", "lipoma", ("unknown label 'lipoma'",)),
+    ("label", "7", ("unknown label '7'",)),
+    ("split", "train", ("unknown split 'train'",)),
+    ("mask_value", "0", ("mask_value must be > 0",)),
+    ("mask_value", "x", ("mask_value 'x' is not an integer",)),
+    ("field_strength", "high", ("field_strength 'high' is not a number",)),
+    ("t2w_image", "patients/A/missing.nii.gz", ("file not found", "missing.nii.gz")),
+    ("dp_mask", "", ("empty dp_mask",)),
+])
+def test_bad_value_names_row_lesion_and_file(good, column, value, fragments):
+    path, _ = good
+    rows = _rows(path)
+    rows[1][column] = value
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:3: lesion 'A_L2'", *fragments)
+
+
+def test_mask_without_the_lesion(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[3]["mask_value"] = "2"  # patient B's masks hold only lesion 1
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:5: lesion 'B_L1'", "does not contain mask_value 2",
+                  "patients/B/t2w_mask.nii.gz", "present: 1")
+
+
+def test_mask_on_another_grid(good, tmp_path):
+    path, _ = good
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.uint8), AFFINE), tmp_path / "patients/B/lap_mask.nii.gz")
+    _expect_error(path, f"{path}:5: lesion 'B_L1'", "lap:", "not on the grid")
+
+
+def test_duplicate_lesion_id(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[2]["lesion_id"] = "A_L1"
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:4: lesion 'A_L1'", "duplicate lesion_id (first on line 2)")
+
+
+def test_patient_in_both_splits(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[2]["split"] = "test"
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:4: lesion 'A_L3'", "patient 'A' is in split 'test' here but 'dev' on line 2")
+
+
+def test_unknown_sequence_column(good):
+    path, _ = good
+    rows = _rows(path)
+    for r in rows:
+        r["t1c_image"] = r.pop("t1w_image")
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:1: bad header", "unknown sequence 't1c'", "missing column(s): t1w_image")
+
+
+def test_missing_sequence_column(good):
+    path, _ = good
+    rows = _rows(path)
+    for r in rows:
+        del r["adc_mask"]
+    _rewrite(path, rows)
+    _expect_error(path, f"{path}:1: bad header", "missing column(s): adc_mask")
+
+
+def test_every_bad_row_is_reported(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[0]["label"], rows[3]["split"] = "?", "?"
+    _rewrite(path, rows)
+    message = _expect_error(path)
+    assert f"{path}:2: lesion 'A_L1'" in message and f"{path}:5: lesion 'B_L1'" in message
+
+
+def test_missing_manifest(tmp_path):
+    _expect_error(tmp_path / "nope.csv", "manifest not found")
+
+
+def test_unchecked_read_skips_files(good, tmp_path):
+    path, _ = good
+    for f in (tmp_path / "patients" / "A").iterdir():
+        f.unlink()
+    with pytest.raises(mf.ManifestError):
+        mf.read_manifest(path)
+    assert len(mf.read_manifest(path, check_files=False, check_masks=False)) == 4

@@ -1,0 +1,203 @@
+"""Preprocessing: world geometry through oblique anisotropic grids, the crop rule, bad inputs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import fll_jax.data
+from fll_jax.constants import SEQUENCES
+from fll_jax.data.preprocess import PreprocessError, crop_size_mm, preprocess_lesion, preprocess_manifest
+from tests.lesion_files import oblique_affine, record, voxel_to_world, write_patient, write_sequence
+
+SIZE = 32
+
+
+def patch_to_world(affine, ijk):
+    return affine[:3, :3] @ np.asarray(ijk, float) + affine[:3, 3]
+
+
+def weighted_centroid_world(volume, affine):
+    """Intensity-weighted centroid of a patch, in world mm."""
+    grid = np.indices(volume.shape).reshape(3, -1).astype(float)
+    weights = volume.reshape(-1).astype(float)
+    return patch_to_world(affine, grid @ weights / weights.sum())
+
+
+def side_mm(patch_affine, size=SIZE):
+    return patch_affine[0, 0] * size
+
+
+def test_crop_size_rule():
+    assert crop_size_mm(5.0) == 32
+    assert crop_size_mm(15.9) == 32
+    assert crop_size_mm(16.0) == 64
+    assert crop_size_mm(31.9) == 64
+    assert crop_size_mm(32.0, extent_mm=60.0) == pytest.approx(1.25 * 60 + 8)
+    assert crop_size_mm(100.0) == pytest.approx(133.0)
+    # A large lesion never gets less context than the 64 mm class below it.
+    assert crop_size_mm(33.0, extent_mm=30.0) == 64
+    with pytest.raises(ValueError, match="positive"):
+        crop_size_mm(float("nan"))
+
+
+def test_small_lesion_lands_at_patch_centre_through_oblique_anisotropic_grid(tmp_path):
+    shape, affine = (48, 48, 10), oblique_affine()
+    images, masks, centres = {}, {}, {}
+    for s, seq in enumerate(SEQUENCES):
+        # Each sequence has its lesion elsewhere (as if shifted by breathing): at a voxel centre.
+        centres[seq] = voxel_to_world(affine, (22 + s % 3, 25 - s % 2, 4 + s % 2))
+        images[seq], masks[seq] = write_sequence(tmp_path, seq, shape, affine, [(centres[seq], 5.0, 2)])
+    patch = preprocess_lesion(record(images, masks, mask_value=2), size=SIZE)
+
+    assert patch.image.shape == patch.mask.shape == (7, SIZE, SIZE, SIZE)
+    assert patch.image.dtype == patch.mask.dtype == np.uint8
+    assert patch.diameter_mm < 16
+    for s, seq in enumerate(SEQUENCES):
+        assert nib.aff2axcodes(patch.patch_affine[s]) == ("R", "A", "S")
+        assert side_mm(patch.patch_affine[s]) == pytest.approx(32.0)
+        centre = patch_to_world(patch.patch_affine[s], [(SIZE - 1) / 2] * 3)
+        assert np.linalg.norm(centre - centres[seq]) < 1.0
+        assert np.linalg.norm(weighted_centroid_world(patch.mask[s], patch.patch_affine[s]) - centres[seq]) < 1.0
+        # The lesion is bright in the image: its patch is brightest in the middle.
+        middle = slice(SIZE // 2 - 2, SIZE // 2 + 2)
+        assert patch.image[s][middle, middle, middle].mean() > 200 > patch.image[s][:4, :4, :4].mean()
+
+
+def test_off_centre_landmark_keeps_its_world_position(tmp_path):
+    """A blob 17 mm from the lesion must appear where the patch affine says (catches flips and swaps)."""
+    shape, affine = (64, 64, 14), oblique_affine()
+    lesion = voxel_to_world(affine, (30, 33, 7))
+    landmark = lesion + np.array([12.0, -9.0, 7.0])
+
+    def blob(world):  # only the landmark is visible in the image
+        return 1000 * np.exp(-((world - landmark[:, None, None, None]) ** 2).sum(0) / (2 * 3.0**2))
+
+    images, masks = write_patient(tmp_path, shape, affine, [(lesion, 9.0, 1)], image_fn=blob)
+    patch = preprocess_lesion(record(images, masks), size=SIZE)
+    assert 16 <= patch.diameter_mm < 32
+    for s in range(len(SEQUENCES)):
+        assert side_mm(patch.patch_affine[s]) == pytest.approx(64.0)
+        found = weighted_centroid_world(patch.image[s], patch.patch_affine[s])
+        assert np.linalg.norm(found - landmark) < 1.0
+        bright = weighted_centroid_world(patch.image[s] > 127, patch.patch_affine[s])
+        assert np.linalg.norm(bright - landmark) < 1.0
+        assert np.linalg.norm(weighted_centroid_world(patch.mask[s], patch.patch_affine[s]) - lesion) < 1.0
+
+
+def test_crop_box_by_diameter_and_large_lesion_context(tmp_path):
+    spacing = np.array([2.0, 2.0, 4.0])
+    shape, affine = (80, 80, 30), np.diag([*spacing, 1.0])
+    small, medium, large = (voxel_to_world(affine, ijk) for ijk in ((15, 15, 6), (15, 60, 20), (52, 45, 15)))
+    images, masks = write_patient(tmp_path, shape, affine, [(small, 5.0, 1), (medium, 10.0, 2), (large, 22.0, 3)])
+
+    def patch_of(mask_value, **kwargs):
+        return preprocess_lesion(record(images, masks, mask_value=mask_value, **kwargs), size=SIZE)
+
+    assert side_mm(patch_of(1).patch_affine[0]) == pytest.approx(32.0)
+    assert side_mm(patch_of(2).patch_affine[0]) == pytest.approx(64.0)
+    # A diameter in the manifest overrides the measured one.
+    assert side_mm(patch_of(1, diameter_mm=20.0).patch_affine[0]) == pytest.approx(64.0)
+
+    big = patch_of(3)
+    labels = np.asarray(nib.load(masks["t2w"]).dataobj)
+    ijk = np.argwhere(labels == 3)
+    extent = ((ijk.max(0) - ijk.min(0)) * spacing + spacing).max()  # world box side, voxels included
+    assert big.diameter_mm > 32
+    assert side_mm(big.patch_affine[0]) == pytest.approx(np.ceil(1.25 * extent + 8))
+    # The dilated box holds the whole lesion with a margin: the blurred mask fades out before the faces.
+    mask = big.mask[0]
+    assert mask.max() == 255
+    for face in (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]):
+        assert face.max() == 0
+
+
+@pytest.fixture
+def valid_patient(tmp_path):
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    images, masks = write_patient(tmp_path, (16, 16, 6), affine, [(voxel_to_world(affine, (8, 8, 3)), 4.0, 1)])
+    return images, masks
+
+
+def _nan_image(path):
+    nifti = nib.load(path)
+    data = nifti.get_fdata()
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data.astype(np.float32), nifti.affine), path)
+
+
+def _resave(path, transform):
+    nifti = nib.load(path)
+    data, affine = transform(np.asarray(nifti.dataobj), nifti.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def _shift_affine(data, affine):
+    affine[0, 3] += 5.0
+    return data, affine
+
+
+@pytest.mark.parametrize("case, which, damage, message", [
+    ("missing", "images", lambda p: p.unlink(), "not found"),
+    ("corrupt", "images", lambda p: p.write_bytes(b"not a nifti file"), "cannot read"),
+    ("nan", "images", _nan_image, "NaN"),
+    ("4d", "images", lambda p: _resave(p, lambda d, a: (np.stack([d, d], -1), a)), "expected a 3D"),
+    ("shape", "masks", lambda p: _resave(p, lambda d, a: (d[:, :, :4], a)), "shape"),
+    ("affine", "masks", lambda p: _resave(p, _shift_affine), "affine"),
+    ("empty", "masks", lambda p: _resave(p, lambda d, a: (np.zeros_like(d), a)), "absent"),
+])
+def test_bad_inputs_raise_errors_naming_the_file(valid_patient, case, which, damage, message):
+    images, masks = valid_patient
+    bad = (images if which == "images" else masks)["adc"]
+    damage(bad)
+    with pytest.raises(PreprocessError, match=message) as error:
+        preprocess_lesion(record(images, masks), size=8)
+    assert str(bad) in str(error.value)
+
+
+def test_preprocess_manifest_pool_matches_one_process_and_keeps_patients_together(tmp_path):
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    centres = [voxel_to_world(affine, (5, 5, 3)), voxel_to_world(affine, (11, 10, 3))]
+    records = []
+    for p in range(6):
+        lesions = [(centres[i], 3.0 + p / 3, i + 1) for i in range(1 + p % 2)]
+        images, masks = write_patient(tmp_path / f"P{p}", (16, 16, 6), affine, lesions,
+                                      image_fn=lambda w, p=p: 100 + p * 10 + w[0])
+        records += [record(images, masks, patient_id=f"P{p}", lesion_id=f"P{p}_L{i}", label=p % 7,
+                           mask_value=i + 1, split="test" if p == 5 else "dev") for i in range(len(lesions))]
+    pooled = preprocess_manifest(records, size=8, workers=2, num_folds=2, seed=3)
+    single = preprocess_manifest(records, size=8, workers=1, num_folds=2, seed=3)
+    np.testing.assert_array_equal(pooled.image, single.image)
+    np.testing.assert_array_equal(pooled.mask, single.mask)
+    np.testing.assert_array_equal(pooled.fold, single.fold)
+    assert list(pooled.lesion_id) == [r.lesion_id for r in records]
+    assert list(pooled.label2) == [int(r.label >= 4) for r in records]
+    assert set(pooled.fold[pooled.patient_id == "P5"]) == {-1}
+    for patient in set(pooled.patient_id):
+        assert len(set(pooled.fold[pooled.patient_id == patient])) == 1
+    assert set(pooled.fold[pooled.fold >= 0]) == {0, 1}
+
+
+def test_patchset_npz_round_trip(tmp_path, valid_patient):
+    images, masks = valid_patient
+    records = [record(images, masks, patient_id=f"P{i}", lesion_id=f"L{i}", label=i) for i in range(3)]
+    patches = preprocess_manifest(records, size=8, workers=1, num_folds=2)
+    loaded = type(patches).load_npz(patches.save_npz(tmp_path / "p.npz"))
+    for name in ("image", "mask", "fold", "lesion_id", "patch_affine", "diameter_mm"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(patches, name))
+
+
+def test_preprocessing_needs_neither_tensorflow_nor_jax():
+    # TensorFlow blocked: preprocessing, folds and the numpy source still import and run.
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None; "
+        "import fll_jax.data.preprocess, fll_jax.data.folds, fll_jax.data.numpy_source; "
+        "from fll_jax.data.preprocess import crop_size_mm; assert crop_size_mm(10.0) == 32"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # The package's __init__ may import JAX; these modules themselves never do.
+    for name in ("preprocess", "folds", "numpy_source", "patchset"):
+        source = (Path(fll_jax.data.__file__).parent / f"{name}.py").read_text()
+        assert "import jax" not in source and "from jax" not in source and "tensorflow" not in source

@@ -1,0 +1,143 @@
+"""Reader study: which test gives the paper's p-values, McNemar, kappa, the example readers CSV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn.metrics import cohen_kappa_score
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.inter_rater import cohens_kappa
+
+from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_workdir
+from fll_jax.evaluation.readers import (
+    compare_paired, load_readers, parse_class, reader_study, simulate_readers, write_reader_study,
+)
+
+EXAMPLE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "example_readers.csv"
+N, MODEL_CORRECT = 113, 90
+# The paper's groups: p-value, the reader count correct that the abstract's accuracies imply
+# (66.4 % = 75, 73.5 % = 83; academic 97 = 85.8 %), and the text's per-reader range.
+PAPER_GROUPS = {"residents": (0.035, 75, (76, 78)), "general": (0.346, 83, (80, 88)), "academic": (0.291, 97, (96, 98))}
+
+
+def unpaired(reader_correct: int) -> np.ndarray:
+    return np.array([[MODEL_CORRECT, N - MODEL_CORRECT], [reader_correct, N - reader_correct]])
+
+
+def mcnemar_variants(b: int, c: int) -> dict[str, float]:
+    n, k = b + c, min(b, c)
+    table = [[0, b], [c, 0]]
+    return {
+        "exact": mcnemar(table, exact=True).pvalue,
+        "mid_p": min(1.0, 2 * (stats.binom.cdf(k, n, 0.5) - 0.5 * stats.binom.pmf(k, n, 0.5))),
+        "chi2_corrected": mcnemar(table, exact=False, correction=True).pvalue,
+        "chi2": mcnemar(table, exact=False, correction=False).pvalue if b + c else 1.0,
+    }
+
+
+def test_fisher_exact_on_accuracies_reproduces_all_three_paper_p_values():
+    for target, correct, _ in PAPER_GROUPS.values():
+        assert round(stats.fisher_exact(unpaired(correct)).pvalue, 3) == target
+    # Yates' chi-square gets two of three (0.036 for the residents); uncorrected chi-square none.
+    yates = [round(stats.chi2_contingency(unpaired(c)).pvalue, 3) for _, c, _ in PAPER_GROUPS.values()]
+    assert yates == [0.036, 0.346, 0.291]
+    plain = [round(stats.chi2_contingency(unpaired(c), correction=False).pvalue, 3) for _, c, _ in PAPER_GROUPS.values()]
+    assert not any(p == t for p, (t, _, _) in zip(plain, PAPER_GROUPS.values()))
+
+
+def feasible_discordant(reader_correct: int):
+    """(b, c) pairs the margins allow: b model right & reader wrong, c the reverse; b - c is fixed."""
+    for c in range(0, min(N - MODEL_CORRECT, reader_correct) + 1):
+        b = c + MODEL_CORRECT - reader_correct
+        if 0 <= b <= min(MODEL_CORRECT, N - reader_correct):
+            yield b, c
+
+
+def test_no_mcnemar_variant_gives_the_academic_p_value():
+    target, correct, (low, high) = PAPER_GROUPS["academic"]
+    for reader_correct in {correct, *range(low, high + 1)}:
+        for b, c in feasible_discordant(reader_correct):
+            for name, p in mcnemar_variants(b, c).items():
+                assert round(p, 3) != target, (reader_correct, b, c, name)
+    # McNemar can give the other two only with unpublished discordant counts (for instance these),
+    # while Fisher's exact test gives all three from the published accuracies alone.
+    assert round(mcnemar_variants(23, 10)["exact"], 3) == 0.035  # a resident with 77 correct
+    assert round(mcnemar_variants(11, 7)["chi2"], 3) == 0.346  # a general radiologist with 86 correct
+
+
+def test_compare_paired_counts_and_mcnemar_exact():
+    truth = np.zeros(30, int)
+    model = np.r_[np.zeros(20, int), np.ones(10, int)]  # 20 right
+    reader = np.r_[np.zeros(12, int), np.ones(12, int), np.zeros(6, int)]  # 18 right
+    out = compare_paired(truth, model, reader)
+    assert (out["model_correct"], out["reader_correct"]) == (20, 18)
+    assert (out["model_only_correct"], out["reader_only_correct"]) == (8, 6)
+    assert out["mcnemar_exact_p"] == pytest.approx(stats.binomtest(6, 14, 0.5).pvalue)
+    assert out["fisher_unpaired_p"] == pytest.approx(stats.fisher_exact([[20, 10], [18, 12]]).pvalue)
+
+
+def test_table4_z_is_kappa_over_its_null_standard_error():
+    # Two readers whose calls follow the test split's class counts: Z / kappa = 1 / se0.
+    calls = np.repeat(np.arange(7), TEST_COUNTS)
+    se0 = cohens_kappa(np.diag(np.bincount(calls))).std_kappa0
+    assert se0 == pytest.approx(0.0394, abs=5e-4)
+    # The paper's Table 4 pairs (kappa, Z) imply standard errors within 5 % of that.
+    for kappa, z in ((0.915, 22.49), (0.776, 18.867), (0.802, 20.471)):
+        assert kappa / z == pytest.approx(se0, rel=0.05)
+
+
+def test_parse_class_and_bad_readers_csv(tmp_path):
+    assert [parse_class(v) for v in ("0", 4, "HCC", "Haemangioma", "hemangioma", "MET", " fnh ")] == [0, 4, 4, 2, 2, 6, 1]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("reader_id,group,lesion_id,predicted_class\nR1,residents,P0001_L1,cyst\nR1,residents,P0002_L1,tumour\n")
+    with pytest.raises(ValueError, match=r"bad.csv: row 3: unknown class 'tumour'"):
+        load_readers(bad)
+    bad.write_text("reader_id,group,lesion_id\nR1,residents,P0001_L1\n")
+    with pytest.raises(ValueError, match="missing columns predicted_class"):
+        load_readers(bad)
+
+
+def test_example_csv_is_the_simulation_of_the_synthetic_split():
+    committed = pd.read_csv(EXAMPLE_CSV, dtype=str)
+    regenerated = simulate_readers(synthetic_predictions(0), seed=0).astype(str)
+    pd.testing.assert_frame_equal(committed, regenerated)
+
+
+def test_reader_study_on_example_csv():
+    predictions = synthetic_predictions(0)
+    readers = load_readers(EXAMPLE_CSV)
+    study = reader_study(predictions, readers)
+    test = predictions[predictions["split"] == "test"].set_index("lesion_id")
+    truth = test["label7"]
+    model = test[[f"ensemble_p7_{k}" for k in range(7)]].to_numpy().argmax(1)
+    assert study["model"]["correct"] == int(np.sum(model == truth.to_numpy()))
+    assert set(study["groups"]) == {"residents", "general", "academic"}
+    for reader_id, rows in readers.groupby("reader_id"):
+        r = study["readers"][reader_id]
+        correct = int(np.sum(rows["call"].to_numpy() == truth.loc[rows["lesion_id"]].to_numpy()))
+        assert r["vs_model"]["reader_correct"] == correct and r["accuracy"] == pytest.approx(correct / r["n"])
+        assert np.trace(np.array(r["confusion"])) == correct
+    residents = readers[readers["group"] == "residents"].pivot(index="lesion_id", columns="reader_id", values="call")
+    k = study["groups"]["residents"]["agreement"]["R1 vs R2"]
+    assert k["kappa"] == pytest.approx(cohen_kappa_score(residents["R1"], residents["R2"]))
+    assert k["kappa"] > 0.75 and k["p"] < 0.01  # simulated groups agree as well as the paper's
+
+
+def test_reader_study_rejects_unknown_lesions(tmp_path):
+    readers = load_readers(EXAMPLE_CSV)
+    readers.loc[0, "lesion_id"] = "P9999_L9"
+    with pytest.raises(ValueError, match="not in the test split, e.g. P9999_L9"):
+        reader_study(synthetic_predictions(0), readers)
+
+
+def test_write_reader_study_with_simulated_readers(tmp_path):
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    study = write_reader_study(workdir)
+    assert (workdir / "simulated_readers.csv").exists()
+    text = (workdir / "reader_study.md").read_text()
+    assert "Simulated readers" in text and "Table 4 layout" in text and "not evidence of clinical performance" in text
+    for name in ["model", *study["readers"]]:
+        assert (workdir / "figures" / f"confusion_reader_{name}.png").stat().st_size > 10_000

@@ -1,0 +1,328 @@
+"""Saliency: IG completeness and quadrature, chunking, Grad-CAM, importance, NIfTI maps, scores."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCES
+from fll_jax.saliency import outputs, scoring
+from fll_jax.saliency.gradcam import grad_cam
+from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
+from fll_jax.saliency.importance import attribution_shares, sequence_importance
+from fll_jax.saliency.integrated_gradients import integrated_gradients, make_baseline, quadrature_rule
+from fll_jax.saliency.target import ClassScore
+from tests.helpers import tiny_config
+
+SIZE = 16
+USED = ("t2w", "lap")
+
+
+def _lesion_input(seed: int = 0) -> np.ndarray:
+    """[S, 16, 16, 16, 2]: noisy images with a bright sphere, and its blurred mask."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing="ij"))
+    sphere = (np.sum((grid - 7.5) ** 2, axis=0) < 16).astype(np.float32)
+    image = 0.3 + 0.1 * rng.standard_normal((len(USED), SIZE, SIZE, SIZE)) + 0.4 * sphere
+    mask = np.broadcast_to(sphere, image.shape)
+    return np.stack([np.clip(image, 0, 1), mask], axis=-1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A width-2, depth-10 model on two sequences at 16^3 (float32), random init."""
+    config = tiny_config("sequences=" + "+".join(USED), size=SIZE)
+    from fll_jax.models import build_model
+
+    model = build_model(config.model, config.sequences)
+    x = _lesion_input()
+    init = jax.jit(lambda key: model.init(key, x[None], train=False))
+    variables = [init(jax.random.PRNGKey(k)) for k in (0, 1)]
+    return model, variables, x, ClassScore.from_model(model, variables[0], chunk=16)
+
+
+# --- a hand-made linear function and a smooth one -------------------------------------------
+
+def _linear_apply(variables, x):
+    """Logits linear in the image channel (plus a mask term that IG must leave alone)."""
+    w7, w2 = variables["w7"], variables["w2"]
+    logits7 = jnp.einsum("bsdhw,ksdhw->bk", x[..., 0], w7) + 0.01 * x[..., 1].sum(axis=(1, 2, 3, 4))[:, None]
+    logits2 = jnp.einsum("bsdhw,ksdhw->bk", x[..., 0], w2)
+    return {"logits7": logits7, "logits2": logits2}
+
+
+def _smooth_apply(variables, x):
+    """A smooth non-linear function: tanh features, then linear logits."""
+    h = jnp.tanh(3.0 * x[..., 0] - 1.0)
+    return _linear_apply(variables, jnp.stack([h, x[..., 1]], axis=-1))
+
+
+def _weights(seed: int, shape=(len(USED), SIZE, SIZE, SIZE)) -> dict:
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.prod(shape)
+    return {"w7": 20 * scale * rng.standard_normal((NUM_CLASSES,) + shape).astype(np.float32),
+            "w2": 20 * scale * rng.standard_normal((2,) + shape).astype(np.float32)}
+
+
+def test_quadrature_rules_integrate_polynomials():
+    for kind, steps, degree in (("trapezoid", 2, 1), ("gauss_legendre", 4, 7)):
+        nodes, weights = quadrature_rule(kind, steps)
+        assert nodes.min() >= 0 and nodes.max() <= 1
+        np.testing.assert_allclose(np.sum(weights * nodes**degree), 1 / (degree + 1), rtol=1e-12)
+    with pytest.raises(ValueError, match="unknown quadrature"):
+        quadrature_rule("simpson", 8)
+
+
+def test_ig_is_exact_on_a_linear_function_and_averages_an_ensemble():
+    x = _lesion_input()
+    members = [_weights(0), _weights(1)]
+    score = ClassScore(_linear_apply, members, output="logit", chunk=4)
+    for kind in ("trapezoid", "gauss_legendre"):
+        result = integrated_gradients(score, x, index=3, baseline="mean", steps=5, quadrature=kind)
+        expected = (x[..., 0] - result.baseline) * np.mean([m["w7"][3] for m in members], axis=0)
+        np.testing.assert_allclose(result.attributions, expected, rtol=1e-4, atol=1e-9)
+        assert abs(result.delta) < 1e-5 and result.relative_delta < 1e-4
+    # The ensemble's F is the mean of the members' F.
+    singles = [integrated_gradients(ClassScore(_linear_apply, m, output="logit"), x, index=3, baseline="mean",
+                                    steps=2, quadrature="trapezoid").f_x for m in members]
+    assert result.f_x == pytest.approx(np.mean(singles), rel=1e-5)
+    # Occlusion of a linear function drops F by exactly that sequence's attribution sum.
+    imp = sequence_importance(score, x, result.attributions, result.baseline, USED, index=3)
+    np.testing.assert_allclose(imp.occlusion_drop, result.attributions.sum(axis=(1, 2, 3)), rtol=1e-3, atol=1e-5)
+
+
+def test_gauss_legendre_converges_faster_than_trapezoid_on_a_smooth_function():
+    x = _lesion_input()
+    score = ClassScore(_smooth_apply, _weights(2), output="prob", chunk=8)
+    err = {(kind, steps): integrated_gradients(score, x, index=1, steps=steps, quadrature=kind).relative_delta
+           for kind in ("trapezoid", "gauss_legendre") for steps in (4, 8)}
+    for steps in (4, 8):
+        assert err["gauss_legendre", steps] < err["trapezoid", steps] / 10
+    assert err["gauss_legendre", 8] < 1e-5
+    # Trapezoid converges too, only slowly (second order).
+    assert err["trapezoid", 8] < err["trapezoid", 4]
+
+
+def test_gradients_of_a_linear_function_are_its_weights():
+    x = _lesion_input()
+    weights = _weights(3)
+    score = ClassScore(_linear_apply, weights, head="binary", output="logit", chunk=8)
+    np.testing.assert_allclose(vanilla_gradient(score, x, index=1), weights["w2"][1], rtol=1e-5)
+    np.testing.assert_allclose(smoothgrad(score, x, index=1, samples=12), weights["w2"][1], rtol=1e-4)
+
+
+def test_baselines():
+    image = _lesion_input()[..., 0]
+    assert not make_baseline(image, "zeros").any()
+    mean = make_baseline(image, "mean")
+    np.testing.assert_allclose(mean[:, 0, 0, 0], image.mean(axis=(1, 2, 3)), rtol=1e-6)
+    blurred = make_baseline(image, "blurred")
+    assert blurred.shape == image.shape and blurred.std() < image.std()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        make_baseline(image, "noise")
+
+
+# --- the tiny model ----------------------------------------------------------------------------
+
+def test_ig_completeness_on_the_tiny_model(tiny):
+    model, variables, x, score = tiny
+    ensemble = ClassScore.from_model(model, variables, chunk=16)
+    for baseline in ("zeros", "blurred", "mean"):
+        result = integrated_gradients(ensemble, x, baseline=baseline, steps=64, quadrature="trapezoid")
+        assert result.index == int(np.argmax(result.probs))
+        assert result.attributions.shape == x.shape[:-1]
+        assert abs(result.f_x - result.f_baseline) > 1e-3
+        assert result.relative_delta < 0.01, (baseline, result.f_x, result.f_baseline, result.delta)
+    # F of the fold ensemble is the members' mean probability.
+    probs = [jax.nn.softmax(model.apply(v, x[None], train=False)["logits7"])[0, result.index] for v in variables]
+    assert result.f_x == pytest.approx(float(np.mean(probs)), rel=1e-5)
+
+
+def test_chunked_equals_unchunked(tiny):
+    model, variables, x, score = tiny
+    small = ClassScore.from_model(model, variables[0], chunk=3)
+    a = integrated_gradients(score, x, index=4, steps=14, baseline="blurred")
+    b = integrated_gradients(small, x, index=4, steps=14, baseline="blurred")
+    np.testing.assert_allclose(a.attributions, b.attributions, rtol=1e-4, atol=1e-9)
+    assert a.f_x == pytest.approx(b.f_x, rel=1e-6)
+
+
+def test_gradcam_shape_and_sign(tiny):
+    model, variables, x, score = tiny
+    maps = grad_cam(score, x, USED)
+    assert maps.shape == x.shape[:-1]
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0
+    # Grad-CAM's channel weights come from the pooled features: each branch's output must be
+    # the global mean of the feature map it sows.
+    out, state = model.apply(variables[0], x[None], train=False, mutable=["intermediates"])
+    for i, s in enumerate(USED):
+        fmap = state["intermediates"][f"branch_{s}"]["stage4"][-1]
+        np.testing.assert_allclose(out["features"][:, i], fmap.mean(axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence names"):
+        grad_cam(score, x, ("t2w",))
+
+
+def test_importance_shares_sum_to_one(tiny):
+    _, _, x, score = tiny
+    result = integrated_gradients(score, x, steps=8)
+    imp = sequence_importance(score, x, result.attributions, result.baseline, USED, index=result.index)
+    assert imp.attribution_share.sum() == pytest.approx(1.0)
+    assert imp.occlusion_share.sum() == pytest.approx(1.0)
+    assert np.all(imp.attribution_share >= 0) and np.all(imp.occlusion_share >= 0)
+    assert [r["sequence"] for r in imp.as_rows()] == list(USED)
+    np.testing.assert_allclose(attribution_shares(np.zeros((4, 2, 2, 2))), 0.25)
+
+
+def test_randomisation_helpers(tiny):
+    model, variables, x, _ = tiny
+    fresh = scoring.reinitialised_variables(model, variables[0], x, seed=7)
+    assert jax.tree.structure(fresh) == jax.tree.structure(variables[0])
+    pairs = zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(variables[0]["params"]))
+    assert not all(np.allclose(a, b) for a, b in pairs)
+    m = np.random.default_rng(0).standard_normal((3, 4, 4, 4))
+    assert scoring.randomisation_correlation(m, 2 * m) == pytest.approx(1.0)
+    assert abs(scoring.randomisation_correlation(m, np.random.default_rng(1).standard_normal(m.shape))) < 0.2
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+def _native_lesion(tmp_path, seq: str, shift_mm: float, lesion_centre=(4.0, -6.0, 10.0), radius=7.0):
+    """A native volume (oblique-free, anisotropic, flipped x) with one spherical lesion."""
+    affine = np.array([[-1.5, 0, 0, 40.0], [0, 1.4, 0, -35.0 + shift_mm], [0, 0, 4.0, -20.0], [0, 0, 0, 1]])
+    shape = (56, 52, 14)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    lesion = np.linalg.norm(world - np.asarray(lesion_centre), axis=-1) < radius
+    image = (100 + 80 * lesion + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+    paths = tmp_path / f"{seq}.nii.gz", tmp_path / f"{seq}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), paths[0])
+    nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), paths[1])
+    return paths, lesion
+
+
+def _record(tmp_path, label: int = 0, patient_id: str = "p0", lesion_id: str = "p0_l1", shift=True):
+    from fll_jax.data.manifest import LesionRecord
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    images, masks, lesions = {}, {}, {}
+    for k, s in enumerate(SEQUENCES):
+        (images[s], masks[s]), lesions[s] = _native_lesion(tmp_path, s, shift_mm=1.5 * k if shift else 0.0)
+    record = LesionRecord(patient_id=patient_id, lesion_id=lesion_id, label=label, mask_value=1, images=images,
+                          masks=masks, scanner="GE Signa", field_strength=1.5, background="normal",
+                          diameter_mm=None, split="test")
+    return record, lesions
+
+
+def test_native_nifti_maps_keep_the_grid_and_peak_at_the_lesion(tmp_path):
+    from fll_jax.data.preprocess import preprocess_lesion
+
+    record, lesions = _record(tmp_path)
+    patch = preprocess_lesion(record, size=32)
+    for s in ("t2w", "dp"):
+        i = SEQUENCES.index(s)
+        # The network sees 16^3 resampled from the 32^3 patch: a blob where the lesion is.
+        mask16 = patch.mask[i].astype(np.float32).reshape(16, 2, 16, 2, 16, 2).mean(axis=(1, 3, 5)) / 255
+        affine = outputs.input_grid_affine(patch.patch_affine[i], 32, 16)
+        path = outputs.write_native_map(mask16, affine, record.images[s], tmp_path / f"{s}_map.nii.gz")
+        native, written = nib.load(record.images[s]), nib.load(path)
+        assert written.shape == native.shape
+        np.testing.assert_allclose(written.affine, native.affine, atol=1e-6)
+        data = np.asarray(written.dataobj)
+        peak = np.unravel_index(np.argmax(data), data.shape)
+        near = ndimage.binary_dilation(lesions[s], iterations=1)
+        assert near[peak], (s, peak)
+        # Zero far from the patch.
+        assert data[0, 0, 0] == 0 and data.max() > 0.5
+
+
+def test_input_grid_affine_matches_the_resampling():
+    patch_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    patch_affine[:3, 3] = [10, 20, 30]
+    affine = outputs.input_grid_affine(patch_affine, 64, 32)
+    # Input voxel 0 is the mean of stored voxels 0 and 1: its centre lies at stored 0.5.
+    np.testing.assert_allclose(affine @ [0, 0, 0, 1], patch_affine @ [0.5, 0.5, 0.5, 1])
+    assert outputs.axial_axis(affine) == 2
+
+
+def test_lesion_figure_and_slice(tmp_path):
+    x = _lesion_input()
+    mask = np.zeros((2, SIZE, SIZE, SIZE))
+    mask[:, 4:12, 4:12, 9] = 1.0
+    assert outputs.largest_lesion_slice(mask, axis=2) == 9
+    shown = outputs.lesion_figure(x[..., 0], mask, x[..., 0] - 0.3, USED, tmp_path / "o.png", title="t")
+    assert shown == 9 and (tmp_path / "o.png").stat().st_size > 1000
+
+
+# --- scores ------------------------------------------------------------------------------------
+
+def test_top3_hit_rates_on_a_hand_made_table():
+    seq = list(SEQUENCES)
+    rows = {  # importance over t2w, dwi, adc, t1w, lap, pvp, dp
+        "cyst_a": [0.9, 0.0, 0.8, 0.0, 0.0, 0.7, 0.0],  # top 3: t2w, adc, pvp
+        "cyst_b": [0.9, 0.8, 0.0, 0.7, 0.0, 0.0, 0.0],  # top 3: t2w, dwi, t1w
+        "hcc_a": [0.0, 0.0, 0.0, 0.1, 0.5, 0.2, 0.3],  # top 3: lap, dp, pvp
+    }
+    labels = [CLASSES.index("cyst"), CLASSES.index("cyst"), CLASSES.index("hcc")]
+    table = scoring.top_k_hit_rates(np.array(list(rows.values())), labels, seq)
+    assert set(table) == {"cyst", "hcc"}
+    assert table["cyst"]["hits"] == {"t2w": 1.0, "adc": 0.5, "pvp": 0.5}
+    assert table["cyst"]["mean"] == pytest.approx(2 / 3)
+    assert table["cyst"]["chance"] == pytest.approx(3 / 7) and table["cyst"]["n"] == 2
+    assert table["hcc"]["mean"] == 1.0
+    # A model on four sequences: key sequences it does not use are left out, chance is 3/4.
+    used = ["t2w", "dwi", "adc", "lap"]
+    sub = scoring.top_k_hit_rates(np.array([[0.1, 0.2, 0.3, 0.4]]), [CLASSES.index("metastasis")], used)
+    assert sub["metastasis"]["hits"] == {"dwi": 1.0, "lap": 1.0}
+    assert sub["metastasis"]["chance"] == 0.75
+
+
+def test_lesion_focus():
+    mask = np.zeros((2, 20, 20, 20))
+    mask[:, 8:12, 8:12, 8:12] = 1.0
+    spacing = [(1.0, 1.0, 1.0)] * 2
+    inside, volume = scoring.lesion_focus(mask * 3.0, mask, spacing)
+    assert inside == pytest.approx(1.0)
+    # 5 mm around a 4 mm cube: a region much larger than the lesion, far smaller than the patch.
+    assert 64 / 8000 < volume < 0.5
+    uniform_inside, uniform_volume = scoring.lesion_focus(np.ones_like(mask), mask, spacing)
+    assert uniform_inside == pytest.approx(uniform_volume)
+    # Coarser voxels: the same 5 mm covers fewer of them.
+    assert scoring.lesion_focus(mask, mask, [(2.0, 2.0, 2.0)] * 2)[1] < volume
+
+
+# --- the whole explain job on a tiny workdir -----------------------------------------------------
+
+def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
+    from fll_jax.data import manifest as manifest_module
+    from fll_jax.saliency import explain
+
+    model, variables, _, _ = tiny
+    config = tiny_config("sequences=" + "+".join(USED), size=SIZE)
+    records = [_record(tmp_path / f"p{label}", label=label, patient_id=f"p{label}", lesion_id=f"p{label}/l1",
+                       shift=False)[0] for label in (0, 4)]
+    manifest = tmp_path / "manifest.csv"
+    manifest_module.write_manifest(records, manifest)
+    import fll_jax.data.prepare as prepare
+    import fll_jax.train.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config), raising=False)
+    monkeypatch.setattr(prepare, "manifest_path", lambda config: manifest)
+    settings = explain.Settings(steps=8, chunk=16)
+    summary = explain.explain_workdir(tmp_path / "run", num_per_class=1, score=True, settings=settings)
+    out = tmp_path / "run" / "explain"
+    assert summary["num_lesions"] == 2
+    assert json.loads((out / "summary.json").read_text())["num_lesions"] == 2
+    for lesion in ("p0_l1", "p4_l1"):
+        folder = out / "lesions" / lesion
+        assert (folder / "overlay.png").is_file() and (folder / "importance.png").is_file()
+        for s in USED:
+            img = nib.load(folder / f"{s}_ig.nii.gz")
+            assert img.shape == nib.load(records[0].images[s]).shape
+    assert set(summary["hit_rates"]["attribution_share"]) == {"cyst", "hcc"}
+    assert -1 <= summary["randomisation"]["median_spearman"] <= 1
+    assert "Key-sequence hit rate" in (out / "scores.md").read_text()
