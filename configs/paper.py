@@ -68,4 +68,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Metric on the validation fold that picks each fold's best epoch.
     config.train.select_metric = "accuracy_7way"
     config.train.log_every = 10
+    # Epochs between saves of the latest state (a resumed run repeats at most this many).
+    config.train.checkpoint_every = 1
     return apply_config_string(config, arg)

@@ -1,4 +1,4 @@
-"""The CPU demo: the quick phantom, narrow branches, 32^3 inputs, a few epochs.
+"""The CPU demo: the quick phantom, narrow branches, 16^3 inputs, a short schedule.
 
 Same structure as paper.py (it starts from it); `make demo` runs it.
 """
@@ -13,10 +13,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.scale = "quick"
     config.model.width = 8
     config.model.dtype = "float32"  # bf16 is no faster on XLA:CPU (ARCHITECTURE.md, 12)
-    config.input_size = 32
+    # The stored 64^3 patches are resampled to 16^3 on the device: ~24 lesions/s here.
+    config.input_size = 16
     config.optim.learning_rate = 3e-3
     config.optim.warmup_epochs = 1
-    config.train.batch_size = 16
-    config.train.eval_batch_size = 32
-    config.train.epochs = 8
+    config.train.batch_size = 8
+    config.train.eval_batch_size = 16
+    config.train.epochs = 20
+    config.train.checkpoint_every = 5
     return apply_config_string(config, arg)

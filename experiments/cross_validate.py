@@ -8,8 +8,9 @@
 Rerunning an interrupted command resumes each fold from its latest checkpoint.
 """
 import json
+import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
@@ -20,6 +21,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    # Keep the progress bar readable: library INFO logs (orbax, TFDS, TF) only on request.
+    logging.set_verbosity(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     config = FLAGS.config
     if FLAGS.count_params:
         from fll_jax.models import count_params

@@ -16,6 +16,7 @@ def tiny_config(arg: str | None = None, size: int = 16):
     config.train.batch_size = 8
     config.train.eval_batch_size = 8
     config.train.epochs = 2
+    config.train.checkpoint_every = 1
     config.train.folds = (0, 1, 2, 3, 4)
     config.data.backend = "numpy"
     return config

@@ -20,6 +20,8 @@ class Killed(Exception):
 @pytest.fixture(scope="module")
 def setup():
     config = tiny_config()
+    # Saves the latest state at epochs 1 and 3.
+    config.train.epochs, config.train.checkpoint_every = 4, 2
     source = NumpySource(synthetic_patches())
     spe = nominal_steps_per_epoch(config, source)
     return config, source, spe, build_steps(config, spe)
@@ -29,12 +31,13 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, tmp_path):
     config, source, spe, steps = setup
     straight = train_fold(config, 1, source, steps, spe, tmp_path / "straight")
 
-    def kill_after_first_epoch(fold, epoch):
-        if epoch == 0:
+    # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
+    def kill_after_third_epoch(fold, epoch):
+        if epoch == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        train_fold(config, 1, source, steps, spe, tmp_path / "killed", on_epoch_end=kill_after_first_epoch)
+        train_fold(config, 1, source, steps, spe, tmp_path / "killed", on_epoch_end=kill_after_third_epoch)
     assert not (tmp_path / "killed" / "done.json").exists()
     resumed = train_fold(config, 1, source, steps, spe, tmp_path / "killed")
     assert len(resumed["history"]) == config.train.epochs
@@ -51,6 +54,8 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
     config, source, spe, steps = setup
+    config = config.copy_and_resolve_references()
+    config.train.checkpoint_every = 1
 
     def stop_after_first(fold, epoch):
         raise Killed

@@ -35,9 +35,11 @@ class TFDSSource:
         shuffle_buffer: training shuffle buffer in lesions (a full shuffle when the selected
             folds hold fewer; each buffered lesion costs 2 x 7 x S^3 bytes).
         prefetch: batches prepared ahead.
+        cache: keep each split's decoded examples in memory after its first read (the
+            whole dataset once: 2 x 7 x S^3 bytes per lesion), so later epochs skip disk and decoding.
     """
 
-    def __init__(self, path: str | Path, shuffle_buffer: int = 1024, prefetch: int = 2):
+    def __init__(self, path: str | Path, shuffle_buffer: int = 1024, prefetch: int = 2, cache: bool = True):
         from fll_jax.data import records  # imports TensorFlow and hides the GPUs from it
 
         self._tf, self._tfds = records.tf, records.tfds
@@ -50,7 +52,8 @@ class TFDSSource:
         if records.TEST_SPLIT in splits:
             self._splits[TEST_FOLD] = records.TEST_SPLIT
         self._counts = {k: splits[name].num_examples for k, name in self._splits.items()}
-        self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
+        self.shuffle_buffer, self.prefetch, self.cache = shuffle_buffer, prefetch, cache
+        self._split_datasets: dict[int, object] = {}
 
     @property
     def size(self) -> int:
@@ -61,11 +64,20 @@ class TFDSSource:
         """Lesions in the given folds (or 'test')."""
         return sum(self._counts[k] for k in fold_ids(folds, list(self._splits)))
 
+    def _split_dataset(self, fold: int):
+        """One fold's (or the test split's) examples in written (manifest) order, cached once."""
+        if fold not in self._split_datasets:
+            read_config = self._tfds.ReadConfig(interleave_cycle_length=1)
+            ds = self._builder.as_dataset(split=self._splits[fold], shuffle_files=False, read_config=read_config)
+            self._split_datasets[fold] = ds.cache() if self.cache else ds
+        return self._split_datasets[fold]
+
     def _dataset(self, folds: FoldSpec):
-        split = "+".join(self._splits[k] for k in fold_ids(folds, list(self._splits)))
-        # One file after the other, each in its written (manifest) order.
-        read_config = self._tfds.ReadConfig(interleave_cycle_length=1)
-        return self._builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+        datasets = [self._split_dataset(k) for k in fold_ids(folds, list(self._splits))]
+        ds = datasets[0]
+        for more in datasets[1:]:
+            ds = ds.concatenate(more)
+        return ds
 
     def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
         """Full batches, shuffled by (seed, epoch); the last partial batch is dropped."""

@@ -12,7 +12,7 @@ import pandas as pd
 
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.models import build_model
-from fll_jax.train.checkpoints import FoldCheckpoints, variables_of
+from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.sharding import make_mesh
 from fll_jax.train.step import abstract_state, compile_steps, make_optimizer
@@ -76,12 +76,7 @@ def ensemble_predictions(config: ml_collections.ConfigDict, source, steps: Steps
     target = abstract_state(steps.model, steps.tx, config, steps.mesh)
     test_frame, test_probs, val_frames = None, [], []
     for fold in config.train.folds:
-        ckpt = FoldCheckpoints(workdir / f"fold{fold}" / "checkpoints", target)
-        restored = ckpt.restore_best()
-        ckpt.close()
-        if restored is None:
-            raise FileNotFoundError(f"no best checkpoint for fold {fold} under {workdir / f'fold{fold}'}")
-        variables = variables_of(restored[0])
+        variables = best_variables(workdir / f"fold{fold}", target)
         test = run_predictions(steps, variables, source.eval_batches("test", config.train.eval_batch_size))
         if test_frame is None:
             test_frame = _meta_frame(test, "test", -1)

@@ -103,10 +103,10 @@ def train_fold(
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             state, train_metrics = _train_epoch(config, fold, epoch, train_folds, source, steps, state, steps_per_epoch, bar)
             if not all(math.isfinite(v) for v in train_metrics.values()):
-                last = meta["epoch"]
                 raise NonFiniteLossError(
                     f"fold {fold}, epoch {epoch}: non-finite training metrics {train_metrics}; stopped. "
-                    f"The last good checkpoint (epoch {last}) is kept in {fold_dir / 'checkpoints'}."
+                    f"The last good checkpoint (epoch {ckpt.latest.latest_step()}) is kept in "
+                    f"{fold_dir / 'checkpoints'}."
                 )
             val = validation_metrics(
                 run_predictions(steps, variables_of(state), source.eval_batches([fold], config.train.eval_batch_size))
@@ -116,8 +116,9 @@ def train_fold(
             meta["epoch"] = epoch
             if _is_better(val, meta["best"] and meta["best"]["val"], config.train.select_metric):
                 meta["best"] = record
-                ckpt.save_best(epoch, state, meta)
-            ckpt.save_latest(epoch, state, meta)
+                ckpt.save_best(epoch, state)
+            if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
+                ckpt.save_latest(epoch, state, meta)
             _log(writer, fold, epoch, train_metrics, val)
             bar.update(1)
             bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", val_acc7=f"{val['accuracy_7way']:.2f}")

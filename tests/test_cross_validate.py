@@ -1,0 +1,60 @@
+"""The main job on a tiny synthetic dataset: workdir contents, ensemble, refusal to overwrite."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fll_jax.constants import NUM_CLASSES
+from fll_jax.data.numpy_source import NumpySource
+from fll_jax.train.cross_validate import cross_validate
+from tests.helpers import synthetic_patches, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    config = tiny_config("folds=0+1")
+    config.data.source = "synthetic (tests)"
+    workdir = tmp_path_factory.mktemp("cv")
+    source = NumpySource(synthetic_patches())
+    metrics = cross_validate(config, workdir, source=source)
+    return config, workdir, source, metrics
+
+
+def test_workdir_holds_config_predictions_metrics_report(run):
+    config, workdir, _, metrics = run
+    assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
+    for name in ("predictions.csv", "metrics.json", "report.md"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((workdir / "metrics.json").read_text())
+    assert saved["test"]["ensemble"]["accuracy_7way"] == pytest.approx(metrics["test"]["ensemble"]["accuracy_7way"])
+    assert 0.0 <= saved["test"]["ensemble"]["auc_binary"] <= 1.0
+
+
+def test_ensemble_is_the_mean_of_the_fold_models(run):
+    _, workdir, source, _ = run
+    pred = pd.read_csv(workdir / "predictions.csv")
+    test = pred[pred.split == "test"]
+    assert len(test) == source.num_examples("test") and test.lesion_id.is_unique
+    for k in range(NUM_CLASSES):
+        np.testing.assert_allclose(test[f"ensemble_p7_{k}"], (test[f"fold0_p7_{k}"] + test[f"fold1_p7_{k}"]) / 2, atol=1e-6)
+    np.testing.assert_allclose(test[[f"ensemble_p7_{k}" for k in range(NUM_CLASSES)]].sum(axis=1), 1.0, atol=1e-5)
+    val = pred[pred.split == "val"]
+    assert sorted(val.fold.unique()) == [0, 1]
+    assert len(val) == source.num_examples([0, 1])
+    # Out-of-fold rows carry only their own fold model's probabilities.
+    assert val[val.fold == 0]["fold1_p7_0"].isna().all()
+
+
+def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
+    config, workdir, source, metrics = run
+    before = (workdir / "predictions.csv").read_text()
+    again = cross_validate(config, workdir, source=source)
+    assert again["test"]["ensemble"]["accuracy_7way"] == metrics["test"]["ensemble"]["accuracy_7way"]
+    assert (workdir / "predictions.csv").read_text() == before
+    changed = config.copy_and_resolve_references()
+    changed.model.fusion = "concat"
+    with pytest.raises(FileExistsError, match="different config.*model"):
+        cross_validate(changed, workdir, source=source)
+    assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
