@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 
 from configs import quick
+from fll_jax.config_string import apply_config_string
 from fll_jax.constants import NUM_CLASSES, SEQUENCES, to_binary
 
 
 def tiny_config(arg: str | None = None, size: int = 16):
     """A config that compiles in seconds on the CPU: depth 10, width 2, 16^3."""
-    config = quick.get_config(arg)
+    config = quick.get_config()
     config.model.depth = 10
     config.model.width = 2
     config.input_size = size
@@ -17,9 +18,8 @@ def tiny_config(arg: str | None = None, size: int = 16):
     config.train.eval_batch_size = 8
     config.train.epochs = 2
     config.train.checkpoint_every = 1
-    config.train.folds = (0, 1, 2, 3, 4)
     config.data.backend = "numpy"
-    return config
+    return apply_config_string(config, arg)
 
 
 def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
