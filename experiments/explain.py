@@ -8,7 +8,7 @@ Writes workdir/explain/ (see fll_jax/saliency/explain.py); the logic lives there
 """
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from fll_jax.saliency.explain import EXPLAINED, METHODS, Settings, explain_workdir
 from fll_jax.saliency.integrated_gradients import BASELINES, QUADRATURES
@@ -31,6 +31,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.ERROR)  # orbax's INFO lines would bury the progress bar
     settings = Settings(
         method=FLAGS.method, head=FLAGS.head, output=FLAGS.output, baseline=FLAGS.baseline, steps=FLAGS.steps,
         quadrature=FLAGS.quadrature, chunk=FLAGS.chunk, explained=FLAGS.explain,
