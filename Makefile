@@ -8,7 +8,7 @@ WORKDIR ?= runs/demo
 # Tests run on four fake CPU devices so the data-parallel code is exercised without a GPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
 
-.PHONY: venv demo test benchmark clean-demo
+.PHONY: venv data demo test benchmark
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): setup.py constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+data: venv
+	$(PY) data_prep/preprocess.py --config configs/quick.py
 
 demo: venv
 	$(PY) experiments/cross_validate.py --config configs/quick.py --workdir $(WORKDIR)
