@@ -11,7 +11,7 @@ same code, so running this first is optional.
 """
 import time
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fll_jax.data.prepare import prepare_source
@@ -22,7 +22,7 @@ config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
-    config = config_flags.FLAGS.config
+    config = flags.FLAGS.config
     start = time.perf_counter()
     source = prepare_source(config)
     dev = source.num_examples(list(range(config.data.num_folds)))

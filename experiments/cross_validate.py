@@ -16,6 +16,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_string("workdir", "runs/demo", "Where config, checkpoints, predictions and report go.")
 flags.DEFINE_bool("count_params", False, "Print the model's parameter count and exit without training.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host).")
 FLAGS = flags.FLAGS
 
 
@@ -25,6 +26,10 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     config = FLAGS.config
+    if FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
     if FLAGS.count_params:
         from fll_jax.models import count_params
 

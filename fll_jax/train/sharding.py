@@ -29,6 +29,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
-    """Put the numeric arrays of a host batch onto the mesh, split along the batch axis."""
+    """Put the numeric arrays of a global host batch onto the mesh, split along the batch axis.
+
+    Every process reads the same global batch; each contributes its own contiguous slice.
+    """
     sharding = data_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
+    count, index = jax.process_count(), jax.process_index()
+
+    def local(x):
+        x = np.asarray(x)
+        per = len(x) // count
+        return x[index * per:(index + 1) * per]
+
+    return {k: jax.make_array_from_process_local_data(sharding, local(batch[k])) for k in keys}
