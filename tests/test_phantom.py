@@ -1,7 +1,6 @@
 """The phantom: class signatures measured in the written NIfTI files, grids, masks, determinism."""
 import collections
 import filecmp
-import pathlib
 
 import nibabel as nib
 import numpy as np

@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import pathlib
 import shutil
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np

@@ -79,7 +79,8 @@ def lesion_figure(
         # Opacity grows with magnitude so that near-zero attribution leaves the image visible.
         alpha = np.clip(np.abs(heat) / limit, 0.0, 1.0) * 0.8
         ax.imshow(heat, cmap="bwr", origin="lower", vmin=-limit, vmax=limit, alpha=alpha)
-        ax.contour(_slice(msk, axis, index), levels=[0.5], colors="lime", linewidths=0.6, origin="lower")
+        # Default X, Y put Z[i, j] at pixel centre (j, i), as imshow does; origin= would shift it by half a pixel.
+        ax.contour(_slice(msk, axis, index), levels=[0.5], colors="lime", linewidths=0.6)
         ax.set_title(SEQUENCE_NAMES.get(name, name), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import jax
 import ml_collections
 import numpy as np
 import pandas as pd
