@@ -84,7 +84,7 @@ def test_mask_files_are_read_once(good, monkeypatch):
     assert len(calls) == len(set(calls)) == 2 * 2 * len(SEQUENCES)  # 2 patients, image + mask
 
 
-def _expect_error(path, *fragments):
+def _check_manifest_error(path, *fragments):
     with pytest.raises(mf.ManifestError) as e:
         mf.read_manifest(path)
     for fragment in (str(path),) + fragments:
@@ -107,7 +107,7 @@ def test_bad_value_names_row_lesion_and_file(good, column, value, fragments):
     rows = _rows(path)
     rows[1][column] = value
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:3: lesion 'A_L2'", *fragments)
+    _check_manifest_error(path, f"{path}:3: lesion 'A_L2'", *fragments)
 
 
 def test_mask_without_the_lesion(good):
@@ -115,14 +115,14 @@ def test_mask_without_the_lesion(good):
     rows = _rows(path)
     rows[3]["mask_value"] = "2"  # patient B's masks hold only lesion 1
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:5: lesion 'B_L1'", "does not contain mask_value 2",
+    _check_manifest_error(path, f"{path}:5: lesion 'B_L1'", "does not contain mask_value 2",
                   "patients/B/t2w_mask.nii.gz", "present: 1")
 
 
 def test_mask_on_another_grid(good, tmp_path):
     path, _ = good
     nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.uint8), AFFINE), tmp_path / "patients/B/lap_mask.nii.gz")
-    _expect_error(path, f"{path}:5: lesion 'B_L1'", "lap:", "not on the grid")
+    _check_manifest_error(path, f"{path}:5: lesion 'B_L1'", "lap:", "not on the grid")
 
 
 def test_duplicate_lesion_id(good):
@@ -130,7 +130,7 @@ def test_duplicate_lesion_id(good):
     rows = _rows(path)
     rows[2]["lesion_id"] = "A_L1"
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:4: lesion 'A_L1'", "duplicate lesion_id (first on line 2)")
+    _check_manifest_error(path, f"{path}:4: lesion 'A_L1'", "duplicate lesion_id (first on line 2)")
 
 
 def test_patient_in_both_splits(good):
@@ -138,7 +138,7 @@ def test_patient_in_both_splits(good):
     rows = _rows(path)
     rows[2]["split"] = "test"
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:4: lesion 'A_L3'", "patient 'A' is in split 'test' here but 'dev' on line 2")
+    _check_manifest_error(path, f"{path}:4: lesion 'A_L3'", "patient 'A' is in split 'test' here but 'dev' on line 2")
 
 
 def test_unknown_sequence_column(good):
@@ -147,7 +147,7 @@ def test_unknown_sequence_column(good):
     for r in rows:
         r["t1c_image"] = r.pop("t1w_image")
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:1: bad header", "unknown sequence 't1c'", "missing column(s): t1w_image")
+    _check_manifest_error(path, f"{path}:1: bad header", "unknown sequence 't1c'", "missing column(s): t1w_image")
 
 
 def test_missing_sequence_column(good):
@@ -156,7 +156,7 @@ def test_missing_sequence_column(good):
     for r in rows:
         del r["adc_mask"]
     _rewrite(path, rows)
-    _expect_error(path, f"{path}:1: bad header", "missing column(s): adc_mask")
+    _check_manifest_error(path, f"{path}:1: bad header", "missing column(s): adc_mask")
 
 
 def test_every_bad_row_is_reported(good):
@@ -164,12 +164,12 @@ def test_every_bad_row_is_reported(good):
     rows = _rows(path)
     rows[0]["label"], rows[3]["split"] = "?", "?"
     _rewrite(path, rows)
-    message = _expect_error(path)
+    message = _check_manifest_error(path)
     assert f"{path}:2: lesion 'A_L1'" in message and f"{path}:5: lesion 'B_L1'" in message
 
 
 def test_missing_manifest(tmp_path):
-    _expect_error(tmp_path / "nope.csv", "manifest not found")
+    _check_manifest_error(tmp_path / "nope.csv", "manifest not found")
 
 
 def test_unchecked_read_skips_files(good, tmp_path):
