@@ -16,7 +16,8 @@ from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.sharding import make_mesh
 from fll_jax.train.step import abstract_state, compile_steps, make_optimizer
 
-META_COLUMNS = ("split", "fold", "patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
+# Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
+META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -61,7 +62,7 @@ def _prob_columns(prefix: str, pred: dict) -> dict[str, np.ndarray]:
 
 
 def _meta_frame(pred: dict, split: str, fold: int) -> pd.DataFrame:
-    frame = pd.DataFrame({k: pred[k] for k in META_COLUMNS if k in pred and k not in ("split", "fold")})
+    frame = pd.DataFrame({k: pred[k] for k in META_COLUMNS if k in pred})
     for key in ("patient_id", "lesion_id", "background", "scanner"):
         if key in frame:
             frame[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in frame[key]]

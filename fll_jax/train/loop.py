@@ -140,16 +140,10 @@ def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], sour
     collected = []
     batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
     for i, batch in enumerate(batches):
-        batch = dict(batch, valid=np.ones(len(batch["label7"]), bool))
         state, metrics = steps.train(state, shard_batch(batch, steps.mesh, DEVICE_KEYS))
         collected.append(metrics)
         if i % config.train.log_every == 0:
             bar.set_postfix(step=f"{i + 1}/{steps_per_epoch}", loss=f"{float(metrics['loss']):.3f}")
-    if not collected:
-        raise ValueError(
-            f"fold {fold}: no training batch (training folds hold fewer lesions than batch_size "
-            f"{config.train.batch_size})"
-        )
     host = jax.device_get(collected)
     return state, {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
