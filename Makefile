@@ -1,4 +1,5 @@
-# `make demo`: set up .venv from this repository's files, then run the main job on the quick phantom.
+# `make demo`: set up .venv from this repository's files, then run the main job on the quick phantom
+# and explain two test lesions per class (saliency maps, sequence importance, scores).
 # `make test`: set up .venv, then run the test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,6 +24,7 @@ data: venv
 
 demo: venv
 	$(PY) experiments/cross_validate.py --config configs/quick.py --workdir $(WORKDIR)
+	$(PY) experiments/explain.py --workdir $(WORKDIR) --num_per_class 2 --score
 
 test: venv
 	$(TEST_ENV) $(PY) -m pytest -q tests

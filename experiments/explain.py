@@ -1,31 +1,34 @@
 """Saliency for a cross-validation workdir: maps, sequence importance, NIfTI overlays, scores.
 
   python experiments/explain.py --workdir runs/demo
-  python experiments/explain.py --workdir runs/demo --num_per_class 5 --score
+  python experiments/explain.py --workdir runs/demo --split val --num_per_class 0 --score
   python experiments/explain.py --workdir runs/demo --method gradcam --head binary
 
-Writes workdir/explain/ (see fll_jax/saliency/explain.py); the logic lives there.
+Writes workdir/explain/<split>/ (see fll_jax/saliency/explain.py); the logic lives there.
 """
 import json
 
 from absl import app, flags, logging
 
-from fll_jax.saliency.explain import EXPLAINED, METHODS, Settings, explain_workdir
+from fll_jax.saliency.explain import EXPLAINED, METHODS, SPLITS, Settings, explain_workdir, scores_markdown
 from fll_jax.saliency.integrated_gradients import BASELINES, QUADRATURES
 from fll_jax.saliency.target import HEADS, OUTPUTS
 
 flags.DEFINE_string("workdir", "runs/demo", "A cross-validation workdir (config.json and fold checkpoints).")
-flags.DEFINE_integer("num_per_class", 2, "Test lesions explained per class.")
+flags.DEFINE_integer("num_per_class", 2, "Lesions explained per class (0: all of the split).")
+flags.DEFINE_enum("split", "test", SPLITS, "test: the fold ensemble on test lesions; val: each development "
+                  "lesion by the fold model that held it out.")
 flags.DEFINE_integer("steps", 64, "Integration steps (IG) or noise samples (SmoothGrad).")
 flags.DEFINE_enum("method", "ig", METHODS, "Attribution map.")
 flags.DEFINE_enum("head", "seven", list(HEADS), "Explained head.")
 flags.DEFINE_enum("output", "prob", OUTPUTS, "Explain the class probability or the logit.")
 flags.DEFINE_enum("baseline", "zeros", BASELINES, "IG baseline and occlusion fill.")
-flags.DEFINE_enum("quadrature", "trapezoid", QUADRATURES, "IG quadrature rule.")
+flags.DEFINE_enum("quadrature", "adaptive", QUADRATURES, "IG quadrature rule.")
 flags.DEFINE_enum("explain", "predicted", EXPLAINED, "Explain the predicted or the true class.")
 flags.DEFINE_integer("chunk", 16, "Inputs per compiled batch (bounds memory).")
 flags.DEFINE_bool("score", False, "Score the maps against the phantom's key sequences and run the randomisation check.")
-flags.DEFINE_string("out_dir", None, "Output folder (default workdir/explain).")
+flags.DEFINE_string("out_dir", None, "Output folder (default workdir/explain/<split>).")
+flags.DEFINE_bool("overwrite", False, "Replace explanations made earlier with other arguments.")
 FLAGS = flags.FLAGS
 
 
@@ -37,12 +40,11 @@ def main(argv):
         quadrature=FLAGS.quadrature, chunk=FLAGS.chunk, explained=FLAGS.explain,
     )
     summary = explain_workdir(
-        FLAGS.workdir, num_per_class=FLAGS.num_per_class, score=FLAGS.score, settings=settings, out_dir=FLAGS.out_dir
+        FLAGS.workdir, num_per_class=FLAGS.num_per_class or None, split=FLAGS.split, score=FLAGS.score,
+        settings=settings, out_dir=FLAGS.out_dir, overwrite=FLAGS.overwrite,
     )
     print(json.dumps({k: summary[k] for k in ("num_lesions", "accuracy", "completeness") if k in summary}, indent=1))
     if FLAGS.score:
-        from fll_jax.saliency.explain import scores_markdown
-
         print(scores_markdown(summary))
 
 

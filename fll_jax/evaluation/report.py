@@ -182,8 +182,34 @@ def _auc_markdown(auc: dict) -> list[str]:
     return _markdown_table(["task", "AUC (95% CI, DeLong)"], rows)
 
 
-def report_markdown(metrics: dict, figures: list[str]) -> str:
-    """report.md from the metrics dict (and the relative paths of the figures written)."""
+def saliency_markdown(workdir: Path) -> list[str]:
+    """The explain job's results (workdir/explain/<split>/), for each split it was run on."""
+    lines = []
+    for split, what in (("test", "test split, fold ensemble"), ("val", "development lesions, out-of-fold models")):
+        folder = workdir / "explain" / split
+        if not (folder / "summary.json").exists():
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        lines += ["", f"### {what}", "",
+                  f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: overlay.png, importance.png, "
+                  "NIfTI maps on each sequence's native grid).",
+                  "", f"![importance by class](explain/{split}/importance_by_class.png)"]
+        scores = folder / "scores.md"
+        if scores.exists():
+            # Its own title is dropped and its sections nested under this one.
+            body = scores.read_text().splitlines()[1:]
+            lines += [("###" + line[1:]) if line.startswith("## ") else line for line in body]
+        elif "completeness" in summary:
+            delta = summary["completeness"]["median_relative_delta"]
+            lines += ["", f"Median relative completeness delta of integrated gradients: {delta:.2%}."]
+    if not lines:
+        return []
+    return ["## Saliency (experiments/explain.py)", *lines, ""]
+
+
+def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = ()) -> str:
+    """report.md from the metrics dict, the relative paths of the figures written and the
+    saliency section (saliency_markdown)."""
     data, run = metrics["data"], metrics["run"]
     ens = metrics["test"][ENSEMBLE]
     lines = [f"# Evaluation report: {Path(run['workdir']).name}", ""]
@@ -259,6 +285,7 @@ def report_markdown(metrics: dict, figures: list[str]) -> str:
         "",
         *(f"![{Path(f).stem}]({f})" for f in figures),
         "",
+        *saliency,
         "## Methods",
         "",
         "Proportions (accuracy, sensitivity, specificity, PPV, NPV): modified Wilson interval (Brown, Cai & "
@@ -306,5 +333,5 @@ def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
     (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (workdir / "report.md").write_text(report_markdown(metrics, figures))
+    (workdir / "report.md").write_text(report_markdown(metrics, figures, saliency_markdown(workdir)))
     return metrics

@@ -1,12 +1,15 @@
-"""Explaining a cross-validation workdir's ensemble on test lesions, and scoring the maps.
+"""Explaining a cross-validation workdir's models on its lesions, and scoring the maps.
 
-For a few test lesions per class: the chosen map (integrated gradients by default) of the
-five fold models' mean output, sequence importance by attribution share and by branch
+For a few lesions per class: the chosen map (integrated gradients by default) of the model
+that predicts them, which is the five fold models' mean output on test lesions (split
+'test') and, on development lesions (split 'val'), the one fold model that held the lesion
+out (so scores can use every lesion of the data set, none seen in training); sequence importance by attribution share and by branch
 occlusion, a PNG overlay, an importance bar chart and NIfTI maps in every sequence's native
-space. With score=True also the phantom scores (scoring.py). Layout under workdir/explain/:
+space. With score=True also the phantom scores (scoring.py). Layout under
+workdir/explain/<split>/:
 
   lesions/<lesion_id>/overlay.png, importance.png, <seq>_<method>.nii.gz
-  lesions.csv            one row per lesion: classes, F, completeness, importance per sequence
+  lesions.csv            one row per lesion: model, classes, F, completeness, importance per sequence
   importance_by_class.png  mean attribution share per true class and sequence (paper Fig. 6)
   summary.json           settings, median completeness, and the scores when asked for
   scores.md              the scores as tables (score=True)
@@ -33,6 +36,8 @@ from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAM
 from fll_jax.data import prepare
 from fll_jax.data.manifest import read_manifest
 from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions
+from fll_jax.evaluation.report import write_report
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
@@ -50,6 +55,8 @@ from fll_jax.train.step import seq_indices
 
 METHODS = ("ig", "gradient", "smoothgrad", "gradcam")
 EXPLAINED = ("predicted", "true")
+SPLITS = ("test", "val")
+SPLIT_NAMES = {"test": "test lesions", "val": "development lesions"}
 
 
 @dataclass
@@ -61,7 +68,7 @@ class Settings:
     output: str = "prob"
     baseline: str = "zeros"
     steps: int = 64
-    quadrature: str = "trapezoid"
+    quadrature: str = "adaptive"
     chunk: int = 16
     explained: str = "predicted"
     seed: int = 0
@@ -119,16 +126,31 @@ def compute_map(
     return LesionMap(attributions, index, probs, importance, ig)
 
 
-def pick_lesions(records: Sequence, num_per_class: int, split: str = "test") -> list:
-    """The first num_per_class lesions of each class in the split, in manifest order."""
+def pick_lesions(records: Sequence, num_per_class: int | None, lesion_ids: set[str] | None = None) -> list:
+    """The first num_per_class (None: all) lesions of each class among lesion_ids, in manifest order."""
     picked, count = [], {}
     for record in records:
-        if record.split == split and count.get(record.label, 0) < num_per_class:
+        if lesion_ids is not None and record.lesion_id not in lesion_ids:
+            continue
+        if num_per_class is None or count.get(record.label, 0) < num_per_class:
             count[record.label] = count.get(record.label, 0) + 1
             picked.append(record)
-    if not picked:
-        raise ValueError(f"no lesion in split {split!r} to explain")
     return picked
+
+
+def lesion_models(workdir: Path, split: str, folds: Sequence[int]) -> dict[str, str]:
+    """lesion_id -> 'ensemble' (split 'test') or 'fold<k>' that held it out (split 'val').
+
+    Read from predictions.csv, so the lesions and folds are those the training job used.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    frame = load_predictions(workdir / "predictions.csv")
+    rows = frame[frame["split"] == split]
+    if split == "test":
+        return {lesion: ENSEMBLE for lesion in rows["lesion_id"]}
+    rows = rows[rows["fold"].astype(int).isin(list(folds))]
+    return {lesion: f"fold{int(fold)}" for lesion, fold in zip(rows["lesion_id"], rows["fold"])}
 
 
 def _float32_model(config: ml_collections.ConfigDict):
@@ -148,16 +170,18 @@ def _class_names(head: str) -> list[str]:
 def explain_workdir(
     workdir: str | Path,
     *,
-    num_per_class: int = 2,
+    num_per_class: int | None = 2,
+    split: str = "test",
     score: bool = False,
     settings: Settings | None = None,
     out_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Explain the workdir's fold ensemble on test lesions; write workdir/explain/.
+    """Explain num_per_class (None: all) lesions per class of a split; write workdir/explain/<split>/.
 
-    Needs fll_jax.train.checkpoints.load_fold_models(workdir) -> (model, [variables], config)
-    and the config's manifest (fll_jax.data.prepare.manifest_path). Returns summary.json's
-    content.
+    Needs a finished workdir (fold checkpoints, predictions.csv) and the config's manifest
+    (fll_jax.data.prepare.manifest_path). An output folder holding explanations asked for
+    differently is refused unless overwrite=True. Returns summary.json's content.
     """
     # Looked up at call time: the training code owns it (and tests stand in for it).
     from fll_jax.train.checkpoints import load_fold_models
@@ -165,34 +189,56 @@ def explain_workdir(
     settings = settings or Settings()
     settings.check()
     workdir = Path(workdir)
-    out = Path(out_dir) if out_dir is not None else workdir / "explain"
-    (out / "lesions").mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else workdir / "explain" / split
+    request = json.loads(json.dumps(
+        {"split": split, "num_per_class": num_per_class, "score": score, "settings": vars(settings)}))
+    _check_previous(out, request, overwrite)
     _, variables, config = load_fold_models(workdir)
+    models = lesion_models(workdir, split, config.train.folds)
+    records = pick_lesions(read_manifest(prepare.manifest_path(config)), num_per_class, set(models))
+    if not records:
+        raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
+    (out / "lesions").mkdir(parents=True, exist_ok=True)
     model = _float32_model(config)
     ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
+    scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
     random_score = None
     if score:
         # One re-initialised model is the reference map of the randomisation check.
         shape = (len(config.sequences),) + (config.input_size,) * 3 + (2,)
         fresh = reinitialised_variables(model, variables[0], np.zeros(shape, np.float32), seed=settings.seed + 1)
-        random_score = ClassScore.from_model(model, fresh, head=settings.head, output=settings.output,
-                                             chunk=settings.chunk)
-    records = pick_lesions(read_manifest(prepare.manifest_path(config)), num_per_class)
-    rows = [_explain_record(record, config, ens, random_score, settings, out / "lesions")
+        random_score = ens.with_variables(fresh)
+    rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
+                            random_score, settings, out / "lesions")
             for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "lesions.csv", index=False)
     class_importance_figure(frame, config.sequences, out / "importance_by_class.png")
-    summary = _summary(frame, config, settings, config.sequences, score)
+    summary = {"request": request} | _summary(frame, config, settings, config.sequences, split, score)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if score:
         (out / "scores.md").write_text(scores_markdown(summary))
+    if out_dir is None:
+        write_report(workdir)  # report.md gains the saliency section
     return summary
 
 
-def _explain_record(record, config, ens: ClassScore, random_score: ClassScore | None, settings: Settings,
-                    folder: Path) -> dict:
-    """One lesion: map, importance, (scores), files; returns its lesions.csv row."""
+def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
+    """Refuse to replace explanations that were asked for with other arguments."""
+    path = out / "summary.json"
+    if overwrite or not path.exists():
+        return
+    previous = json.loads(path.read_text()).get("request")
+    if previous != request:
+        raise FileExistsError(
+            f"{out} holds explanations made with other arguments ({previous}); pass overwrite=True "
+            "(--overwrite) to replace them, or another out_dir (--out_dir)"
+        )
+
+
+def _explain_record(record, config, model_name: str, ens: ClassScore, random_score: ClassScore | None,
+                    settings: Settings, folder: Path) -> dict:
+    """One lesion by one model (or the ensemble): map, importance, (scores), files; its lesions.csv row."""
     sequences = tuple(config.sequences)
     names = _class_names(settings.head)
     patch = preprocess_lesion(record)
@@ -205,7 +251,8 @@ def _explain_record(record, config, ens: ClassScore, random_score: ClassScore | 
     lesion = compute_map(ens, x, sequences, settings, true if settings.explained == "true" else None)
     pred = int(np.argmax(lesion.probs))
     row = {
-        "lesion_id": record.lesion_id, "patient_id": record.patient_id, "label7": int(record.label),
+        "lesion_id": record.lesion_id, "patient_id": record.patient_id, "model": model_name,
+        "label7": int(record.label),
         "true": names[true], "predicted": names[pred], "p_predicted": float(lesion.probs[pred]),
         "explained": names[lesion.index], "method": settings.method,
     }
@@ -254,9 +301,12 @@ def _median(values) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, score: bool) -> dict:
+def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: str, score: bool) -> dict:
     summary = {
         "data": "synthetic phantom (not clinical evidence)" if config.data.source == "phantom" else config.data.manifest,
+        "split": split,
+        "models": ("the five-fold ensemble" if split == "test"
+                   else "each lesion by the fold model that held it out"),
         "settings": vars(settings),
         "sequences": list(sequences),
         "num_lesions": int(len(frame)),
@@ -283,7 +333,7 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, score: 
     }
     summary["randomisation"] = {
         "median_spearman": _median(frame["randomisation_spearman"]),
-        "note": "rank correlation of |map| between the trained ensemble and one re-initialised model; "
+        "note": "rank correlation of |map| between the trained model(s) and one re-initialised model; "
                 "low values mean the map depends on what the model learned",
     }
     return summary
@@ -294,16 +344,20 @@ def scores_markdown(summary: dict) -> str:
     lines = [f"# Explanation scores ({summary['data']})", ""]
     s = summary["settings"]
     lines.append(f"Method {s['method']} on the {s['head']} head ({s['output']}), baseline {s['baseline']}, "
-                 f"{s['steps']} steps ({s['quadrature']}); {summary['num_lesions']} test lesions, "
-                 f"ensemble accuracy on them {summary['accuracy']:.2f}.")
+                 f"{s['steps']} steps ({s['quadrature']}); {summary['num_lesions']} {SPLIT_NAMES[summary['split']]}, "
+                 f"{summary['models']}; accuracy on them {summary['accuracy']:.2f}.")
     if "completeness" in summary:
         lines.append(f"Median relative completeness delta: {summary['completeness']['median_relative_delta']:.2%}.")
     for measure, table in summary["hit_rates"].items():
         lines += ["", f"## Key-sequence hit rate in the top 3 ({measure})", "",
-                  "| class | n | key sequences: hit rate | mean | chance |", "|---|---|---|---|---|"]
+                  "| class | n | key sequences: hit rate | mean | chance | p (mean > chance) |",
+                  "|---|---|---|---|---|---|"]
         for name, entry in table.items():
             hits = ", ".join(f"{SEQUENCE_NAMES[q]} {r:.2f}" for q, r in entry["hits"].items())
-            lines.append(f"| {CLASS_NAMES[name]} | {entry['n']} | {hits} | {entry['mean']:.2f} | {entry['chance']:.2f} |")
+            lines.append(f"| {CLASS_NAMES[name]} | {entry['n']} | {hits} | {entry['mean']:.2f} | {entry['chance']:.2f} "
+                         f"| {entry['p_above_chance']:.3f} |")
+        lines.append("")
+        lines.append("p: one-sided binomial test of all (lesion, key sequence) hits of the class against chance.")
     focus = summary["lesion_focus"]
     lines += ["", "## Lesion focus", "",
               f"Median share of |attribution| within {focus['margin_mm']:.0f} mm of the lesion: "

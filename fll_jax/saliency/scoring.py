@@ -38,8 +38,10 @@ def top_k_hit_rates(
     """Per class: for each key sequence the fraction of lesions whose top-k includes it.
 
     importance: [N, S] one row per lesion over the used `sequences`; labels: seven-way [N].
-    Returns {class: {"n", "chance", "hits": {seq: rate}, "mean"}} for every class with
-    lesions; key sequences the model does not use are left out of "hits".
+    Returns {class: {"n", "chance", "hits": {seq: rate}, "mean", "p_above_chance"}} for every
+    class with lesions; key sequences the model does not use are left out of "hits". The p
+    value is a one-sided binomial test of the class's (lesion, key sequence) hits against
+    chance.
     """
     importance = np.asarray(importance, np.float64)
     labels = np.asarray(labels)
@@ -53,12 +55,17 @@ def top_k_hit_rates(
         rows = np.flatnonzero(labels == label)
         if len(rows) == 0:
             continue
-        hits = {s: float(np.mean([s in top[r] for r in rows])) for s in KEY_SEQUENCES[name] if s in sequences}
+        keys = [s for s in KEY_SEQUENCES[name] if s in sequences]
+        hits = {s: float(np.mean([s in top[r] for r in rows])) for s in keys}
+        chance = min(k, len(sequences)) / len(sequences)
+        count = sum(s in top[r] for r in rows for s in keys)
         result[name] = {
             "n": int(len(rows)),
-            "chance": min(k, len(sequences)) / len(sequences),
+            "chance": chance,
             "hits": hits,
             "mean": float(np.mean(list(hits.values()))) if hits else float("nan"),
+            "p_above_chance": float(stats.binomtest(count, len(rows) * len(keys), chance, "greater").pvalue)
+            if keys else float("nan"),
         }
     return result
 

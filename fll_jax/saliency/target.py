@@ -12,6 +12,7 @@ compiled function instead of being compiled together.
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -79,6 +80,12 @@ class ClassScore:
     @classmethod
     def from_model(cls, model: nn.Module, variables: Mapping | Sequence[Mapping], **kwargs) -> "ClassScore":
         return cls(model_apply_fn(model), variables, **kwargs)
+
+    def with_variables(self, variables: Mapping | Sequence[Mapping]) -> "ClassScore":
+        """The same F over other variables of the same model, sharing the compiled functions."""
+        other = copy.copy(self)
+        other.variables = [variables] if isinstance(variables, Mapping) else list(variables)
+        return other
 
     def compiled(self, key, build: Callable[[], Callable]) -> Callable:
         """A jit-compiled function built once per key (other maps reuse this object's cache)."""
