@@ -22,8 +22,9 @@ flags.DEFINE_integer("steps", 64, "Integration steps (IG) or noise samples (Smoo
 flags.DEFINE_enum("method", "ig", METHODS, "Attribution map.")
 flags.DEFINE_enum("head", "seven", list(HEADS), "Explained head.")
 flags.DEFINE_enum("output", "prob", OUTPUTS, "Explain the class probability or the logit.")
-flags.DEFINE_enum("baseline", "zeros", BASELINES, "IG baseline and occlusion fill.")
-flags.DEFINE_enum("quadrature", "adaptive", QUADRATURES, "IG quadrature rule.")
+flags.DEFINE_enum("baseline", "mean", BASELINES, "IG baseline and occlusion fill (mean: each sequence's mean "
+                  "intensity, so a sequence's attribution is its contrast, not its brightness).")
+flags.DEFINE_enum("quadrature", "trapezoid", QUADRATURES, "IG quadrature rule (adaptive: for the zeros baseline).")
 flags.DEFINE_enum("explain", "predicted", EXPLAINED, "Explain the predicted or the true class.")
 flags.DEFINE_integer("chunk", 16, "Inputs per compiled batch (bounds memory).")
 flags.DEFINE_bool("score", False, "Score the maps against the phantom's key sequences and run the randomisation check.")
@@ -39,10 +40,13 @@ def main(argv):
         method=FLAGS.method, head=FLAGS.head, output=FLAGS.output, baseline=FLAGS.baseline, steps=FLAGS.steps,
         quadrature=FLAGS.quadrature, chunk=FLAGS.chunk, explained=FLAGS.explain,
     )
-    summary = explain_workdir(
-        FLAGS.workdir, num_per_class=FLAGS.num_per_class or None, split=FLAGS.split, score=FLAGS.score,
-        settings=settings, out_dir=FLAGS.out_dir, overwrite=FLAGS.overwrite,
-    )
+    try:
+        summary = explain_workdir(
+            FLAGS.workdir, num_per_class=FLAGS.num_per_class or None, split=FLAGS.split, score=FLAGS.score,
+            settings=settings, out_dir=FLAGS.out_dir, overwrite=FLAGS.overwrite,
+        )
+    except FileExistsError as error:
+        raise SystemExit(f"explain: {error}") from None
     print(json.dumps({k: summary[k] for k in ("num_lesions", "accuracy", "completeness") if k in summary}, indent=1))
     if FLAGS.score:
         print(scores_markdown(summary))

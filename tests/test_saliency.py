@@ -308,15 +308,20 @@ def test_top3_hit_rates_on_a_hand_made_table():
 def test_lesion_focus():
     mask = np.zeros((2, 20, 20, 20))
     mask[:, 8:12, 8:12, 8:12] = 1.0
-    spacing = [(1.0, 1.0, 1.0)] * 2
-    inside, volume = scoring.lesion_focus(mask * 3.0, mask, spacing)
+    region = scoring.lesion_region(mask, [(1.0, 1.0, 1.0)] * 2)
+    inside, volume = scoring.lesion_focus(mask * 3.0, region)
     assert inside == pytest.approx(1.0)
     # 5 mm around a 4 mm cube: a region much larger than the lesion, far smaller than the patch.
     assert 64 / 8000 < volume < 0.5
-    uniform_inside, uniform_volume = scoring.lesion_focus(np.ones_like(mask), mask, spacing)
+    uniform_inside, uniform_volume = scoring.lesion_focus(np.ones_like(mask), region)
     assert uniform_inside == pytest.approx(uniform_volume)
     # Coarser voxels: the same 5 mm covers fewer of them.
-    assert scoring.lesion_focus(mask, mask, [(2.0, 2.0, 2.0)] * 2)[1] < volume
+    assert scoring.lesion_region(mask, [(2.0, 2.0, 2.0)] * 2).mean() < volume
+    # A sequence without lesion voxels is left out; none at all gives NaN.
+    mask[1] = 0
+    one = scoring.lesion_region(mask, [(1.0, 1.0, 1.0)] * 2)
+    assert not one[1].any() and scoring.lesion_focus(np.ones_like(mask), one)[1] == pytest.approx(volume)
+    assert np.isnan(scoring.lesion_focus(mask, np.zeros_like(one))[0])
 
 
 # --- the whole explain job on a tiny workdir -----------------------------------------------------
@@ -365,7 +370,8 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
         for s in USED:
             img = nib.load(folder / f"{s}_ig.nii.gz")
             assert img.shape == nib.load(records[0].images[s]).shape
-    assert set(summary["hit_rates"]["attribution_share"]) == {"cyst", "hcc"}
+    assert set(summary["hit_rates"]) == {"attribution_share", "lesion_attribution_share", "occlusion"}
+    assert set(summary["hit_rates"]["lesion_attribution_share"]) == {"cyst", "hcc"}
     assert -1 <= summary["randomisation"]["median_spearman"] <= 1
     assert "Key-sequence hit rate" in (out / "scores.md").read_text()
     report = (run / "report.md").read_text()

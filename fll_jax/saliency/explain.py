@@ -41,13 +41,13 @@ from fll_jax.evaluation.report import write_report
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
-from fll_jax.saliency.importance import SequenceImportance, sequence_importance
+from fll_jax.saliency.importance import SequenceImportance, attribution_shares, sequence_importance
 from fll_jax.saliency.integrated_gradients import IGResult, integrated_gradients, make_baseline
 from fll_jax.saliency.outputs import (
     axial_axis, importance_figure, input_grid_affine, lesion_figure, write_native_map,
 )
 from fll_jax.saliency.scoring import (
-    lesion_focus, randomisation_correlation, reinitialised_variables, top_k_hit_rates, voxel_spacing,
+    lesion_focus, lesion_region, randomisation_correlation, reinitialised_variables, top_k_hit_rates, voxel_spacing,
 )
 from fll_jax.saliency.target import ClassScore
 from fll_jax.train.augment import prepare_inputs
@@ -56,6 +56,11 @@ from fll_jax.train.step import seq_indices
 METHODS = ("ig", "gradient", "smoothgrad", "gradcam")
 EXPLAINED = ("predicted", "true")
 SPLITS = ("test", "val")
+# Sequence-importance measures scored against the key sequences: lesions.csv column prefixes.
+# The lesion share counts only attribution within 5 mm of the lesion, where the phantom puts
+# each class's signature.
+IMPORTANCE_MEASURES = {"attribution_share": "share_", "lesion_attribution_share": "lesion_share_",
+                       "occlusion": "occlusion_"}
 SPLIT_NAMES = {"test": "test lesions", "val": "development lesions"}
 
 
@@ -66,9 +71,9 @@ class Settings:
     method: str = "ig"
     head: str = "seven"
     output: str = "prob"
-    baseline: str = "zeros"
+    baseline: str = "mean"
     steps: int = 64
-    quadrature: str = "adaptive"
+    quadrature: str = "trapezoid"
     chunk: int = 16
     explained: str = "predicted"
     seed: int = 0
@@ -259,14 +264,15 @@ def _explain_record(record, config, model_name: str, ens: ClassScore, random_sco
     if lesion.ig is not None:
         row.update(f_x=lesion.ig.f_x, f_baseline=lesion.ig.f_baseline, delta=lesion.ig.delta,
                    relative_delta=lesion.ig.relative_delta)
-    for r in lesion.importance.as_rows():
+    region = lesion_region(x[..., 1], [voxel_spacing(a) for a in affines])
+    for r, near_lesion in zip(lesion.importance.as_rows(), attribution_shares(lesion.attributions * region)):
         row[f"share_{r['sequence']}"] = r["attribution_share"]
+        row[f"lesion_share_{r['sequence']}"] = near_lesion
         row[f"occlusion_{r['sequence']}"] = r["occlusion_drop"]
     if random_score is not None:
         random_map = attribution_map(random_score, x, sequences, settings, lesion.index)[0]
         row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map)
-        spacings = [voxel_spacing(a) for a in affines]
-        row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, x[..., 1], spacings)
+        row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, region)
     _write_lesion(folder / _safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings, row)
     return row
 
@@ -322,7 +328,7 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
         return summary
     labels = frame["label7"].to_numpy()
     tables = {}
-    for measure, prefix in (("attribution_share", "share_"), ("occlusion", "occlusion_")):
+    for measure, prefix in IMPORTANCE_MEASURES.items():
         importance = frame[[prefix + s for s in sequences]].to_numpy()
         tables[measure] = top_k_hit_rates(importance, labels, sequences, k=3)
     summary["hit_rates"] = tables

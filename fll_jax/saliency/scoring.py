@@ -4,6 +4,7 @@
   include each of the class's key sequences; chance is k / (number of used sequences);
 - lesion focus: the share of absolute attribution inside the lesion mask dilated by 5 mm,
   against that region's share of the patch volume (equal shares = no focus on the lesion);
+  the same region also gives a third sequence-importance measure (importance.py);
 - model randomisation (Adebayo et al. 2018): Spearman correlation between the maps of the
   trained model and of a re-initialised one; a map that barely changes explains the input,
   not the model.
@@ -75,34 +76,34 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
 
 
-def lesion_focus(
-    attributions: np.ndarray,
-    mask: np.ndarray,
-    spacings: Sequence[Sequence[float]],
-    *,
-    margin_mm: float = 5.0,
-    threshold: float = 0.5,
-) -> tuple[float, float]:
-    """(share of |attribution| inside the dilated lesion, that region's share of the volume).
+def lesion_region(
+    mask: np.ndarray, spacings: Sequence[Sequence[float]], *, margin_mm: float = 5.0, threshold: float = 0.5
+) -> np.ndarray:
+    """[S, D, H, W] bool: every voxel within margin_mm of mask > threshold, per sequence.
 
-    attributions, mask: [S, D, H, W] (mask blurred, in [0, 1]); spacings: [S] voxel sizes in
-    mm, since every sequence's patch has its own scale. The region is every voxel within
-    margin_mm of mask > threshold.
+    mask: [S, D, H, W] blurred masks in [0, 1]; spacings: [S] voxel sizes in mm, since every
+    sequence's patch has its own scale. A sequence without lesion voxels gets an empty region.
     """
-    attributions = np.abs(np.asarray(attributions, np.float64))
-    inside_sum = total = region = voxels = 0.0
-    for att, msk, spacing in zip(attributions, np.asarray(mask), spacings):
+    region = np.zeros(np.shape(mask), bool)
+    for s, (msk, spacing) in enumerate(zip(np.asarray(mask), spacings)):
         lesion = msk > threshold
-        if not lesion.any():
-            continue
-        near = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm
-        inside_sum += att[near].sum()
-        total += att.sum()
-        region += near.sum()
-        voxels += near.size
-    if voxels == 0:
+        if lesion.any():
+            region[s] = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm
+    return region
+
+
+def lesion_focus(attributions: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    """(share of |attribution| inside the region, the region's share of the volume).
+
+    Both over the sequences whose region (lesion_region) is not empty; NaN if none is.
+    """
+    used = region.reshape(len(region), -1).any(axis=1)
+    if not used.any():
         return float("nan"), float("nan")
-    return (inside_sum / total if total > 0 else float("nan")), region / voxels
+    attributions = np.abs(np.asarray(attributions, np.float64))[used]
+    region = region[used]
+    total = attributions.sum()
+    return (float(attributions[region].sum() / total) if total > 0 else float("nan")), float(region.mean())
 
 
 def randomisation_correlation(trained: np.ndarray, randomised: np.ndarray, *, absolute: bool = True) -> float:
