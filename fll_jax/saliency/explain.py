@@ -1,11 +1,11 @@
 """Explaining a cross-validation workdir's models on its lesions, and scoring the maps.
 
 For a few lesions per class: the chosen map (integrated gradients by default) of the model
-that predicts them, which is the five fold models' mean output on test lesions (split
-'test') and, on development lesions (split 'val'), the one fold model that held the lesion
-out (so scores can use every lesion of the data set, none seen in training); sequence importance by attribution share and by branch
-occlusion, a PNG overlay, an importance bar chart and NIfTI maps in every sequence's native
-space. With score=True also the phantom scores (scoring.py). Layout under
+that predicts them, which is the fold models' mean output on test lesions (split 'test') and,
+on development lesions (split 'val'), the one fold model that held the lesion out (so scores
+can use every lesion of the data set, none seen in training); sequence importance by
+attribution share and by branch occlusion, a PNG overlay, an importance bar chart and NIfTI
+maps in every sequence's native space. With score=True also the phantom scores (scoring.py). Layout under
 workdir/explain/<split>/:
 
   lesions/<lesion_id>/overlay.png, importance.png, <seq>_<method>.nii.gz
@@ -241,7 +241,7 @@ def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
         )
 
 
-def _explain_record(record, config, model_name: str, ens: ClassScore, random_score: ClassScore | None,
+def _explain_record(record, config, model_name: str, model_score: ClassScore, random_score: ClassScore | None,
                     settings: Settings, folder: Path) -> dict:
     """One lesion by one model (or the ensemble): map, importance, (scores), files; its lesions.csv row."""
     sequences = tuple(config.sequences)
@@ -253,7 +253,7 @@ def _explain_record(record, config, model_name: str, ens: ClassScore, random_sco
         for s in sequences
     ]
     true = int(record.label) if settings.head == "seven" else int(to_binary(record.label))
-    lesion = compute_map(ens, x, sequences, settings, true if settings.explained == "true" else None)
+    lesion = compute_map(model_score, x, sequences, settings, true if settings.explained == "true" else None)
     pred = int(np.argmax(lesion.probs))
     row = {
         "lesion_id": record.lesion_id, "patient_id": record.patient_id, "model": model_name,
@@ -311,7 +311,7 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
     summary = {
         "data": "synthetic phantom (not clinical evidence)" if config.data.source == "phantom" else config.data.manifest,
         "split": split,
-        "models": ("the five-fold ensemble" if split == "test"
+        "models": (f"the mean of {len(config.train.folds)} fold models" if split == "test"
                    else "each lesion by the fold model that held it out"),
         "settings": vars(settings),
         "sequences": list(sequences),

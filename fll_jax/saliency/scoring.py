@@ -4,7 +4,7 @@
   include each of the class's key sequences; chance is k / (number of used sequences);
 - lesion focus: the share of absolute attribution inside the lesion mask dilated by 5 mm,
   against that region's share of the patch volume (equal shares = no focus on the lesion);
-  the same region also gives a third sequence-importance measure (importance.py);
+  the same region also gives a third sequence-importance measure (explain.IMPORTANCE_MEASURES);
 - model randomisation (Adebayo et al. 2018): Spearman correlation between the maps of the
   trained model and of a re-initialised one; a map that barely changes explains the input,
   not the model.
