@@ -1,13 +1,17 @@
 """The main job on a tiny synthetic dataset: workdir contents, ensemble, refusal to overwrite."""
 import json
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.numpy_source import NumpySource
+from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.checkpoints import load_fold_models
 from fll_jax.train.cross_validate import cross_validate
+from fll_jax.train.step import seq_indices
 from tests.helpers import synthetic_patches, tiny_config
 
 
@@ -45,6 +49,21 @@ def test_ensemble_is_the_mean_of_the_fold_models(run):
     assert len(val) == source.num_examples([0, 1])
     # Out-of-fold rows carry only their own fold model's probabilities.
     assert val[val.fold == 0]["fold1_p7_0"].isna().all()
+
+
+def test_fold_models_reload_from_a_relative_workdir(run, monkeypatch):
+    config, workdir, source, _ = run
+    monkeypatch.chdir(workdir.parent)
+    model, variables, loaded = load_fold_models(workdir.name)
+    assert loaded.train.folds == [0, 1] and len(variables) == 2
+    # Fold 1's best model gives the probabilities that predictions.csv holds for the test split.
+    batch = next(source.eval_batches("test", config.train.eval_batch_size))
+    x = prepare_inputs(batch, seq_indices(loaded), loaded.input_size)
+    probs = np.asarray(jax.nn.softmax(model.apply(variables[1], x, train=False)["logits7"].astype(np.float32)))
+    pred = pd.read_csv(workdir / "predictions.csv", dtype={"lesion_id": str}).set_index("lesion_id")
+    for i in np.flatnonzero(batch["valid"]):
+        expected = pred.loc[str(batch["lesion_id"][i]), [f"fold1_p7_{k}" for k in range(NUM_CLASSES)]]
+        np.testing.assert_allclose(probs[i], expected.to_numpy(float), atol=2e-3)
 
 
 def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):

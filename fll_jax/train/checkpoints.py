@@ -26,7 +26,7 @@ class FoldCheckpoints:
     """Two CheckpointManagers under one fold directory: latest/ and best/, one step each."""
 
     def __init__(self, directory: Path, target: TrainState):
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
         self.latest = ocp.CheckpointManager(self.directory / "latest", options=options)
