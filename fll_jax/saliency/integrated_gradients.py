@@ -152,12 +152,15 @@ def integrated_gradients(
         nodes, weights = adaptive_nodes(pilot_alphas, pilot_f, steps)
     else:
         nodes, weights = quadrature_rule(quadrature, steps)
-    # F at both ends, and the path integral of the gradient, in one pass of the same function.
-    alphas = np.concatenate([[1.0, 0.0], nodes])
-    weights = np.concatenate([[0.0, 0.0], weights])
+    # F at both ends, and the path integral of the gradient, in one pass of the same function;
+    # trapezoid nodes already include both ends (extra inputs would cost a whole padded chunk).
+    ends = [a for a in (1.0, 0.0) if a not in nodes]
+    alphas = np.concatenate([nodes, ends])
+    weights = np.concatenate([weights, np.zeros(len(ends))])
     ev = score.evaluate(start, index=index, direction=direction, alphas=alphas, weights=weights)
     attributions = direction * ev.grad
-    f_x, f_b = float(ev.scores[0]), float(ev.scores[1])
+    at_x, at_b = (int(np.flatnonzero(alphas == a)[0]) for a in (1.0, 0.0))
+    f_x, f_b = float(ev.scores[at_x]), float(ev.scores[at_b])
     gap = f_x - f_b
     delta = float(attributions.sum(dtype=np.float64) - gap)
     return IGResult(
@@ -168,5 +171,5 @@ def integrated_gradients(
         f_baseline=f_b,
         delta=delta,
         relative_delta=abs(delta) / abs(gap) if gap != 0 else (float("inf") if delta != 0 else 0.0),
-        probs=ev.probs[0],
+        probs=ev.probs[at_x],
     )
