@@ -1,7 +1,7 @@
 r"""Writes the synthetic liver-lesion MRI phantom: NIfTI files plus manifest.csv.
 
-  python data_prep/make_phantom.py --out_dir data/phantom_quick --scale quick
-  python data_prep/make_phantom.py --out_dir data/phantom_paper --scale paper --workers 2
+  python data_prep/make_phantom.py --out_dir data/phantom_quick_seed0 --scale quick
+  python data_prep/make_phantom.py --out_dir data/phantom_paper_seed0 --scale paper --workers 2
 
 The same --seed writes the same bytes. An existing manifest in --out_dir is only replaced
 with --overwrite.

@@ -5,18 +5,25 @@
   python data_prep/preprocess.py --config configs/paper.py --config.data.source manifest \
       --config.data.manifest /path/to/manifest.csv                  # your own NIfTI data
   python data_prep/preprocess.py --config configs/quick.py --config.data.backend numpy   # .npz, no TF
+  python data_prep/preprocess.py --config configs/paper.py --config.data.source manifest \
+      --config.data.manifest /path/to/manifest.csv --check     # list every problem, build nothing
 
-Everything is built once under config.data.root and reused; the training entry point calls the
-same code, so running this first is optional.
+Everything is built once under config.data.root and reused (keyed on the content of the data, so
+changed images are preprocessed again); the training entry point calls the same code, so running
+this first is optional.
 """
+import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fll_jax.data.prepare import prepare_source
+from fll_jax.data.prepare import check_data, prepare_source
+from fll_jax.errors import reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
+flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, leaks, unreadable, "
+                  "blank or inverted inputs) without preprocessing; exit status 1 if there are any.")
 
 
 def main(argv):
@@ -24,10 +31,18 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     config = flags.FLAGS.config
     start = time.perf_counter()
-    source = prepare_source(config)
-    dev = source.num_examples(list(range(config.data.num_folds)))
-    print(f"{dev} development lesions in {config.data.num_folds} folds, {source.num_examples('test')} test lesions; "
-          f"ready in {time.perf_counter() - start:.0f} s under {config.data.root}/")
+    if flags.FLAGS.check:
+        with reported_as("preprocess --check"):
+            problems = check_data(config)
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} problem(s) found in {time.perf_counter() - start:.0f} s")
+        sys.exit(1 if problems else 0)
+    with reported_as("preprocess"):
+        source = prepare_source(config)
+    splits = [lesion["split"] for lesion in source.fingerprint["lesions"].values()]
+    print(f"{splits.count('dev')} development lesions in {config.data.num_folds} folds, {splits.count('test')} test "
+          f"lesions; ready in {time.perf_counter() - start:.0f} s under {config.data.root}/")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from fll_jax.constants import NUM_CLASSES, PATCH_SIZE, SEQUENCES
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.sharding import shard_batch
-from fll_jax.train.step import DEVICE_KEYS
+from fll_jax.train.step import DEVICE_KEYS, rng_settings
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Config to benchmark.")
 flags.DEFINE_integer("batch", 16, "Global batch size.")
@@ -81,7 +81,8 @@ def run_variant(config, variant: str) -> dict:
 
 def main(argv):
     del argv
-    results = [run_variant(FLAGS.config, v) for v in FLAGS.variants]
+    with rng_settings(FLAGS.config):
+        results = [run_variant(FLAGS.config, v) for v in FLAGS.variants]
     for r in results:
         print(json.dumps(r))
     base = results[0]

@@ -5,7 +5,9 @@
       --workdir runs/t2_dwi_adc_attention
   python experiments/cross_validate.py --config configs/paper.py --count_params   # no training
 
-Rerunning an interrupted command resumes each fold from its latest checkpoint.
+Rerunning an interrupted command resumes each fold from its latest checkpoint. A workdir that
+holds a run with other settings or other data is refused, naming what changed; --restart
+deletes that run's outputs and starts over.
 """
 import json
 import os
@@ -17,6 +19,8 @@ config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config
 flags.DEFINE_string("workdir", "runs/demo", "Where config, checkpoints, predictions and report go.")
 flags.DEFINE_bool("count_params", False, "Print the model's parameter count and exit without training.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host).")
+flags.DEFINE_bool("restart", False, "Delete the run already in --workdir (checkpoints, predictions, report) "
+                  "and start over, instead of refusing a run with other settings or data.")
 FLAGS = flags.FLAGS
 
 
@@ -36,9 +40,11 @@ def main(argv):
         print(f"{count_params(config.model, config.sequences, config.input_size):,} parameters "
               f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
         return
+    from fll_jax.errors import reported_as
     from fll_jax.train.cross_validate import cross_validate
 
-    metrics = cross_validate(config, FLAGS.workdir)
+    with reported_as("cross_validate"):
+        metrics = cross_validate(config, FLAGS.workdir, restart=FLAGS.restart)
     ens = metrics["test"]["ensemble"]
     print(json.dumps({k: ens[k] for k in ("accuracy_7way", "auc_binary") if k in ens}, indent=1))
     print(f"wrote {FLAGS.workdir}: config.json, predictions.csv, metrics.json, report.md")

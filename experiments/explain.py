@@ -10,6 +10,7 @@ import json
 
 from absl import app, flags, logging
 
+from fll_jax.errors import reported_as
 from fll_jax.saliency.explain import EXPLAINED, METHODS, SPLITS, Settings, explain_workdir, scores_markdown
 from fll_jax.saliency.integrated_gradients import BASELINES, QUADRATURES
 from fll_jax.saliency.target import HEADS, OUTPUTS
@@ -40,13 +41,11 @@ def main(argv):
         method=FLAGS.method, head=FLAGS.head, output=FLAGS.output, baseline=FLAGS.baseline, steps=FLAGS.steps,
         quadrature=FLAGS.quadrature, chunk=FLAGS.chunk, explained=FLAGS.explain,
     )
-    try:
+    with reported_as("explain"):
         summary = explain_workdir(
             FLAGS.workdir, num_per_class=FLAGS.num_per_class or None, split=FLAGS.split, score=FLAGS.score,
             settings=settings, out_dir=FLAGS.out_dir, overwrite=FLAGS.overwrite,
         )
-    except FileExistsError as error:
-        raise SystemExit(f"explain: {error}") from None
     print(json.dumps({k: summary[k] for k in ("num_lesions", "accuracy", "completeness") if k in summary}, indent=1))
     if FLAGS.score:
         print(scores_markdown(summary))

@@ -16,9 +16,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from fll_jax.errors import reported_as
     from fll_jax.evaluation.readers import write_reader_study
 
-    study = write_reader_study(FLAGS.workdir, FLAGS.readers, FLAGS.seed)
+    with reported_as("reader_study"):
+        study = write_reader_study(FLAGS.workdir, FLAGS.readers, FLAGS.seed)
     for group, g in study["groups"].items():
         print(f"{group}: mean accuracy {g['mean_accuracy']:.3f}, model {g['model_correct']}/{g['n_lesions']}, "
               f"McNemar exact p {', '.join(f'{p:.3f}' for p in g['mcnemar_exact_p'].values())}")

@@ -14,9 +14,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from fll_jax.errors import reported_as
     from fll_jax.evaluation.report import write_report
 
-    metrics = write_report(FLAGS.workdir)
+    with reported_as("report"):
+        metrics = write_report(FLAGS.workdir)
     ens = metrics["test"]["ensemble"]
     print(json.dumps({k: ens[k] for k in ("accuracy_7way", "accuracy_2way", "auc_binary", "macro_f1", "cohen_kappa")}, indent=1))
     print(f"wrote {FLAGS.workdir}: metrics.json, report.md, figures/")

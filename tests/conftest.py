@@ -8,3 +8,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # Tests rebuild the same small programs many times; a persistent cache compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/fll_jax_test_xla_cache")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402  (after the flags above)
+
+# The tests are a program start: they take the configs' threefry form (configs/paper.py) for the
+# helpers they call directly, outside cross_validate's and explain's own rng_settings.
+jax.config.update("jax_threefry_partitionable", False)

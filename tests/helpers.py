@@ -41,20 +41,20 @@ def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
     }
 
 
-def synthetic_patches(per_fold: int = 8, test: int = 8, size: int = 16, seed: int = 0):
-    """A PatchSet of learnable random lesions: five dev folds and a test split, one lesion per patient."""
+def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int = 0):
+    """A NumpySource of learnable random lesions: five dev folds and a test split, one lesion per patient."""
+    from fll_jax.data.numpy_source import NumpySource
     from fll_jax.data.patchset import PatchSet
 
     folds = np.concatenate([np.repeat(np.arange(5), per_fold), np.full(test, -1)]).astype(np.int32)
     n = len(folds)
     batch = random_batch(n, size, seed)
     ids = np.array([f"P{i:03d}" for i in range(n)])
-    return PatchSet(
+    patches = PatchSet(
         image=batch["image"],
         mask=batch["mask"],
         label7=batch["label7"],
         label2=batch["label2"],
-        fold=folds,
         patient_id=ids,
         lesion_id=np.array([f"{p}_L1" for p in ids]),
         scanner=np.array(["GE Signa"] * n),
@@ -62,3 +62,4 @@ def synthetic_patches(per_fold: int = 8, test: int = 8, size: int = 16, seed: in
         diameter_mm=np.full(n, 20.0, np.float32),
         patch_affine=np.tile(np.eye(4), (n, 7, 1, 1)),
     )
+    return NumpySource(patches, dict(zip(patches.lesion_id.tolist(), folds.tolist())))

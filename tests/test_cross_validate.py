@@ -7,12 +7,11 @@ import pandas as pd
 import pytest
 
 from fll_jax.constants import NUM_CLASSES
-from fll_jax.data.numpy_source import NumpySource
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.checkpoints import load_fold_models
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
-from tests.helpers import synthetic_patches, tiny_config
+from tests.helpers import synthetic_source, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +19,7 @@ def run(tmp_path_factory):
     config = tiny_config("folds=0+1")
     config.data.source = "synthetic (tests)"
     workdir = tmp_path_factory.mktemp("cv")
-    source = NumpySource(synthetic_patches())
+    source = synthetic_source()
     metrics = cross_validate(config, workdir, source=source)
     return config, workdir, source, metrics
 
@@ -74,6 +73,6 @@ def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     assert (workdir / "predictions.csv").read_text() == before
     changed = config.copy_and_resolve_references()
     changed.model.fusion = "concat"
-    with pytest.raises(FileExistsError, match="different config.*model"):
+    with pytest.raises(FileExistsError, match=r"(?s)differs.*setting model.fusion: 'paper' -> 'concat'"):
         cross_validate(changed, workdir, source=source)
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"

@@ -1,16 +1,18 @@
 """Fold training: resuming after a kill gives the uninterrupted result; NaN stops cleanly."""
+import dataclasses
 import math
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fll_jax.data.numpy_source import NumpySource
 from fll_jax.train.checkpoints import FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
 from fll_jax.train.step import abstract_state
-from tests.helpers import synthetic_patches, tiny_config
+from tests.helpers import synthetic_source, tiny_config
 
 
 class Killed(Exception):
@@ -22,22 +24,34 @@ def setup():
     config = tiny_config()
     # Saves the latest state at epochs 1 and 3.
     config.train.epochs, config.train.checkpoint_every = 4, 2
-    source = NumpySource(synthetic_patches())
+    source = synthetic_source()
     spe = nominal_steps_per_epoch(config, source)
     return config, source, spe, build_steps(config, spe)
 
 
-def test_killed_fold_resumes_to_the_uninterrupted_result(setup, tmp_path):
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """Fold 1 trained without interruption."""
     config, source, spe, steps = setup
-    straight = train_fold(config, 1, source, steps, spe, tmp_path / "straight")
+    return train_fold(config, 1, source, steps, spe, tmp_path_factory.mktemp("straight"))
 
-    # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
-    def kill_after_third_epoch(fold, epoch):
-        if epoch == 2:
+
+def _kill_after(setup, fold_dir, last_epoch: int) -> None:
+    """Train fold 1 in fold_dir and stop, as a kill would, once epoch `last_epoch` is done."""
+    config, source, spe, steps = setup
+
+    def kill(fold, epoch):
+        if epoch == last_epoch:
             raise Killed
 
     with pytest.raises(Killed):
-        train_fold(config, 1, source, steps, spe, tmp_path / "killed", on_epoch_end=kill_after_third_epoch)
+        train_fold(config, 1, source, steps, spe, fold_dir, on_epoch_end=kill)
+
+
+def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path):
+    config, source, spe, steps = setup
+    # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
+    _kill_after(setup, tmp_path / "killed", 2)
     assert not (tmp_path / "killed" / "done.json").exists()
     resumed = train_fold(config, 1, source, steps, spe, tmp_path / "killed")
     assert len(resumed["history"]) == config.train.epochs
@@ -52,26 +66,56 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, tmp_path):
     assert train_fold(config, 1, source, steps, spe, tmp_path / "killed") == resumed
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+def _poisoned(steps: Steps, from_step: int) -> Steps:
+    """The train step, but weights turn NaN at step `from_step` while the loss it reports stays finite
+    (as a NaN learning rate does at the last step of an epoch)."""
+
+    def train(state, batch):
+        poison = jnp.where(state.step >= from_step, jnp.nan, 1.0)
+        state, metrics = steps.train(state, batch)
+        return state.replace(params=jax.tree.map(lambda p: p * poison, state.params)), metrics
+
+    return dataclasses.replace(steps, train=train)
+
+
+def _restored(steps, config, fold_dir):
+    ckpt = FoldCheckpoints(fold_dir / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
+    try:
+        return ckpt.restore_latest(), ckpt.best_step(), ckpt.best_step() is not None and ckpt.restore_best()
+    finally:
+        ckpt.close()
+
+
+def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpoint(setup, tmp_path):
     config, source, spe, steps = setup
     config = config.copy_and_resolve_references()
     config.train.checkpoint_every = 1
+    # Epochs 0 and 1 train normally; the weights go NaN in epoch 2 (whose reported loss is finite).
+    with pytest.raises(NonFiniteLossError, match=r"fold 2, epoch 2: the loss or the weights became NaN.*"
+                                                 r"last good checkpoint \(epoch 1\)"):
+        train_fold(config, 2, source, _poisoned(steps, 2 * spe + spe - 1), spe, tmp_path)
+    (state, meta), best_step, best = _restored(steps, config, tmp_path)
+    assert meta["epoch"] == 1 and best_step <= 1
+    for tree in (state.params, best):
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))
+    assert not (tmp_path / "done.json").exists()
 
-    def stop_after_first(fold, epoch):
-        raise Killed
 
-    with pytest.raises(Killed):
-        train_fold(config, 2, source, steps, spe, tmp_path, on_epoch_end=stop_after_first)
+def test_nan_before_any_save_says_so_and_saves_nothing(setup, tmp_path):
+    config, source, spe, steps = setup
+    config = config.copy_and_resolve_references()
+    config.train.checkpoint_every = 5
+    with pytest.raises(NonFiniteLossError, match="fold 2, epoch 0: .*no checkpoint of this fold had been saved yet"):
+        train_fold(config, 2, source, _poisoned(steps, spe - 1), spe, tmp_path)
+    assert _restored(steps, config, tmp_path)[:2] == (None, None)
 
-    def nan_train(state, batch):
-        state, metrics = steps.train(state, batch)
-        return state, dict(metrics, loss=metrics["loss"] * np.nan)
 
-    broken = Steps(model=steps.model, tx=steps.tx, init=steps.init, train=nan_train, predict=steps.predict, mesh=steps.mesh)
-    with pytest.raises(NonFiniteLossError, match=r"fold 2, epoch 1: non-finite.*epoch 0"):
-        train_fold(config, 2, source, broken, spe, tmp_path)
-    ckpt = FoldCheckpoints(tmp_path / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
-    state, meta = ckpt.restore_latest()
-    ckpt.close()
-    assert meta["epoch"] == 0
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+def test_best_checkpoint_deleted_mid_run_retrains_the_fold(setup, straight, tmp_path, capsys):
+    config, source, spe, steps = setup
+    _kill_after(setup, tmp_path / "run", 1)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "best")
+    resumed = train_fold(config, 1, source, steps, spe, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "fold 1: " in out and "is missing; training the fold again from scratch" in out
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    assert [h["val"] for h in resumed["history"]] == [h["val"] for h in straight["history"]]

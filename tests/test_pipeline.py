@@ -1,13 +1,15 @@
-"""Records and input pipeline: every lesion once in evaluation, seeded shuffles, reuse without overwrite."""
+"""Records and input pipeline: every lesion once in evaluation, seeded shuffles, folds from the caller,
+reuse of intact records and rebuilding of damaged ones."""
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from fll_jax.data.folds import check_folds
-from fll_jax.data.manifest import read_manifest, write_manifest
-from fll_jax.data.pipeline import NumpySource, make_source
+from fll_jax.data.digests import FileDigests
+from fll_jax.data.folds import assign_folds, check_folds
+from fll_jax.data.manifest import read_manifest
+from fll_jax.data.pipeline import NumpySource
 from fll_jax.data.preprocess import preprocess_manifest
 from tests.lesion_files import write_dataset
 
@@ -15,28 +17,42 @@ SIZE, FOLDS, SEED = 16, 3, 0
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("lesions"))
+def records(tmp_path_factory):
+    return read_manifest(write_dataset(tmp_path_factory.mktemp("lesions")))
 
 
 @pytest.fixture(scope="module")
-def patches(manifest):
-    return preprocess_manifest(read_manifest(manifest), size=SIZE, workers=1, num_folds=FOLDS, seed=SEED)
+def fold_of(records):
+    folds = assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
+                         num_folds=FOLDS, seed=SEED)
+    return {r.lesion_id: int(f) for r, f in zip(records, folds)}
 
 
 @pytest.fixture(scope="module")
-def records_dir(manifest, tmp_path_factory):
+def patches(records):
+    return preprocess_manifest(records, size=SIZE, workers=1)
+
+
+@pytest.fixture(scope="module")
+def records_dir(records, tmp_path_factory):
     pytest.importorskip("tensorflow_datasets")
     from fll_jax.data.records import build_records
 
-    return build_records(manifest, tmp_path_factory.mktemp("records"), num_folds=FOLDS, seed=SEED, workers=2, size=SIZE)
+    folder = tmp_path_factory.mktemp("records")
+    return build_records(records, folder / "key", FileDigests(folder / "digests.json"), size=SIZE, workers=2)
+
+
+def folds_of(patches, fold_of):
+    return np.array([fold_of[lesion] for lesion in patches.lesion_id.tolist()])
 
 
 @pytest.fixture(params=["numpy", "tfds"])
-def source(request, patches):
+def source(request, patches, fold_of):
     if request.param == "numpy":
-        return NumpySource(patches)
-    return make_source(request.getfixturevalue("records_dir"))
+        return NumpySource(patches, fold_of)
+    from fll_jax.data.pipeline import TFDSSource
+
+    return TFDSSource(request.getfixturevalue("records_dir"), fold_of)
 
 
 def eval_pass(source, folds, batch_size):
@@ -52,8 +68,9 @@ def eval_pass(source, folds, batch_size):
 
 
 @pytest.mark.parametrize("folds", [[0], [1, 2], [0, 1, 2], "test"])
-def test_eval_pass_sees_every_lesion_once(source, patches, folds):
-    rows = patches.fold == -1 if folds == "test" else np.isin(patches.fold, folds)
+def test_eval_pass_sees_every_lesion_once(source, patches, fold_of, folds):
+    fold = folds_of(patches, fold_of)
+    rows = fold == -1 if folds == "test" else np.isin(fold, folds)
     wanted = patches.lesion_id[rows]
     ids = eval_pass(source, folds, batch_size=4)
     assert len(ids) == len(set(ids)) == len(wanted) == source.num_examples(folds)
@@ -61,9 +78,10 @@ def test_eval_pass_sees_every_lesion_once(source, patches, folds):
     assert eval_pass(source, folds, batch_size=4) == ids  # fixed order
 
 
-def test_train_batches_are_seeded_by_seed_and_epoch(source, patches):
+def test_train_batches_are_seeded_by_seed_and_epoch(source, patches, fold_of):
     train = [0, 1]
-    n, batch_size = int(np.isin(patches.fold, train).sum()), 4
+    fold = folds_of(patches, fold_of)
+    n, batch_size = int(np.isin(fold, train).sum()), 4
 
     def epoch(seed, e):
         batches = list(source.train_batches(train, batch_size, seed=seed, epoch=e))
@@ -73,18 +91,17 @@ def test_train_batches_are_seeded_by_seed_and_epoch(source, patches):
     first = epoch(7, 0)
     assert len(first) == n // batch_size * batch_size  # the remainder is dropped
     assert len(set(first)) == len(first)
-    assert set(first) <= set(patches.lesion_id[np.isin(patches.fold, train)])
+    assert set(first) <= set(patches.lesion_id[np.isin(fold, train)])
     assert epoch(7, 0) == first
     assert epoch(7, 1) != first
     assert epoch(8, 0) != first
 
 
-def test_records_hold_the_preprocessed_patches_and_folds(records_dir, patches):
-    from fll_jax.data.records import read_folds
+def test_records_hold_the_preprocessed_patches_and_the_given_folds(records_dir, patches, fold_of):
+    from fll_jax.data.pipeline import TFDSSource
 
-    source = make_source(records_dir)
+    source = TFDSSource(records_dir, fold_of)
     row_of = {lesion: i for i, lesion in enumerate(patches.lesion_id)}
-    stored = read_folds(records_dir)
     seen = {}
     for folds in ([0, 1, 2], "test"):
         for batch in source.eval_batches(folds, batch_size=5):
@@ -95,37 +112,36 @@ def test_records_hold_the_preprocessed_patches_and_folds(records_dir, patches):
                 np.testing.assert_array_equal(batch["patch_affine"][j], patches.patch_affine[i])
                 assert batch["label7"][j] == patches.label7[i] and batch["label2"][j] == patches.label2[i]
                 assert batch["patient_id"][j] == patches.patient_id[i]
-                assert batch["fold"][j] == patches.fold[i] == stored["lesions"][batch["lesion_id"][j]]
+                assert batch["fold"][j] == fold_of[batch["lesion_id"][j]]
                 seen[batch["lesion_id"][j]] = (batch["patient_id"][j], batch["fold"][j])
     assert len(seen) == len(patches)
     patient_ids, folds = zip(*seen.values())
     check_folds(patient_ids, folds)  # no patient in two folds, none in dev and test
-    assert stored["settings"]["num_folds"] == FOLDS and stored["settings"]["seed"] == SEED
+    # Other folds over the same records: nothing is rebuilt, the batches follow the new folds.
+    moved = {lesion: (0 if fold == 1 else 1 if fold == 0 else fold) for lesion, fold in fold_of.items()}
+    swapped = TFDSSource(records_dir, moved)
+    ids = [i for b in swapped.eval_batches([0], 4) for i in b["lesion_id"][b["valid"]]]
+    assert sorted(ids) == sorted(k for k, f in fold_of.items() if f == 1)
 
 
-def test_records_are_reused_and_never_silently_overwritten(records_dir, manifest, monkeypatch):
+def test_intact_records_are_reused_and_damaged_ones_rebuilt(records, records_dir, monkeypatch, capsys):
     from fll_jax.data import preprocess
-    from fll_jax.data.records import RecordsError, build_records
+    from fll_jax.data.records import build_records
 
-    before = {p.name: p.stat().st_mtime_ns for p in records_dir.iterdir()}
+    folder = records_dir.parents[1]
+    digests = FileDigests(folder.parent / "digests.json")
+    shards = sorted(records_dir.glob("*.tfrecord*"))
+    before = {p.name: p.read_bytes() for p in shards}
+    real = preprocess.preprocess_manifest
     monkeypatch.setattr(preprocess, "preprocess_manifest", lambda *a, **k: pytest.fail("rebuilt"))
-    data_dir = records_dir.parents[1]
-    assert build_records(manifest, data_dir, num_folds=FOLDS, seed=SEED, size=SIZE) == records_dir
-    with pytest.raises(RecordsError, match="seed: stored 0, asked 1"):
-        build_records(manifest, data_dir, num_folds=FOLDS, seed=1, size=SIZE)
-    assert {p.name: p.stat().st_mtime_ns for p in records_dir.iterdir()} == before
-
-
-def test_overwrite_rebuilds(manifest, tmp_path):
-    from fll_jax.data.records import build_records, read_folds
-
-    small = tmp_path / "manifest.csv"
-    write_manifest([r for r in read_manifest(manifest) if r.split == "dev"][:6], small)
-    path = build_records(small, tmp_path / "records", num_folds=2, seed=0, workers=1, size=8)
-    assert read_folds(path)["settings"]["seed"] == 0
-    assert build_records(small, tmp_path / "records", num_folds=2, seed=1, workers=1, size=8, overwrite=True) == path
-    assert read_folds(path)["settings"]["seed"] == 1
-    assert make_source(path).num_examples([0, 1]) == 6
+    assert build_records(records, folder, digests, size=SIZE) == records_dir
+    # A truncated shard is found by its digest, reported, and built again from the images.
+    shards[0].write_bytes(before[shards[0].name][: len(before[shards[0].name]) // 2])
+    monkeypatch.setattr(preprocess, "preprocess_manifest", real)
+    assert build_records(records, folder, digests, size=SIZE, workers=1) == records_dir
+    out = capsys.readouterr().out
+    assert "rebuilding the records" in out and f"missing or changed: {shards[0].name}" in out
+    assert {p.name: p.read_bytes() for p in sorted(records_dir.glob("*.tfrecord*"))} == before
 
 
 def test_tensorflow_sees_no_gpu(records_dir):
@@ -134,8 +150,8 @@ def test_tensorflow_sees_no_gpu(records_dir):
     assert records.tf.config.get_visible_devices("GPU") == []
 
 
-def test_bad_requests_raise(patches):
-    source = NumpySource(patches)
+def test_bad_requests_raise(patches, fold_of):
+    source = NumpySource(patches, fold_of)
     with pytest.raises(ValueError, match=r"fold\(s\) \[7\] not in the data"):
         source.num_examples([7])
     with pytest.raises(ValueError, match="cannot fill one batch"):
@@ -144,13 +160,14 @@ def test_bad_requests_raise(patches):
         source.num_examples("val")
 
 
-def test_numpy_source_works_without_tensorflow(patches, tmp_path):
+def test_numpy_source_works_without_tensorflow(patches, fold_of, tmp_path):
     path = patches.save_npz(tmp_path / "patches.npz")
     code = (
         "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
-        "from fll_jax.data.pipeline import make_source\n"
-        f"source = make_source({str(path)!r})\n"
+        "from fll_jax.data.patchset import PatchSet\n"
+        "from fll_jax.data.pipeline import NumpySource\n"
+        f"source = NumpySource(PatchSet.load_npz({str(path)!r}), {fold_of!r})\n"
         "ids = [i for b in source.eval_batches([0, 1, 2], 4) for i in b['lesion_id'][b['valid']]]\n"
-        f"assert len(ids) == len(set(ids)) == {int((patches.fold >= 0).sum())}, ids\n"
+        f"assert len(ids) == len(set(ids)) == {sum(f >= 0 for f in fold_of.values())}, ids\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

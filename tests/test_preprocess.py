@@ -157,7 +157,7 @@ def test_bad_inputs_raise_errors_naming_the_file(valid_patient, case, which, dam
     assert str(bad) in str(error.value)
 
 
-def test_preprocess_manifest_pool_matches_one_process_and_keeps_patients_together(tmp_path):
+def test_preprocess_manifest_pool_matches_one_process_in_manifest_order(tmp_path):
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
     centres = [voxel_to_world(affine, (5, 5, 3)), voxel_to_world(affine, (11, 10, 3))]
     records = []
@@ -167,25 +167,20 @@ def test_preprocess_manifest_pool_matches_one_process_and_keeps_patients_togethe
                                       image_fn=lambda w, p=p: 100 + p * 10 + w[0])
         records += [record(images, masks, patient_id=f"P{p}", lesion_id=f"P{p}_L{i}", label=p % 7,
                            mask_value=i + 1, split="test" if p == 5 else "dev") for i in range(len(lesions))]
-    pooled = preprocess_manifest(records, size=8, workers=2, num_folds=2, seed=3)
-    single = preprocess_manifest(records, size=8, workers=1, num_folds=2, seed=3)
+    pooled = preprocess_manifest(records, size=8, workers=2)
+    single = preprocess_manifest(records, size=8, workers=1)
     np.testing.assert_array_equal(pooled.image, single.image)
     np.testing.assert_array_equal(pooled.mask, single.mask)
-    np.testing.assert_array_equal(pooled.fold, single.fold)
     assert list(pooled.lesion_id) == [r.lesion_id for r in records]
     assert list(pooled.label2) == [int(r.label >= 4) for r in records]
-    assert set(pooled.fold[pooled.patient_id == "P5"]) == {-1}
-    for patient in set(pooled.patient_id):
-        assert len(set(pooled.fold[pooled.patient_id == patient])) == 1
-    assert set(pooled.fold[pooled.fold >= 0]) == {0, 1}
 
 
 def test_patchset_npz_round_trip(tmp_path, valid_patient):
     images, masks = valid_patient
     records = [record(images, masks, patient_id=f"P{i}", lesion_id=f"L{i}", label=i) for i in range(3)]
-    patches = preprocess_manifest(records, size=8, workers=1, num_folds=2)
+    patches = preprocess_manifest(records, size=8, workers=1)
     loaded = type(patches).load_npz(patches.save_npz(tmp_path / "p.npz"))
-    for name in ("image", "mask", "fold", "lesion_id", "patch_affine", "diameter_mm"):
+    for name in ("image", "mask", "lesion_id", "patch_affine", "diameter_mm"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(patches, name))
 
 

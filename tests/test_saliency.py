@@ -13,12 +13,14 @@ from scipy import ndimage
 
 from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCES, to_binary
 from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.files import write_json
 from fll_jax.saliency import outputs, scoring
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import attribution_shares, sequence_importance
 from fll_jax.saliency.integrated_gradients import adaptive_nodes, integrated_gradients, make_baseline, quadrature_rule
 from fll_jax.saliency.target import ClassScore
+from fll_jax.train.workdir import run_fingerprint
 from tests.helpers import tiny_config
 
 SIZE = 16
@@ -215,30 +217,31 @@ def test_randomisation_helpers(tiny):
 
 # --- outputs -----------------------------------------------------------------------------------
 
-def _native_lesion(tmp_path, seq: str, shift_mm: float, lesion_centre=(4.0, -6.0, 10.0), radius=7.0):
+def _native_lesion(tmp_path, seq: str, shift_mm: float, lesion_centre=(4.0, -6.0, 10.0), radius=7.0, seed=0):
     """A native volume (oblique-free, anisotropic, flipped x) with one spherical lesion."""
     affine = np.array([[-1.5, 0, 0, 40.0], [0, 1.4, 0, -35.0 + shift_mm], [0, 0, 4.0, -20.0], [0, 0, 0, 1]])
     shape = (56, 52, 14)
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
     world = ijk @ affine[:3, :3].T + affine[:3, 3]
     lesion = np.linalg.norm(world - np.asarray(lesion_centre), axis=-1) < radius
-    image = (100 + 80 * lesion + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+    image = (100 + 80 * lesion + np.random.default_rng(seed).normal(0, 5, shape)).astype(np.float32)
     paths = tmp_path / f"{seq}.nii.gz", tmp_path / f"{seq}_mask.nii.gz"
     nib.save(nib.Nifti1Image(image, affine), paths[0])
     nib.save(nib.Nifti1Image(lesion.astype(np.uint8), affine), paths[1])
     return paths, lesion
 
 
-def _record(tmp_path, label: int = 0, patient_id: str = "p0", lesion_id: str = "p0_l1", shift=True):
+def _record(tmp_path, label: int = 0, patient_id: str = "p0", lesion_id: str = "p0_l1", shift=True, split="test"):
     from fll_jax.data.manifest import LesionRecord
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     images, masks, lesions = {}, {}, {}
     for k, s in enumerate(SEQUENCES):
-        (images[s], masks[s]), lesions[s] = _native_lesion(tmp_path, s, shift_mm=1.5 * k if shift else 0.0)
+        (images[s], masks[s]), lesions[s] = _native_lesion(tmp_path, s, shift_mm=1.5 * k if shift else 0.0,
+                                                           seed=10 * label + k)  # every image its own noise
     record = LesionRecord(patient_id=patient_id, lesion_id=lesion_id, label=label, mask_value=1, images=images,
                           masks=masks, scanner="GE Signa", field_strength=1.5, background="normal",
-                          diameter_mm=None, split="test")
+                          diameter_mm=None, split=split)
     return record, lesions
 
 
@@ -347,8 +350,9 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
 
     model, variables, _, _ = tiny
     config = tiny_config("sequences=" + "+".join(USED) + ",folds=0+1", size=SIZE)
+    config.data.num_folds, config.data.root = 2, str(tmp_path / "data")
     records = [_record(tmp_path / f"p{label}", label=label, patient_id=f"p{label}", lesion_id=f"p{label}/l1",
-                       shift=False)[0] for label in (0, 4, 6)]
+                       shift=False, split=split)[0] for label, split in ((0, "test"), (4, "test"), (6, "dev"), (5, "dev"))]
     manifest = tmp_path / "manifest.csv"
     manifest_module.write_manifest(records, manifest)
     import fll_jax.data.prepare as prepare
@@ -359,6 +363,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     run = tmp_path / "run"
     _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0), ("p4/l1", "test", -1, 4),
                                                ("p6/l1", "val", 1, 6)])
+    write_json(run / "fingerprint.json", run_fingerprint(config, prepare.describe_data(config)[2]))
     settings = explain.Settings(steps=8, chunk=16)
     summary = explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
     out = run / "explain" / "test"
@@ -391,3 +396,11 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
         explain.explain_workdir(run, num_per_class=1, score=True, settings=explain.Settings(steps=4, chunk=16))
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 8
 
+
+    # Images changed since training: the run's models are not applied to them.
+    from fll_jax.train.workdir import WorkdirError
+
+    image = nib.load(records[0].images["t2w"])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) + 3, image.affine), records[0].images["t2w"])
+    with pytest.raises(WorkdirError, match=r"(?s)data changed since .*lesion 'p0/l1': t2w_image content changed"):
+        explain.explain_workdir(run, num_per_class=1, score=True, settings=settings, overwrite=True)

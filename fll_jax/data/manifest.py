@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import pathlib
 from typing import Iterable, Sequence
 
@@ -53,6 +54,8 @@ import nibabel as nib
 import numpy as np
 
 from fll_jax.constants import CLASSES, SEQUENCES
+from fll_jax.data.checks import mask_value_problems, problem_report
+from fll_jax.files import atomic_path
 
 KEY_COLUMNS: tuple[str, ...] = ("patient_id", "lesion_id", "label", "mask_value")
 FILE_COLUMNS: tuple[str, ...] = tuple(
@@ -61,12 +64,17 @@ META_COLUMNS: tuple[str, ...] = (
     "scanner", "field_strength", "background", "diameter_mm", "split")
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + FILE_COLUMNS + META_COLUMNS
 SPLITS: tuple[str, ...] = ("dev", "test")
-# Report at most this many problems; the rest are counted.
-_MAX_REPORTED = 20
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file, line and lesion."""
+    """A manifest that cannot be used; the message names the file, line and lesion.
+
+    `problems` holds every problem found (the message shows the first ones).
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +110,8 @@ def _parse_positive(text: str, column: str, cast=float):
     except ValueError:
         kind = "an integer" if cast is int else "a number"
         raise ValueError(f"{column} {text!r} is not {kind}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"{column} {text!r} is not a finite number")
     if not value > 0:
         raise ValueError(f"{column} must be > 0, got {text!r}")
     return value
@@ -130,6 +140,10 @@ def _check_header(header: Sequence[str] | None, path: pathlib.Path) -> None:
         raise ManifestError(f"{path}:1: bad header: " + "; ".join(problems))
 
 
+class _MaskValueError(ValueError):
+    """A mask whose values are not integers."""
+
+
 class _MaskCache:
     """Opens each file once: a patient's lesions share their image and mask files."""
 
@@ -147,9 +161,13 @@ class _MaskCache:
         return tuple(img.shape[:3]), img.affine
 
     def values(self, path: pathlib.Path) -> set[int]:
+        """The mask's values; _MaskValueError for non-integer ones (a soft or resampled mask)."""
         if path not in self._values:
             data = np.asarray(self._load(path).dataobj)
-            self._values[path] = {int(v) for v in np.unique(data)}
+            problems = mask_value_problems(data, path)
+            self._values[path] = problems[0] if problems else {int(v) for v in np.unique(data)}
+        if isinstance(self._values[path], str):
+            raise _MaskValueError(self._values[path])
         return self._values[path]
 
 
@@ -160,6 +178,8 @@ def _check_mask(cache: _MaskCache, image: pathlib.Path, mask: pathlib.Path,
         image_shape, image_affine = cache.grid(image)
         mask_shape, mask_affine = cache.grid(mask)
         values = cache.values(mask)
+    except _MaskValueError as e:
+        return str(e)
     except Exception as e:  # nibabel raises several types for unreadable files
         return f"cannot read {image} or {mask}: {e}"
     if image_shape != mask_shape or not np.allclose(image_affine, mask_affine, atol=1e-3):
@@ -240,6 +260,19 @@ def read_manifest(path: str | pathlib.Path, check_files: bool = True,
     Raises:
       ManifestError: naming the file, line and lesion id of every bad row.
     """
+    records, problems = scan_manifest(path, check_files, check_masks)
+    if problems:
+        raise ManifestError(problem_report("invalid manifest:", problems), problems)
+    return records
+
+
+def scan_manifest(path: str | pathlib.Path, check_files: bool = True,
+                  check_masks: bool = True) -> tuple[list[LesionRecord], list[str]]:
+    """(the records of the good rows, every problem found), as read_manifest checks them.
+
+    Raises:
+      ManifestError: only when no row can be read at all (no file, not UTF-8, a bad header).
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
@@ -248,40 +281,46 @@ def read_manifest(path: str | pathlib.Path, check_files: bool = True,
     records, problems = [], []
     seen: dict[str, int] = {}
     patient_split: dict[str, tuple[str, int]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        _check_header(reader.fieldnames, path)
-        for row in reader:
-            line = reader.line_num
-            if None in row or None in row.values():
-                problems.append(f"{path}:{line}: wrong number of fields")
-                continue
-            lesion_id = row["lesion_id"].strip()
-            where = f"{path}:{line}: lesion {lesion_id!r}"
-            if not lesion_id:
-                problems.append(f"{where}: empty lesion_id")
-            elif lesion_id in seen:
-                problems.append(f"{where}: duplicate lesion_id (first on line {seen[lesion_id]})")
-            else:
-                seen[lesion_id] = line
-            record, row_problems = _parse_row(row, folder, check_files, check_masks, cache)
-            problems.extend(f"{where}: {p}" for p in row_problems)
-            if record is None:
-                continue
-            # A patient split between dev and test would leak into the test results.
-            split, first = patient_split.setdefault(record.patient_id, (record.split, line))
-            if split != record.split:
-                problems.append(f"{where}: patient {record.patient_id!r} is in split "
-                                f"{record.split!r} here but {split!r} on line {first}")
-            records.append(record)
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    _check_header(reader.fieldnames, path)
+    for row in reader:
+        line = reader.line_num
+        if None in row or None in row.values():
+            problems.append(f"{path}:{line}: wrong number of fields")
+            continue
+        lesion_id = row["lesion_id"].strip()
+        where = f"{path}:{line}: lesion {lesion_id!r}"
+        if not lesion_id:
+            problems.append(f"{where}: empty lesion_id")
+        elif lesion_id in seen:
+            problems.append(f"{where}: duplicate lesion_id (first on line {seen[lesion_id]})")
+        else:
+            seen[lesion_id] = line
+        record, row_problems = _parse_row(row, folder, check_files, check_masks, cache)
+        problems.extend(f"{where}: {p}" for p in row_problems)
+        if record is None:
+            continue
+        # A patient split between dev and test would leak into the test results.
+        split, first = patient_split.setdefault(record.patient_id, (record.split, line))
+        if split != record.split:
+            problems.append(f"{where}: patient {record.patient_id!r} is in split "
+                            f"{record.split!r} here but {split!r} on line {first}")
+        records.append(record)
     if not problems and not records:
         problems.append(f"{path}: no lesion rows")
-    if problems:
-        shown = problems[:_MAX_REPORTED]
-        if len(problems) > len(shown):
-            shown.append(f"... and {len(problems) - len(shown)} more problem(s)")
-        raise ManifestError("invalid manifest:\n" + "\n".join(shown))
-    return records
+    return records, problems
+
+
+def _decode(path: pathlib.Path) -> str:
+    """The manifest's text; a file that is not UTF-8 is refused naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+            "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _relative(path: pathlib.Path, folder: pathlib.Path) -> str:
@@ -303,7 +342,7 @@ def write_manifest(records: Iterable[LesionRecord], path: str | pathlib.Path) ->
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for r in records:

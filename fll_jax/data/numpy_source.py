@@ -1,10 +1,11 @@
 """Batches from a PatchSet held in memory (no TensorFlow), and the helpers both sources share."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from fll_jax.data.fingerprint import patchset_fingerprints
 from fll_jax.data.folds import TEST_FOLD
 from fll_jax.data.patchset import PatchSet
 
@@ -49,11 +50,31 @@ def check_batch_size(batch_size: int, available: int, train: bool) -> None:
 
 
 class NumpySource:
-    """The pipeline interface over an in-memory PatchSet (for machines without TensorFlow)."""
+    """The pipeline interface over an in-memory PatchSet (for machines without TensorFlow).
 
-    def __init__(self, patches: PatchSet):
+    Args:
+        patches: the lesions' patches.
+        fold_of: lesion_id -> fold (-1: test) of every lesion in patches.
+        fingerprint: the data fingerprint (fll_jax.data.fingerprint); by default one made from
+            the patch arrays themselves.
+    """
+
+    def __init__(self, patches: PatchSet, fold_of: Mapping[str, int], fingerprint: dict | None = None):
+        missing = [lesion for lesion in patches.lesion_id.tolist() if lesion not in fold_of]
+        if missing or len(fold_of) != len(patches):
+            raise ValueError(f"fold_of must give the fold of exactly the {len(patches)} lesions; "
+                             f"missing: {missing[:5]}")
         self.patches = patches
-        self._available = sorted(set(patches.fold.tolist()))
+        self.fold = np.array([fold_of[lesion] for lesion in patches.lesion_id.tolist()], np.int32)
+        self._available = sorted(set(self.fold.tolist()))
+        self._fingerprint = fingerprint
+
+    @property
+    def fingerprint(self) -> dict:
+        """The data fingerprint given, or one hashed from the patches on first use."""
+        if self._fingerprint is None:
+            self._fingerprint = {"lesions": patchset_fingerprints(self.patches, self.fold)}
+        return self._fingerprint
 
     @property
     def size(self) -> int:
@@ -61,7 +82,10 @@ class NumpySource:
         return self.patches.size
 
     def _rows(self, folds: FoldSpec) -> np.ndarray:
-        return np.flatnonzero(np.isin(self.patches.fold, fold_ids(folds, self._available)))
+        return np.flatnonzero(np.isin(self.fold, fold_ids(folds, self._available)))
+
+    def _select(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {**self.patches.select(rows), "fold": self.fold[rows]}
 
     def num_examples(self, folds: FoldSpec) -> int:
         """Lesions in the given folds (or 'test')."""
@@ -73,7 +97,7 @@ class NumpySource:
         check_batch_size(batch_size, len(rows), train=True)
         rows = np.random.default_rng(epoch_seed(seed, epoch)).permutation(rows)
         for start in range(0, len(rows) - batch_size + 1, batch_size):
-            batch = self.patches.select(rows[start:start + batch_size])
+            batch = self._select(rows[start:start + batch_size])
             yield {**batch, "valid": np.ones(batch_size, bool)}
 
     def eval_batches(self, folds: FoldSpec, batch_size: int) -> Iterator[dict]:
@@ -81,4 +105,4 @@ class NumpySource:
         rows = self._rows(folds)
         check_batch_size(batch_size, len(rows), train=False)
         for start in range(0, len(rows), batch_size):
-            yield pad_batch(self.patches.select(rows[start:start + batch_size]), batch_size)
+            yield pad_batch(self._select(rows[start:start + batch_size]), batch_size)

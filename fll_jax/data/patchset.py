@@ -1,14 +1,21 @@
-"""PatchSet: every preprocessed lesion of a manifest as stacked numpy arrays (no TF, no JAX)."""
+"""PatchSet: every preprocessed lesion of a manifest as stacked numpy arrays (no TF, no JAX).
+
+Patches depend only on the lesions' files and the preprocessing, never on the folds: the
+sources assign folds when they are made, so other fold settings reuse the same patches.
+"""
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from fll_jax.files import StateFileError, atomic_path
+
 # Array fields in a fixed order; strings are numpy unicode arrays so npz needs no pickle.
 _FIELDS = (
-    "image", "mask", "label7", "label2", "fold", "patient_id", "lesion_id",
+    "image", "mask", "label7", "label2", "patient_id", "lesion_id",
     "scanner", "background", "diameter_mm", "patch_affine",
 )
 
@@ -22,7 +29,6 @@ class PatchSet:
         mask: uint8 [N, 7, S, S, S], Gaussian-blurred lesion mask times 255.
         label7: int32 [N], class index into CLASSES.
         label2: int32 [N], 0 benign / 1 malignant.
-        fold: int32 [N], cross-validation fold of the development split; -1 for the test split.
         patient_id, lesion_id, scanner, background: unicode [N].
         diameter_mm: float32 [N], the diameter that chose the crop size.
         patch_affine: float64 [N, 7, 4, 4], per sequence patch voxel (i, j, k) -> world mm.
@@ -32,7 +38,6 @@ class PatchSet:
     mask: np.ndarray
     label7: np.ndarray
     label2: np.ndarray
-    fold: np.ndarray
     patient_id: np.ndarray
     lesion_id: np.ndarray
     scanner: np.ndarray
@@ -59,18 +64,23 @@ class PatchSet:
         return {name: getattr(self, name)[rows] for name in _FIELDS}
 
     def save_npz(self, path: str | Path) -> Path:
-        """Write all fields to one uncompressed .npz (fast to load; patches compress poorly)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            np.savez(f, **{name: getattr(self, name) for name in _FIELDS})
-        return path
+        """Write all fields to one uncompressed .npz, atomically (fast to load; patches compress poorly)."""
+        with atomic_path(path) as tmp:
+            np.savez(tmp, **{name: getattr(self, name) for name in _FIELDS})
+        return Path(path)
 
     @classmethod
     def load_npz(cls, path: str | Path) -> "PatchSet":
-        """Read a PatchSet written by save_npz."""
-        with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in _FIELDS if name not in data.files]
-            if missing:
-                raise ValueError(f"{path}: not a PatchSet file, missing {', '.join(missing)}")
-            return cls(**{name: data[name] for name in _FIELDS})
+        """Read a PatchSet written by save_npz; a damaged file raises StateFileError naming it.
+
+        The zip format checks every array's CRC-32, so flipped bytes are found as well as truncation.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in _FIELDS if name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error})") from None
+        missing = [name for name in _FIELDS if name not in arrays]
+        if missing:
+            raise StateFileError(f"{path}: not a PatchSet file, missing {', '.join(missing)}")
+        return cls(**arrays)

@@ -25,7 +25,6 @@ which sequences were made atypical and after which class.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import multiprocessing
 import pathlib
@@ -37,6 +36,7 @@ from scipy import ndimage
 
 from fll_jax.constants import CLASSES, SEQUENCES
 from fll_jax.data.manifest import LesionRecord, write_manifest
+from fll_jax.files import atomic_path, write_json
 
 BACKGROUNDS: tuple[str, ...] = ("normal", "cirrhotic", "fatty")
 MANIFEST_NAME = "manifest.csv"
@@ -602,7 +602,8 @@ def _save(data: np.ndarray, affine: np.ndarray, path: pathlib.Path) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 def generate_patient(spec: PatientSpec, out_dir: str | pathlib.Path) -> tuple[list[LesionRecord], list[dict]]:
@@ -704,7 +705,7 @@ def generate_phantom(out_dir: str | pathlib.Path, scale: str | Scale = "quick", 
         results = [generate_patient(*job) for job in jobs]
     records = [r for rs, _ in results for r in rs]
     truth = [t for _, ts in results for t in ts]
-    (out_dir / TRUTH_NAME).write_text(json.dumps(truth, indent=1) + "\n")
+    write_json(out_dir / TRUTH_NAME, truth)
     # Written last: a manifest means a complete phantom.
     write_manifest(records, manifest)
     return manifest

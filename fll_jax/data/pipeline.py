@@ -10,18 +10,14 @@ module and NumpySource work where TensorFlow is not installed.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from fll_jax.data.folds import TEST_FOLD
-from fll_jax.data.numpy_source import (
-    FoldSpec, NumpySource, check_batch_size, epoch_seed, fold_ids, pad_batch,
-)
-from fll_jax.data.patchset import PatchSet
+from fll_jax.data.numpy_source import FoldSpec, NumpySource, check_batch_size, epoch_seed, fold_ids, pad_batch
 
-__all__ = ["NumpySource", "TFDSSource", "make_source"]
+__all__ = ["NumpySource", "TFDSSource"]
 
 _TEXT = ("patient_id", "lesion_id", "scanner", "background")
 _INT32 = ("label7", "label2", "fold")
@@ -31,53 +27,51 @@ class TFDSSource:
     """Batches read with tf.data from a dataset written by records.build_records.
 
     Args:
-        path: the dataset directory build_records returned, or the data_dir holding it.
+        path: the dataset directory build_records returned.
+        fold_of: lesion_id -> fold (-1: test) of every stored lesion (assigned by the caller).
+        fingerprint: the data fingerprint the caller made (fll_jax.data.fingerprint).
         shuffle_buffer: training shuffle buffer in lesions (a full shuffle when the selected
             folds hold fewer; each buffered lesion costs 2 x 7 x S^3 bytes).
         prefetch: batches prepared ahead.
-        cache: keep each split's decoded examples in memory after its first read (the
-            whole dataset once: 2 x 7 x S^3 bytes per lesion), so later epochs skip disk and decoding.
+        cache: keep the decoded examples in memory after their first read (the whole dataset
+            once: 2 x 7 x S^3 bytes per lesion), so later epochs skip disk and decoding.
     """
 
-    def __init__(self, path: str | Path, shuffle_buffer: int = 1024, prefetch: int = 2, cache: bool = True):
+    def __init__(self, path: str | Path, fold_of: Mapping[str, int], fingerprint: dict | None = None,
+                 shuffle_buffer: int = 1024, prefetch: int = 2, cache: bool = True):
         from fll_jax.data import records  # imports TensorFlow and hides the GPUs from it
 
         self._tf, self._tfds = records.tf, records.tfds
-        self.path = _find_dataset(Path(path), records)
-        self._builder = self._tfds.builder_from_directory(str(self.path))
-        self.folds = records.read_folds(self.path)
-        self.num_folds = int(self.folds["settings"]["num_folds"])
-        splits = self._builder.info.splits
-        self._splits = {k: records.fold_split(k) for k in range(self.num_folds)}
-        if records.TEST_SPLIT in splits:
-            self._splits[TEST_FOLD] = records.TEST_SPLIT
-        self._counts = {k: splits[name].num_examples for k, name in self._splits.items()}
-        self.shuffle_buffer, self.prefetch, self.cache = shuffle_buffer, prefetch, cache
-        self._split_datasets: dict[int, object] = {}
+        self.path = Path(path)
+        builder = self._tfds.builder_from_directory(str(self.path))
+        self._size = int(builder.info.features["image"].shape[-1])
+        read_config = self._tfds.ReadConfig(interleave_cycle_length=1)
+        ds = builder.as_dataset(split=records.SPLIT, shuffle_files=False, read_config=read_config)
+        self._all = ds.cache() if cache else ds
+        stored = int(builder.info.splits[records.SPLIT].num_examples)
+        if stored != len(fold_of):
+            raise ValueError(f"{self.path} holds {stored} lesions but {len(fold_of)} were given folds")
+        self._folds = np.array(list(fold_of.values()), np.int32)
+        self._table = self._tf.lookup.StaticHashTable(
+            self._tf.lookup.KeyValueTensorInitializer(list(fold_of), self._folds), default_value=-2)
+        self.fingerprint = fingerprint
+        self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
 
     @property
     def size(self) -> int:
         """Patch side in voxels."""
-        return int(self._builder.info.features["image"].shape[-1])
+        return self._size
 
     def num_examples(self, folds: FoldSpec) -> int:
         """Lesions in the given folds (or 'test')."""
-        return sum(self._counts[k] for k in fold_ids(folds, list(self._splits)))
-
-    def _split_dataset(self, fold: int):
-        """One fold's (or the test split's) examples in written (manifest) order, cached once."""
-        if fold not in self._split_datasets:
-            read_config = self._tfds.ReadConfig(interleave_cycle_length=1)
-            ds = self._builder.as_dataset(split=self._splits[fold], shuffle_files=False, read_config=read_config)
-            self._split_datasets[fold] = ds.cache() if self.cache else ds
-        return self._split_datasets[fold]
+        return int(np.isin(self._folds, fold_ids(folds, np.unique(self._folds))).sum())
 
     def _dataset(self, folds: FoldSpec):
-        datasets = [self._split_dataset(k) for k in fold_ids(folds, list(self._splits))]
-        ds = datasets[0]
-        for more in datasets[1:]:
-            ds = ds.concatenate(more)
-        return ds
+        """The selected folds' examples in stored (manifest) order, each with its fold."""
+        tf = self._tf
+        wanted = tf.constant(fold_ids(folds, np.unique(self._folds)), tf.int32)
+        with_fold = self._all.map(lambda ex: {**ex, "fold": self._table.lookup(ex["lesion_id"])})
+        return with_fold.filter(lambda ex: tf.reduce_any(tf.equal(ex["fold"], wanted)))
 
     def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
         """Full batches, shuffled by (seed, epoch); the last partial batch is dropped."""
@@ -91,21 +85,11 @@ class TFDSSource:
             yield {**_to_numpy(batch), "valid": np.ones(batch_size, bool)}
 
     def eval_batches(self, folds: FoldSpec, batch_size: int) -> Iterator[dict]:
-        """Every lesion once, fold by fold in manifest order; the last batch padded (valid=False rows)."""
+        """Every lesion once, in manifest order; the last batch padded (valid=False rows)."""
         check_batch_size(batch_size, self.num_examples(folds), train=False)
         ds = self._dataset(folds).batch(batch_size).prefetch(self.prefetch)
         for batch in self._tfds.as_numpy(ds):
             yield pad_batch(_to_numpy(batch), batch_size)
-
-
-def make_source(data: PatchSet | str | Path, **kwargs) -> NumpySource | TFDSSource:
-    """A source over a PatchSet, a PatchSet .npz file, or a records directory (TFDSSource(**kwargs))."""
-    if isinstance(data, PatchSet):
-        return NumpySource(data)
-    path = Path(data)
-    if path.suffix == ".npz":
-        return NumpySource(PatchSet.load_npz(path))
-    return TFDSSource(path, **kwargs)
 
 
 def _to_numpy(batch: dict) -> dict[str, np.ndarray]:
@@ -118,15 +102,3 @@ def _to_numpy(batch: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _find_dataset(path: Path, records) -> Path:
-    """The dataset directory at or under `path` (the one holding folds.json)."""
-    found = sorted(
-        p.parent for p in path.glob(f"**/{records.FOLDS_FILE}") if (p.parent / "dataset_info.json").is_file()
-    )
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise FileNotFoundError(
-            f"{path}: no dataset written by build_records (no {records.FOLDS_FILE} with dataset_info.json)"
-        )
-    raise ValueError(f"{path}: several datasets ({', '.join(map(str, found))}); pass one of them")

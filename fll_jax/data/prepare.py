@@ -1,74 +1,137 @@
-"""From a config to a data source: make the phantom if absent, preprocess once, then read.
+"""From a config to a data source: make the phantom if absent, check the data, preprocess once.
 
 Layout under config.data.root (default data/):
-  phantom_<scale>/           the phantom's NIfTI files and manifest.csv (source 'phantom')
-  records/<name>/            TFDS records and folds.json (backend 'tfds')
-  patches/<name>.npz         the same patches for the numpy backend (no TensorFlow needed)
-Each is built once and reused; a stored dataset built from another manifest or other fold
-settings is refused rather than overwritten (see records.build_records).
+  phantom_<scale>_seed<k>/   the phantom's NIfTI files and manifest.csv (source 'phantom')
+  file_digests.json          size and sha256 of every input file, cached by size and times
+  records/<key>/             TFDS records (backend 'tfds')
+  patches/<key>.npz          the same patches for the numpy backend (no TensorFlow needed)
+
+<key> names the lesions' content (labels, mask values, metadata and the bytes of every image
+and mask file), the patch size and the preprocessing version, so changed images are always
+preprocessed again and never reused, while a moved data set or other fold settings reuse the
+same patches. Folds are assigned here, from the manifest, each time a source is made.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import ml_collections
 
-from fll_jax.data.manifest import read_manifest
+from fll_jax.constants import PATCH_SIZE
+from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
+from fll_jax.data.digests import FileDigests
+from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints
+from fll_jax.data.folds import assign_folds
+from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
-from fll_jax.data.preprocess import preprocess_manifest
+from fll_jax.data.preprocess import PREPROCESS_VERSION, lesion_problems, preprocess_manifest
+from fll_jax.files import StateFileError
 
 BACKENDS = ("tfds", "numpy")
 SOURCES = ("phantom", "manifest")
 
 
+class DataError(ValueError):
+    """Input data that cannot be used; the message lists every problem with its file and lesion."""
+
+
+def phantom_dir(config: ml_collections.ConfigDict) -> Path:
+    """Where the phantom of a config's scale and seed lives."""
+    return Path(config.data.root) / f"phantom_{config.data.scale}_seed{config.data.phantom_seed}"
+
+
 def manifest_path(config: ml_collections.ConfigDict) -> Path:
-    """The manifest a config reads; the phantom of its scale is generated when absent."""
+    """The manifest a config reads; the phantom of its scale and seed is generated when absent."""
     data = config.data
     if data.source == "manifest":
         path = Path(data.manifest)
         if not path.is_file():
-            raise FileNotFoundError(f"config.data.manifest: {path} does not exist")
+            raise DataError(f"config.data.manifest: {path} does not exist")
         return path
     if data.source != "phantom":
         raise ValueError(f"unknown config.data.source {data.source!r}; known: {', '.join(SOURCES)}")
-    out_dir = Path(data.root) / f"phantom_{data.scale}"
+    out_dir = phantom_dir(config)
     path = out_dir / "manifest.csv"
     if not path.is_file():
         from fll_jax.data.phantom import generate_phantom
 
         print(f"making the {data.scale} phantom in {out_dir}")
-        generate_phantom(out_dir, scale=data.scale, seed=config.seed, workers=data.workers)
+        generate_phantom(out_dir, scale=data.scale, seed=data.phantom_seed, workers=data.workers)
     return path
 
 
-def _dataset_name(manifest: Path, config: ml_collections.ConfigDict) -> str:
-    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:10]
-    return f"{manifest.parent.name}_{digest}_k{config.data.num_folds}_s{config.data.fold_seed}"
+def _digests(config: ml_collections.ConfigDict) -> FileDigests:
+    return FileDigests(Path(config.data.root) / "file_digests.json")
+
+
+def _checked_records(config: ml_collections.ConfigDict, digests: FileDigests):
+    """The manifest's records and their file digests; DataError listing every leak found."""
+    records = read_manifest(manifest_path(config))
+    files = file_digests(records, digests)
+    digests.save()
+    problems = duplicate_problems(records, files, parse_allow(config.data.allow))
+    if problems:
+        raise DataError(problem_report("the data leaks between lesions or patients:", problems))
+    return records, files
+
+
+def describe_data(config: ml_collections.ConfigDict) -> tuple[list, list[int], dict]:
+    """(manifest records, their folds, the data fingerprint) of a config, after the leak checks.
+
+    The fingerprint holds 'patches' (the patch cache key) and 'lesions' (per lesion its
+    manifest fields, fold and file digests): what results depend on in the data.
+    """
+    data = config.data
+    digests = _digests(config)
+    records, files = _checked_records(config, digests)
+    folds = assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
+                         num_folds=data.num_folds, seed=data.fold_seed).tolist()
+    lesions = lesion_fingerprints(records, folds, files)
+    return records, folds, {"patches": content_key(lesions, PATCH_SIZE, PREPROCESS_VERSION), "lesions": lesions}
 
 
 def prepare_source(config: ml_collections.ConfigDict):
-    """The training/evaluation source of a config (TFDSSource or NumpySource)."""
+    """The training/evaluation source of a config (TFDSSource or NumpySource), with its `fingerprint`."""
     data = config.data
     if data.backend not in BACKENDS:
         raise ValueError(f"unknown config.data.backend {data.backend!r}; known: {', '.join(BACKENDS)}")
-    manifest = manifest_path(config)
-    name = _dataset_name(manifest, config)
+    allow = parse_allow(data.allow)
+    records, folds, fingerprint = describe_data(config)
+    key = fingerprint["patches"]
+    fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     if data.backend == "tfds":
-        from fll_jax.data.pipeline import make_source
+        from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
 
-        records = build_records(
-            manifest, Path(data.root) / "records" / name,
-            num_folds=data.num_folds, seed=data.fold_seed, workers=data.workers,
-        )
-        return make_source(records)
-    npz = Path(data.root) / "patches" / f"{name}.npz"
+        digests = _digests(config)
+        path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow)
+        digests.save()
+        return TFDSSource(path, fold_of, fingerprint)
+    npz = Path(data.root) / "patches" / f"{key}.npz"
+    patches = None
     if npz.is_file():
-        return NumpySource(PatchSet.load_npz(npz))
-    patches = preprocess_manifest(
-        read_manifest(manifest), workers=data.workers, num_folds=data.num_folds, seed=data.fold_seed
-    )
-    patches.save_npz(npz)
-    return NumpySource(patches)
+        try:
+            patches = PatchSet.load_npz(npz)
+        except StateFileError as error:
+            print(f"rebuilding the patch cache: {error}")
+    if patches is None:
+        patches = preprocess_manifest(records, workers=data.workers, allow=allow)
+        patches.save_npz(npz)
+    return NumpySource(patches, fold_of, fingerprint)
+
+
+def check_data(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of a config's data set at once (manifest, leaks, files), without preprocessing.
+
+    The checks are those that training would meet one at a time; an empty list means none.
+    """
+    try:
+        records, problems = scan_manifest(manifest_path(config))
+    except ManifestError as error:
+        return error.problems
+    allow = parse_allow(config.data.allow)
+    digests = _digests(config)
+    problems += duplicate_problems(records, file_digests(records, digests), allow)
+    digests.save()
+    return problems + lesion_problems(records, workers=config.data.workers, allow=allow)

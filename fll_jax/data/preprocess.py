@@ -2,7 +2,9 @@
 
 Per lesion and per sequence, on that sequence's own image and lesion mask:
 
-1. Load and check the image and mask (3D, finite, same grid, lesion present).
+1. Load and check the image and mask (3D, finite, same grid, integer mask values, lesion
+   present; no constant image, no lesion covering most of the volume or touching all its
+   faces: fll_jax/data/checks.py). Every problem of every lesion is reported at once.
 2. Measure the lesion in world millimetres from the mask (voxel centres through the affine).
    Diameter: the equivalent-sphere diameter (6 V / pi)^(1/3), V = voxel count x voxel volume,
    which is insensitive to slice thickness and orientation; the lesion's diameter is the
@@ -47,7 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
-from fll_jax.data.folds import assign_folds
+from fll_jax.data.checks import image_problems, lesion_extent_problems, mask_value_problems, problem_report
 from fll_jax.data.patchset import PatchSet
 
 SMALL_MM, MEDIUM_MM = 16.0, 32.0  # diameter thresholds of the paper's crop rule
@@ -56,10 +58,12 @@ LARGE_SCALE, LARGE_MARGIN_MM = 1.25, 8.0  # large lesions: side = 1.25 E + 8 mm
 MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
+# Part of every patch cache key: bump it when a change here changes the patches.
+PREPROCESS_VERSION = 1
 
 __all__ = [
     "PatchSet", "LesionPatch", "PreprocessError", "crop_size_mm",
-    "preprocess_lesion", "preprocess_manifest",
+    "preprocess_lesion", "preprocess_manifest", "lesion_problems",
 ]
 
 
@@ -115,55 +119,42 @@ def crop_size_mm(diameter_mm: float, extent_mm: float | None = None) -> float:
     return max(MEDIUM_BOX_MM, LARGE_SCALE * extent + LARGE_MARGIN_MM)
 
 
-def preprocess_lesion(record, size: int = PATCH_SIZE) -> LesionPatch:
+def preprocess_lesion(record, size: int = PATCH_SIZE, allow: frozenset[str] = frozenset()) -> LesionPatch:
     """Seven cubic patches of one lesion (see the module docstring for every step).
 
     Args:
         record: a LesionRecord (images, masks, mask_value, diameter_mm, lesion_id).
         size: side S of the output patch in voxels.
+        allow: data checks switched off by name (fll_jax.data.checks.ALLOWABLE).
+
+    Raises:
+        PreprocessError: every problem of the lesion's files, each naming the file.
     """
-    return _preprocess(record, size, cache={})
+    return _preprocess(record, size, {}, allow)
 
 
 def preprocess_manifest(
-    records: Sequence,
-    size: int = PATCH_SIZE,
-    workers: int = 2,
-    *,
-    num_folds: int = 5,
-    seed: int = 0,
+    records: Sequence, size: int = PATCH_SIZE, workers: int = 2, allow: frozenset[str] = frozenset()
 ) -> PatchSet:
-    """Preprocess every lesion (in a process pool) and assign patient-level folds.
+    """Preprocess every lesion in a process pool; the PatchSet keeps the records' order.
 
     Args:
-        records: LesionRecords, as read_manifest returns them; the PatchSet keeps their order.
+        records: LesionRecords, as read_manifest returns them.
         size: patch side in voxels.
         workers: processes (forkserver: a calling script needs an `if __name__ == "__main__":`
             guard); a patient's lesions go to one process, which reads its files once.
-        num_folds: folds of the dev split (test rows get fold -1).
-        seed: fold assignment seed.
+        allow: data checks switched off by name.
+
+    Raises:
+        PreprocessError: listing the problems of every lesion that cannot be preprocessed.
     """
     records = list(records)
     if not records:
         raise ValueError("no lesions to preprocess")
-    folds = assign_folds(
-        [r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
-        num_folds=num_folds, seed=seed,
-    )
-    by_patient: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_patient[record.patient_id].append(i)
-    jobs = [([records[i] for i in rows], size) for rows in by_patient.values()]
-    if workers > 1 and len(jobs) > 1:
-        # forkserver: workers never inherit the threads of a parent running TensorFlow or JAX
-        # (as with spawn, a calling script needs an `if __name__ == "__main__":` guard).
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        # An executor, unlike Pool, fails instead of hanging when a worker dies (e.g. out of memory).
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            results = list(pool.map(_preprocess_patient, jobs))
-    else:
-        results = [_preprocess_patient(job) for job in jobs]
+    by_patient = _by_patient(records)
+    results = _map_patients(_preprocess_patient, [([records[i] for i in rows], size, allow)
+                                                  for rows in by_patient.values()], workers)
+    _raise_problems([r for patches in results for r in patches if isinstance(r, str)])
 
     n = len(records)
     image = np.empty((n, len(SEQUENCES), size, size, size), np.uint8)
@@ -180,7 +171,6 @@ def preprocess_manifest(
         mask=mask,
         label7=label7,
         label2=to_binary(label7),
-        fold=folds,
         patient_id=np.array([r.patient_id for r in records], str),
         lesion_id=np.array([r.lesion_id for r in records], str),
         scanner=np.array([r.scanner for r in records], str),
@@ -190,34 +180,102 @@ def preprocess_manifest(
     )
 
 
-def _preprocess_patient(job: tuple[list, int]) -> list[LesionPatch]:
-    """All lesions of one patient, reading each file once."""
-    records, size = job
+def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] = frozenset()) -> list[str]:
+    """Every problem preprocessing would meet in these lesions' files, without making patches."""
+    by_patient = _by_patient(list(records))
+    jobs = [([records[i] for i in rows], allow) for rows in by_patient.values()]
+    return _unique([p for problems in _map_patients(_check_patient, jobs, workers) for p in problems])
+
+
+def _by_patient(records: list) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        rows[record.patient_id].append(i)
+    return rows
+
+
+def _map_patients(fn, jobs: list, workers: int) -> list:
+    """fn over the patients' jobs, in a process pool when there are several workers and jobs."""
+    if workers > 1 and len(jobs) > 1:
+        # forkserver: workers never inherit the threads of a parent running TensorFlow or JAX
+        # (as with spawn, a calling script needs an `if __name__ == "__main__":` guard).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        # An executor, unlike Pool, fails instead of hanging when a worker dies (e.g. out of memory).
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            return list(pool.map(fn, jobs))
+    return [fn(job) for job in jobs]
+
+
+def _unique(problems: list[str]) -> list[str]:
+    """Problems in first-seen order, each once (a patient's lesions share their files)."""
+    return list(dict.fromkeys(problems))
+
+
+def _raise_problems(problems: list[str]) -> None:
+    problems = _unique(problems)
+    if problems:
+        raise PreprocessError(problem_report("cannot preprocess:", problems))
+
+
+def _preprocess_patient(job: tuple[list, int, frozenset]) -> list[LesionPatch | str]:
+    """All lesions of one patient, reading each file once; a problem (text) in place of a bad lesion."""
+    records, size, allow = job
     cache: dict = {}
-    return [_preprocess(record, size, cache) for record in records]
+    out = []
+    for record in records:
+        try:
+            out.append(_preprocess(record, size, cache, allow))
+        except PreprocessError as error:
+            out += str(error).splitlines()
+    return out
 
 
-def _preprocess(record, size: int, cache: dict) -> LesionPatch:
+def _check_patient(job: tuple[list, frozenset]) -> list[str]:
+    records, allow = job
+    cache: dict = {}
+    problems = []
+    for record in records:
+        try:
+            _lesion_volumes(record, cache, allow)
+        except PreprocessError as error:
+            problems += str(error).splitlines()
+    return problems
+
+
+def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> tuple[list, list]:
+    """The lesion's seven checked volumes and binary masks; PreprocessError with all its problems."""
     missing = [s for s in SEQUENCES if s not in record.images or s not in record.masks]
     if missing:
-        raise PreprocessError(f"lesion {record.lesion_id}: no image or mask for sequence(s) {missing}")
-    volumes, lesions, geometry = [], [], []
+        raise PreprocessError(f"lesion {record.lesion_id!r}: no image or mask for sequence(s) {missing}")
+    volumes, lesions, problems = [], [], []
     for seq in SEQUENCES:
         key = (Path(record.images[seq]), Path(record.masks[seq]))
         if key not in cache:
-            cache[key] = _load_volume(*key)
+            try:
+                cache[key] = _load_volume(*key, allow)
+            except PreprocessError as error:
+                cache[key] = error
         volume = cache[key]
-        lesion = (volume.labels == record.mask_value).astype(np.uint8)
+        if isinstance(volume, PreprocessError):
+            problems += str(volume).splitlines()
+            continue
+        lesion = volume.labels == record.mask_value
         if not lesion.any():
             present = sorted(int(v) for v in np.unique(volume.labels) if v)
-            raise PreprocessError(
-                f"{volume.mask_path}: lesion {record.lesion_id} has mask_value {record.mask_value}, "
-                f"which is absent from the mask (values present: {present})"
-            )
+            problems.append(f"{volume.mask_path}: mask_value {record.mask_value} is absent from the mask "
+                            f"(values present: {present})")
+        problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
         volumes.append(volume)
-        lesions.append(lesion)
-        geometry.append(_lesion_geometry(lesion, volume.affine))
+        lesions.append(lesion.astype(np.uint8))
+    if problems:
+        raise PreprocessError("\n".join(f"lesion {record.lesion_id!r}: {p}" for p in _unique(problems)))
+    return volumes, lesions
 
+
+def _preprocess(record, size: int, cache: dict, allow: frozenset[str]) -> LesionPatch:
+    volumes, lesions = _lesion_volumes(record, cache, allow)
+    geometry = [_lesion_geometry(lesion, volume.affine) for volume, lesion in zip(volumes, lesions)]
     measured = float(np.median([diameter for _, _, diameter in geometry]))
     diameter = measured if record.diameter_mm is None else float(record.diameter_mm)
     extent = max(float(box.max()) for _, box, _ in geometry)
@@ -237,24 +295,19 @@ def _preprocess(record, size: int, cache: dict) -> LesionPatch:
     return LesionPatch(image=image, mask=mask, diameter_mm=diameter, patch_affine=patch_affine)
 
 
-def _load_volume(image_path: Path, mask_path: Path) -> _Volume:
+def _load_volume(image_path: Path, mask_path: Path, allow: frozenset[str]) -> _Volume:
     image, affine = _read_nifti(image_path, "image")
     labels, mask_affine = _read_nifti(mask_path, "mask")
-    if not np.all(np.isfinite(image)):
-        bad = int(np.size(image) - np.isfinite(image).sum())
-        raise PreprocessError(f"{image_path}: image has {bad} NaN or infinite voxel(s)")
-    if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.rint(labels)):
-        raise PreprocessError(f"{mask_path}: mask values must be integers (0 background, one value per lesion)")
+    problems = image_problems(image, image_path, allow) + mask_value_problems(labels, mask_path)
     if image.shape != labels.shape:
-        raise PreprocessError(
-            f"{mask_path}: mask shape {labels.shape} differs from image {image_path} shape {image.shape}"
-        )
-    if not np.allclose(affine, mask_affine, atol=AFFINE_ATOL_MM):
-        raise PreprocessError(
-            f"{mask_path}: mask affine differs from that of image {image_path}:\n{mask_affine}\nvs\n{affine}"
-        )
+        problems.append(f"{mask_path}: mask shape {labels.shape} differs from image {image_path} shape {image.shape}")
+    elif not np.allclose(affine, mask_affine, atol=AFFINE_ATOL_MM):
+        problems.append(f"{mask_path}: mask affine differs from that of image {image_path}: "
+                        f"{mask_affine.tolist()} vs {affine.tolist()}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise PreprocessError(f"{image_path}: singular affine\n{affine}")
+        problems.append(f"{image_path}: singular affine {affine.tolist()}")
+    if problems:
+        raise PreprocessError("\n".join(problems))
     return _Volume(image=image.astype(np.float32), labels=labels.astype(np.int32), affine=affine, mask_path=mask_path)
 
 

@@ -1,18 +1,19 @@
-"""TFDS dataset of preprocessed lesion patches, built from a manifest (no beam).
+"""TFDS dataset of preprocessed lesion patches, built from manifest records (no beam).
 
-Layout: <data_dir>/fll_patches/1.0.0/ holds one TFRecord split per fold ('fold0' ...
-'fold{k-1}', the dev split) and 'test' (when the manifest has test rows), dataset_info.json,
-features.json and folds.json (build settings and the fold of every lesion and patient). The
-folds are drawn once, at build time, from the seed; every example also carries its fold.
-Examples are written in manifest order (shuffling happens in the input pipeline).
+Layout: <records_dir>/fll_patches/2.0.0/ holds one TFRecord split, 'lesions', in manifest order,
+with dataset_info.json and features.json; <records_dir>/integrity.json lists the size and
+sha256 of every file of the dataset and is written last, once the build has succeeded.
+Folds are not stored: the source assigns them (fll_jax.data.prepare), so other fold settings
+reuse the same records. The caller names records_dir after the lesions' content
+(fll_jax.data.fingerprint.content_key), so changed images never reuse old patches.
 
-A finished dataset is never rebuilt or overwritten unless build_records(overwrite=True); asking
-for different settings (manifest content, folds, seed, size) on an existing one is an error.
+A records directory without integrity.json (an interrupted build) or whose files no longer
+match it (truncated, flipped bytes) is deleted and built again, with a message.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tensorflow as tf
@@ -31,41 +32,33 @@ _hide_gpus()
 import tensorflow_datasets as tfds  # noqa: E402  (after the GPUs are hidden)
 
 from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES  # noqa: E402
-from fll_jax.data.folds import TEST_FOLD  # noqa: E402
 from fll_jax.data.patchset import PatchSet  # noqa: E402
+from fll_jax.files import StateFileError, read_json, write_json  # noqa: E402
 
-FOLDS_FILE = "folds.json"
-TEST_SPLIT = "test"
-
-
-class RecordsError(ValueError):
-    """A records directory that does not match what was asked for."""
-
-
-def fold_split(fold: int) -> str:
-    """TFDS split name of a dev fold."""
-    return f"fold{fold}"
+INTEGRITY_FILE = "integrity.json"
+SPLIT = "lesions"
 
 
 class FllPatches(tfds.core.GeneratorBasedBuilder):
     """Multisequence liver-lesion patches: image and blurred mask [7, S, S, S] uint8 per lesion."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Patches, labels, metadata and patient-level folds."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Patches, labels, metadata and patient-level folds.",
+        "2.0.0": "One split in manifest order; folds are assigned by the reader, not stored.",
+    }
 
     def __init__(
         self,
         *,
-        manifest_path: str | Path | None = None,
+        records: Sequence | None = None,
         size: int = PATCH_SIZE,
-        num_folds: int = 5,
-        seed: int = 0,
         workers: int = 2,
+        allow: frozenset[str] = frozenset(),
         **kwargs,
     ):
         # Set before the base class, which calls _info().
-        self._manifest_path = None if manifest_path is None else Path(manifest_path)
-        self._size, self._num_folds, self._seed, self._workers = size, num_folds, seed, workers
+        self._records, self._size, self._workers, self._allow = records, size, workers, allow
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -79,7 +72,6 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
                 "mask": tfds.features.Tensor(shape=volume, dtype=tf.uint8, encoding=raw),
                 "label7": tfds.features.ClassLabel(names=list(CLASSES)),
                 "label2": tfds.features.ClassLabel(names=list(BINARY_CLASSES)),
-                "fold": tfds.features.Scalar(dtype=tf.int32),
                 "patient_id": tfds.features.Text(),
                 "lesion_id": tfds.features.Text(),
                 "scanner": tfds.features.Text(),
@@ -91,35 +83,20 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        from fll_jax.data.manifest import read_manifest
         from fll_jax.data.preprocess import preprocess_manifest
 
-        if self._manifest_path is None:
-            raise RecordsError("FllPatches needs manifest_path to build the records")
-        records = read_manifest(self._manifest_path)
-        patches = preprocess_manifest(
-            records, self._size, self._workers, num_folds=self._num_folds, seed=self._seed
-        )
-        # self.data_dir is the temporary directory here, renamed only when the build succeeds.
-        folds = {
-            "settings": build_settings(self._manifest_path, self._num_folds, self._seed, self._size),
-            "lesions": dict(zip(patches.lesion_id.tolist(), patches.fold.tolist())),
-            "patients": dict(zip(patches.patient_id.tolist(), patches.fold.tolist())),
-        }
-        (Path(self.data_dir) / FOLDS_FILE).write_text(json.dumps(folds, indent=1))
-        splits = {fold_split(k): self._generate_examples(patches, k) for k in range(self._num_folds)}
-        if (patches.fold == TEST_FOLD).any():
-            splits[TEST_SPLIT] = self._generate_examples(patches, TEST_FOLD)
-        return splits
+        if self._records is None:
+            raise ValueError("FllPatches needs the manifest records to build the dataset")
+        patches = preprocess_manifest(self._records, self._size, self._workers, allow=self._allow)
+        return {SPLIT: self._generate_examples(patches)}
 
-    def _generate_examples(self, patches: PatchSet, fold: int):
-        for i in (patches.fold == fold).nonzero()[0]:
+    def _generate_examples(self, patches: PatchSet):
+        for i in range(len(patches)):
             yield str(patches.lesion_id[i]), {
                 "image": patches.image[i],
                 "mask": patches.mask[i],
                 "label7": int(patches.label7[i]),
                 "label2": int(patches.label2[i]),
-                "fold": int(patches.fold[i]),
                 "patient_id": str(patches.patient_id[i]),
                 "lesion_id": str(patches.lesion_id[i]),
                 "scanner": str(patches.scanner[i]),
@@ -129,84 +106,58 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
             }
 
 
-def build_settings(manifest_path: str | Path, num_folds: int, seed: int, size: int) -> dict:
-    """What decides the content of the records (the manifest by its bytes, not its path)."""
-    manifest_path = Path(manifest_path).absolute()
-    return {
-        "manifest": str(manifest_path),
-        "manifest_sha256": hashlib.sha256(manifest_path.read_bytes()).hexdigest(),
-        "num_folds": int(num_folds),
-        "seed": int(seed),
-        "size": int(size),
-    }
+def dataset_dir(records_dir: str | Path) -> Path:
+    """Where build_records puts the dataset under records_dir."""
+    return Path(records_dir) / FllPatches.name / str(FllPatches.VERSION)
 
 
-def dataset_dir(data_dir: str | Path) -> Path:
-    """Where build_records puts the dataset under data_dir."""
-    return Path(data_dir) / FllPatches.name / str(FllPatches.VERSION)
+def _file_table(folder: Path, digest: Callable[[Path], dict]) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def read_folds(path: str | Path) -> dict:
-    """folds.json of a built dataset directory (settings, lesion -> fold, patient -> fold)."""
-    file = Path(path) / FOLDS_FILE
-    if not file.is_file():
-        raise RecordsError(f"{path}: no {FOLDS_FILE}; not a dataset written by build_records")
-    return json.loads(file.read_text())
+def verify_records(records_dir: str | Path, digest: Callable[[Path], dict]) -> str | None:
+    """Why records_dir cannot be used (no integrity.json, a file missing or changed), or None."""
+    records_dir = Path(records_dir)
+    try:
+        stored = read_json(records_dir / INTEGRITY_FILE, "the records are rebuilt")["files"]
+    except (StateFileError, KeyError, TypeError) as error:
+        return str(error)
+    now = _file_table(dataset_dir(records_dir), digest)
+    changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    return f"{dataset_dir(records_dir)}: file(s) missing or changed: {', '.join(changed)}" if changed else None
 
 
 def build_records(
-    manifest_path: str | Path,
-    data_dir: str | Path,
-    num_folds: int = 5,
-    seed: int = 0,
-    workers: int = 2,
-    overwrite: bool = False,
+    records: Sequence,
+    records_dir: str | Path,
+    digest: Callable[[Path], dict],
     size: int = PATCH_SIZE,
+    workers: int = 2,
+    allow: frozenset[str] = frozenset(),
 ) -> Path:
-    """Preprocess a manifest's lesions into TFRecords under data_dir, once.
+    """Preprocess the lesions into TFRecords under records_dir, once; rebuild a damaged build.
 
     Args:
-        manifest_path: the manifest CSV.
-        data_dir: TFDS data directory (the dataset goes to data_dir/fll_patches/1.0.0).
-        num_folds: folds of the dev split, drawn by patient and stratified by class.
-        seed: fold assignment seed.
-        workers: preprocessing processes.
-        overwrite: rebuild even if the dataset exists.
+        records: the manifest's LesionRecords, in manifest order.
+        records_dir: a folder named after the lesions' content (see the module docstring).
+        digest: path -> {'size', 'sha256'} (a fll_jax.data.digests.FileDigests).
         size: patch side in voxels.
+        workers: preprocessing processes.
+        allow: data checks switched off by name.
 
     Returns:
-        The dataset directory, for make_source / TFDSSource.
-
-    Raises:
-        RecordsError: the dataset exists with other settings, or without folds.json, and
-            overwrite is False.
+        The dataset directory, for TFDSSource.
     """
-    manifest_path = Path(manifest_path)
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: manifest not found")
-    target = dataset_dir(data_dir)
-    wanted = build_settings(manifest_path, num_folds, seed, size)
-    if target.exists() and not overwrite:
-        if not (target / FOLDS_FILE).is_file():
-            raise RecordsError(f"{target} exists without {FOLDS_FILE}; pass overwrite=True to rebuild it")
-        stored = read_folds(target)["settings"]
-        differ = [k for k in ("manifest_sha256", "num_folds", "seed", "size") if stored.get(k) != wanted[k]]
-        if differ:
-            detail = ", ".join(f"{k}: stored {stored.get(k)!r}, asked {wanted[k]!r}" for k in differ)
-            raise RecordsError(
-                f"{target} was built with other settings ({detail}); "
-                "pass overwrite=True to rebuild it or choose another data_dir"
-            )
-        return target
-    builder = FllPatches(
-        data_dir=str(data_dir), manifest_path=manifest_path, size=size,
-        num_folds=num_folds, seed=seed, workers=workers,
-    )
-    mode = tfds.download.GenerateMode
+    records_dir = Path(records_dir)
+    if records_dir.exists():
+        problem = verify_records(records_dir, digest)
+        if problem is None:
+            return dataset_dir(records_dir)
+        print(f"rebuilding the records: {problem}")
+        shutil.rmtree(records_dir)
+    builder = FllPatches(data_dir=str(records_dir), records=records, size=size, workers=workers, allow=allow)
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            download_mode=mode.REUSE_CACHE_IF_EXISTS if overwrite else mode.REUSE_DATASET_IF_EXISTS,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        )
+        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )
-    return Path(builder.data_dir)
+    write_json(records_dir / INTEGRITY_FILE, {"files": _file_table(dataset_dir(records_dir), digest)})
+    return dataset_dir(records_dir)

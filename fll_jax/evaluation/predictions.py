@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from fll_jax.constants import NUM_CLASSES, to_binary
+from fll_jax.files import StateFileError
 
 META_COLUMNS: tuple[str, ...] = (
     "split", "fold", "patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm",
@@ -15,6 +16,10 @@ META_COLUMNS: tuple[str, ...] = (
 # Metadata used only by the subgroup tables; absent columns are filled in rather than refused.
 OPTIONAL_DEFAULTS: dict[str, object] = {"patient_id": "unknown", "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan}
 ENSEMBLE = "ensemble"
+
+
+class PredictionsError(ValueError):
+    """A predictions file that cannot be evaluated; the message names the file, the row and the problem."""
 
 
 def prob_columns(model: str) -> tuple[list[str], list[str]]:
@@ -38,36 +43,40 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
     """Read predictions.csv and check it; errors name the file, the row and the problem."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no predictions file (run the training job, or pass the right --workdir)")
-    frame = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "background": str, "scanner": str})
+        raise StateFileError(f"{path}: no predictions file (run the training job, or pass the right --workdir)")
+    try:
+        frame = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str, "background": str, "scanner": str})
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error}); rerun the training command "
+                             "in the same workdir to write it again from the fold checkpoints") from None
     cols2, cols7 = prob_columns(ENSEMBLE)
     for column, default in OPTIONAL_DEFAULTS.items():
         if column not in frame.columns:
             frame[column] = default
     missing = [c for c in (*META_COLUMNS, *cols2, *cols7) if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {', '.join(missing)}")
+        raise PredictionsError(f"{path}: missing columns {', '.join(missing)}")
     bad_split = ~frame["split"].isin(["test", "val"])
     if bad_split.any():
         row = int(np.flatnonzero(bad_split)[0])
-        raise ValueError(f"{path}: row {row + 2}: split {frame['split'].iloc[row]!r} is neither 'test' nor 'val'")
+        raise PredictionsError(f"{path}: row {row + 2}: split {frame['split'].iloc[row]!r} is neither 'test' nor 'val'")
     labels = pd.to_numeric(frame["label7"], errors="coerce")
     bad_label = ~labels.isin(range(NUM_CLASSES))
     if bad_label.any():
         row = int(np.flatnonzero(bad_label)[0])
-        raise ValueError(f"{path}: row {row + 2}: label7 {frame['label7'].iloc[row]!r} is not an integer 0-{NUM_CLASSES - 1}")
+        raise PredictionsError(f"{path}: row {row + 2}: label7 {frame['label7'].iloc[row]!r} is not an integer 0-{NUM_CLASSES - 1}")
     frame["label7"] = labels.astype(int)
     wrong2 = frame["label2"].to_numpy() != to_binary(frame["label7"].to_numpy())
     if wrong2.any():
         row = int(np.flatnonzero(wrong2)[0])
-        raise ValueError(f"{path}: row {row + 2}: label2 {frame['label2'].iloc[row]} disagrees with label7 {frame['label7'].iloc[row]}")
+        raise PredictionsError(f"{path}: row {row + 2}: label2 {frame['label2'].iloc[row]} disagrees with label7 {frame['label7'].iloc[row]}")
     probs = frame[cols2 + cols7].to_numpy(np.float64)
     bad_prob = ~np.isfinite(probs).all(axis=1)
     if bad_prob.any():
         row = int(np.flatnonzero(bad_prob)[0])
-        raise ValueError(f"{path}: row {row + 2}: ensemble probabilities are missing or not finite")
+        raise PredictionsError(f"{path}: row {row + 2}: ensemble probabilities are missing or not finite")
     if not (frame["split"] == "test").any():
-        raise ValueError(f"{path}: no test rows")
+        raise PredictionsError(f"{path}: no test rows")
     for key in ("background", "scanner"):
         frame[key] = frame[key].fillna("unknown").astype(str)
     frame["diameter_mm"] = pd.to_numeric(frame["diameter_mm"], errors="coerce")

@@ -13,7 +13,6 @@ lesions, so it is the primary comparison here; the Fisher p is reported as 'pape
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from pathlib import Path
 
@@ -28,8 +27,16 @@ from fll_jax.constants import CLASS_NAMES, CLASSES, NUM_CLASSES
 from fll_jax.evaluation.figures import plot_confusion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.stats import format_interval, modified_wilson
+from fll_jax.files import write_csv, write_json, write_text
+from fll_jax.train.workdir import CONFIG_FILE, read_config
 
 READER_COLUMNS: tuple[str, ...] = ("reader_id", "group", "lesion_id", "predicted_class")
+
+
+class ReadersError(ValueError):
+    """A readers CSV that cannot be used; the message names the file, the row and the problem."""
+
+
 # The paper's abbreviations and the American spellings, besides CLASSES and CLASS_NAMES.
 CLASS_ALIASES: dict[str, int] = {"hem": 2, "hemangioma": 2, "hep": 3, "met": 6, "metastases": 6}
 # Simulated readers' group accuracies and reader counts, after the paper's reader study.
@@ -62,24 +69,24 @@ def load_readers(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str)
     missing = [c for c in READER_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing columns {', '.join(missing)} (need {', '.join(READER_COLUMNS)})")
+        raise ReadersError(f"{path}: missing columns {', '.join(missing)} (need {', '.join(READER_COLUMNS)})")
     empty = frame[list(READER_COLUMNS)].isna().any(axis=1)
     if empty.any():
-        raise ValueError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2}: empty field")
+        raise ReadersError(f"{path}: row {int(np.flatnonzero(empty)[0]) + 2}: empty field")
     calls = []
     for row, value in enumerate(frame["predicted_class"]):
         try:
             calls.append(parse_class(value))
         except ValueError as error:
-            raise ValueError(f"{path}: row {row + 2}: {error}") from None
+            raise ReadersError(f"{path}: row {row + 2}: {error}") from None
     frame["call"] = calls
     duplicated = frame.duplicated(["reader_id", "lesion_id"])
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
-        raise ValueError(f"{path}: row {row + 2}: reader {frame['reader_id'].iloc[row]} reads lesion {frame['lesion_id'].iloc[row]} twice")
+        raise ReadersError(f"{path}: row {row + 2}: reader {frame['reader_id'].iloc[row]} reads lesion {frame['lesion_id'].iloc[row]} twice")
     groups = frame.groupby("reader_id")["group"].nunique()
     if (groups > 1).any():
-        raise ValueError(f"{path}: reader {groups[groups > 1].index[0]} appears in more than one group")
+        raise ReadersError(f"{path}: reader {groups[groups > 1].index[0]} appears in more than one group")
     return frame
 
 
@@ -121,7 +128,7 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
     test = _test_rows(predictions)
     unknown = sorted(set(readers["lesion_id"]) - set(test.index))
     if unknown:
-        raise ValueError(f"readers CSV names {len(unknown)} lesions not in the test split, e.g. {', '.join(unknown[:5])}")
+        raise ReadersError(f"readers CSV names {len(unknown)} lesions not in the test split, e.g. {', '.join(unknown[:5])}")
     out: dict = {"readers": {}, "groups": {}}
     for reader_id, rows in readers.groupby("reader_id", sort=True):
         lesions = test.loc[rows["lesion_id"]]
@@ -204,7 +211,7 @@ def simulate_readers(predictions: pd.DataFrame, seed: int = 0, path: str | Path 
             number += 1
     frame = pd.DataFrame(rows, columns=list(READER_COLUMNS))
     if path is not None:
-        frame.to_csv(path, index=False)
+        write_csv(frame, path)
     return frame
 
 
@@ -264,8 +271,7 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
         note = f"> **Simulated readers** ({readers_csv.name}, seed {seed}): a demonstration of the analysis, not a reader study."
     else:
         note = f"Readers: `{readers_csv}`."
-    config_path = workdir / "config.json"
-    if config_path.exists() and str((json.loads(config_path.read_text()).get("data") or {}).get("source", "")).lower() == "phantom":
+    if (workdir / CONFIG_FILE).exists() and str((read_config(workdir).get("data") or {}).get("source", "")).lower() == "phantom":
         note += "\n\n> **Data: synthetic phantom.** These results are not evidence of clinical performance."
     study = reader_study(predictions, load_readers(readers_csv))
     names = [CLASS_NAMES[c] for c in CLASSES]
@@ -273,6 +279,6 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
     plot_confusion(study["model"]["confusion"], names, "Model", figures / "confusion_reader_model.png")
     for reader_id, r in study["readers"].items():
         plot_confusion(r["confusion"], names, f"{reader_id} ({r['group']})", figures / f"confusion_reader_{_file_name(reader_id)}.png")
-    (workdir / "reader_study.json").write_text(json.dumps(study, indent=1) + "\n")
-    (workdir / "reader_study.md").write_text(reader_markdown(study, note))
+    write_json(workdir / "reader_study.json", study)
+    write_text(workdir / "reader_study.md", reader_markdown(study, note))
     return study

@@ -5,7 +5,6 @@ it reads nothing else, so a report can be regenerated without retraining.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, model_names, probabilities
 from fll_jax.evaluation.stats import METRIC_KEYS, format_interval
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
+from fll_jax.files import read_json, write_json, write_text
+from fll_jax.train.workdir import CONFIG_FILE, read_config
 
 ROW_NAMES = {
     "accuracy": "ACC", "sensitivity": "Sensitivity", "specificity": "Specificity",
@@ -189,7 +190,7 @@ def saliency_markdown(workdir: Path) -> list[str]:
         folder = workdir / "explain" / split
         if not (folder / "summary.json").exists():
             continue
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
         lines += ["", f"### {what}", "",
                   f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: overlay.png, importance.png, "
                   "NIfTI maps on each sequence's native grid).",
@@ -326,12 +327,11 @@ def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
     """
     workdir = Path(workdir)
     frame = load_predictions(workdir / "predictions.csv")
-    config_path = workdir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
     metrics = evaluate(frame, confidence)
     metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
-    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (workdir / "report.md").write_text(report_markdown(metrics, figures, saliency_markdown(workdir)))
+    write_json(workdir / "metrics.json", metrics)
+    write_text(workdir / "report.md", report_markdown(metrics, figures, saliency_markdown(workdir)))
     return metrics

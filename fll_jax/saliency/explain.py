@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 
 from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, sequence_index, to_binary
 from fll_jax.data import prepare
-from fll_jax.data.manifest import read_manifest
+from fll_jax.data.checks import parse_allow
 from fll_jax.data.preprocess import preprocess_lesion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions
 from fll_jax.evaluation.report import write_report
+from fll_jax.files import read_json, save_figure, write_csv, write_json, write_text
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
@@ -51,7 +52,8 @@ from fll_jax.saliency.scoring import (
 )
 from fll_jax.saliency.target import ClassScore
 from fll_jax.train.augment import prepare_inputs
-from fll_jax.train.step import seq_indices
+from fll_jax.train.step import rng_settings, seq_indices
+from fll_jax.train.workdir import check_same_data
 
 METHODS = ("ig", "gradient", "smoothgrad", "gradcam")
 EXPLAINED = ("predicted", "true")
@@ -199,33 +201,36 @@ def explain_workdir(
         {"split": split, "num_per_class": num_per_class, "score": score, "settings": vars(settings)}))
     _check_previous(out, request, overwrite)
     _, variables, config = load_fold_models(workdir)
-    models = lesion_models(workdir, split, config.train.folds)
-    records = pick_lesions(read_manifest(prepare.manifest_path(config)), num_per_class, set(models))
-    if not records:
-        raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
-    (out / "lesions").mkdir(parents=True, exist_ok=True)
-    model = _float32_model(config)
-    ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
-    scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
-    random_score = None
-    if score:
-        # One re-initialised model is the reference map of the randomisation check.
-        shape = (len(config.sequences),) + (config.input_size,) * 3 + (2,)
-        fresh = reinitialised_variables(model, variables[0], np.zeros(shape, np.float32), seed=settings.seed + 1)
-        random_score = ens.with_variables(fresh)
-    rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
-                            random_score, settings, out / "lesions")
-            for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
-    frame = pd.DataFrame(rows)
-    frame.to_csv(out / "lesions.csv", index=False)
-    class_importance_figure(frame, config.sequences, out / "importance_by_class.png")
-    summary = {"request": request} | _summary(frame, config, settings, config.sequences, split, score)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if score:
-        (out / "scores.md").write_text(scores_markdown(summary))
-    if out_dir is None:
-        write_report(workdir)  # report.md gains the saliency section
-    return summary
+    with rng_settings(config):
+        records, _, data = prepare.describe_data(config)
+        check_same_data(workdir, data)
+        models = lesion_models(workdir, split, config.train.folds)
+        records = pick_lesions(records, num_per_class, set(models))
+        if not records:
+            raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
+        (out / "lesions").mkdir(parents=True, exist_ok=True)
+        model = _float32_model(config)
+        ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
+        scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
+        random_score = None
+        if score:
+            # One re-initialised model is the reference map of the randomisation check.
+            shape = (len(config.sequences),) + (config.input_size,) * 3 + (2,)
+            fresh = reinitialised_variables(model, variables[0], np.zeros(shape, np.float32), seed=settings.seed + 1)
+            random_score = ens.with_variables(fresh)
+        rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
+                                random_score, settings, out / "lesions")
+                for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
+        frame = pd.DataFrame(rows)
+        write_csv(frame, out / "lesions.csv")
+        class_importance_figure(frame, config.sequences, out / "importance_by_class.png")
+        summary = {"request": request} | _summary(frame, config, settings, config.sequences, split, score)
+        write_json(out / "summary.json", summary)
+        if score:
+            write_text(out / "scores.md", scores_markdown(summary))
+        if out_dir is None:
+            write_report(workdir)  # report.md gains the saliency section
+        return summary
 
 
 def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
@@ -233,7 +238,7 @@ def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
     path = out / "summary.json"
     if overwrite or not path.exists():
         return
-    previous = json.loads(path.read_text()).get("request")
+    previous = read_json(path, "pass overwrite=True (--overwrite) to replace it").get("request")
     if previous != request:
         raise FileExistsError(
             f"{out} holds explanations made with other arguments ({previous}); pass overwrite=True "
@@ -246,7 +251,7 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
     """One lesion by one model (or the ensemble): map, importance, (scores), files; its lesions.csv row."""
     sequences = tuple(config.sequences)
     names = _class_names(settings.head)
-    patch = preprocess_lesion(record)
+    patch = preprocess_lesion(record, allow=parse_allow(config.data.allow))
     x = lesion_input(patch.image, patch.mask, config)
     affines = [
         input_grid_affine(patch.patch_affine[sequence_index(s)], patch.image.shape[-1], config.input_size)
@@ -298,7 +303,7 @@ def class_importance_figure(frame: pd.DataFrame, sequences: Sequence[str], path:
     ax.set_xticks(range(len(sequences)), [SEQUENCE_NAMES[s] for s in sequences])
     ax.set_yticks(range(len(shares)), [CLASS_NAMES[CLASSES[i]] for i in shares.index])
     fig.colorbar(image, ax=ax, label="mean |attribution| share")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _median(values) -> float:

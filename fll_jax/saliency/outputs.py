@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from fll_jax.constants import SEQUENCE_NAMES
+from fll_jax.files import atomic_path, save_figure
 from fll_jax.saliency.importance import SequenceImportance
 
 
@@ -85,7 +86,7 @@ def lesion_figure(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return index
 
 
@@ -102,7 +103,7 @@ def importance_figure(importance: SequenceImportance, path: str | Path, *, title
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def patch_to_native(
@@ -141,5 +142,6 @@ def write_native_map(
     out = nib.Nifti1Image(data, native.affine)
     out.set_qform(native.affine, code=1)
     out.set_sform(native.affine, code=1)
-    nib.save(out, path)
+    with atomic_path(path) as tmp:
+        nib.save(out, str(tmp))
     return Path(path)

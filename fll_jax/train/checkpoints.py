@@ -1,11 +1,14 @@
-"""Per-fold orbax checkpoints: the latest train state (for resuming) and the best model.
+"""Per-fold orbax checkpoints: the latest train state (for resuming) and the best model, verified.
 
 latest/ holds the whole TrainState and the run's progress (epoch, best so far, history);
 best/ holds only the model variables of the best-on-validation epoch, which is all that
-evaluation and saliency need.
+evaluation and saliency need. Each checkpoint also holds the checksums of its arrays and of
+its progress record (fll_jax.train.integrity), checked on every restore: a checkpoint that
+cannot be read or does not match them raises CheckpointError naming its path and the remedy.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,25 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fll_jax.train import integrity
 from fll_jax.train.step import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted; the message names it and what to do."""
+
+
+class LostBestError(CheckpointError):
+    """The progress record names a best epoch whose checkpoint no longer exists."""
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
     """The model variables (what model.apply takes) of a train state."""
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _json_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 class FoldCheckpoints:
@@ -28,35 +44,88 @@ class FoldCheckpoints:
     def __init__(self, directory: Path, target: TrainState):
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
         self.latest = ocp.CheckpointManager(self.directory / "latest", options=options)
         self.best = ocp.CheckpointManager(self.directory / "best", options=options)
 
+    def remedy(self) -> str:
+        fold_dir = self.directory.parent
+        return (f"delete {fold_dir} and rerun the same command to train this fold again "
+                "(or pass --restart to start the whole run over)")
+
     def save_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        check = {"arrays": integrity.checksums(state), "meta": _json_digest(meta)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  checksums=ocp.args.JsonSave(check))
         self.latest.save(epoch, args=args)
 
     def save_best(self, epoch: int, state: TrainState) -> None:
-        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables_of(state))))
+        variables = variables_of(state)
+        check = {"arrays": integrity.checksums(variables)}
+        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+                                                      checksums=ocp.args.JsonSave(check)))
+
+    def _restore(self, manager: ocp.CheckpointManager, step: int, arrays: str, **items) -> dict:
+        """Restore one step and verify its item `arrays` (and meta); CheckpointError naming the path."""
+        path = Path(manager.directory) / str(step)
+        args = ocp.args.Composite(**items, checksums=ocp.args.JsonRestore())
+        try:
+            restored = manager.restore(step, args=args)
+        except Exception as error:  # orbax, tensorstore and asyncio raise many types for damaged files
+            cause = str(error).split("See full TensorStore details")[0].strip()[:300]
+            raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {cause}); "
+                                  f"{self.remedy()}") from error
+        check = restored["checksums"] if isinstance(restored["checksums"], dict) else {}
+        bad = integrity.mismatches(restored[arrays], check.get("arrays", {}))
+        if "meta" in items and _json_digest(restored["meta"]) != check.get("meta"):
+            bad.append("progress record (meta)")
+        if bad:
+            raise CheckpointError(f"{path}: damaged, its content does not match its checksums "
+                                  f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {self.remedy()}")
+        return restored
 
     def restore_latest(self) -> tuple[TrainState, dict] | None:
-        """The latest state and progress; best checkpoints written after it are dropped,
-        since the resumed run recomputes those epochs (identically) and saves them again."""
+        """The verified latest state and progress, or None when no latest checkpoint exists.
+
+        Best checkpoints written after it are dropped, since the resumed run recomputes those
+        epochs (identically) and saves them again.
+
+        Raises:
+            CheckpointError: the latest checkpoint is damaged.
+            LostBestError: the best checkpoint its progress names is gone.
+        """
         step = self.latest.latest_step()
         if step is None:
             return None
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(self.target), meta=ocp.args.JsonRestore())
-        restored = self.latest.restore(step, args=args)
-        for later in [s for s in self.best.all_steps() if s > step]:
+        restored = self._restore(self.latest, step, "state", state=ocp.args.StandardRestore(self.target),
+                                 meta=ocp.args.JsonRestore())
+        meta = restored["meta"]
+        best_steps = self.best.all_steps()
+        if meta["best"] is not None and meta["best"]["epoch"] not in best_steps and not any(s > step for s in best_steps):
+            raise LostBestError(f"{self.directory / 'best'}: the best checkpoint (epoch {meta['best']['epoch']}) "
+                                "is missing")
+        for later in [s for s in best_steps if s > step]:
             self.best.delete(later)
-        return restored["state"], restored["meta"]
+        return restored["state"], meta
 
-    def restore_best(self) -> dict[str, Any] | None:
+    def best_step(self) -> int | None:
+        return self.best.latest_step()
+
+    def restore_best(self) -> dict[str, Any]:
+        """The verified model variables of the best checkpoint; CheckpointError if missing or damaged."""
         step = self.best.latest_step()
         if step is None:
-            return None
+            raise CheckpointError(f"{self.directory / 'best'}: no best checkpoint; {self.remedy()}")
         target = ocp.args.StandardRestore(variables_of(self.target))
-        return self.best.restore(step, args=ocp.args.Composite(variables=target))["variables"]
+        return self._restore(self.best, step, "variables", variables=target)["variables"]
+
+    def clear(self) -> None:
+        """Delete both checkpoints (the fold starts over)."""
+        self.wait()
+        for manager in (self.latest, self.best):
+            for step in manager.all_steps():
+                manager.delete(step)
+        self.wait()
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -68,15 +137,12 @@ class FoldCheckpoints:
 
 
 def best_variables(fold_dir: Path, target: TrainState) -> dict[str, Any]:
-    """The model variables of a fold's best-on-validation checkpoint."""
+    """The verified model variables of a fold's best-on-validation checkpoint."""
     ckpt = FoldCheckpoints(Path(fold_dir) / "checkpoints", target)
     try:
-        variables = ckpt.restore_best()
+        return ckpt.restore_best()
     finally:
         ckpt.close()
-    if variables is None:
-        raise FileNotFoundError(f"no best checkpoint under {Path(fold_dir) / 'checkpoints' / 'best'}")
-    return variables
 
 
 def load_fold_models(workdir: str | Path) -> tuple[Any, list[dict[str, Any]], ml_collections.ConfigDict]:
@@ -84,12 +150,10 @@ def load_fold_models(workdir: str | Path) -> tuple[Any, list[dict[str, Any]], ml
     from fll_jax.models import build_model
     from fll_jax.train.sharding import make_mesh
     from fll_jax.train.step import abstract_state, make_optimizer
+    from fll_jax.train.workdir import read_config
 
     workdir = Path(workdir)
-    path = workdir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {workdir} is not a cross-validation workdir")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = read_config(workdir)
     model = build_model(config.model, config.sequences)
     # The optimiser only shapes the abstract state; the best checkpoint holds no opt_state.
     target = abstract_state(model, make_optimizer(config, 1), config, make_mesh(jax.devices()[:1]))

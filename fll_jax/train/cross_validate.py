@@ -1,40 +1,27 @@
 """The main job: k-fold cross-validation by patient, then the fold models' test ensemble."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
+import jax
 import ml_collections
 import numpy as np
 import pandas as pd
 
+from fll_jax.config_check import check_config
 from fll_jax.constants import NUM_CLASSES
+from fll_jax.data.prepare import DataError
+from fll_jax.files import write_csv
 from fll_jax.models import build_model
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.sharding import make_mesh
-from fll_jax.train.step import abstract_state, compile_steps, make_optimizer
+from fll_jax.train.step import abstract_state, compile_steps, make_optimizer, rng_settings
+from fll_jax.train.workdir import open_run
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
 META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Write config.json, or check that the workdir's run used this very config."""
-    path = workdir / "config.json"
-    current = json.loads(config.to_json())
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != current:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise FileExistsError(
-                f"{path} holds a run with a different config (differs in: {', '.join(changed)}); "
-                "nothing was changed. Use another --workdir, or delete that one to start over."
-            )
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2))
 
 
 def nominal_steps_per_epoch(config: ml_collections.ConfigDict, source) -> int:
@@ -42,6 +29,26 @@ def nominal_steps_per_epoch(config: ml_collections.ConfigDict, source) -> int:
     dev = source.num_examples(list(range(config.data.num_folds)))
     per_fold_train = dev * (config.data.num_folds - 1) // config.data.num_folds
     return max(1, per_fold_train // config.train.batch_size)
+
+
+def check_source(config: ml_collections.ConfigDict, source) -> None:
+    """DataError unless the data is fingerprinted and holds a test split and enough lesions for every fold."""
+    problems = []
+    if getattr(source, "fingerprint", None) is None:
+        problems.append("the source carries no data fingerprint (make it with fll_jax.data.prepare.prepare_source, "
+                        "or use a NumpySource)")
+    try:
+        source.num_examples("test")
+    except ValueError:
+        problems.append("the data has no test split (no manifest row with split 'test'), "
+                        "on which the fold models are ensembled")
+    for fold in config.train.folds:
+        train = source.num_examples([f for f in range(config.data.num_folds) if f != fold])
+        if train < config.train.batch_size:
+            problems.append(f"fold {fold}: {train} training lesion(s) cannot fill one batch of "
+                            f"train.batch_size = {config.train.batch_size}")
+    if problems:
+        raise DataError("the data does not fit the config:\n" + "\n".join(problems))
 
 
 def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices=None) -> Steps:
@@ -96,11 +103,15 @@ def cross_validate(
     workdir: str | Path,
     source=None,
     on_epoch_end: Callable[[int, int], None] | None = None,
+    restart: bool = False,
 ) -> dict:
     """Train every configured fold, ensemble them on the test split, write the workdir.
 
-    The workdir receives config.json, fold*/checkpoints, tensorboard/, predictions.csv,
-    metrics.json and the report. Rerunning the same command resumes where it stopped.
+    The config and the data are checked before anything is written (a failed start leaves the
+    workdir as it was). The workdir receives fingerprint.json, config.json, fold*/checkpoints,
+    tensorboard/, predictions.csv, metrics.json and the report. Rerunning the same command
+    resumes where it stopped; a rerun with other settings or other data is refused
+    (WorkdirError naming what changed) unless restart=True, which deletes the earlier run first.
     """
     from tensorboardX import SummaryWriter
 
@@ -108,16 +119,19 @@ def cross_validate(
     from fll_jax.evaluation.report import write_report
 
     workdir = Path(workdir).absolute()
-    check_workdir_config(config, workdir)
-    source = source if source is not None else prepare_source(config)
-    steps_per_epoch = nominal_steps_per_epoch(config, source)
-    steps = build_steps(config, steps_per_epoch)
-    writer = SummaryWriter(str(workdir / "tensorboard"))
-    try:
-        for fold in config.train.folds:
-            train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end)
-    finally:
-        writer.close()
-    predictions = ensemble_predictions(config, source, steps, workdir)
-    predictions.to_csv(workdir / "predictions.csv", index=False)
+    with rng_settings(config):
+        check_config(config, jax.device_count(), data_source=source is None)
+        source = source if source is not None else prepare_source(config)
+        check_source(config, source)
+        open_run(workdir, config, source.fingerprint, restart)
+        steps_per_epoch = nominal_steps_per_epoch(config, source)
+        steps = build_steps(config, steps_per_epoch)
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+        try:
+            for fold in config.train.folds:
+                train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end)
+        finally:
+            writer.close()
+        predictions = ensemble_predictions(config, source, steps, workdir)
+    write_csv(predictions, workdir / "predictions.csv")
     return write_report(workdir)

@@ -1,7 +1,6 @@
 """Training one cross-validation fold: epochs, validation, best/latest checkpoints, resume."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from fll_jax.train.checkpoints import FoldCheckpoints, variables_of
+from fll_jax.files import read_json, write_json
+from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
+from fll_jax.train.integrity import all_finite
 from fll_jax.train.sharding import shard_batch
 from fll_jax.train.step import DEVICE_KEYS, TrainState, abstract_state
 
@@ -22,7 +23,7 @@ SELECT_METRICS = ("accuracy_7way", "accuracy_2way", "auc_binary", "neg_loss")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss or weights; nothing non-finite was saved."""
 
 
 @dataclass
@@ -82,18 +83,47 @@ def train_fold(
 ) -> dict:
     """Train on every fold but `fold`, validate on it; resume from the latest checkpoint.
 
-    Returns the fold's summary (best epoch and its validation metrics), also in done.json.
+    A fold is finished when done.json exists and its best checkpoint is there; done.json is
+    written only once that checkpoint verifies. A fold whose best checkpoint is gone is trained
+    again from scratch. Returns the fold's summary (best epoch and its validation metrics).
+
+    Raises:
+        NonFiniteLossError: the loss or the weights became NaN or infinite; nothing non-finite
+            is saved, and the message names the last good checkpoint.
+        CheckpointError: a checkpoint is damaged (the message names it and the remedy).
     """
     fold_dir = Path(fold_dir)
     done = fold_dir / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    if config.train.select_metric not in SELECT_METRICS:
-        raise ValueError(f"unknown select_metric {config.train.select_metric!r}; known: {', '.join(SELECT_METRICS)}")
     train_folds = [f for f in range(config.data.num_folds) if f != fold]
     ckpt = FoldCheckpoints(fold_dir / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
-    restored = ckpt.restore_latest()
+    try:
+        if done.exists():
+            summary = read_json(done, f"delete it and rerun: the fold is finished again from {fold_dir / 'checkpoints'}")
+            if ckpt.best_step() == summary.get("best_epoch"):
+                return summary
+            print(f"fold {fold}: {done} says it is finished, but its best checkpoint (epoch {summary.get('best_epoch')}) "
+                  "is missing; training the fold again from scratch")
+            done.unlink()
+            ckpt.clear()
+        return _train(config, fold, train_folds, source, steps, steps_per_epoch, ckpt, done, writer, on_epoch_end)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+
+
+def _train(config, fold: int, train_folds: list[int], source, steps: Steps, steps_per_epoch: int,
+           ckpt: FoldCheckpoints, done: Path, writer, on_epoch_end) -> dict:
+    try:
+        restored = ckpt.restore_latest()
+    except LostBestError as error:
+        print(f"fold {fold}: {error}; training the fold again from scratch")
+        ckpt.clear()
+        restored = None
     if restored is None:
+        if ckpt.best_step() is not None:
+            print(f"fold {fold}: {ckpt.directory / 'best'} has no latest checkpoint beside it; "
+                  "training the fold again from scratch")
+        ckpt.clear()
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), fold)
         state, meta = steps.init(rng), {"epoch": -1, "best": None, "history": []}
     else:
@@ -102,11 +132,15 @@ def train_fold(
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             state, train_metrics = _train_epoch(config, fold, epoch, train_folds, source, steps, state, steps_per_epoch, bar)
-            if not all(math.isfinite(v) for v in train_metrics.values()):
+            if not (all(math.isfinite(v) for v in train_metrics.values()) and bool(all_finite(variables_of(state)))):
+                ckpt.wait()
+                good = ckpt.latest.latest_step()
+                kept = (f"the last good checkpoint (epoch {good}) is kept in {ckpt.directory / 'latest'}" if good is not None
+                        else "no checkpoint of this fold had been saved yet")
                 raise NonFiniteLossError(
-                    f"fold {fold}, epoch {epoch}: non-finite training metrics {train_metrics}; stopped. "
-                    f"The last good checkpoint (epoch {ckpt.latest.latest_step()}) is kept in "
-                    f"{fold_dir / 'checkpoints'}."
+                    f"fold {fold}, epoch {epoch}: the loss or the weights became NaN or infinite "
+                    f"(training metrics {train_metrics}); stopped before saving, {kept}. Fix the cause "
+                    "(a lower learning rate, say) and start over with --restart or another --workdir."
                 )
             val = validation_metrics(
                 run_predictions(steps, variables_of(state), source.eval_batches([fold], config.train.eval_batch_size))
@@ -127,10 +161,13 @@ def train_fold(
                 on_epoch_end(fold, epoch)
     finally:
         bar.close()
-        ckpt.wait()
-        ckpt.close()
+    ckpt.wait()
+    if ckpt.best_step() != meta["best"]["epoch"]:
+        raise CheckpointError(f"{ckpt.directory / 'best'} holds epoch {ckpt.best_step()}, not the best epoch "
+                              f"{meta['best']['epoch']}; {ckpt.remedy()}")
+    ckpt.restore_best()  # raises CheckpointError unless the best checkpoint verifies
     summary = {"fold": fold, "best_epoch": meta["best"]["epoch"], "best_val": meta["best"]["val"], "history": meta["history"]}
-    done.write_text(json.dumps(summary, indent=1))
+    write_json(done, summary)
     return summary
 
 

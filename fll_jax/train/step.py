@@ -43,6 +43,15 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> o
     )
 
 
+def rng_settings(config: ml_collections.ConfigDict):
+    """A context in which JAX's random numbers follow the config (config.threefry_partitionable).
+
+    Both forms of threefry give the same bits however arrays are sharded, but not the same bits
+    as each other, so the choice is part of the config (and of the run's fingerprint).
+    """
+    return jax.threefry_partitionable(bool(config.threefry_partitionable))
+
+
 def seq_indices(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return tuple(sequence_index(s) for s in config.sequences)
 

@@ -1,0 +1,94 @@
+"""Preflight: every problem of a config, found before anything is written or compiled."""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from fll_jax.constants import NUM_CLASSES
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every bad field by its path."""
+
+
+def _get(config: ml_collections.ConfigDict, path: str):
+    node = config
+    for name in path.split("."):
+        node = node[name]
+    return node
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_source: bool = True) -> None:
+    """Raise ConfigError listing every invalid field of a training config.
+
+    Args:
+        config: a config as configs/paper.py makes it.
+        num_devices: devices the batches are split over (batch sizes must divide by it).
+        data_source: also check the fields that say where the data comes from (False when the
+            caller hands the data over itself).
+    """
+    from fll_jax.data.checks import parse_allow
+    from fll_jax.data.prepare import BACKENDS, SOURCES
+    from fll_jax.models import build_model
+    from fll_jax.train.loop import SELECT_METRICS
+
+    problems = []
+
+    def need(ok: bool, path: str, what: str) -> None:
+        if not ok:
+            problems.append(f"{path} = {_get(config, path)!r}: {what}")
+
+    def positive_int(path: str) -> None:
+        value = _get(config, path)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, path, "must be an integer >= 1")
+
+    def finite(path: str, low: float = 0.0, strict: bool = False) -> None:
+        value = _get(config, path)
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+        need(ok, path, f"must be a finite number {'>' if strict else '>='} {low:g}")
+
+    for path in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.checkpoint_every",
+                 "train.log_every", "model.width", "input_size", "data.workers"):
+        positive_int(path)
+    for path in ("optim.learning_rate", "optim.grad_clip", "augment.scale_min", "augment.scale_max"):
+        finite(path, strict=True)
+    for path in ("optim.weight_decay", "optim.warmup_epochs", "loss.binary_weight", "loss.multiclass_weight",
+                 "loss.label_smoothing", "model.dropout", "augment.rotate_deg", "augment.shift",
+                 "augment.intensity", "augment.noise_std"):
+        finite(path)
+    if not problems:
+        need(config.augment.scale_min <= config.augment.scale_max, "augment.scale_min", "must be <= augment.scale_max")
+        need(config.loss.binary_weight + config.loss.multiclass_weight > 0, "loss.binary_weight",
+             "and loss.multiclass_weight cannot both be 0")
+        need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
+             "and model.dropout must be < 1")
+    weights = tuple(config.loss.class_weights)
+    need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)),
+         "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0")
+
+    num_folds = config.data.num_folds
+    need(isinstance(num_folds, int) and num_folds >= 2, "data.num_folds", "must be an integer >= 2")
+    folds = list(config.train.folds)
+    need(bool(folds) and len(set(folds)) == len(folds)
+         and all(isinstance(f, int) and 0 <= f < max(num_folds, 0) for f in folds),
+         "train.folds", f"must be distinct fold indices in 0..{num_folds - 1}")
+    need(config.train.select_metric in SELECT_METRICS, "train.select_metric", f"must be one of {', '.join(SELECT_METRICS)}")
+    if data_source:
+        need(config.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}")
+        need(config.data.backend in BACKENDS, "data.backend", f"must be one of {', '.join(BACKENDS)}")
+        need(config.data.source != "manifest" or bool(config.data.manifest), "data.manifest", "must name a manifest.csv")
+    for path in ("train.batch_size", "train.eval_batch_size"):
+        value = _get(config, path)
+        need(not isinstance(value, int) or value < 1 or value % num_devices == 0, path,
+             f"must divide evenly over the {num_devices} devices")
+    try:
+        parse_allow(config.data.allow)
+    except ValueError as error:
+        problems.append(str(error))
+    try:
+        build_model(config.model, config.sequences)
+    except ValueError as error:
+        problems.append(f"model: {error}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))

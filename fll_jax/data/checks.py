@@ -1,0 +1,117 @@
+"""Checks of the input data that a manifest's syntax cannot show: blank or inverted inputs, leaks.
+
+Each check returns problems as text naming the file and the lesion, so that one pass can list
+every problem of a data set (`data_prep/preprocess.py --check`) and preprocessing can refuse a
+lesion with all of its problems at once. Checks a user may really mean to pass (a tight crop
+where the lesion fills the volume, say) can be allowed by name with `config.data.allow`
+(names joined by '+'); the others cannot.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fll_jax.constants import SEQUENCES
+
+# Checks that config.data.allow may switch off, and what each one refuses.
+ALLOWABLE: dict[str, str] = {
+    "constant_image": "an image whose voxels all have one value",
+    "large_mask": "a lesion covering more than half of its volume or touching all six faces (inverted?)",
+    "shared_image": "identical image content under two patients",
+}
+MAX_MASK_FRACTION = 0.5
+MAX_SHOWN = 20  # problems shown in an error message; the rest are counted
+
+
+def problem_report(title: str, problems: Sequence[str]) -> str:
+    """An error message: the title, then the first MAX_SHOWN problems a line each, then a count."""
+    shown = list(problems[:MAX_SHOWN])
+    if len(problems) > len(shown):
+        shown.append(f"... and {len(problems) - len(shown)} more problem(s)")
+    return "\n".join([title, *shown])
+
+
+def parse_allow(text: str | Sequence[str]) -> frozenset[str]:
+    """The set of allowed check names from 'a+b' (or a sequence of names)."""
+    names = [n.strip() for n in (text.split("+") if isinstance(text, str) else text) if n.strip()]
+    unknown = sorted(set(names) - set(ALLOWABLE))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in ALLOWABLE.items())
+        raise ValueError(f"config.data.allow: unknown check(s) {unknown}; known: {known}")
+    return frozenset(names)
+
+
+def _hint(name: str) -> str:
+    return f" (if this is intended, allow it with --config.data.allow {name})"
+
+
+def image_problems(image: np.ndarray, path: Path, allow: frozenset[str]) -> list[str]:
+    """A non-finite or constant image."""
+    finite = np.isfinite(image)
+    if not finite.all():
+        return [f"{path}: image has {int(image.size - finite.sum())} NaN or infinite voxel(s)"]
+    if "constant_image" not in allow and image.size and image.min() == image.max():
+        return [f"{path}: image is constant (every voxel is {image.flat[0]:g})" + _hint("constant_image")]
+    return []
+
+
+def mask_value_problems(labels: np.ndarray, path: Path) -> list[str]:
+    """Mask values that are not integers (a soft or resampled mask), named as such."""
+    finite = np.isfinite(labels)
+    if not finite.all():
+        return [f"{path}: mask has {int(labels.size - finite.sum())} NaN or infinite voxel(s)"]
+    fractional = labels[labels != np.rint(labels)]
+    if fractional.size:
+        examples = ", ".join(f"{v:g}" for v in np.unique(fractional)[:3])
+        return [f"{path}: mask values must be integers (0 background, one value per lesion); "
+                f"found {fractional.size} non-integer voxel(s), e.g. {examples}"]
+    return []
+
+
+def lesion_extent_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow: frozenset[str]) -> list[str]:
+    """A lesion covering most of its volume, or touching every face of it (an inverted mask)."""
+    if "large_mask" in allow or not lesion.any():
+        return []
+    fraction = float(lesion.mean())
+    if fraction > MAX_MASK_FRACTION:
+        return [f"{path}: lesion {lesion_id} covers {fraction:.0%} of the volume" + _hint("large_mask")]
+    faces = [np.take(lesion, index, axis).any() for axis in range(3) for index in (0, -1)]
+    if all(faces):
+        return [f"{path}: lesion {lesion_id} touches all six faces of the volume (an inverted mask?)"
+                + _hint("large_mask")]
+    return []
+
+
+def duplicate_problems(records: Sequence, digests: Mapping[Path, Mapping], allow: frozenset[str]) -> list[str]:
+    """Leaks the manifest's paths hide: one lesion listed twice, or one image under two patients.
+
+    Args:
+        records: LesionRecords.
+        digests: path -> {'sha256': ...} of every image and mask file.
+        allow: allowed check names ('shared_image').
+    """
+    problems = []
+    lesions: dict[tuple, list] = defaultdict(list)
+    for r in records:
+        masks = tuple(digests[Path(r.masks[s])]["sha256"] for s in SEQUENCES if s in r.masks)
+        images = tuple(digests[Path(r.images[s])]["sha256"] for s in SEQUENCES if s in r.images)
+        lesions[(images, masks, r.mask_value)].append(r)
+    for same in lesions.values():
+        if len(same) > 1:
+            named = ", ".join(f"{r.lesion_id!r} (patient {r.patient_id!r}, label {r.label})" for r in same)
+            problems.append(f"lesions {named} are one lesion: the same image and mask content and mask_value")
+    if "shared_image" in allow:
+        return problems
+    owners: dict[str, dict[str, Path]] = defaultdict(dict)
+    for r in records:
+        for s in SEQUENCES:
+            if s in r.images:
+                owners[digests[Path(r.images[s])]["sha256"]].setdefault(r.patient_id, Path(r.images[s]))
+    for patients in owners.values():
+        if len(patients) > 1:
+            named = ", ".join(f"{p!r} ({path})" for p, path in patients.items())
+            problems.append(f"identical image content under patients {named}" + _hint("shared_image"))
+    return problems

@@ -1,0 +1,42 @@
+"""Errors that mean bad input or damaged state rather than a bug: entry points print them plainly.
+
+Each of these names the file, setting or lesion at fault and what to do; a traceback would
+only bury that. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from fll_jax.config_check import ConfigError
+    from fll_jax.data.folds import FoldError
+    from fll_jax.data.manifest import ManifestError
+    from fll_jax.data.prepare import DataError
+    from fll_jax.data.preprocess import PreprocessError
+    from fll_jax.evaluation.predictions import PredictionsError
+    from fll_jax.evaluation.readers import ReadersError
+    from fll_jax.files import StateFileError
+
+    errors = [ConfigError, FoldError, ManifestError, DataError, PreprocessError, PredictionsError, ReadersError,
+              StateFileError, FileExistsError]
+    try:  # the training modules need JAX; data tools run without it
+        from fll_jax.train.checkpoints import CheckpointError
+        from fll_jax.train.loop import NonFiniteLossError
+    except ImportError:
+        return tuple(errors)
+    return (*errors, CheckpointError, NonFiniteLossError)
+
+
+@contextlib.contextmanager
+def reported_as(program: str) -> Iterator[None]:
+    """Exit with status 1 and the message of a user error (no traceback), prefixed by the program."""
+    try:
+        yield
+    except user_errors() as error:
+        # The program ends here; reads that orbax abandoned on a damaged checkpoint would only add
+        # "Event loop is closed" noise below the message as their threads are torn down.
+        sys.unraisablehook = lambda unraisable: None
+        raise SystemExit(f"{program}: {error}") from None

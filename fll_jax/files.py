@@ -1,0 +1,78 @@
+"""Atomic writes and checked reads for every file a run writes (json, csv, npz, png, nii.gz).
+
+A file is written to a temporary name in its own folder and renamed over the target only once
+it is complete, so a killed process leaves either the old file or the new one, never a
+truncated one. Temporary names start with '.' and end with the target's suffixes (nibabel and
+numpy pick the format from the suffix).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class StateFileError(ValueError):
+    """A file the program wrote earlier is missing or damaged; the message names it and the remedy."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it over `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 1) -> Path:
+    return write_text(path, json.dumps(value, indent=indent) + "\n")
+
+
+def read_json(path: str | Path, remedy: str) -> Any:
+    """A JSON file the program wrote; a missing, unreadable or damaged one names itself and `remedy`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing; {remedy}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error}); {remedy}") from None
+
+
+def write_csv(frame, path: str | Path) -> Path:
+    """A pandas DataFrame as CSV, without its index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """A matplotlib Figure as PNG (the Agg canvas; no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return Path(path)

@@ -1,0 +1,134 @@
+"""A run's folder: what its results depend on, recorded once and checked on every rerun.
+
+fingerprint.json holds the settings that change results (the config without the speed and
+location knobs of SPEED_KNOBS) and the data fingerprint (fll_jax.data.fingerprint: per lesion
+its labels, split, fold and file contents, and the patch cache key). A rerun whose fingerprint
+differs is refused with the list of what changed, before anything is reused or overwritten;
+restart=True (the --restart flag) deletes the earlier run's outputs first. config.json is the
+config of the latest command that ran in the folder, for tools that read a finished run.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from fll_jax.data.fingerprint import describe_changes
+from fll_jax.files import StateFileError, read_json, write_json
+
+CONFIG_FILE = "config.json"
+FINGERPRINT_FILE = "fingerprint.json"
+# Settings that change speed or where files are, never results (the data is fingerprinted by content).
+SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
+               "train.checkpoint_every", "train.eval_batch_size")
+# What a run writes into its folder; --restart deletes these and nothing else.
+RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
+               "tensorboard", "explain", "reader_study.json", "reader_study.md", "fold*")
+RESTART = "pass --restart to delete it and start over, or use another --workdir"
+
+
+class WorkdirError(FileExistsError):
+    """The folder holds a run that differs from the one asked for; nothing was changed."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def settings_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted path: value} of every config field that can change results."""
+    flat = _flatten(json.loads(config.to_json()))
+    return {k: v for k, v in sorted(flat.items()) if k not in SPEED_KNOBS}
+
+
+def run_fingerprint(config: ml_collections.ConfigDict, data: dict) -> dict:
+    return {"settings": settings_fingerprint(config), "data": data}
+
+
+def fingerprint_changes(stored: dict, current: dict) -> list[str]:
+    """Lines naming each changed setting (by path) and each changed lesion or file."""
+    old, new = stored.get("settings", {}), current["settings"]
+    lines = [f"setting {k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    old_data, new_data = stored.get("data", {}), current["data"]
+    lines += describe_changes(old_data.get("lesions", {}), new_data.get("lesions", {}))
+    if not lines and old_data.get("patches") != new_data.get("patches"):
+        lines.append(f"the preprocessed patches (cache key {old_data.get('patches')} -> {new_data.get('patches')}): "
+                     "another patch size or preprocessing version")
+    return lines
+
+
+def read_fingerprint(workdir: Path) -> dict:
+    return read_json(Path(workdir) / FINGERPRINT_FILE, f"the run's record is damaged; {RESTART}")
+
+
+def _outputs(workdir: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_OUTPUTS for p in workdir.glob(pattern)})
+
+
+def clear_run(workdir: str | Path) -> list[Path]:
+    """Delete an earlier run's outputs from the folder (other files stay); returns what was deleted."""
+    deleted = _outputs(Path(workdir))
+    for path in deleted:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return deleted
+
+
+def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict, restart: bool = False) -> None:
+    """Start the run in `workdir`, or check that the run already there is this one.
+
+    Args:
+        workdir: the run's folder.
+        config: the run's config.
+        data: the source's data fingerprint.
+        restart: delete an earlier run's outputs first.
+
+    Raises:
+        WorkdirError: the folder holds another run (the message lists what changed), or run
+            outputs without a fingerprint; nothing was changed.
+        StateFileError: fingerprint.json is damaged.
+    """
+    workdir = Path(workdir)
+    current = run_fingerprint(config, data)
+    if restart:
+        deleted = clear_run(workdir)
+        if deleted:
+            print(f"--restart: deleted {', '.join(p.name for p in deleted)} from {workdir}")
+    fingerprint = workdir / FINGERPRINT_FILE
+    if fingerprint.exists():
+        changes = fingerprint_changes(read_fingerprint(workdir), current)
+        if changes:
+            raise WorkdirError(f"{workdir} holds a run that differs from this one; nothing was changed. "
+                               f"What differs:\n  " + "\n  ".join(changes) + f"\nTo run this one, {RESTART}.")
+    elif _outputs(workdir):
+        raise WorkdirError(f"{workdir} holds run outputs ({', '.join(p.name for p in _outputs(workdir))}) but no "
+                           f"{FINGERPRINT_FILE}, so what they were made from is unknown; {RESTART}.")
+    else:
+        write_json(fingerprint, current)
+    write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
+
+
+def check_same_data(workdir: str | Path, data: dict) -> None:
+    """WorkdirError unless `data` (a data fingerprint) is the data the run in workdir was made from."""
+    stored = read_fingerprint(Path(workdir)).get("data", {})
+    changes = fingerprint_changes({"data": stored}, {"settings": {}, "data": data})
+    if changes:
+        raise WorkdirError(f"the data changed since the run in {workdir} was trained; its models would be "
+                           "applied to other images than it was made from. What differs:\n  " + "\n  ".join(changes)
+                           + "\nRestore the data, or retrain with --restart.")
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config of a run's folder; StateFileError naming the file if it is missing or damaged."""
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        raise StateFileError(f"{path} not found: {workdir} is not a cross-validation workdir")
+    return ml_collections.ConfigDict(read_json(path, f"it is rewritten by rerunning the training command; {RESTART}"))

@@ -1,0 +1,395 @@
+"""Faults a user meets (docs/reliability.md): stale or damaged state, broken inputs, bad configs.
+
+One small cohort is written as NIfTI files with a manifest and run once through the real path
+(manifest -> checks -> patches -> two folds -> ensemble -> report). Each test copies that run,
+applies one fault, reruns what a user would rerun, and asserts the clear error, the refusal,
+the rebuild or the retrain, and that every result written before the fault is unchanged.
+"""
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from fll_jax.config_check import ConfigError
+from fll_jax.data import prepare
+from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
+from fll_jax.data.prepare import DataError, check_data, prepare_source
+from fll_jax.data.preprocess import PreprocessError
+from fll_jax.evaluation.report import write_report
+from fll_jax.files import StateFileError, read_json
+from fll_jax.train.checkpoints import CheckpointError
+from fll_jax.train.cross_validate import cross_validate
+from fll_jax.train.workdir import WorkdirError, open_run
+from tests.helpers import tiny_config
+from tests.lesion_files import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """(folder, config) of a finished two-fold run on a NIfTI cohort: cohort/, data/, run/."""
+    folder = tmp_path_factory.mktemp("faults")
+    write_dataset(folder / "cohort")
+    config = _config(folder)
+    cross_validate(config, folder / "run")
+    return folder, config
+
+
+def _config(folder: Path, arg: str = "folds=0+1"):
+    config = tiny_config(arg)
+    config.data.source = "manifest"
+    config.data.manifest = str(folder / "cohort" / "manifest.csv")
+    config.data.root = str(folder / "data")
+    return config
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A private copy of the finished run (cohort, data cache and workdir): (folder, config)."""
+    folder, _ = finished
+    for name in ("cohort", "data", "run"):
+        shutil.copytree(folder / name, tmp_path / name)
+    config = _config(tmp_path)
+    # As after moving a run: config.json and the report name the new paths.
+    open_run(tmp_path / "run", config, prepare_source(config).fingerprint)
+    write_report(tmp_path / "run")
+    return tmp_path, config
+
+
+def results(workdir: Path) -> dict[str, bytes]:
+    """Every file a run wrote (the tensorboard log, appended by each rerun, aside)."""
+    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*"))
+            if p.is_file() and "tensorboard" not in p.parts}
+
+
+def _edit_manifest(config, change) -> None:
+    records = read_manifest(config.data.manifest)
+    write_manifest(change(records), config.data.manifest)
+
+
+def _largest(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+# 1. An edited manifest in the same workdir.
+
+def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run):
+    folder, config = run
+    before = results(folder / "run")
+    _edit_manifest(config, lambda rs: [dataclasses.replace(r, split="test") if r.patient_id == "D01" else r for r in rs])
+    with pytest.raises(WorkdirError, match=r"(?s)differs.*lesion 'D01_L1': split 'dev' -> 'test'.*--restart"):
+        cross_validate(config, folder / "run")
+    assert results(folder / "run") == before
+    cross_validate(config, folder / "run", restart=True)
+    predictions = pd.read_csv(folder / "run" / "predictions.csv")
+    assert predictions.loc[predictions.lesion_id == "D01_L1", "split"].tolist() == ["test"]
+    assert read_json(folder / "run" / "fingerprint.json", "")["data"]["lesions"]["D01_L1"]["fold"] == -1
+
+
+# 2. A damaged checkpoint.
+
+def test_damaged_best_checkpoint_is_refused_with_its_path_and_remedy(run):
+    folder, config = run
+    best = folder / "run" / "fold1" / "checkpoints" / "best"
+    # Bytes flipped in the largest file: array data (read back as other values) or an index of it.
+    target = _largest(best)
+    intact = target.read_bytes()
+    middle = len(intact) // 2
+    target.write_bytes(intact[:middle] + bytes(b ^ 0xFF for b in intact[middle:middle + 8]) + intact[middle + 8:])
+    before = results(folder / "run")
+    with pytest.raises(CheckpointError, match=r"fold1/checkpoints/best/\d+: (cannot be read|damaged).*delete .*fold1 and rerun"):
+        cross_validate(config, folder / "run")
+    assert results(folder / "run") == before
+    # Arrays that read back fine but are not what was saved: found by their checksums.
+    target.write_bytes(intact)
+    record = next(best.glob("*/checksums/metadata"))
+    checksums = json.loads(record.read_text())
+    leaf = sorted(checksums["arrays"])[0]
+    checksums["arrays"][leaf][0] ^= 1
+    record.write_text(json.dumps(checksums))
+    with pytest.raises(CheckpointError, match=re.escape(f"does not match its checksums ({leaf})")):
+        cross_validate(config, folder / "run")
+
+
+# 3. A stale patch cache.
+
+def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch):
+    folder, config = run
+    old = prepare_source(config)
+    image = Path(old.fingerprint["lesions"]["D00_L1"]["files"]["t2w_image"]["path"])
+    status = image.stat()
+    nifti = nib.load(image)
+    nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj) * 2.0 + 50.0, nifti.affine), image)
+    os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))  # as `cp -p` or rsync would leave it
+    new = prepare_source(config)
+    assert new.fingerprint["patches"] != old.fingerprint["patches"]
+    rows = {k: i for i, k in enumerate(new.patches.lesion_id)}
+    assert not np.array_equal(new.patches.image[rows["D00_L1"], 0], old.patches.image[rows["D00_L1"], 0])
+    np.testing.assert_array_equal(new.patches.image[rows["D11_L1"]], old.patches.image[rows["D11_L1"]])
+    before = results(folder / "run")
+    with pytest.raises(WorkdirError, match=r"lesion 'D00_L1': t2w_image content changed"):
+        cross_validate(config, folder / "run")
+    assert results(folder / "run") == before
+    # The same bytes in another folder are the same data: nothing is preprocessed again.
+    shutil.copytree(folder / "cohort", folder / "moved")
+    config.data.manifest = str(folder / "moved" / "manifest.csv")
+    monkeypatch.setattr(prepare, "preprocess_manifest", lambda *a, **k: pytest.fail("preprocessed again"))
+    assert prepare_source(config).fingerprint["patches"] == new.fingerprint["patches"]
+
+
+# 4. Leaks the manifest's paths hide.
+
+def test_one_image_under_two_patients_and_one_lesion_listed_twice_are_refused(run):
+    folder, config = run
+    before = results(folder / "run")
+
+    def leak(records):
+        twin = [dataclasses.replace(r, patient_id="T9", lesion_id=f"T9_L{i}", split="test")
+                for i, r in enumerate(r for r in records if r.patient_id == "D11")]
+        again = [dataclasses.replace(r, lesion_id="D21_again", label=(r.label + 1) % 7)
+                 for r in records if r.lesion_id == "D21_L1"]
+        return records + twin + again
+
+    _edit_manifest(config, leak)
+    with pytest.raises(DataError) as error:
+        cross_validate(config, folder / "run")
+    message = str(error.value)
+    assert "identical image content under patients 'D11'" in message and "'T9'" in message
+    assert "'D21_L1'" in message and "'D21_again'" in message and "are one lesion" in message
+    assert results(folder / "run") == before
+
+
+# 5. Blank and inverted inputs.
+
+def _rewrite_nifti(path: Path, change) -> None:
+    nifti = nib.load(path)
+    nib.save(nib.Nifti1Image(change(np.asarray(nifti.dataobj)), nifti.affine), path)
+
+
+def test_blank_images_and_inverted_or_whole_masks_are_refused_all_at_once(run):
+    folder, config = run
+    patients = folder / "cohort" / "patients"
+    _rewrite_nifti(patients / "D31" / "t1w.nii.gz", lambda a: np.zeros_like(a))
+    _rewrite_nifti(patients / "D41" / "lap_mask.nii.gz", lambda a: (a == 0).astype(a.dtype))
+    _rewrite_nifti(patients / "D51" / "pvp_mask.nii.gz", lambda a: np.ones_like(a))
+    problems = check_data(config)
+    assert len(problems) == 3, problems
+    assert "D31/t1w.nii.gz: image is constant" in problems[0] and "'D31_L1'" in problems[0]
+    assert "D41/lap_mask.nii.gz: lesion D41_L1 covers" in problems[1]
+    assert "D51/pvp_mask.nii.gz: lesion D51_L1 covers 100%" in problems[2]
+    before = results(folder / "run")
+    with pytest.raises(PreprocessError) as error:
+        cross_validate(config, folder / "run")
+    assert all(line in str(error.value) for line in problems)
+    assert results(folder / "run") == before
+    # A user who means it switches the check off by name.
+    config.data.allow = "constant_image+large_mask"
+    assert check_data(config) == []
+
+
+def test_check_reports_every_problem_of_the_data_set_from_the_command_line(run):
+    folder, config = run
+    _rewrite_nifti(folder / "cohort" / "patients" / "D31" / "t1w.nii.gz", lambda a: np.full_like(a, 7))
+    (folder / "cohort" / "patients" / "D60" / "dwi.nii.gz").write_bytes(b"truncated")
+    command = [sys.executable, "data_prep/preprocess.py", "--config", "configs/quick.py", "--check",
+               "--config.data.source", "manifest", "--config.data.manifest", config.data.manifest,
+               "--config.data.root", config.data.root]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    *problems, summary = done.stdout.strip().splitlines()
+    assert summary.startswith(f"{len(problems)} problem(s) found")
+    assert any("D31/t1w.nii.gz: image is constant (every voxel is 7)" in p for p in problems)
+    assert any("lesion 'D60_L1'" in p and "D60/dwi.nii.gz" in p for p in problems)
+    assert any("lesion 'D60_L2'" in p and "D60/dwi.nii.gz" in p for p in problems)
+
+
+# 7. Damaged state files and caches.
+
+def test_truncated_latest_checkpoint_is_reported_with_its_path(run):
+    folder, config = run
+    (folder / "run" / "fold1" / "done.json").unlink()
+    target = _largest(folder / "run" / "fold1" / "checkpoints" / "latest")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    before = results(folder / "run")
+    with pytest.raises(CheckpointError, match=r"fold1/checkpoints/latest/\d+: (cannot be read|damaged).*delete .*fold1"):
+        cross_validate(config, folder / "run")
+    assert results(folder / "run") == before
+
+
+def test_empty_done_json_names_itself_and_its_remedy_works(run):
+    folder, config = run
+    done = folder / "run" / "fold0" / "done.json"
+    original = done.read_bytes()
+    done.write_text("")
+    before = results(folder / "run")
+    with pytest.raises(StateFileError, match=r"fold0/done.json: damaged .*delete it and rerun"):
+        cross_validate(config, folder / "run")
+    assert results(folder / "run") == before
+    done.unlink()
+    cross_validate(config, folder / "run")
+    assert done.read_bytes() == original
+    assert results(folder / "run") == {**before, "fold0/done.json": original}
+
+
+def test_empty_config_json_is_named_by_the_report_and_rewritten_by_a_rerun(run):
+    folder, config = run
+    workdir = folder / "run"
+    before = results(workdir)
+    (workdir / "config.json").write_text("")
+    with pytest.raises(StateFileError, match=r"run/config.json: damaged .*rerunning the training command"):
+        write_report(workdir)
+    # Speed knobs may change between reruns: the run is the same, config.json records the new ones.
+    config.data.workers, config.train.log_every = 1, 3
+    cross_validate(config, workdir)
+    after = results(workdir)
+    assert read_json(workdir / "config.json", "")["train"]["log_every"] == 3
+    assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
+
+
+def test_empty_predictions_csv_is_named_with_its_remedy(tmp_path):
+    from fll_jax.evaluation.predictions import load_predictions
+
+    (tmp_path / "predictions.csv").write_text("")
+    with pytest.raises(StateFileError, match=r"predictions.csv: damaged .*rerun the training command"):
+        load_predictions(tmp_path / "predictions.csv")
+
+
+def test_truncated_patch_cache_is_rebuilt(run, capsys):
+    folder, config = run
+    npz = next((folder / "data" / "patches").glob("*.npz"))
+    intact = npz.read_bytes()
+    npz.write_bytes(intact[: len(intact) // 3])
+    source = prepare_source(config)
+    assert "rebuilding the patch cache" in capsys.readouterr().out
+    assert npz.read_bytes() == intact and len(source.patches) == 25
+
+
+def test_fold_whose_best_checkpoint_is_gone_is_trained_again_not_reported_finished(run, capsys):
+    folder, config = run
+    workdir = folder / "run"
+    before = results(workdir)
+    shutil.rmtree(workdir / "fold1" / "checkpoints" / "best")
+    cross_validate(config, workdir)
+    assert "fold 1: " in capsys.readouterr().out
+    after = results(workdir)
+    old, new = (pd.read_csv(io.BytesIO(x["predictions.csv"])) for x in (before, after))
+    probabilities = [c for c in old.columns if "_p" in c]
+    np.testing.assert_allclose(new[probabilities], old[probabilities], atol=1e-6)
+    assert after["fold1/done.json"] == before["fold1/done.json"]
+
+
+# 8. Config and manifest failures, before anything is written.
+
+def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
+    folder, _ = finished
+    config = _config(folder, "folds=-1,epochs=0,batch_size=0,width=0")
+    with pytest.raises(ConfigError) as error:
+        cross_validate(config, tmp_path / "new")
+    for field in ("train.epochs = 0", "train.batch_size = 0", "model.width = 0", "train.folds = (-1,)"):
+        assert field in str(error.value)
+    assert not (tmp_path / "new").exists()
+
+
+def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):
+    folder, _ = finished
+    shutil.copytree(folder / "cohort", tmp_path / "cohort")
+    config = _config(tmp_path)
+    config.data.root = str(folder / "data")
+    _edit_manifest(config, lambda rs: [r for r in rs if r.split == "dev"])
+    with pytest.raises(DataError, match="no test split"):
+        cross_validate(config, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_latin1_infinite_diameter_and_soft_masks_are_named(finished, tmp_path):
+    folder, _ = finished
+    cohort = shutil.copytree(folder / "cohort", tmp_path / "cohort")
+    manifest = cohort / "manifest.csv"
+    records = read_manifest(cohort / "manifest.csv", check_files=False, check_masks=False)
+    original = manifest.read_bytes()
+    lines = original.split(b"\n")
+    lines[3] = lines[3].replace(b"scanner", "sc\u00e4nner".encode("latin-1"), 1)  # an editor's Latin-1 save
+    manifest.write_bytes(b"\n".join(lines))
+    with pytest.raises(ManifestError, match=r"manifest.csv:4: not UTF-8"):
+        read_manifest(manifest)
+    write_manifest([dataclasses.replace(records[0], diameter_mm=float("inf"))] + records[1:], manifest)
+    with pytest.raises(ManifestError, match=r"manifest.csv:2: lesion 'D00_L1': diameter_mm 'inf' is not a finite number"):
+        read_manifest(manifest)
+    manifest.write_bytes(original)
+    _rewrite_nifti(cohort / "patients" / "D11" / "adc_mask.nii.gz", lambda a: (a * 0.6).astype(np.float32))
+    with pytest.raises(ManifestError, match=r"adc_mask.nii.gz: mask values must be integers .* e.g. 0.6"):
+        read_manifest(manifest)
+
+
+def test_entry_point_prints_the_problem_without_a_traceback(tmp_path):
+    command = [sys.executable, "experiments/cross_validate.py", "--config", "configs/quick.py:epochs=0",
+               "--workdir", str(tmp_path / "new")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "cross_validate: invalid config:\ntrain.epochs = 0: must be an integer >= 1" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "new").exists()
+
+
+# No hidden state.
+
+def test_fold_settings_reuse_the_patches_and_the_phantom_has_its_own_seed(run, monkeypatch):
+    folder, config = run
+    before = prepare_source(config)
+    monkeypatch.setattr(prepare, "preprocess_manifest", lambda *a, **k: pytest.fail("preprocessed again"))
+    config.data.fold_seed = 1
+    after = prepare_source(config)
+    assert after.fingerprint["patches"] == before.fingerprint["patches"]
+    assert not np.array_equal(after.fold, before.fold)
+    phantom = tiny_config("seed=5")
+    phantom.data.phantom_seed = 3
+    assert prepare.phantom_dir(phantom).name == "phantom_quick_seed3"
+
+
+def test_importing_the_package_leaves_jax_flags_alone():
+    code = ("import jax; default = jax.config.jax_threefry_partitionable\n"
+            "import fll_jax, fll_jax.train.cross_validate, fll_jax.saliency.explain\n"
+            "assert jax.config.jax_threefry_partitionable == default\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+# The mechanisms underneath.
+
+def test_checksums_name_the_leaf_with_any_single_flipped_bit():
+    import jax.numpy as jnp
+
+    from fll_jax.train import integrity
+
+    tree = {"w": jnp.linspace(-1, 1, 1000, dtype=jnp.float32), "b": jnp.ones(7, jnp.bfloat16),
+            "step": jnp.asarray(12, jnp.int32), "key": jnp.asarray([3, 4], jnp.uint32)}
+    stored = integrity.checksums(tree)
+    assert integrity.mismatches(tree, stored) == []
+    rng = np.random.default_rng(0)
+    for name in tree:
+        raw = np.asarray(tree[name]).copy()
+        view = raw.reshape(-1).view(np.uint8)
+        byte = int(rng.integers(view.size))
+        view[byte] ^= np.uint8(1 << int(rng.integers(8)))
+        assert integrity.mismatches({**tree, name: jnp.asarray(raw)}, stored) == [f"['{name}']"]
+    assert not bool(integrity.all_finite({**tree, "w": tree["w"].at[3].set(jnp.nan)}))
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from fll_jax.files import atomic_path, write_text
+
+    path = write_text(tmp_path / "report.md", "old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half of the new")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
