@@ -12,7 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = paper.get_config()
     config.data.scale = "quick"
     config.model.width = 8
-    config.model.dtype = "float32"  # bf16 is no faster on XLA:CPU (ARCHITECTURE.md, 12)
+    config.model.dtype = "float32"  # bf16 is no faster on XLA:CPU (docs/performance.md)
     # The stored 64^3 patches are resampled to 16^3 on the device: ~24 lesions/s here.
     config.input_size = 16
     config.optim.learning_rate = 3e-3

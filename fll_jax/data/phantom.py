@@ -1,6 +1,6 @@
 """Synthetic multisequence liver MRI with the radiological signatures of seven lesion classes.
 
-The specification is the design note PHANTOM.md. Each patient is written as
+The specification is docs/phantom.md. Each patient is written as
 seven image NIfTIs and seven lesion-mask NIfTIs, one per sequence, each on its own grid and
 voxel size (T2WI/DWI/ADC: thick slices; T1WI and the three dynamic phases: thinner), with its
 own small rigid shift (breathing), plus a manifest row per lesion (fll_jax.data.manifest).
@@ -137,7 +137,7 @@ SHAPES: dict[str, LesionShape] = {
     "metastasis": LesionShape(28.55, 0.47, 3.0, 0.05, 3.0, 0.7, rim=0.65),
 }
 
-# Compartment intensities relative to liver (PHANTOM.md's table). A missing compartment falls
+# Compartment intensities relative to liver (docs/phantom.md, class signatures). A missing compartment falls
 # back: rim -> core, capsule -> rim, scar -> core, nodules -> rim, halo -> liver (1.0).
 SIGNATURES: dict[str, dict[str, dict[str, float]]] = {
     "cyst": {"t2w": {"core": 3.0}, "dwi": {"core": 0.6}, "adc": {"core": 3.0}, "t1w": {"core": 0.4},

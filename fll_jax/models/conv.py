@@ -1,6 +1,6 @@
 """3D convolution with PyTorch-style padding, computed directly or by space-to-depth.
 
-Space-to-depth (ARCHITECTURE.md, decisions 11 and 12): a stride-s convolution equals a
+Space-to-depth (docs/performance.md, "Decisions"): a stride-s convolution equals a
 stride-1 convolution over the s x s x s blocks of the input, with each block's voxels moved
 into channels and the kernel zero-padded and regrouped the same way. The parameter keeps its
 natural [k, k, k, C_in, C_out] shape; only the forward pass changes.

@@ -1,4 +1,4 @@
-"""Scoring explanations against the phantom's ground truth (../shared/design/PHANTOM.md).
+"""Scoring explanations against the phantom's ground truth (docs/phantom.md).
 
 - key-sequence hit rate: per class, how often a lesion's top-k sequences (by importance)
   include each of the class's key sequences; chance is k / (number of used sequences);
@@ -21,7 +21,7 @@ from scipy import ndimage, stats
 
 from fll_jax.constants import CLASSES
 
-# PHANTOM.md, "Key sequences": where each class differs most from its nearest confusers.
+# docs/phantom.md, "Key sequences": where each class differs most from its nearest confusers.
 KEY_SEQUENCES: dict[str, tuple[str, ...]] = {
     "cyst": ("t2w", "adc", "pvp"),
     "fnh": ("lap", "dp", "t2w"),
