@@ -65,26 +65,20 @@ def _digests(config: ml_collections.ConfigDict) -> FileDigests:
     return FileDigests(Path(config.data.root) / "file_digests.json")
 
 
-def _checked_records(config: ml_collections.ConfigDict, digests: FileDigests):
-    """The manifest's records and their file digests; DataError listing every leak found."""
-    records = read_manifest(manifest_path(config))
-    files = file_digests(records, digests)
-    digests.save()
-    problems = duplicate_problems(records, files, parse_allow(config.data.allow))
-    if problems:
-        raise DataError(problem_report("the data leaks between lesions or patients:", problems))
-    return records, files
-
-
-def describe_data(config: ml_collections.ConfigDict) -> tuple[list, list[int], dict]:
-    """(manifest records, their folds, the data fingerprint) of a config, after the leak checks.
+def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None = None) -> tuple[list, list[int], dict]:
+    """(manifest records, their folds, the data fingerprint) of a config; DataError listing every leak.
 
     The fingerprint holds 'patches' (the patch cache key) and 'lesions' (per lesion its
     manifest fields, fold and file digests): what results depend on in the data.
     """
     data = config.data
-    digests = _digests(config)
-    records, files = _checked_records(config, digests)
+    digests = digests or _digests(config)
+    records = read_manifest(manifest_path(config))
+    files = file_digests(records, digests)
+    digests.save()
+    problems = duplicate_problems(records, files, parse_allow(data.allow))
+    if problems:
+        raise DataError(problem_report("the data leaks between lesions or patients:", problems))
     folds = assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
                          num_folds=data.num_folds, seed=data.fold_seed).tolist()
     lesions = lesion_fingerprints(records, folds, files)
@@ -97,14 +91,14 @@ def prepare_source(config: ml_collections.ConfigDict):
     if data.backend not in BACKENDS:
         raise ValueError(f"unknown config.data.backend {data.backend!r}; known: {', '.join(BACKENDS)}")
     allow = parse_allow(data.allow)
-    records, folds, fingerprint = describe_data(config)
+    digests = _digests(config)
+    records, folds, fingerprint = describe_data(config, digests)
     key = fingerprint["patches"]
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
 
-        digests = _digests(config)
         path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow)
         digests.save()
         return TFDSSource(path, fold_of, fingerprint)

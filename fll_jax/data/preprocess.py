@@ -152,8 +152,7 @@ def preprocess_manifest(
     if not records:
         raise ValueError("no lesions to preprocess")
     by_patient = _by_patient(records)
-    results = _map_patients(_preprocess_patient, [([records[i] for i in rows], size, allow)
-                                                  for rows in by_patient.values()], workers)
+    results = _map_patients([([records[i] for i in rows], size, allow) for rows in by_patient.values()], workers)
     _raise_problems([r for patches in results for r in patches if isinstance(r, str)])
 
     n = len(records)
@@ -183,8 +182,8 @@ def preprocess_manifest(
 def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] = frozenset()) -> list[str]:
     """Every problem preprocessing would meet in these lesions' files, without making patches."""
     by_patient = _by_patient(list(records))
-    jobs = [([records[i] for i in rows], allow) for rows in by_patient.values()]
-    return _unique([p for problems in _map_patients(_check_patient, jobs, workers) for p in problems])
+    jobs = [([records[i] for i in rows], None, allow) for rows in by_patient.values()]
+    return _unique([p for problems in _map_patients(jobs, workers) for p in problems])
 
 
 def _by_patient(records: list) -> dict[str, list[int]]:
@@ -194,8 +193,8 @@ def _by_patient(records: list) -> dict[str, list[int]]:
     return rows
 
 
-def _map_patients(fn, jobs: list, workers: int) -> list:
-    """fn over the patients' jobs, in a process pool when there are several workers and jobs."""
+def _map_patients(jobs: list, workers: int) -> list:
+    """_patient over the patients' jobs, in a process pool when there are several workers and jobs."""
     if workers > 1 and len(jobs) > 1:
         # forkserver: workers never inherit the threads of a parent running TensorFlow or JAX
         # (as with spawn, a calling script needs an `if __name__ == "__main__":` guard).
@@ -203,8 +202,8 @@ def _map_patients(fn, jobs: list, workers: int) -> list:
         context.set_forkserver_preload([__name__])
         # An executor, unlike Pool, fails instead of hanging when a worker dies (e.g. out of memory).
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            return list(pool.map(fn, jobs))
-    return [fn(job) for job in jobs]
+            return list(pool.map(_patient, jobs))
+    return [_patient(job) for job in jobs]
 
 
 def _unique(problems: list[str]) -> list[str]:
@@ -218,29 +217,21 @@ def _raise_problems(problems: list[str]) -> None:
         raise PreprocessError(problem_report("cannot preprocess:", problems))
 
 
-def _preprocess_patient(job: tuple[list, int, frozenset]) -> list[LesionPatch | str]:
-    """All lesions of one patient, reading each file once; a problem (text) in place of a bad lesion."""
+def _patient(job: tuple[list, int | None, frozenset]) -> list[LesionPatch | str]:
+    """All lesions of one patient, reading each file once: their patches, or with size None only
+    their checks; a bad lesion's problems (text lines) in place of its patch."""
     records, size, allow = job
     cache: dict = {}
     out = []
     for record in records:
         try:
-            out.append(_preprocess(record, size, cache, allow))
+            if size is None:
+                _lesion_volumes(record, cache, allow)
+            else:
+                out.append(_preprocess(record, size, cache, allow))
         except PreprocessError as error:
             out += str(error).splitlines()
     return out
-
-
-def _check_patient(job: tuple[list, frozenset]) -> list[str]:
-    records, allow = job
-    cache: dict = {}
-    problems = []
-    for record in records:
-        try:
-            _lesion_volumes(record, cache, allow)
-        except PreprocessError as error:
-            problems += str(error).splitlines()
-    return problems
 
 
 def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> tuple[list, list]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from fll_jax.config_check import check_config
 from fll_jax.constants import NUM_CLASSES
+from fll_jax.data.checks import problem_report
 from fll_jax.data.prepare import DataError
 from fll_jax.files import write_csv
 from fll_jax.models import build_model
@@ -48,7 +49,7 @@ def check_source(config: ml_collections.ConfigDict, source) -> None:
             problems.append(f"fold {fold}: {train} training lesion(s) cannot fill one batch of "
                             f"train.batch_size = {config.train.batch_size}")
     if problems:
-        raise DataError("the data does not fit the config:\n" + "\n".join(problems))
+        raise DataError(problem_report("the data does not fit the config:", problems))
 
 
 def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices=None) -> Steps:
