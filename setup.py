@@ -10,6 +10,7 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["fll_jax", "fll_jax.*", "configs"]),
+    package_data={"fll_jax.data": ["sequence_map.json"]},
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",

@@ -26,6 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.backend = "tfds"  # 'tfds' (TFRecords + tf.data) or 'numpy' (npz in memory)
     config.data.num_folds = 5
     config.data.fold_seed = 0
+    # 'assigned' (patient-level stratified, from fold_seed) or 'manifest' (its fold column:
+    # official folds of a public data set).
+    config.data.folds = "assigned"
     config.data.workers = 2
     # Data checks to switch off, joined by '+': constant_image, large_mask, shared_image.
     config.data.allow = ""
@@ -74,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Metric on the validation fold that picks each fold's best epoch.
     config.train.select_metric = "accuracy_7way"
     config.train.log_every = 10
+    # Chance of hiding each present sequence of a training lesion (never all of them), so the
+    # model learns to classify lesions that lack sequences.
+    config.train.sequence_dropout = 0.0
     # Epochs between saves of the latest state (a resumed run repeats at most this many).
     config.train.checkpoint_every = 1
     return apply_config_string(config, arg)

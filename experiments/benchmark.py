@@ -35,6 +35,7 @@ def _batch(n: int, size: int) -> dict:
         "image": rng.integers(0, 256, shape, dtype=np.uint8),
         "mask": rng.integers(0, 256, shape, dtype=np.uint8),
         "label7": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+        "present": np.ones((n, len(SEQUENCES)), bool),
         "valid": np.ones(n, bool),
     }
 

@@ -29,7 +29,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
             caller hands the data over itself).
     """
     from fll_jax.data.checks import parse_allow
-    from fll_jax.data.prepare import BACKENDS, SOURCES
+    from fll_jax.data.prepare import BACKENDS, FOLD_SOURCES, SOURCES
     from fll_jax.models import build_model
     from fll_jax.train.loop import SELECT_METRICS
 
@@ -55,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         finite(path, strict=True)
     for path in ("optim.weight_decay", "optim.warmup_epochs", "loss.binary_weight", "loss.multiclass_weight",
                  "loss.label_smoothing", "model.dropout", "augment.rotate_deg", "augment.shift",
-                 "augment.intensity", "augment.noise_std"):
+                 "augment.intensity", "augment.noise_std", "train.sequence_dropout"):
         finite(path)
     if not problems:
         need(config.augment.scale_min <= config.augment.scale_max, "augment.scale_min", "must be <= augment.scale_max")
@@ -63,6 +63,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
              "and loss.multiclass_weight cannot both be 0")
         need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
              "and model.dropout must be < 1")
+        need(config.train.sequence_dropout < 1, "train.sequence_dropout", "must be < 1")
     weights = tuple(config.loss.class_weights)
     need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)),
          "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0")
@@ -78,6 +79,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         need(config.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}")
         need(config.data.backend in BACKENDS, "data.backend", f"must be one of {', '.join(BACKENDS)}")
         need(config.data.source != "manifest" or bool(config.data.manifest), "data.manifest", "must name a manifest.csv")
+        need(config.data.folds in FOLD_SOURCES, "data.folds", f"must be one of {', '.join(FOLD_SOURCES)}")
     for path in ("train.batch_size", "train.eval_batch_size"):
         value = _get(config, path)
         need(not isinstance(value, int) or value < 1 or value % num_devices == 0, path,

@@ -18,6 +18,7 @@ _KEYS = {
     "scale": "data.scale",
     "backend": "data.backend",
     "seed": "seed",
+    "sequence_dropout": "train.sequence_dropout",
 }
 
 
@@ -31,6 +32,8 @@ def _parse_value(key: str, text: str):
         return tuple(int(f) for f in text.split("+"))
     if key in ("depth", "width", "epochs", "batch_size", "seed"):
         return int(text)
+    if key == "sequence_dropout":
+        return float(text)
     return text
 
 

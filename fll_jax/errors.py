@@ -22,6 +22,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors = [ConfigError, FoldError, ManifestError, DataError, PreprocessError, PredictionsError, ReadersError,
               StateFileError, FileExistsError]
+    try:  # DICOM support is an extra (pydicom)
+        from fll_jax.data.dicom import DicomError
+
+        errors.append(DicomError)
+    except ImportError:
+        pass
     try:  # the training modules need JAX; data tools run without it
         from fll_jax.train.checkpoints import CheckpointError
         from fll_jax.train.loop import NonFiniteLossError

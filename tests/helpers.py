@@ -37,6 +37,7 @@ def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
         "mask": mask,
         "label7": label7.astype(np.int32),
         "label2": to_binary(label7),
+        "present": np.ones((n, len(SEQUENCES)), bool),
         "valid": np.ones(n, bool),
     }
 
@@ -61,5 +62,6 @@ def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int
         background=np.array(["normal", "cirrhotic", "fatty"] * n)[:n],
         diameter_mm=np.full(n, 20.0, np.float32),
         patch_affine=np.tile(np.eye(4), (n, 7, 1, 1)),
+        present=batch["present"],
     )
     return NumpySource(patches, dict(zip(patches.lesion_id.tolist(), folds.tolist())))

@@ -69,11 +69,12 @@ def write_patient(folder: Path, shape, affine, lesions, image_fn=None) -> tuple[
 
 
 def record(images, masks, *, patient_id="P0", lesion_id="P0_L1", label=0, mask_value=1,
-           split="dev", diameter_mm=None, scanner="GE Signa", background="normal") -> LesionRecord:
+           split="dev", diameter_mm=None, scanner="GE Signa", background="normal",
+           boxes=None, box_mm=None) -> LesionRecord:
     return LesionRecord(
         patient_id=patient_id, lesion_id=lesion_id, label=label, mask_value=mask_value,
         images=dict(images), masks=dict(masks), scanner=scanner, field_strength=3.0,
-        background=background, diameter_mm=diameter_mm, split=split,
+        background=background, diameter_mm=diameter_mm, split=split, boxes=dict(boxes or {}), box_mm=box_mm,
     )
 
 

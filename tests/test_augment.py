@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import quick
-from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.augment import drop_sequences, prepare_inputs
 
 
 def _batch(seed=0, n=2, size=16):
@@ -47,3 +47,25 @@ def test_lighting_and_noise_touch_the_image_only():
     x = np.asarray(prepare_inputs(batch, (0,), 16, jax.random.PRNGKey(3), cfg))
     assert np.abs(x[..., 0] - x[..., 1]).max() > 0.01
     assert jnp.all(x[..., 1] >= 0) and jnp.all(x[..., 1] <= 1)
+
+
+def test_sequence_dropout_never_hides_every_sequence():
+    present = np.random.default_rng(0).uniform(size=(400, 4)) < 0.7
+    present[:, 0] = present[:, 0] | ~present.any(1)  # every lesion has at least one sequence
+    x = jnp.ones((400, 4, 2, 2, 2, 2)) * present[:, :, None, None, None, None]
+    for rate in (0.3, 0.99):
+        kept = np.asarray(jnp.any(drop_sequences(x, jax.random.key(1), rate)[..., 1] > 0, axis=(2, 3, 4)))
+        assert not (kept & ~present).any()  # an absent sequence stays absent
+        assert kept.any(axis=1).all()  # never all of a lesion's
+        if rate == 0.3:
+            assert abs(1 - kept.sum() / present.sum() - rate) < 0.06
+        else:
+            assert (kept.sum(1) == 1).all()
+
+
+def test_absent_sequences_enter_as_zeros():
+    batch = _batch()
+    batch["present"] = np.ones((2, 7), bool)
+    batch["present"][1, 1] = False
+    x = np.asarray(prepare_inputs(batch, (0, 1, 2), 8))
+    assert not x[1, 1].any() and x[1, 0].any() and x[0, 1].any()

@@ -100,7 +100,9 @@ def _check_manifest_error(path, *fragments):
     ("mask_value", "x", ("mask_value 'x' is not an integer",)),
     ("field_strength", "high", ("field_strength 'high' is not a number",)),
     ("t2w_image", "patients/A/missing.nii.gz", ("file not found", "missing.nii.gz")),
-    ("dp_mask", "", ("empty dp_mask",)),
+    ("dp_mask", "", ("dp_image has no dp_mask, dp_box or box_mm",)),
+    ("adc_box", "1 2 3 4", ("adc_box", "adc_mask or adc_box, not both")),
+    ("fold", "-1", ("fold must be >= 0",)),
 ])
 def test_bad_value_names_row_lesion_and_file(good, column, value, fragments):
     path, _ = good
@@ -179,3 +181,69 @@ def test_unchecked_read_skips_files(good, tmp_path):
     with pytest.raises(mf.ManifestError):
         mf.read_manifest(path)
     assert len(mf.read_manifest(path, check_files=False, check_masks=False)) == 4
+
+
+# --- absent sequences, boxes, prediction manifests, given folds --------------------------------
+
+def test_absent_sequences_boxes_and_folds_round_trip(good):
+    path, records = good
+    a1, a2, a3, b1 = records
+    a1 = mf.LesionRecord(**{**a1.__dict__, "images": {s: p for s, p in a1.images.items() if s != "adc"},
+                            "masks": {s: p for s, p in a1.masks.items() if s != "adc"}, "fold": 2})
+    boxes = {s: (1, 2, 0, 3, 4, 2) for s in ("t2w", "dwi")}
+    a2 = mf.LesionRecord(**{**a2.__dict__, "masks": {s: p for s, p in a2.masks.items() if s not in boxes},
+                            "boxes": boxes, "fold": 2})
+    a3 = mf.LesionRecord(**{**a3.__dict__, "masks": {}, "box_mm": (-3.5, 0.0, 1.0, 4.25, 6.0, 12.0), "fold": 2})
+    mf.write_manifest([a1, a2, a3, b1], path)
+    rows = _rows(path)
+    assert rows[0]["adc_image"] == rows[0]["adc_mask"] == "" and rows[0]["fold"] == "2"
+    assert rows[1]["t2w_box"] == "1 2 0 3 4 2" and rows[1]["t2w_mask"] == ""
+    assert rows[3]["fold"] == ""  # test rows have no fold
+    again = mf.read_manifest(path)
+    assert again == [a1, a2, a3, b1]
+    assert again[0].sequences == tuple(s for s in SEQUENCES if s != "adc")
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"t2w_image": ""}, "t2w_mask is given but t2w_image is empty"),
+    ({"t2w_mask": "", "t2w_box": "1 2 3 0 4 5"}, "is not 'i0 j0 k0 i1 j1 k1'"),
+    ({"t2w_mask": "", "t2w_box": "1 2 0 3 4 9"}, "t2w: box 1 2 0 3 4 9 reaches outside the image (shape (8, 8, 4))"),
+    ({"box_mm": "0 0 0 5 5 0"}, "box_mm '0 0 0 5 5 0' is flat"),
+    ({f"{s}_{k}": "" for s in SEQUENCES for k in ("image", "mask")}, "no sequence: every image cell is empty"),
+])
+def test_bad_sequence_cells(good, edit, fragment):
+    path, _ = good
+    rows = _rows(path)
+    rows[1].update(edit)
+    _rewrite(path, rows)
+    _check_manifest_error(path, f"{path}:3: lesion 'A_L2'", fragment)
+
+
+def test_box_only_rows_need_no_mask_value(good):
+    path, _ = good
+    rows = _rows(path)
+    for s in SEQUENCES:
+        rows[3][f"{s}_mask"], rows[3][f"{s}_box"] = "", "2 2 1 5 6 2"
+    rows[3]["mask_value"] = ""
+    _rewrite(path, rows)
+    record = mf.read_manifest(path)[3]
+    assert record.masks == {} and record.boxes["dp"] == (2, 2, 1, 5, 6, 2) and record.mask_value == 1
+
+
+def test_prediction_manifest_may_leave_label_and_split_empty(good):
+    path, _ = good
+    rows = _rows(path)
+    for row in rows:
+        row["label"], row["split"] = "", ""
+    _rewrite(path, rows)
+    _check_manifest_error(path, "unknown label ''")
+    records = mf.read_manifest(path, labelled=False)
+    assert {r.label for r in records} == {mf.UNLABELLED} and {r.split for r in records} == {""}
+
+
+def test_a_patient_in_two_given_folds(good):
+    path, _ = good
+    rows = _rows(path)
+    rows[0]["fold"], rows[1]["fold"], rows[2]["fold"] = "0", "1", "0"
+    _rewrite(path, rows)
+    _check_manifest_error(path, f"{path}:3: lesion 'A_L2'", "patient 'A' is in fold 1 here but 0 on line 2")

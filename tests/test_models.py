@@ -199,11 +199,12 @@ def test_classifier_output_shapes_and_finite(classifier_runs, fusion, sequences)
 def test_paper_fusion_heads_see_the_groups(classifier_runs):
     width = 16
     heads = classifier_runs["paper", SEQUENCES][2]["params"]["fusion"]
-    assert heads["head2"]["kernel"].shape == ((7 + 3) * width, 2)
-    assert heads["head7"]["kernel"].shape == ((7 + 3) * width, 7)
+    # Every sequence's features, the group's again, then one presence flag per sequence.
+    assert heads["head2"]["kernel"].shape == ((7 + 3) * width + 7, 2)
+    assert heads["head7"]["kernel"].shape == ((7 + 3) * width + 7, 7)
     heads = classifier_runs["paper", ("lap", "pvp")][2]["params"]["fusion"]
-    assert heads["head2"]["kernel"].shape == (2 * width, 2)
-    assert heads["head7"]["kernel"].shape == ((2 + 2) * width, 7)
+    assert heads["head2"]["kernel"].shape == (2 * width + 2, 2)
+    assert heads["head7"]["kernel"].shape == ((2 + 2) * width + 2, 7)
 
 
 def test_shared_fusion_has_one_branch_of_weights(classifier_runs):
@@ -229,16 +230,16 @@ def test_late_fusion_averages_per_sequence_heads(classifier_runs):
 
 def test_dropout_needs_and_uses_its_rng():
     fusion = FUSIONS["concat"](("t2w", "dwi"), dropout=0.5)
-    feats = _random(0, (4, 2, 8))
+    feats, present = _random(0, (4, 2, 8)), jnp.ones((4, 2), bool)
     key = functools.partial(jax.random.key, impl="rbg")  # fast to compile on XLA:CPU
-    variables = fusion.init(key(0), feats)
-    evaluate = fusion.apply(variables, feats, train=False)
-    first = fusion.apply(variables, feats, train=True, rngs={"dropout": key(1)})
-    second = fusion.apply(variables, feats, train=True, rngs={"dropout": key(2)})
+    variables = fusion.init(key(0), feats, present)
+    evaluate = fusion.apply(variables, feats, present, train=False)
+    first = fusion.apply(variables, feats, present, train=True, rngs={"dropout": key(1)})
+    second = fusion.apply(variables, feats, present, train=True, rngs={"dropout": key(2)})
     assert not np.allclose(first["logits7"], second["logits7"])
     assert not np.allclose(first["logits7"], evaluate["logits7"])
     with pytest.raises(Exception, match="dropout"):
-        fusion.apply(variables, feats, train=True)
+        fusion.apply(variables, feats, present, train=True)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -354,3 +355,21 @@ def test_loss_matches_optax_integer_label_cross_entropy():
     _, parts = multitask_loss(outputs, LABEL7)
     expected = optax.softmax_cross_entropy_with_integer_labels(outputs["logits7"], LABEL7).mean()
     np.testing.assert_allclose(parts["loss7"], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fusion,sequences", CASES)
+def test_an_absent_sequence_is_zero_filled_and_ignored(classifier_runs, fusion, sequences):
+    """Lesion 0 lacks its first sequence (zero mask channel): whatever its image holds, the
+    outputs are the same; the other lesions are untouched."""
+    model, x, variables, outputs, _ = classifier_runs[fusion, sequences]
+    absent = x.at[0, 0, ..., 1].set(0.0)
+    scrambled = absent.at[0, 0, ..., 0].set(1.0)
+    out, out_scrambled = (model.apply(variables, v, train=False) for v in (absent, scrambled))
+    assert out["present"][0].tolist() == [False] + [True] * (len(sequences) - 1) and out["present"][1:].all()
+    assert not np.any(out["features"][0, 0])
+    np.testing.assert_allclose(out["logits7"], out_scrambled["logits7"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out["logits7"][1:], outputs["logits7"][1:], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out["logits7"][0], outputs["logits7"][0])
+    if "sequence_weights" in out:
+        assert out["sequence_weights"][0, 0] == 0
+        np.testing.assert_allclose(out["sequence_weights"].sum(axis=1), 1.0, rtol=1e-6)

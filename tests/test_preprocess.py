@@ -180,7 +180,7 @@ def test_patchset_npz_round_trip(tmp_path, valid_patient):
     records = [record(images, masks, patient_id=f"P{i}", lesion_id=f"L{i}", label=i) for i in range(3)]
     patches = preprocess_manifest(records, size=8, workers=1)
     loaded = type(patches).load_npz(patches.save_npz(tmp_path / "p.npz"))
-    for name in ("image", "mask", "lesion_id", "patch_affine", "diameter_mm"):
+    for name in ("image", "mask", "lesion_id", "patch_affine", "diameter_mm", "present"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(patches, name))
 
 
@@ -196,3 +196,54 @@ def test_preprocessing_needs_neither_tensorflow_nor_jax():
     for name in ("preprocess", "folds", "numpy_source", "patchset"):
         source = (Path(fll_jax.data.__file__).parent / f"{name}.py").read_text()
         assert "import jax" not in source and "from jax" not in source and "tensorflow" not in source
+
+
+# --- boxes and absent sequences -----------------------------------------------------------------
+
+def test_a_box_gives_the_same_lesion_as_its_mask(tmp_path):
+    """A ball given by its mask, by its voxel box (oblique grid) or by its world box: same place and size."""
+    shape, affine = (48, 48, 12), oblique_affine(spacing=(1.5, 1.5, 4.0))
+    centre = voxel_to_world(affine, (24, 23, 6))
+    images, masks = write_patient(tmp_path, shape, affine, [(centre, 7.0, 1)])
+    by_mask = preprocess_lesion(record(images, masks), size=SIZE)
+
+    labels = np.asarray(nib.load(masks["t2w"]).dataobj)
+    ijk = np.argwhere(labels == 1)
+    box = (*ijk.min(0).tolist(), *ijk.max(0).tolist())
+    by_box = preprocess_lesion(record(images, {}, boxes={s: box for s in SEQUENCES}), size=SIZE)
+    world = (-7.0 + centre, 7.0 + centre)
+    by_world = preprocess_lesion(record(images, {}, box_mm=(*world[0], *world[1])), size=SIZE)
+
+    # The world box of a 7 mm ball is 14 mm a side: its ellipsoid is the ball itself.
+    assert by_world.diameter_mm == pytest.approx(14.0)
+    # The voxel box spans the ball's voxels: its sides are 14 mm to within a voxel (4 mm slices).
+    assert by_box.diameter_mm == pytest.approx(14.0, abs=2.0)
+    assert by_mask.diameter_mm == pytest.approx(14.0, rel=0.1)
+    for patch in (by_box, by_world):
+        for s in range(len(SEQUENCES)):
+            found = weighted_centroid_world(patch.mask[s], patch.patch_affine[s])
+            assert np.linalg.norm(found - centre) < 1.0
+            assert side_mm(patch.patch_affine[s]) == side_mm(by_mask.patch_affine[s])
+
+
+def test_a_box_that_misses_every_voxel_is_named(tmp_path, valid_patient):
+    images, _ = valid_patient
+    tiny = voxel_to_world(np.diag([2.0, 2.0, 4.0, 1.0]), (8.5, 8.5, 3.5))  # between voxel centres
+    with pytest.raises(PreprocessError, match="box holds no voxel centre") as error:
+        preprocess_lesion(record(images, {}, box_mm=(*(tiny - 0.2), *(tiny + 0.2))), size=8)
+    assert str(images["t2w"]) in str(error.value)
+
+
+def test_absent_sequences_are_zero_and_flagged(valid_patient):
+    images, masks = valid_patient
+    absent = ("adc", "lap")
+    full = preprocess_lesion(record(images, masks), size=8)
+    patch = preprocess_lesion(record({s: p for s, p in images.items() if s not in absent},
+                                     {s: p for s, p in masks.items() if s not in absent}), size=8)
+    for s, seq in enumerate(SEQUENCES):
+        assert patch.present[s] == (seq not in absent)
+        if seq in absent:
+            assert not patch.image[s].any() and not patch.mask[s].any() and not patch.patch_affine[s].any()
+        else:
+            np.testing.assert_array_equal(patch.image[s], full.image[s])
+    assert patch.diameter_mm == pytest.approx(full.diameter_mm)

@@ -160,10 +160,9 @@ def test_ig_completeness_on_the_tiny_model(tiny):
         assert result.index == int(np.argmax(result.probs))
         assert result.attributions.shape == x.shape[:-1]
         assert abs(result.f_x - result.f_baseline) > 1e-3
-        # A random model's F wanders along the path, which the adaptive rule's pilot does not
-        # resolve: there it is a little less accurate than the uniform rule (not so when trained).
-        bound = 0.01 if quadrature == "trapezoid" else 0.02
-        assert result.relative_delta < bound, (baseline, quadrature, result.f_x, result.f_baseline, result.delta)
+        # A random model's F wanders along the path, so 64 steps leave up to ~2 % of the change
+        # unexplained (a trained model's path is smoother).
+        assert result.relative_delta < 0.02, (baseline, quadrature, result.f_x, result.f_baseline, result.delta)
     # F of the fold ensemble is the members' mean probability.
     probs = [jax.nn.softmax(model.apply(v, x[None], train=False)["logits7"])[0, result.index] for v in variables]
     assert result.f_x == pytest.approx(float(np.mean(probs)), rel=1e-5)

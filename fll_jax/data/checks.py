@@ -98,11 +98,12 @@ def duplicate_problems(records: Sequence, digests: Mapping[Path, Mapping], allow
     for r in records:
         masks = tuple(digests[Path(r.masks[s])]["sha256"] for s in SEQUENCES if s in r.masks)
         images = tuple(digests[Path(r.images[s])]["sha256"] for s in SEQUENCES if s in r.images)
-        lesions[(images, masks, r.mask_value)].append(r)
+        boxes = (tuple(sorted(r.boxes.items())), r.box_mm)
+        lesions[(images, masks, r.mask_value, boxes)].append(r)
     for same in lesions.values():
         if len(same) > 1:
             named = ", ".join(f"{r.lesion_id!r} (patient {r.patient_id!r}, label {r.label})" for r in same)
-            problems.append(f"lesions {named} are one lesion: the same image and mask content and mask_value")
+            problems.append(f"lesions {named} are one lesion: the same image and mask content, mask_value and boxes")
     if "shared_image" in allow:
         return problems
     owners: dict[str, dict[str, Path]] = defaultdict(dict)

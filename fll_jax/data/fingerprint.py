@@ -45,8 +45,13 @@ def lesion_fingerprints(records: Sequence, folds: Sequence[int], digests: Mappin
         out[r.lesion_id] = {
             "patient_id": r.patient_id, "label": CLASSES[r.label], "mask_value": int(r.mask_value),
             "split": r.split, "fold": int(fold), "diameter_mm": r.diameter_mm, "scanner": r.scanner,
-            "background": r.background, "field_strength": float(r.field_strength), "files": files,
+            "background": r.background, "field_strength": r.field_strength, "files": files,
         }
+        # Boxes locate the lesion as masks do; listed only when used, as mask-only data has none.
+        if r.boxes:
+            out[r.lesion_id]["boxes"] = {s: list(box) for s, box in r.boxes.items()}
+        if r.box_mm is not None:
+            out[r.lesion_id]["box_mm"] = list(r.box_mm)
     return out
 
 
@@ -55,7 +60,7 @@ def patchset_fingerprints(patches, folds: Sequence[int]) -> dict[str, dict]:
     out = {}
     for i, lesion in enumerate(patches.lesion_id.tolist()):
         digest = hashlib.sha256()
-        for name in ("image", "mask", "patch_affine", "diameter_mm"):
+        for name in ("image", "mask", "patch_affine", "diameter_mm", "present"):
             digest.update(np.ascontiguousarray(getattr(patches, name)[i]).tobytes())
         out[lesion] = {
             "patient_id": str(patches.patient_id[i]), "label": CLASSES[int(patches.label7[i])],

@@ -98,3 +98,29 @@ def _check_split_per_patient(patient_ids: np.ndarray, is_test: np.ndarray) -> No
     mixed = sorted(str(p) for p in set(patient_ids[is_test]) & set(patient_ids[~is_test]))
     if mixed:
         raise FoldError(f"patient(s) {mixed[:5]} have lesions in both dev and test splits")
+
+
+def given_folds(
+    patient_ids: Sequence[str], given: Sequence[int | None], splits: Sequence[str], num_folds: int
+) -> np.ndarray:
+    """Folds as a manifest gives them (official folds of a public data set), checked like assign_folds'.
+
+    Args:
+        patient_ids: patient of each lesion.
+        given: the fold of each dev lesion (0..num_folds-1); None for test lesions.
+        splits: 'dev' or 'test' for each lesion.
+        num_folds: the number of folds the config expects.
+
+    Returns:
+        int32 [N] fold per lesion, -1 for the test split.
+    """
+    problems = [f"lesion {i} (patient {p!r}): a dev lesion with no fold" for i, (p, f, s) in
+                enumerate(zip(patient_ids, given, splits)) if s == "dev" and f is None]
+    used = sorted({f for f, s in zip(given, splits) if s == "dev" and f is not None})
+    if used and (used[-1] >= num_folds or len(used) < num_folds):
+        problems.append(f"the manifest's folds are {used} but data.num_folds is {num_folds} (folds 0..{num_folds - 1})")
+    if problems:
+        raise FoldError("; ".join(problems[:5]))
+    folds = np.array([TEST_FOLD if s == "test" else f for f, s in zip(given, splits)], np.int32)
+    check_folds(patient_ids, folds, splits)
+    return folds

@@ -17,12 +17,32 @@ required, in any order; any other column is an error, so a typo never passes sil
   Each sequence keeps its own grid: the mask must have the same shape and affine as its
   image, but different sequences need not share voxel size, orientation or registration.
 - ``scanner``: free text (for per-scanner reports); empty reads as ``unknown``.
-- ``field_strength``: tesla, a number > 0 (1.5, 3.0).
+- ``field_strength``: tesla, a number > 0 (1.5, 3.0), or empty when unknown.
 - ``background``: the liver background, ``normal``, ``cirrhotic``, ``fatty`` or free text;
   empty reads as ``unknown``.
 - ``diameter_mm``: the lesion diameter in mm, or empty to have preprocessing measure it
   from the mask.
 - ``split``: ``dev`` (development: cross-validation folds) or ``test`` (held out).
+
+Optional columns (a manifest may leave any of them out):
+
+- ``{s}_box``: the lesion as a box instead of a mask in sequence ``s``: ``i0 j0 k0 i1 j1 k1``,
+  the first and last voxel inside the box (0-based, inclusive) along the array axes of the
+  ``{s}_image`` file, as nibabel reads it. The lesion's mask in that sequence is then the
+  ellipsoid inscribed in the box, and its diameter comes from the box (fll_jax/data/boxes.py).
+  The ``{s}_mask`` cell is left empty.
+- ``box_mm``: one box for every sequence that has neither mask nor box: ``x0 y0 z0 x1 y1 z1``,
+  two opposite corners in world millimetres (RAS+, the frame of the NIfTI affines).
+- ``fold``: the cross-validation fold (0, 1, ...) a dev lesion is validated in, used when
+  ``config.data.folds`` is ``manifest`` (official folds of a public data set); empty for test
+  rows. All lesions of a patient share a fold.
+
+A sequence the lesion lacks (not acquired, unusable) has empty ``{s}_image``, ``{s}_mask`` and
+``{s}_box`` cells; at least one sequence must be present. The model sees an absent sequence as
+zero features plus a presence flag (fll_jax/models/fusion.py).
+
+A manifest used only for prediction (experiments/predict.py) may leave ``label`` and
+``split`` empty.
 
 How a lesion is found in a mask: a patient's mask file for one sequence holds 0 for
 background and one positive integer per lesion (1, 2, ... up to 255 for uint8 masks). All
@@ -54,6 +74,7 @@ import nibabel as nib
 import numpy as np
 
 from fll_jax.constants import CLASSES, SEQUENCES
+from fll_jax.data.boxes import VoxelBox, WorldBox, format_box, parse_voxel_box, parse_world_box, voxel_box_problem
 from fll_jax.data.checks import mask_value_problems, problem_report
 from fll_jax.files import atomic_path
 
@@ -63,7 +84,9 @@ FILE_COLUMNS: tuple[str, ...] = tuple(
 META_COLUMNS: tuple[str, ...] = (
     "scanner", "field_strength", "background", "diameter_mm", "split")
 COLUMNS: tuple[str, ...] = KEY_COLUMNS + FILE_COLUMNS + META_COLUMNS
+OPTIONAL_COLUMNS: tuple[str, ...] = tuple(f"{s}_box" for s in SEQUENCES) + ("box_mm", "fold")
 SPLITS: tuple[str, ...] = ("dev", "test")
+UNLABELLED = -1  # the label of a prediction-only row with an empty label cell
 
 
 class ManifestError(ValueError):
@@ -79,7 +102,11 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LesionRecord:
-    """One manifest row, with paths resolved and values parsed."""
+    """One manifest row, with paths resolved and values parsed.
+
+    `images` holds the present sequences only; a present sequence's lesion is given by its
+    entry in `masks`, else by its entry in `boxes`, else by `box_mm`.
+    """
 
     patient_id: str
     lesion_id: str
@@ -88,10 +115,18 @@ class LesionRecord:
     images: dict[str, pathlib.Path]
     masks: dict[str, pathlib.Path]
     scanner: str
-    field_strength: float
+    field_strength: float | None
     background: str
     diameter_mm: float | None
     split: str
+    boxes: dict[str, VoxelBox] = dataclasses.field(default_factory=dict)
+    box_mm: WorldBox | None = None
+    fold: int | None = None
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        """The sequences present for this lesion, in SEQUENCES order."""
+        return tuple(s for s in SEQUENCES if s in self.images)
 
 
 def _parse_label(text: str) -> int:
@@ -104,7 +139,7 @@ def _parse_label(text: str) -> int:
         f"unknown label {text!r}; use a class name ({', '.join(CLASSES)}) or 0-{len(CLASSES) - 1}")
 
 
-def _parse_positive(text: str, column: str, cast=float):
+def _parse_positive(text: str, column: str, cast=float, zero_ok: bool = False):
     try:
         value = cast(text)
     except ValueError:
@@ -112,8 +147,8 @@ def _parse_positive(text: str, column: str, cast=float):
         raise ValueError(f"{column} {text!r} is not {kind}") from None
     if not np.isfinite(value):
         raise ValueError(f"{column} {text!r} is not a finite number")
-    if not value > 0:
-        raise ValueError(f"{column} must be > 0, got {text!r}")
+    if not (value >= 0 if zero_ok else value > 0):
+        raise ValueError(f"{column} must be {'>=' if zero_ok else '>'} 0, got {text!r}")
     return value
 
 
@@ -122,10 +157,10 @@ def _check_header(header: Sequence[str] | None, path: pathlib.Path) -> None:
         raise ManifestError(f"{path}: empty file, expected a header row with {', '.join(COLUMNS)}")
     problems = []
     for column in header:
-        if column in COLUMNS:
+        if column in COLUMNS or column in OPTIONAL_COLUMNS:
             continue
         stem, _, kind = column.rpartition("_")
-        if kind in ("image", "mask"):
+        if kind in ("image", "mask", "box"):
             problems.append(f"column {column!r} names unknown sequence {stem!r}; "
                             f"known: {', '.join(SEQUENCES)}")
         else:
@@ -191,8 +226,53 @@ def _check_mask(cache: _MaskCache, image: pathlib.Path, mask: pathlib.Path,
     return None
 
 
+def _check_box(cache: _MaskCache, image: pathlib.Path, box: VoxelBox) -> str | None:
+    """Problem with one sequence's box for this lesion, or None."""
+    try:
+        shape, _ = cache.grid(image)
+    except Exception as e:  # nibabel raises several types for unreadable files
+        return f"cannot read {image}: {e}"
+    return voxel_box_problem(box, shape)
+
+
+def _sequence_files(row: dict[str, str], folder: pathlib.Path, check_files: bool,
+                    has_box_mm: bool) -> tuple[dict, dict, dict, list[str]]:
+    """(images, masks, boxes) of the present sequences, and the problems of their cells."""
+    images, masks, boxes, problems = {}, {}, {}, []
+
+    def path_of(column):
+        path = pathlib.Path(row[column].strip()).expanduser()
+        path = path if path.is_absolute() else folder / path
+        if check_files and not path.is_file():
+            problems.append(f"{column}: file not found: {path}")
+        return path
+
+    for s in SEQUENCES:
+        image, mask, box = (row.get(f"{s}_{kind}", "").strip() for kind in ("image", "mask", "box"))
+        if not image:
+            if mask or box:
+                problems.append(f"{s}_{'mask' if mask else 'box'} is given but {s}_image is empty "
+                                "(leave all three empty for an absent sequence)")
+            continue
+        images[s] = path_of(f"{s}_image")
+        if mask and box:
+            problems.append(f"{s}: give {s}_mask or {s}_box, not both")
+        elif mask:
+            masks[s] = path_of(f"{s}_mask")
+        elif box:
+            try:
+                boxes[s] = parse_voxel_box(box)
+            except ValueError as e:
+                problems.append(f"{s}_box: {e}")
+        elif not has_box_mm:
+            problems.append(f"{s}: {s}_image has no {s}_mask, {s}_box or box_mm to find the lesion in it")
+    if not images and not problems:
+        problems.append("no sequence: every image cell is empty")
+    return images, masks, boxes, problems
+
+
 def _parse_row(row: dict[str, str], folder: pathlib.Path, check_files: bool,
-               check_masks: bool, cache: _MaskCache) -> tuple[LesionRecord | None, list[str]]:
+               check_masks: bool, cache: _MaskCache, labelled: bool) -> tuple[LesionRecord | None, list[str]]:
     problems = []
 
     def parse(column, fn, *args):
@@ -205,54 +285,55 @@ def _parse_row(row: dict[str, str], folder: pathlib.Path, check_files: bool,
     patient_id, lesion_id = row["patient_id"].strip(), row["lesion_id"].strip()
     if not patient_id:
         problems.append("empty patient_id")
-    label = parse("label", _parse_label)
-    mask_value = parse("mask_value", _parse_positive, "mask_value", int)
-    field_strength = parse("field_strength", _parse_positive, "field_strength")
+    label = UNLABELLED if not labelled and not row["label"].strip() else parse("label", _parse_label)
+    field_strength = None
+    if row["field_strength"].strip():
+        field_strength = parse("field_strength", _parse_positive, "field_strength")
     diameter = None
     if row["diameter_mm"].strip():
         diameter = parse("diameter_mm", _parse_positive, "diameter_mm")
     split = row["split"].strip().lower()
-    if split not in SPLITS:
+    if split not in SPLITS and (labelled or split):
         problems.append(f"unknown split {row['split']!r}; use one of {', '.join(SPLITS)}")
+    box_mm = parse("box_mm", parse_world_box) if row.get("box_mm", "").strip() else None
+    fold = None
+    if row.get("fold", "").strip():
+        fold = parse("fold", _parse_positive, "fold", int, True)
+        if split == "test":
+            problems.append("a test row has a fold; leave fold empty for test lesions")
 
-    files: dict[str, dict[str, pathlib.Path]] = {"image": {}, "mask": {}}
-    file_problems = []
-    for s in SEQUENCES:
-        for kind in ("image", "mask"):
-            text = row[f"{s}_{kind}"].strip()
-            if not text:
-                file_problems.append(f"empty {s}_{kind}")
-                continue
-            path = pathlib.Path(text).expanduser()
-            path = path if path.is_absolute() else folder / path
-            if check_files and not path.is_file():
-                file_problems.append(f"{s}_{kind}: file not found: {path}")
-            files[kind][s] = path
+    images, masks, boxes, file_problems = _sequence_files(row, folder, check_files, box_mm is not None)
+    # A mask_value only picks a lesion out of mask files; box-only rows may leave it empty.
+    mask_value = parse("mask_value", _parse_positive, "mask_value", int) if masks or row["mask_value"].strip() else 1
     problems.extend(file_problems)
     if check_masks and not file_problems and mask_value is not None:
-        for s in SEQUENCES:
-            problem = _check_mask(cache, files["image"][s], files["mask"][s], mask_value)
+        for s in images:
+            if s in masks:
+                problem = _check_mask(cache, images[s], masks[s], mask_value)
+            else:
+                problem = _check_box(cache, images[s], boxes[s]) if s in boxes else None
             if problem:
                 problems.append(f"{s}: {problem}")
     if problems:
         return None, problems
     return LesionRecord(
         patient_id=patient_id, lesion_id=lesion_id, label=label, mask_value=mask_value,
-        images=files["image"], masks=files["mask"],
-        scanner=row["scanner"].strip() or "unknown", field_strength=field_strength,
-        background=row["background"].strip() or "unknown", diameter_mm=diameter,
-        split=split), []
+        images=images, masks=masks, scanner=row["scanner"].strip() or "unknown",
+        field_strength=field_strength, background=row["background"].strip() or "unknown",
+        diameter_mm=diameter, split=split, boxes=boxes, box_mm=box_mm, fold=fold), []
 
 
 def read_manifest(path: str | pathlib.Path, check_files: bool = True,
-                  check_masks: bool = True) -> list[LesionRecord]:
+                  check_masks: bool = True, labelled: bool = True) -> list[LesionRecord]:
     """Reads and validates a manifest.
 
     Args:
       path: the CSV file.
       check_files: check that every image and mask file exists.
       check_masks: also read each mask (once per file) and check that it holds the row's
-        mask_value and lies on its image's grid.
+        mask_value and lies on its image's grid (and each box inside its image).
+      labelled: False for a prediction manifest, whose label and split cells may be empty
+        (label UNLABELLED, split '').
 
     Returns:
       One LesionRecord per row, in file order, with absolute paths.
@@ -260,14 +341,14 @@ def read_manifest(path: str | pathlib.Path, check_files: bool = True,
     Raises:
       ManifestError: naming the file, line and lesion id of every bad row.
     """
-    records, problems = scan_manifest(path, check_files, check_masks)
+    records, problems = scan_manifest(path, check_files, check_masks, labelled)
     if problems:
         raise ManifestError(problem_report("invalid manifest:", problems), problems)
     return records
 
 
-def scan_manifest(path: str | pathlib.Path, check_files: bool = True,
-                  check_masks: bool = True) -> tuple[list[LesionRecord], list[str]]:
+def scan_manifest(path: str | pathlib.Path, check_files: bool = True, check_masks: bool = True,
+                  labelled: bool = True) -> tuple[list[LesionRecord], list[str]]:
     """(the records of the good rows, every problem found), as read_manifest checks them.
 
     Raises:
@@ -281,6 +362,7 @@ def scan_manifest(path: str | pathlib.Path, check_files: bool = True,
     records, problems = [], []
     seen: dict[str, int] = {}
     patient_split: dict[str, tuple[str, int]] = {}
+    patient_fold: dict[str, tuple[int | None, int]] = {}
     reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
     _check_header(reader.fieldnames, path)
     for row in reader:
@@ -296,7 +378,7 @@ def scan_manifest(path: str | pathlib.Path, check_files: bool = True,
             problems.append(f"{where}: duplicate lesion_id (first on line {seen[lesion_id]})")
         else:
             seen[lesion_id] = line
-        record, row_problems = _parse_row(row, folder, check_files, check_masks, cache)
+        record, row_problems = _parse_row(row, folder, check_files, check_masks, cache, labelled)
         problems.extend(f"{where}: {p}" for p in row_problems)
         if record is None:
             continue
@@ -305,6 +387,10 @@ def scan_manifest(path: str | pathlib.Path, check_files: bool = True,
         if split != record.split:
             problems.append(f"{where}: patient {record.patient_id!r} is in split "
                             f"{record.split!r} here but {split!r} on line {first}")
+        fold, first = patient_fold.setdefault(record.patient_id, (record.fold, line))
+        if fold != record.fold:
+            problems.append(f"{where}: patient {record.patient_id!r} is in fold {record.fold} here "
+                            f"but {fold} on line {first}")
         records.append(record)
     if not problems and not records:
         problems.append(f"{path}: no lesion rows")
@@ -343,18 +429,20 @@ def write_manifest(records: Iterable[LesionRecord], path: str | pathlib.Path) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.resolve().parent
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + OPTIONAL_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for r in records:
             row = {
                 "patient_id": r.patient_id, "lesion_id": r.lesion_id,
-                "label": CLASSES[r.label], "mask_value": r.mask_value,
-                "scanner": r.scanner, "field_strength": repr(float(r.field_strength)),
+                "label": CLASSES[r.label] if r.label != UNLABELLED else "", "mask_value": r.mask_value,
+                "scanner": r.scanner, "field_strength": "" if r.field_strength is None else repr(float(r.field_strength)),
                 "background": r.background,
                 "diameter_mm": "" if r.diameter_mm is None else repr(float(r.diameter_mm)),
-                "split": r.split,
+                "split": r.split, "box_mm": "" if r.box_mm is None else format_box(r.box_mm),
+                "fold": "" if r.fold is None else r.fold,
             }
             for s in SEQUENCES:
-                row[f"{s}_image"] = _relative(pathlib.Path(r.images[s]), folder)
-                row[f"{s}_mask"] = _relative(pathlib.Path(r.masks[s]), folder)
+                row[f"{s}_image"] = _relative(pathlib.Path(r.images[s]), folder) if s in r.images else ""
+                row[f"{s}_mask"] = _relative(pathlib.Path(r.masks[s]), folder) if s in r.masks else ""
+                row[f"{s}_box"] = format_box(r.boxes[s]) if s in r.boxes else ""
             writer.writerow(row)

@@ -16,7 +16,7 @@ from fll_jax.files import StateFileError, atomic_path
 # Array fields in a fixed order; strings are numpy unicode arrays so npz needs no pickle.
 _FIELDS = (
     "image", "mask", "label7", "label2", "patient_id", "lesion_id",
-    "scanner", "background", "diameter_mm", "patch_affine",
+    "scanner", "background", "diameter_mm", "patch_affine", "present",
 )
 
 
@@ -32,6 +32,7 @@ class PatchSet:
         patient_id, lesion_id, scanner, background: unicode [N].
         diameter_mm: float32 [N], the diameter that chose the crop size.
         patch_affine: float64 [N, 7, 4, 4], per sequence patch voxel (i, j, k) -> world mm.
+        present: bool [N, 7], the sequences each lesion has; absent ones have zero patches.
     """
 
     image: np.ndarray
@@ -44,6 +45,7 @@ class PatchSet:
     background: np.ndarray
     diameter_mm: np.ndarray
     patch_affine: np.ndarray
+    present: np.ndarray
 
     def __post_init__(self):
         n = len(self.label7)

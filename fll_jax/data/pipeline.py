@@ -3,7 +3,8 @@
 Both sources have the same interface (see NumpySource): train_batches, eval_batches,
 num_examples, size. Batches are dicts of numpy arrays: image, mask uint8 [B, 7, S, S, S];
 label7, label2, fold int32 [B]; patient_id, lesion_id, scanner, background str [B];
-diameter_mm float32 [B]; patch_affine float64 [B, 7, 4, 4]; valid bool [B].
+diameter_mm float32 [B]; patch_affine float64 [B, 7, 4, 4]; present bool [B, 7] (the
+sequences each lesion has); valid bool [B].
 
 TensorFlow is imported only when a TFDSSource is made (and then never sees a GPU), so this
 module and NumpySource work where TensorFlow is not installed.

@@ -21,7 +21,7 @@ from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
 from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints
-from fll_jax.data.folds import assign_folds
+from fll_jax.data.folds import FoldError, assign_folds, given_folds
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
@@ -30,6 +30,7 @@ from fll_jax.files import StateFileError
 
 BACKENDS = ("tfds", "numpy")
 SOURCES = ("phantom", "manifest")
+FOLD_SOURCES = ("assigned", "manifest")
 
 
 class DataError(ValueError):
@@ -79,8 +80,15 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
     problems = duplicate_problems(records, files, parse_allow(data.allow))
     if problems:
         raise DataError(problem_report("the data leaks between lesions or patients:", problems))
-    folds = assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
-                         num_folds=data.num_folds, seed=data.fold_seed).tolist()
+    patients, splits = [r.patient_id for r in records], [r.split for r in records]
+    if data.folds == "manifest":
+        try:
+            folds = given_folds(patients, [r.fold for r in records], splits, data.num_folds).tolist()
+        except FoldError as error:
+            raise DataError(f"{manifest_path(config)}: fold column: {error}") from None
+    else:
+        folds = assign_folds(patients, [r.label for r in records], splits, num_folds=data.num_folds,
+                             seed=data.fold_seed).tolist()
     lesions = lesion_fingerprints(records, folds, files)
     return records, folds, {"patches": content_key(lesions, PATCH_SIZE, PREPROCESS_VERSION), "lesions": lesions}
 

@@ -1,17 +1,19 @@
 """NIfTI lesions -> cubic multisequence patches (numpy, scipy, nibabel; no TensorFlow, no JAX).
 
-Per lesion and per sequence, on that sequence's own image and lesion mask:
+Per lesion and per present sequence, on that sequence's own image and lesion mask (a mask
+file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
 
 1. Load and check the image and mask (3D, finite, same grid, integer mask values, lesion
    present; no constant image, no lesion covering most of the volume or touching all its
    faces: fll_jax/data/checks.py). Every problem of every lesion is reported at once.
 2. Measure the lesion in world millimetres from the mask (voxel centres through the affine).
    Diameter: the equivalent-sphere diameter (6 V / pi)^(1/3), V = voxel count x voxel volume,
-   which is insensitive to slice thickness and orientation; the lesion's diameter is the
-   median over its seven masks. A diameter_mm given in the manifest takes precedence.
+   which is insensitive to slice thickness and orientation (for a box, the same measure of
+   its inscribed ellipsoid, computed from the box's sides); the lesion's diameter is the
+   median over its sequences. A diameter_mm given in the manifest takes precedence.
 3. Choose the cube side by the paper's rule (crop_size_mm): < 16 mm -> 32 mm, 16-32 mm ->
    64 mm, larger -> the mask's world bounding box (largest side E, the maximum over the seven
-   masks) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class below. The paper
+   lesion's sequences) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class below. The paper
    varies the dilation randomly in training; this stores the largest context (12.5 % + 4 mm on
    each side) so the on-device scale augmentation can zoom in by up to side / E and so vary the
    margin between about 0 and the stored one. The side in mm is recoverable from patch_affine
@@ -32,6 +34,8 @@ Per lesion and per sequence, on that sequence's own image and lesion mask:
    0; a flat patch becomes 0).
 8. Store both as uint8 (x 255, rounded).
 
+A sequence the lesion lacks gets zero patches, a zero patch_affine and present[s] False.
+
 patch_affine[s] maps patch voxel (i, j, k) of sequence s to world mm, so maps computed on the
 patch can be resampled back into the native grid of that sequence's NIfTI.
 """
@@ -49,6 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
+from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
 from fll_jax.data.checks import image_problems, lesion_extent_problems, mask_value_problems, problem_report
 from fll_jax.data.patchset import PatchSet
 
@@ -59,7 +64,7 @@ MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 __all__ = [
     "PatchSet", "LesionPatch", "PreprocessError", "crop_size_mm",
@@ -80,22 +85,33 @@ class LesionPatch:
         mask: uint8 [7, S, S, S], Gaussian-blurred lesion mask times 255.
         diameter_mm: diameter that chose the crop size.
         patch_affine: float64 [7, 4, 4], patch voxel -> world mm per sequence.
+        present: bool [7], the sequences the lesion has (absent ones are all zero).
     """
 
     image: np.ndarray
     mask: np.ndarray
     diameter_mm: float
     patch_affine: np.ndarray
+    present: np.ndarray
 
 
 @dataclasses.dataclass
 class _Volume:
-    """A checked image with its mask's label volume on the same grid."""
+    """A checked image with its mask's label volume (None for a box) on the same grid."""
 
     image: np.ndarray  # float32, 3D
-    labels: np.ndarray  # int32, 3D
+    labels: np.ndarray | None  # int32, 3D
     affine: np.ndarray  # voxel -> world mm
-    mask_path: Path
+    mask_path: Path  # the mask file, or for a box the image file
+
+
+@dataclasses.dataclass
+class _Lesion:
+    """One sequence's view of a lesion: its volume, binary mask and, for a box, its diameter."""
+
+    volume: _Volume
+    mask: np.ndarray  # uint8, 3D
+    box_diameter_mm: float | None
 
 
 def crop_size_mm(diameter_mm: float, extent_mm: float | None = None) -> float:
@@ -160,9 +176,10 @@ def preprocess_manifest(
     mask = np.empty_like(image)
     diameter = np.empty(n, np.float32)
     patch_affine = np.empty((n, len(SEQUENCES), 4, 4), np.float64)
+    present = np.empty((n, len(SEQUENCES)), bool)
     for rows, patches in zip(by_patient.values(), results):
         for i, patch in zip(rows, patches):
-            image[i], mask[i] = patch.image, patch.mask
+            image[i], mask[i], present[i] = patch.image, patch.mask, patch.present
             diameter[i], patch_affine[i] = patch.diameter_mm, patch.patch_affine
     label7 = np.array([r.label for r in records], np.int32)
     return PatchSet(
@@ -176,6 +193,7 @@ def preprocess_manifest(
         background=np.array([r.background for r in records], str),
         diameter_mm=diameter,
         patch_affine=patch_affine,
+        present=present,
     )
 
 
@@ -234,14 +252,12 @@ def _patient(job: tuple[list, int | None, frozenset]) -> list[LesionPatch | str]
     return out
 
 
-def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> tuple[list, list]:
-    """The lesion's seven checked volumes and binary masks; PreprocessError with all its problems."""
-    missing = [s for s in SEQUENCES if s not in record.images or s not in record.masks]
-    if missing:
-        raise PreprocessError(f"lesion {record.lesion_id!r}: no image or mask for sequence(s) {missing}")
-    volumes, lesions, problems = [], [], []
-    for seq in SEQUENCES:
-        key = (Path(record.images[seq]), Path(record.masks[seq]))
+def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Lesion]:
+    """The lesion in each present sequence, checked; PreprocessError with all its problems."""
+    lesions, problems = {}, []
+    for seq in record.sequences:
+        mask_path = Path(record.masks[seq]) if seq in record.masks else None
+        key = (Path(record.images[seq]), mask_path)
         if key not in cache:
             try:
                 cache[key] = _load_volume(*key, allow)
@@ -251,55 +267,77 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> tuple[list, l
         if isinstance(volume, PreprocessError):
             problems += str(volume).splitlines()
             continue
-        lesion = volume.labels == record.mask_value
+        lesion, box_diameter = _lesion_mask(record, seq, volume)
         if not lesion.any():
-            present = sorted(int(v) for v in np.unique(volume.labels) if v)
-            problems.append(f"{volume.mask_path}: mask_value {record.mask_value} is absent from the mask "
-                            f"(values present: {present})")
+            if volume.labels is None:
+                problems.append(f"{volume.mask_path}: the lesion's box holds no voxel centre of this image")
+            else:
+                present = sorted(int(v) for v in np.unique(volume.labels) if v)
+                problems.append(f"{volume.mask_path}: mask_value {record.mask_value} is absent from the mask "
+                                f"(values present: {present})")
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
-        volumes.append(volume)
-        lesions.append(lesion.astype(np.uint8))
+        lesions[seq] = _Lesion(volume, lesion, box_diameter)
     if problems:
         raise PreprocessError("\n".join(f"lesion {record.lesion_id!r}: {p}" for p in _unique(problems)))
-    return volumes, lesions
+    return lesions
+
+
+def _lesion_mask(record, seq: str, volume: _Volume) -> tuple[np.ndarray, float | None]:
+    """The lesion's binary mask in one sequence, and its diameter when a box gives it."""
+    if volume.labels is not None:
+        return (volume.labels == record.mask_value).astype(np.uint8), None
+    shape = volume.image.shape
+    if seq in record.boxes:
+        box = record.boxes[seq]
+        return voxel_box_ellipsoid(box, shape), equivalent_diameter_mm(voxel_box_sides_mm(box, volume.affine))
+    box = np.asarray(record.box_mm)
+    return world_box_ellipsoid(record.box_mm, shape, volume.affine), equivalent_diameter_mm(box[3:] - box[:3])
 
 
 def _preprocess(record, size: int, cache: dict, allow: frozenset[str]) -> LesionPatch:
-    volumes, lesions = _lesion_volumes(record, cache, allow)
-    geometry = [_lesion_geometry(lesion, volume.affine) for volume, lesion in zip(volumes, lesions)]
-    measured = float(np.median([diameter for _, _, diameter in geometry]))
-    diameter = measured if record.diameter_mm is None else float(record.diameter_mm)
-    extent = max(float(box.max()) for _, box, _ in geometry)
+    lesions = _lesion_volumes(record, cache, allow)
+    geometry = {s: _lesion_geometry(lesion.mask, lesion.volume.affine) for s, lesion in lesions.items()}
+    diameters = [lesion.box_diameter_mm or geometry[s][2] for s, lesion in lesions.items()]
+    diameter = float(np.median(diameters)) if record.diameter_mm is None else float(record.diameter_mm)
+    extent = max(float(box.max()) for _, box, _ in geometry.values())
     side = float(np.ceil(crop_size_mm(diameter, extent)))
 
-    image = np.empty((len(SEQUENCES), size, size, size), np.uint8)
-    mask = np.empty_like(image)
-    patch_affine = np.empty((len(SEQUENCES), 4, 4))
+    image = np.zeros((len(SEQUENCES), size, size, size), np.uint8)
+    mask = np.zeros_like(image)
+    patch_affine = np.zeros((len(SEQUENCES), 4, 4))
     sigma = MASK_SIGMA_VOXELS * size / PATCH_SIZE
-    for s, (volume, lesion, (centre, _, _)) in enumerate(zip(volumes, lesions, geometry)):
+    for s, seq in enumerate(SEQUENCES):
+        if seq not in lesions:
+            continue
+        volume, centre = lesions[seq].volume, geometry[seq][0]
         coords = _cube_coords(volume.affine, centre, side, size)
         img = _resize(_sample(volume.image, coords, order=1), size, order=1)
-        msk = _resize(_sample(lesion, coords, order=0), size, order=0)
+        msk = _resize(_sample(lesions[seq].mask, coords, order=0), size, order=0)
         image[s] = _to_uint8(_normalise(img))
         mask[s] = _to_uint8(ndimage.gaussian_filter(msk.astype(np.float32), sigma, mode="constant"))
         patch_affine[s] = _patch_affine(centre, side, size)
-    return LesionPatch(image=image, mask=mask, diameter_mm=diameter, patch_affine=patch_affine)
+    present = np.array([seq in lesions for seq in SEQUENCES])
+    return LesionPatch(image=image, mask=mask, diameter_mm=diameter, patch_affine=patch_affine, present=present)
 
 
-def _load_volume(image_path: Path, mask_path: Path, allow: frozenset[str]) -> _Volume:
+def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]) -> _Volume:
     image, affine = _read_nifti(image_path, "image")
-    labels, mask_affine = _read_nifti(mask_path, "mask")
-    problems = image_problems(image, image_path, allow) + mask_value_problems(labels, mask_path)
-    if image.shape != labels.shape:
-        problems.append(f"{mask_path}: mask shape {labels.shape} differs from image {image_path} shape {image.shape}")
-    elif not np.allclose(affine, mask_affine, atol=AFFINE_ATOL_MM):
-        problems.append(f"{mask_path}: mask affine differs from that of image {image_path}: "
-                        f"{mask_affine.tolist()} vs {affine.tolist()}")
+    problems = image_problems(image, image_path, allow)
+    labels = None
+    if mask_path is not None:
+        labels, mask_affine = _read_nifti(mask_path, "mask")
+        problems += mask_value_problems(labels, mask_path)
+        if image.shape != labels.shape:
+            problems.append(f"{mask_path}: mask shape {labels.shape} differs from image {image_path} shape {image.shape}")
+        elif not np.allclose(affine, mask_affine, atol=AFFINE_ATOL_MM):
+            problems.append(f"{mask_path}: mask affine differs from that of image {image_path}: "
+                            f"{mask_affine.tolist()} vs {affine.tolist()}")
+        labels = labels.astype(np.int32)
     if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         problems.append(f"{image_path}: singular affine {affine.tolist()}")
     if problems:
         raise PreprocessError("\n".join(problems))
-    return _Volume(image=image.astype(np.float32), labels=labels.astype(np.int32), affine=affine, mask_path=mask_path)
+    return _Volume(image=image.astype(np.float32), labels=labels, affine=affine, mask_path=mask_path or image_path)
 
 
 def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:

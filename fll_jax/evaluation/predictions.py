@@ -7,19 +7,34 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fll_jax.constants import NUM_CLASSES, to_binary
+from fll_jax.constants import NUM_CLASSES, SEQUENCES, sequence_index, to_binary
 from fll_jax.files import StateFileError
 
 META_COLUMNS: tuple[str, ...] = (
     "split", "fold", "patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm",
 )
 # Metadata used only by the subgroup tables; absent columns are filled in rather than refused.
-OPTIONAL_DEFAULTS: dict[str, object] = {"patient_id": "unknown", "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan}
+OPTIONAL_DEFAULTS: dict[str, object] = {
+    "patient_id": "unknown", "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan, "missing": "",
+}
 ENSEMBLE = "ensemble"
 
 
 class PredictionsError(ValueError):
     """A predictions file that cannot be evaluated; the message names the file, the row and the problem."""
+
+
+def missing_text(present) -> str:
+    """The `missing` column's text: the sequences a lesion lacks joined by '+' ('' for none)."""
+    return "+".join(s for s, has in zip(SEQUENCES, present) if not has)
+
+
+def missing_sequences(text: str) -> list[str]:
+    """The sequences named by a `missing` cell (the inverse of missing_text); unknown names raise."""
+    names = [s for s in text.split("+") if s]
+    for name in names:
+        sequence_index(name)
+    return names
 
 
 def prob_columns(model: str) -> tuple[list[str], list[str]]:
@@ -79,5 +94,6 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
         raise PredictionsError(f"{path}: no test rows")
     for key in ("background", "scanner"):
         frame[key] = frame[key].fillna("unknown").astype(str)
+    frame["missing"] = frame["missing"].fillna("").astype(str)
     frame["diameter_mm"] = pd.to_numeric(frame["diameter_mm"], errors="coerce")
     return frame

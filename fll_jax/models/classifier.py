@@ -29,8 +29,13 @@ class Branch(nn.Module):
 class MultiSequenceClassifier(nn.Module):
     """Input [B, S, D, H, W, C] (the used sequences in `sequences` order) -> dict of outputs.
 
-    Outputs: logits2 [B, 2] and logits7 [B, 7] (float32), features [B, S, F] (float32), and
-    sequence_weights [B, S] for the fusions that compute them. The branches are a Python loop of
+    A lesion lacks a sequence when that sequence's mask channel (the last) is zero everywhere
+    (a present lesion always has its blurred mask in the patch): the branch's features are then
+    zero and the fusion is told which sequences are present.
+
+    Outputs: logits2 [B, 2] and logits7 [B, 7] (float32), features [B, S, F] (float32, zero for
+    absent sequences), present [B, S] bool, and sequence_weights [B, S] for the fusions that
+    compute them. The branches are a Python loop of
     submodules named branch_<seq> (nn.vmap turns them into grouped convolutions, 5x slower on
     an H100); with a shared-backbone fusion they all call one module named 'backbone'.
     """
@@ -73,9 +78,10 @@ class MultiSequenceClassifier(nn.Module):
             # parent=None: an unbound backbone, adopted by its branch (params under branch_<seq>).
             net = shared if shared is not None else self._backbone(parent=None)
             feats.append(Branch(net, name=f"branch_{seq}")(x[:, i], train))
-        feats = jnp.stack(feats, axis=1)
-        outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, train)
-        return dict(outputs, features=feats)
+        present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
+        feats = jnp.where(present[..., None], jnp.stack(feats, axis=1), 0.0)
+        outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, present, train)
+        return dict(outputs, features=feats, present=present)
 
 
 def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str]) -> MultiSequenceClassifier:

@@ -1,7 +1,11 @@
 """Fusion strategies: per-sequence features [B, S, F] -> logits of both heads, by name.
 
 Every fusion module takes `sequences` (the used ones, in input order) and `dropout` (applied to
-the head inputs) and returns a dict with logits2 [B, 2] and logits7 [B, 7] in float32.
+the head inputs); it is called with the features (zero for a sequence the lesion lacks) and
+`present` [B, S] bool, and returns a dict with logits2 [B, 2] and logits7 [B, 7] in float32.
+Each knows which sequences are present: the concatenating fusions see the zeros plus the
+presence flags, the attention fusions give absent sequences no weight, late fusion averages
+the present sequences' logits only.
 `shared_backbone` tells the classifier to use one branch's weights for every sequence.
 """
 from __future__ import annotations
@@ -24,6 +28,11 @@ BINARY_GROUP = SEQUENCES[0:3]
 MULTICLASS_GROUP = SEQUENCES[4:7]
 
 
+def _with_flags(feats: jax.Array, present: jax.Array) -> jax.Array:
+    """[B, S * F + S]: every sequence's features, then a 0/1 flag per sequence."""
+    return jnp.concatenate([feats.reshape(feats.shape[0], -1), present.astype(feats.dtype)], axis=-1)
+
+
 def _heads(x2: jax.Array, x7: jax.Array, dropout: float, train: bool, suffix: str = "") -> tuple[jax.Array, jax.Array]:
     """Dropout, then one float32 linear layer per task (created in the calling module)."""
     drop = nn.Dropout(dropout, deterministic=not train)
@@ -38,23 +47,25 @@ class _AttentionPool(nn.Module):
     hidden: int = 128
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array]:
         hidden = min(self.hidden, tokens.shape[-1])
         scores = Dense(1, name="score")(jnp.tanh(Dense(hidden, name="key")(tokens)))[..., 0]
-        weights = jax.nn.softmax(scores, axis=1)
+        # Absent sequences get no weight; a lesion with none present pools to zero.
+        weights = jax.nn.softmax(jnp.where(present, scores, -1e9), axis=1) * present
         return jnp.einsum("bs,bsf->bf", weights, tokens), weights
 
 
 class PaperFusion(nn.Module):
-    """The paper's: all features, plus the used members of each head's group, per head."""
+    """The paper's: all features and the presence flags, plus the used members of each head's
+    group, per head."""
 
     sequences: tuple[str, ...]
     dropout: float = 0.0
     shared_backbone: ClassVar[bool] = False
 
     @nn.compact
-    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
-        fused_all = feats.reshape(feats.shape[0], -1)
+    def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
+        fused_all = _with_flags(feats, present)
 
         def with_group(group):
             return jnp.concatenate(
@@ -73,8 +84,8 @@ class ConcatFusion(nn.Module):
     shared_backbone: ClassVar[bool] = False
 
     @nn.compact
-    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
-        fused = feats.reshape(feats.shape[0], -1)
+    def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
+        fused = _with_flags(feats, present)
         logits2, logits7 = _heads(fused, fused, self.dropout, train)
         return {"logits2": logits2, "logits7": logits7}
 
@@ -87,8 +98,8 @@ class AttentionFusion(nn.Module):
     shared_backbone: ClassVar[bool] = False
 
     @nn.compact
-    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
-        pooled, weights = _AttentionPool(name="attention")(feats)
+    def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
+        pooled, weights = _AttentionPool(name="attention")(feats, present)
         logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
         return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
 
@@ -101,11 +112,12 @@ class LateFusion(nn.Module):
     shared_backbone: ClassVar[bool] = False
 
     @nn.compact
-    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+    def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
         per_seq = [_heads(feats[:, i], feats[:, i], self.dropout, train, f"_{s}") for i, s in enumerate(self.sequences)]
+        weights = present / jnp.maximum(present.sum(1, keepdims=True), 1)
         return {
-            "logits2": jnp.mean(jnp.stack([l2 for l2, _ in per_seq]), axis=0),
-            "logits7": jnp.mean(jnp.stack([l7 for _, l7 in per_seq]), axis=0),
+            "logits2": jnp.einsum("bs,sbk->bk", weights, jnp.stack([l2 for l2, _ in per_seq])),
+            "logits7": jnp.einsum("bs,sbk->bk", weights, jnp.stack([l7 for _, l7 in per_seq])),
         }
 
 
@@ -119,11 +131,11 @@ class SharedFusion(nn.Module):
     shared_backbone: ClassVar[bool] = True
 
     @nn.compact
-    def __call__(self, feats: jax.Array, train: bool = False) -> dict:
+    def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
         embedding = self.param(
             "sequence_embedding", normal_flat(0.02), (len(self.sequences), feats.shape[-1]), jnp.float32
         )
-        pooled, weights = _AttentionPool(name="attention")(feats + embedding)
+        pooled, weights = _AttentionPool(name="attention")(feats + embedding, present)
         logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
         return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
 

@@ -72,6 +72,21 @@ def _lesion_inputs(image, mask, rng, cfg, out: int, train: bool):
     return jnp.stack([image, mask], axis=-1)
 
 
+def drop_sequences(x: jax.Array, rng: jax.Array, rate: float) -> jax.Array:
+    """Hide each present sequence of each lesion with probability `rate`, never all of a lesion's.
+
+    x: [B, S, D, H, W, 2] network inputs; a hidden sequence becomes all zeros (both channels),
+    which the model reads as absent.
+    """
+    present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
+    draw = jax.random.uniform(rng, present.shape)
+    keep = present & (draw >= rate)
+    # A lesion that would lose every sequence keeps the present one with the largest draw.
+    best = jax.nn.one_hot(jnp.argmax(jnp.where(present, draw, -1.0), axis=1), present.shape[1], dtype=bool)
+    keep = jnp.where(keep.any(axis=1, keepdims=True), keep, best & present)
+    return x * keep[:, :, None, None, None, None].astype(x.dtype)
+
+
 def prepare_inputs(
     batch: dict,
     seq_indices: tuple[int, ...],
@@ -82,6 +97,7 @@ def prepare_inputs(
     """Network input [B, S_used, M, M, M, 2] from uint8 batch arrays [B, 7, N, N, N].
 
     With rng and cfg (cfg.enabled true) the lesion is augmented; otherwise only resampled.
+    Sequences the batch's `present` [B, 7] marks absent are all zeros (both channels).
     """
     idx = jnp.asarray(seq_indices)
     image = batch["image"][:, idx].astype(jnp.float32) / 255.0
@@ -89,4 +105,7 @@ def prepare_inputs(
     train = rng is not None and cfg is not None and cfg.enabled
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), image.shape[0])
     fn = lambda im, ma, r: _lesion_inputs(im, ma, r, cfg, input_size, train)
-    return jax.vmap(fn)(image, mask, rngs)
+    x = jax.vmap(fn)(image, mask, rngs)
+    if "present" in batch:
+        x = x * batch["present"][:, idx, None, None, None, None].astype(x.dtype)
+    return x

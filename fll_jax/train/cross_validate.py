@@ -13,6 +13,7 @@ from fll_jax.config_check import check_config
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.checks import problem_report
 from fll_jax.data.prepare import DataError
+from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv
 from fll_jax.models import build_model
 from fll_jax.train.checkpoints import best_variables
@@ -74,6 +75,8 @@ def _meta_frame(pred: dict, split: str, fold: int) -> pd.DataFrame:
     for key in ("patient_id", "lesion_id", "background", "scanner"):
         if key in frame:
             frame[key] = [v.decode() if isinstance(v, bytes) else str(v) for v in frame[key]]
+    if "present" in pred:
+        frame["missing"] = [missing_text(row) for row in pred["present"]]
     frame.insert(0, "fold", fold)
     frame.insert(0, "split", split)
     return frame

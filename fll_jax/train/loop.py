@@ -42,7 +42,7 @@ def run_predictions(steps: Steps, variables: dict, batches: Iterable[dict]) -> d
     """Probabilities and metadata of every valid lesion in an evaluation pass."""
     keep: dict[str, list] = {}
     for batch in batches:
-        device = shard_batch(batch, steps.mesh, ("image", "mask"))
+        device = shard_batch(batch, steps.mesh, ("image", "mask", "present"))
         probs = jax.device_get(steps.predict(variables, device))
         valid = np.asarray(batch["valid"], bool)
         for key, value in {**{k: batch[k] for k in batch if k not in ("image", "mask")}, **probs}.items():

@@ -13,12 +13,12 @@ import optax
 from jax.sharding import Mesh
 
 from fll_jax.constants import sequence_index
-from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.augment import drop_sequences, prepare_inputs
 from fll_jax.train.loss import multitask_loss
 from fll_jax.train.sharding import data_sharding, replicated
 
 # Batch entries the device needs; the rest (ids, metadata) stay on the host.
-DEVICE_KEYS = ("image", "mask", "label7", "valid")
+DEVICE_KEYS = ("image", "mask", "present", "label7", "valid")
 
 
 @flax.struct.dataclass
@@ -101,8 +101,10 @@ def _loss_kwargs(config: ml_collections.ConfigDict) -> dict:
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, config) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch: augment, forward, multitask loss, AdamW."""
     rng = jax.random.fold_in(state.rng, state.step)
-    aug_rng, dropout_rng = jax.random.split(rng)
+    aug_rng, dropout_rng, sequence_rng = jax.random.split(rng, 3)
     x = prepare_inputs(batch, seq_indices(config), config.input_size, aug_rng, config.augment)
+    if config.train.sequence_dropout > 0:
+        x = drop_sequences(x, sequence_rng, config.train.sequence_dropout)
 
     def loss_fn(params):
         outputs, updates = model.apply(
@@ -148,7 +150,7 @@ def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, C
     )
     pred = jax.jit(
         functools.partial(predict, model=model, config=config),
-        in_shardings=(rep, {k: data_sharding(mesh) for k in ("image", "mask")}),
+        in_shardings=(rep, {k: data_sharding(mesh) for k in ("image", "mask", "present")}),
         out_shardings=rep,
     )
     return compile_init(model, tx, config, mesh), train, pred
