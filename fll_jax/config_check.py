@@ -63,7 +63,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
              "and loss.multiclass_weight cannot both be 0")
         need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
              "and model.dropout must be < 1")
-        need(config.train.sequence_dropout < 1, "train.sequence_dropout", "must be < 1")
+    dropout = config.train.sequence_dropout
+    need(not isinstance(dropout, (int, float)) or dropout < 1, "train.sequence_dropout",
+         "must be < 1 (a lesion always keeps one sequence)")
     weights = tuple(config.loss.class_weights)
     need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)),
          "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0")

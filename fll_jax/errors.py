@@ -29,11 +29,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:  # the training modules need JAX; data tools run without it
+        from fll_jax.inference import PredictionError
         from fll_jax.train.checkpoints import CheckpointError
         from fll_jax.train.loop import NonFiniteLossError
     except ImportError:
         return tuple(errors)
-    return (*errors, CheckpointError, NonFiniteLossError)
+    return (*errors, CheckpointError, NonFiniteLossError, PredictionError)
 
 
 @contextlib.contextmanager

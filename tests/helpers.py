@@ -42,14 +42,22 @@ def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
     }
 
 
-def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int = 0):
-    """A NumpySource of learnable random lesions: five dev folds and a test split, one lesion per patient."""
+def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int = 0, lacking=None):
+    """A NumpySource of learnable random lesions: five dev folds and a test split, one lesion per patient.
+
+    lacking: {row: sequences} lesions that lack those sequences (zero patches, present False).
+    """
     from fll_jax.data.numpy_source import NumpySource
     from fll_jax.data.patchset import PatchSet
 
     folds = np.concatenate([np.repeat(np.arange(5), per_fold), np.full(test, -1)]).astype(np.int32)
     n = len(folds)
     batch = random_batch(n, size, seed)
+    for row, sequences in (lacking or {}).items():
+        for s in sequences:
+            k = SEQUENCES.index(s)
+            batch["image"][row, k] = batch["mask"][row, k] = 0
+            batch["present"][row, k] = False
     ids = np.array([f"P{i:03d}" for i in range(n)])
     patches = PatchSet(
         image=batch["image"],

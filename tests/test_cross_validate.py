@@ -14,12 +14,16 @@ from fll_jax.train.step import seq_indices
 from tests.helpers import synthetic_source, tiny_config
 
 
+# Rows of synthetic_source: 0-7 fold 0, 8-15 fold 1, ..., 40-47 the test split.
+LACKING = {1: ("adc",), 9: ("lap", "pvp"), 41: ("adc",), 42: ("t2w",)}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    config = tiny_config("folds=0+1")
+    config = tiny_config("folds=0+1,sequence_dropout=0.3")
     config.data.source = "synthetic (tests)"
     workdir = tmp_path_factory.mktemp("cv")
-    source = synthetic_source()
+    source = synthetic_source(lacking=LACKING)
     metrics = cross_validate(config, workdir, source=source)
     return config, workdir, source, metrics
 
@@ -48,6 +52,17 @@ def test_ensemble_is_the_mean_of_the_fold_models(run):
     assert len(val) == source.num_examples([0, 1])
     # Out-of-fold rows carry only their own fold model's probabilities.
     assert val[val.fold == 0]["fold1_p7_0"].isna().all()
+
+
+def test_missing_sequences_are_listed_and_counted(run):
+    _, workdir, _, metrics = run
+    pred = pd.read_csv(workdir / "predictions.csv", keep_default_na=False).set_index("lesion_id")
+    assert pred.loc["P041_L1", "missing"] == "adc" and pred.loc["P042_L1", "missing"] == "t2w"
+    assert pred.loc["P009_L1", "missing"] == "lap+pvp" and pred.loc["P000_L1", "missing"] == ""
+    counts = metrics["missing_sequences"]
+    assert counts["test"]["lacking_any"] == 2 and counts["test"]["per_sequence"]["adc"] == 1
+    assert counts["val"]["lacking_any"] == 2 and counts["val"]["per_sequence"]["pvp"] == 1
+    assert "| test | 8 | 2 |" in (workdir / "report.md").read_text()
 
 
 def test_fold_models_reload_from_a_relative_workdir(run, monkeypatch):

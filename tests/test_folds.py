@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fll_jax.data.folds import FoldError, assign_folds, check_folds
+from fll_jax.data.folds import TEST_FOLD, FoldError, assign_folds, check_folds
 
 
 def cohort(seed=0, patients=60):
@@ -57,3 +57,17 @@ def test_assign_folds_rejects_bad_splits():
         assign_folds(["A", "B"], [0, 1], ["dev", "dev"], num_folds=5)
     with pytest.raises(FoldError, match="unknown split"):
         assign_folds(["A", "B"], [0, 1], ["dev", "train"], num_folds=2)
+
+
+def test_given_folds_are_checked():
+    from fll_jax.data.folds import given_folds
+
+    patients, splits = ["a", "a", "b", "c", "d"], ["dev", "dev", "dev", "dev", "test"]
+    folds = given_folds(patients, [1, 1, 0, 1, None], splits, num_folds=2)
+    assert folds.tolist() == [1, 1, 0, 1, TEST_FOLD]
+    with pytest.raises(FoldError, match="a dev lesion with no fold"):
+        given_folds(patients, [1, 1, None, 1, None], splits, num_folds=2)
+    with pytest.raises(FoldError, match=r"the manifest's folds are \[0, 1\] but data.num_folds is 3"):
+        given_folds(patients, [1, 1, 0, 1, None], splits, num_folds=3)
+    with pytest.raises(FoldError, match="patient 'a' is in folds"):
+        given_folds(patients, [1, 0, 0, 1, None], splits, num_folds=2)

@@ -1,5 +1,6 @@
 """Records and input pipeline: every lesion once in evaluation, seeded shuffles, folds from the caller,
 reuse of intact records and rebuilding of damaged ones."""
+import dataclasses
 import subprocess
 import sys
 
@@ -18,7 +19,12 @@ SIZE, FOLDS, SEED = 16, 3, 0
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    return read_manifest(write_dataset(tmp_path_factory.mktemp("lesions")))
+    records = read_manifest(write_dataset(tmp_path_factory.mktemp("lesions")))
+    # One lesion lacks ADC: the sources must carry which sequences each lesion has.
+    lacking = records[1]
+    records[1] = dataclasses.replace(lacking, images={s: p for s, p in lacking.images.items() if s != "adc"},
+                                     masks={s: p for s, p in lacking.masks.items() if s != "adc"})
+    return records
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +116,13 @@ def test_records_hold_the_preprocessed_patches_and_the_given_folds(records_dir, 
                 np.testing.assert_array_equal(batch["image"][j], patches.image[i])
                 np.testing.assert_array_equal(batch["mask"][j], patches.mask[i])
                 np.testing.assert_array_equal(batch["patch_affine"][j], patches.patch_affine[i])
+                np.testing.assert_array_equal(batch["present"][j], patches.present[i])
                 assert batch["label7"][j] == patches.label7[i] and batch["label2"][j] == patches.label2[i]
                 assert batch["patient_id"][j] == patches.patient_id[i]
                 assert batch["fold"][j] == fold_of[batch["lesion_id"][j]]
                 seen[batch["lesion_id"][j]] = (batch["patient_id"][j], batch["fold"][j])
     assert len(seen) == len(patches)
+    assert patches.present.sum() == 7 * len(patches) - 1 and not patches.present[1, 2]
     patient_ids, folds = zip(*seen.values())
     check_folds(patient_ids, folds)  # no patient in two folds, none in dev and test
     # Other folds over the same records: nothing is rebuilt, the batches follow the new folds.

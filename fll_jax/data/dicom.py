@@ -768,3 +768,38 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
         _write_series_csv(subject_results, subject_dir / "series.csv")
         results += subject_results
     return results
+
+
+def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
+    """sequence -> NIfTI file of a converted patient, from its series.csv (after any hand edits).
+
+    The sequence_guess column decides (edit it to correct a guess, or clear it to leave a series
+    out). Several written volumes for one sequence are refused, naming them, except DWI, where
+    the highest b-value is taken (the paper's DWI is b800 rather than b0).
+
+    Raises:
+      DicomError: no series.csv, an unknown sequence name, or an ambiguous sequence.
+    """
+    path = Path(subject_dir) / "series.csv"
+    if not path.is_file():
+        raise DicomError(f"{path}: not found; convert the study first (data_prep/dicom_to_nifti.py)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status") == "written" and (r.get("sequence_guess") or "").strip()]
+    candidates: dict[str, list[dict]] = {}
+    for row in rows:
+        name = row["sequence_guess"].strip()
+        if name not in SEQUENCES:
+            raise DicomError(f"{path}: {row['file']}: unknown sequence {name!r}; known: {', '.join(SEQUENCES)}")
+        candidates.setdefault(name, []).append(row)
+    chosen, problems = {}, []
+    for name, found in candidates.items():
+        if name == "dwi":
+            found = [max(found, key=lambda r: float(r.get("b_value") or 0.0))]
+        if len(found) > 1:
+            problems.append(f"{len(found)} volumes guessed {name}: {', '.join(r['file'] for r in found)}; "
+                            f"keep one (clear the sequence_guess of the others in {path})")
+        else:
+            chosen[name] = path.parent / found[0]["file"]
+    if problems:
+        raise DicomError("; ".join(problems))
+    return chosen

@@ -129,7 +129,8 @@ class LesionRecord:
         return tuple(s for s in SEQUENCES if s in self.images)
 
 
-def _parse_label(text: str) -> int:
+def parse_label(text: str) -> int:
+    """A class index from a label cell: a class name (any case) or its number 0-6."""
     text = text.strip()
     if text.isdigit() and int(text) < len(CLASSES):
         return int(text)
@@ -139,7 +140,8 @@ def _parse_label(text: str) -> int:
         f"unknown label {text!r}; use a class name ({', '.join(CLASSES)}) or 0-{len(CLASSES) - 1}")
 
 
-def _parse_positive(text: str, column: str, cast=float, zero_ok: bool = False):
+def parse_positive(text: str, column: str, cast=float, zero_ok: bool = False):
+    """A finite number > 0 (>= 0 with zero_ok) from a cell; ValueError naming the column."""
     try:
         value = cast(text)
     except ValueError:
@@ -285,26 +287,26 @@ def _parse_row(row: dict[str, str], folder: pathlib.Path, check_files: bool,
     patient_id, lesion_id = row["patient_id"].strip(), row["lesion_id"].strip()
     if not patient_id:
         problems.append("empty patient_id")
-    label = UNLABELLED if not labelled and not row["label"].strip() else parse("label", _parse_label)
+    label = UNLABELLED if not labelled and not row["label"].strip() else parse("label", parse_label)
     field_strength = None
     if row["field_strength"].strip():
-        field_strength = parse("field_strength", _parse_positive, "field_strength")
+        field_strength = parse("field_strength", parse_positive, "field_strength")
     diameter = None
     if row["diameter_mm"].strip():
-        diameter = parse("diameter_mm", _parse_positive, "diameter_mm")
+        diameter = parse("diameter_mm", parse_positive, "diameter_mm")
     split = row["split"].strip().lower()
     if split not in SPLITS and (labelled or split):
         problems.append(f"unknown split {row['split']!r}; use one of {', '.join(SPLITS)}")
     box_mm = parse("box_mm", parse_world_box) if row.get("box_mm", "").strip() else None
     fold = None
     if row.get("fold", "").strip():
-        fold = parse("fold", _parse_positive, "fold", int, True)
+        fold = parse("fold", parse_positive, "fold", int, True)
         if split == "test":
             problems.append("a test row has a fold; leave fold empty for test lesions")
 
     images, masks, boxes, file_problems = _sequence_files(row, folder, check_files, box_mm is not None)
     # A mask_value only picks a lesion out of mask files; box-only rows may leave it empty.
-    mask_value = parse("mask_value", _parse_positive, "mask_value", int) if masks or row["mask_value"].strip() else 1
+    mask_value = parse("mask_value", parse_positive, "mask_value", int) if masks or row["mask_value"].strip() else 1
     problems.extend(file_problems)
     if check_masks and not file_problems and mask_value is not None:
         for s in images:

@@ -69,8 +69,9 @@ def _digests(config: ml_collections.ConfigDict) -> FileDigests:
 def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None = None) -> tuple[list, list[int], dict]:
     """(manifest records, their folds, the data fingerprint) of a config; DataError listing every leak.
 
-    The fingerprint holds 'patches' (the patch cache key) and 'lesions' (per lesion its
-    manifest fields, fold and file digests): what results depend on in the data.
+    The fingerprint holds 'patches' (the patch cache key), 'preprocessing' (its version and patch
+    size) and 'lesions' (per lesion its manifest fields, fold and file digests): what results
+    depend on in the data.
     """
     data = config.data
     digests = digests or _digests(config)
@@ -90,7 +91,13 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
         folds = assign_folds(patients, [r.label for r in records], splits, num_folds=data.num_folds,
                              seed=data.fold_seed).tolist()
     lesions = lesion_fingerprints(records, folds, files)
-    return records, folds, {"patches": content_key(lesions, PATCH_SIZE, PREPROCESS_VERSION), "lesions": lesions}
+    return records, folds, {"patches": content_key(lesions, PATCH_SIZE, PREPROCESS_VERSION),
+                            "preprocessing": preprocessing(), "lesions": lesions}
+
+
+def preprocessing() -> dict:
+    """What the patches of this code depend on beyond the lesions: a model trained on others is refused them."""
+    return {"version": PREPROCESS_VERSION, "patch_size": PATCH_SIZE}
 
 
 def prepare_source(config: ml_collections.ConfigDict):

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES
+from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, SEQUENCES
 from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
-from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, model_names, probabilities
+from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
 from fll_jax.evaluation.stats import METRIC_KEYS, format_interval
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
@@ -103,7 +103,42 @@ def evaluate(frame: pd.DataFrame, confidence: float = 0.95) -> dict:
     correct7 = p7.argmax(1) == test["label7"].to_numpy(int)
     correct2 = p2.argmax(1) == test["label2"].to_numpy(int)
     metrics["subgroups"] = subgroups(test, correct7, correct2, confidence)
+    metrics["missing_sequences"] = missing_counts(frame)
     return metrics
+
+
+def missing_counts(frame: pd.DataFrame) -> dict:
+    """Per split ('test', 'val'): lesions, lesions lacking any sequence, and per sequence how many lack it."""
+    out = {}
+    for split in ("test", "val"):
+        missing = [missing_sequences(text) for text in frame.loc[frame["split"] == split, "missing"]]
+        out[split] = {"lesions": len(missing), "lacking_any": sum(bool(m) for m in missing),
+                      "per_sequence": {s: sum(s in m for m in missing) for s in SEQUENCES}}
+    return out
+
+
+def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
+    """How many lesions lacked which sequence, and the ensemble with each sequence hidden at inference."""
+    counts = metrics.get("missing_sequences", {})
+    lines = ["## Missing sequences", ""]
+    if not any(c["lacking_any"] for c in counts.values()):
+        lines += ["Every lesion had all seven sequences.", ""]
+    else:
+        header = ["split", "lesions", "lacking any", *(SEQUENCE_NAMES[s] for s in SEQUENCES)]
+        rows = [[split, str(c["lesions"]), str(c["lacking_any"]), *(str(c["per_sequence"][s]) for s in SEQUENCES)]
+                for split, c in counts.items()]
+        lines += ["Lesions lacking each sequence (the model saw zero features and a presence flag for it):", "",
+                  *_markdown_table(header, rows), ""]
+    path = workdir / "missing_at_inference.json"
+    if path.exists():
+        result = read_json(path, "rerun experiments/missing_sequences.py")
+        lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference, "
+                  f"no retraining (trained with sequence dropout {result['sequence_dropout']:g}; "
+                  "experiments/missing_sequences.py):", ""]
+        rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), _fmt(r["accuracy_7way"]),
+                 _fmt(r["accuracy_2way"]), _fmt(r["auc_binary"])] for r in result["rows"]]
+        lines += [*_markdown_table(["hidden", "n", "ACC 7-way", "ACC 2-way", "AUC 2-way"], rows), ""]
+    return lines
 
 
 def json_safe(value):
@@ -208,9 +243,9 @@ def saliency_markdown(workdir: Path) -> list[str]:
     return ["## Saliency (experiments/explain.py)", *lines, ""]
 
 
-def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = ()) -> str:
-    """report.md from the metrics dict, the relative paths of the figures written and the
-    saliency section (saliency_markdown)."""
+def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (), missing: list[str] = ()) -> str:
+    """report.md from the metrics dict, the relative paths of the figures written, the saliency
+    section (saliency_markdown) and the missing-sequence section (missing_markdown)."""
     data, run = metrics["data"], metrics["run"]
     ens = metrics["test"][ENSEMBLE]
     lines = [f"# Evaluation report: {Path(run['workdir']).name}", ""]
@@ -286,6 +321,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = ())
         "",
         *(f"![{Path(f).stem}]({f})" for f in figures),
         "",
+        *missing,
         *saliency,
         "## Methods",
         "",
@@ -333,5 +369,6 @@ def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
     write_json(workdir / "metrics.json", metrics)
-    write_text(workdir / "report.md", report_markdown(metrics, figures, saliency_markdown(workdir)))
+    write_text(workdir / "report.md",
+               report_markdown(metrics, figures, saliency_markdown(workdir), missing_markdown(metrics, workdir)))
     return metrics

@@ -160,13 +160,15 @@ def lesion_models(workdir: Path, split: str, folds: Sequence[int]) -> dict[str, 
     return {lesion: f"fold{int(fold)}" for lesion, fold in zip(rows["lesion_id"], rows["fold"])}
 
 
-def _float32_model(config: ml_collections.ConfigDict):
+def float32_model(config: ml_collections.ConfigDict):
+    """The config's model computing in float32 (maps measure the quadrature, not bf16 rounding)."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.dtype = "float32"
     return build_model(model_config, config.sequences)
 
 
-def _safe_name(text: str) -> str:
+def safe_name(text: str) -> str:
+    """A lesion id as a file name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
@@ -209,7 +211,7 @@ def explain_workdir(
         if not records:
             raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
         (out / "lesions").mkdir(parents=True, exist_ok=True)
-        model = _float32_model(config)
+        model = float32_model(config)
         ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
         scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
         random_score = None
@@ -253,13 +255,10 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
     names = _class_names(settings.head)
     patch = preprocess_lesion(record, allow=parse_allow(config.data.allow))
     x = lesion_input(patch.image, patch.mask, config)
-    affines = [
-        input_grid_affine(patch.patch_affine[sequence_index(s)], patch.image.shape[-1], config.input_size)
-        for s in sequences
-    ]
     true = int(record.label) if settings.head == "seven" else int(to_binary(record.label))
     lesion = compute_map(model_score, x, sequences, settings, true if settings.explained == "true" else None)
     pred = int(np.argmax(lesion.probs))
+    affines = lesion_affines(patch.patch_affine, patch.image.shape[-1], config)
     row = {
         "lesion_id": record.lesion_id, "patient_id": record.patient_id, "model": model_name,
         "label7": int(record.label),
@@ -278,20 +277,30 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
         random_map = attribution_map(random_score, x, sequences, settings, lesion.index)[0]
         row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map)
         row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, region)
-    _write_lesion(folder / _safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings, row)
+    title = (f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} "
+             f"(p = {row['p_predicted']:.2f}); {settings.method} for {row['explained']}")
+    write_lesion_maps(folder / safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings.method,
+                      title, f"{record.lesion_id}: {row['explained']} ({settings.method})")
     return row
 
 
-def _write_lesion(folder: Path, record, x, lesion: LesionMap, affines, sequences, settings, row) -> None:
+def lesion_affines(patch_affine: np.ndarray, stored: int, config: ml_collections.ConfigDict) -> list[np.ndarray]:
+    """Network input voxel -> world mm, per used sequence, from a lesion's patch affines [7, 4, 4] of
+    its stored patches (stored^3)."""
+    return [input_grid_affine(patch_affine[sequence_index(s)], stored, config.input_size) for s in config.sequences]
+
+
+def write_lesion_maps(folder: Path, record, x: np.ndarray, lesion: LesionMap, affines: Sequence[np.ndarray],
+                      sequences: Sequence[str], method: str, title: str, importance_title: str) -> None:
+    """A lesion's overlay and importance PNGs, and its map in the native grid of each sequence it has."""
     folder.mkdir(parents=True, exist_ok=True)
-    title = (f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} "
-             f"(p = {row['p_predicted']:.2f}); {settings.method} for {row['explained']}")
+    present = [i for i, s in enumerate(sequences) if s in record.images]
     lesion_figure(x[..., 0], x[..., 1], lesion.attributions, sequences, folder / "overlay.png",
-                  title=title, axis=axial_axis(affines[0]))
-    importance_figure(lesion.importance, folder / "importance.png",
-                      title=f"{record.lesion_id}: {row['explained']} ({settings.method})")
-    for s, volume, affine in zip(sequences, lesion.attributions, affines):
-        write_native_map(volume, affine, record.images[s], folder / f"{s}_{settings.method}.nii.gz")
+                  title=title, axis=axial_axis(affines[present[0]]))
+    importance_figure(lesion.importance, folder / "importance.png", title=importance_title)
+    for i in present:
+        s = sequences[i]
+        write_native_map(lesion.attributions[i], affines[i], record.images[s], folder / f"{s}_{method}.nii.gz")
 
 
 def class_importance_figure(frame: pd.DataFrame, sequences: Sequence[str], path: Path) -> None:

@@ -1,0 +1,90 @@
+r"""A trained workdir's five-model ensemble on new lesions (fll_jax/inference.py).
+
+  python experiments/predict.py --workdir runs/demo --manifest new/manifest.csv --out_dir runs/demo/predict
+  python experiments/predict.py --workdir runs/demo --folder data/new_cases --out_dir runs/demo/predict
+  FLL_DICOM_SALT=... python experiments/predict.py --workdir runs/demo --dicom study/ \
+      --box_mm "x0 y0 z0 x1 y1 z1" --out_dir runs/demo/predict --saliency
+
+A manifest may leave label and split empty; a folder follows docs/folders.md; a DICOM study is
+converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
+Writes out_dir/predictions.csv and challenge.json (and saliency/ with --saliency). Lesions the
+model cannot take (another preprocessing, none of its sequences) are refused, naming each.
+"""
+import os
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from fll_jax.errors import reported_as
+
+flags.DEFINE_string("workdir", "runs/demo", "A finished cross-validation workdir.")
+flags.DEFINE_string("manifest", None, "A manifest of the new lesions (label and split may be empty).")
+flags.DEFINE_string("folder", None, "A folder in the layout of docs/folders.md (labels.csv, one folder per patient).")
+flags.DEFINE_string("dicom", None, "A DICOM study folder of one patient (needs --box_mm).")
+flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm (RAS+).")
+flags.DEFINE_string("salt", None, "With --dicom: the de-identification salt (default: $FLL_DICOM_SALT).")
+flags.DEFINE_string("id_map", None, "With --dicom: instead of a salt, a CSV patient_id,subject_id.")
+flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/predict).")
+flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in each sequence's native space.")
+flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
+flags.DEFINE_bool("overwrite", False, "Replace earlier predictions in --out_dir.")
+FLAGS = flags.FLAGS
+
+
+def _records(out_dir: Path) -> list:
+    """The new lesions as manifest records, from whichever input was given."""
+    from fll_jax.data.manifest import read_manifest
+
+    given = [name for name in ("manifest", "folder", "dicom") if getattr(FLAGS, name)]
+    if len(given) != 1:
+        raise app.UsageError("give exactly one of --manifest, --folder, --dicom")
+    if FLAGS.manifest:
+        return read_manifest(FLAGS.manifest, labelled=False)
+    if FLAGS.folder:
+        from fll_jax.data.folders import build_manifest
+
+        manifest = build_manifest(FLAGS.folder, out=out_dir / "manifest.csv", labelled=False,
+                                  overwrite=FLAGS.overwrite)
+        return read_manifest(manifest, labelled=False)
+    return [_dicom_record(out_dir)]
+
+
+def _dicom_record(out_dir: Path):
+    from fll_jax.data.boxes import parse_world_box
+    from fll_jax.data.dicom import DicomError, convert_study, read_series_table
+    from fll_jax.data.manifest import UNLABELLED, LesionRecord
+
+    if not FLAGS.box_mm:
+        raise app.UsageError("--dicom needs --box_mm: the lesion's box in world mm")
+    box = parse_world_box(FLAGS.box_mm)
+    salt = FLAGS.salt if FLAGS.salt or FLAGS.id_map else os.environ.get("FLL_DICOM_SALT")
+    results = convert_study(FLAGS.dicom, out_dir / "nifti", salt=salt, id_map=FLAGS.id_map,
+                            overwrite=FLAGS.overwrite)
+    subjects = sorted({r.subject_id for r in results})
+    if len(subjects) != 1:
+        raise DicomError(f"{FLAGS.dicom}: holds {len(subjects)} patients; give one patient's study with its box")
+    images = read_series_table(out_dir / "nifti" / subjects[0])
+    print(f"{subjects[0]}: " + ", ".join(f"{s} <- {p.name}" for s, p in images.items()))
+    return LesionRecord(patient_id=subjects[0], lesion_id=f"{subjects[0]}_L1", label=UNLABELLED, mask_value=1,
+                        images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
+                        diameter_mm=None, split="", box_mm=box)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
+    from fll_jax.inference import predict_records
+
+    out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
+    with reported_as("predict"):
+        frame = predict_records(FLAGS.workdir, _records(out_dir), out_dir, saliency=FLAGS.saliency,
+                                workers=FLAGS.workers, overwrite=FLAGS.overwrite)
+    print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
+    labelled = frame[frame["label"] != ""]
+    if len(labelled):
+        print(f"accuracy on the {len(labelled)} labelled lesion(s): {(labelled['label'] == labelled['predicted']).mean():.2f}")
+    print(f"wrote {out_dir / 'predictions.csv'} and {out_dir / 'challenge.json'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,234 @@
+"""A trained workdir's fold ensemble on new lesions (experiments/predict.py).
+
+New lesions arrive as manifest records (from a manifest, a folder of fll_jax/data/folders.py,
+or a DICOM study converted by fll_jax/data/dicom.py) and are preprocessed exactly as the
+training data were (fll_jax/data/preprocess.py, with the run's data checks). The ensemble is
+the mean of the fold models' probabilities, as on the test split in cross-validation.
+
+Refused, naming the difference, before any output is written: patches from another
+preprocessing version or patch size than the model's, and lesions that lack every sequence
+the model uses. A lesion lacking some of them is predicted with those absent (zero features
+plus presence flags, as in training); the output's `missing` column says which, and a warning
+notes when the model never saw an absent sequence in training.
+
+missing_at_inference(workdir) measures what each sequence is worth to a trained ensemble: its
+test metrics with that sequence hidden from every test lesion, without retraining.
+
+Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
+sequences, the predicted class and both heads' probabilities), challenge.json (the LLD-MMRI
+submission format, fll_jax/data/lld_mmri.py) and, with saliency, saliency/<lesion_id>/ (the
+integrated-gradients overlay, importance chart and a NIfTI map per sequence in its native grid).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pandas as pd
+
+from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES, to_binary
+from fll_jax.data.checks import parse_allow, problem_report
+from fll_jax.data.lld_mmri import write_predictions_json
+from fll_jax.data.manifest import UNLABELLED
+from fll_jax.data.numpy_source import pad_batch
+from fll_jax.data.patchset import PatchSet
+from fll_jax.data.prepare import preprocessing
+from fll_jax.data.preprocess import preprocess_manifest
+from fll_jax.evaluation.predictions import missing_text
+from fll_jax.files import write_csv, write_json
+from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.step import rng_settings, seq_indices
+from fll_jax.train.workdir import read_fingerprint
+
+OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
+
+
+class PredictionError(ValueError):
+    """New lesions the trained model cannot be applied to; the message names each difference."""
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """The best model of every fold of a finished workdir."""
+
+    workdir: Path
+    config: ml_collections.ConfigDict
+    model: object
+    variables: list[dict]
+
+    @functools.cached_property
+    def _forward(self):
+        """jit: (variables, image, mask, present) -> (p2, p7), inputs prepared as in evaluation."""
+        config, model = self.config, self.model
+
+        def forward(variables, image, mask, present):
+            x = prepare_inputs({"image": image, "mask": mask, "present": present}, seq_indices(config),
+                               config.input_size)
+            outputs = model.apply(variables, x, train=False)
+            return jax.nn.softmax(outputs["logits2"]), jax.nn.softmax(outputs["logits7"])
+
+        return jax.jit(forward)
+
+    def batch_probabilities(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(p2, p7) of a padded batch's valid rows: the mean over the fold models, as in cross-validation."""
+        with rng_settings(self.config):
+            outs = [self._forward(v, batch["image"], batch["mask"], batch["present"]) for v in self.variables]
+        valid = np.asarray(batch["valid"], bool)
+        return tuple(np.mean([np.asarray(o[head]) for o in outs], axis=0)[valid] for head in (0, 1))
+
+    def probabilities(self, patches: PatchSet, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(p2 [N, 2], p7 [N, 7]) of every lesion of a PatchSet."""
+        parts = [self.batch_probabilities(pad_batch(patches.select(np.arange(start, min(start + batch_size, len(patches)))),
+                                                    batch_size))
+                 for start in range(0, len(patches), batch_size)]
+        return np.concatenate([p2 for p2, _ in parts]), np.concatenate([p7 for _, p7 in parts])
+
+
+def load_ensemble(workdir: str | Path) -> Ensemble:
+    """The fold models of a finished cross-validation workdir (CheckpointError if one is missing or damaged)."""
+    from fll_jax.train.checkpoints import load_fold_models
+
+    model, variables, config = load_fold_models(workdir)
+    return Ensemble(Path(workdir), config, model, variables)
+
+
+def compatibility_problems(ensemble: Ensemble, records: Sequence) -> list[str]:
+    """Why these lesions cannot be given to the model (an empty list when they can)."""
+    problems = []
+    trained = read_fingerprint(ensemble.workdir).get("data", {}).get("preprocessing")
+    if trained is not None and trained != preprocessing():
+        problems.append(f"{ensemble.workdir} was trained on patches of preprocessing {trained}, but this code makes "
+                        f"{preprocessing()}: retrain, or predict with the code the model was trained with")
+    used = set(ensemble.config.sequences)
+    for record in records:
+        if not used & set(record.sequences):
+            problems.append(f"lesion {record.lesion_id!r} has none of the model's sequences "
+                            f"({', '.join(ensemble.config.sequences)}); it has {', '.join(record.sequences)}")
+    return problems
+
+
+def absent_in_training(ensemble: Ensemble) -> int:
+    """Training lesions that lacked a sequence the model uses (from the run's data fingerprint)."""
+    lesions = read_fingerprint(ensemble.workdir).get("data", {}).get("lesions", {})
+    return sum(any(f"{s}_image" not in entry.get("files", {f"{s}_image": 1}) for s in ensemble.config.sequences)
+               for entry in lesions.values())
+
+
+def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray) -> pd.DataFrame:
+    """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes."""
+    frame = pd.DataFrame({
+        "patient_id": [r.patient_id for r in records],
+        "lesion_id": [r.lesion_id for r in records],
+        "label": ["" if r.label == UNLABELLED else CLASSES[r.label] for r in records],
+        "missing": [missing_text(row) for row in patches.present],
+        "predicted": [CLASSES[k] for k in p7.argmax(1)],
+        "predicted_binary": [BINARY_CLASSES[k] for k in p2.argmax(1)],
+    })
+    for k, name in enumerate(BINARY_CLASSES):
+        frame[f"p_{name}"] = p2[:, k]
+    for k, name in enumerate(CLASSES):
+        frame[f"p_{name}"] = p7[:, k]
+    return frame
+
+
+def predict_records(
+    workdir: str | Path,
+    records: Sequence,
+    out_dir: str | Path,
+    *,
+    saliency: bool = False,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Preprocess new lesions, run the workdir's ensemble, write out_dir; returns predictions.csv's frame.
+
+    Raises:
+        PredictionError: lesions the model cannot take (all listed), before anything is written.
+        FileExistsError: out_dir holds earlier predictions and overwrite is False.
+    """
+    out_dir = Path(out_dir)
+    existing = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); choose another output folder "
+                              "or pass --overwrite to replace them")
+    ensemble = load_ensemble(workdir)
+    problems = compatibility_problems(ensemble, records)
+    if problems:
+        raise PredictionError(problem_report(f"cannot predict with {workdir}:", problems))
+    config = ensemble.config
+    patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow))
+    p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
+    frame = prediction_frame(records, patches, p2, p7)
+    lacking = int((frame["missing"] != "").sum())
+    if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):
+        print(f"warning: {lacking} lesion(s) lack sequences, which the model never met in training "
+              "(train.sequence_dropout 0, complete training data): their predictions are less reliable")
+    write_csv(frame, out_dir / "predictions.csv")
+    write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
+    if saliency:
+        write_saliency(ensemble, records, patches, out_dir / "saliency")
+    return frame
+
+
+def write_saliency(ensemble: Ensemble, records: Sequence, patches: PatchSet, folder: Path) -> None:
+    """Integrated gradients of the ensemble's predicted class for every lesion, as explain.py draws them."""
+    from fll_jax.saliency.explain import (
+        Settings, compute_map, float32_model, lesion_affines, lesion_input, safe_name, write_lesion_maps,
+    )
+    from fll_jax.saliency.target import ClassScore
+
+    config, settings = ensemble.config, Settings()
+    score = ClassScore.from_model(float32_model(config), ensemble.variables, chunk=settings.chunk)
+    with rng_settings(config):
+        for i, record in enumerate(records):
+            x = lesion_input(patches.image[i], patches.mask[i], config)
+            lesion = compute_map(score, x, config.sequences, settings)
+            affines = lesion_affines(patches.patch_affine[i], patches.size, config)
+            title = f"{record.lesion_id}: predicted {CLASSES[lesion.index]} (p = {lesion.probs[lesion.index]:.2f})"
+            write_lesion_maps(folder / safe_name(record.lesion_id), record, x, lesion, affines, config.sequences,
+                              settings.method, title, f"{record.lesion_id}: {CLASSES[lesion.index]} (ig)")
+
+
+def missing_at_inference(workdir: str | Path) -> dict:
+    """The ensemble's test metrics with all sequences, then with each used sequence hidden from
+    every test lesion (no retraining); written to workdir/missing_at_inference.json.
+
+    The data must be those the run was trained on (checked against its fingerprint).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from fll_jax.data.prepare import prepare_source
+    from fll_jax.train.workdir import check_same_data
+
+    workdir = Path(workdir)
+    ensemble = load_ensemble(workdir)
+    config = ensemble.config
+    source = prepare_source(config)
+    check_same_data(workdir, source.fingerprint)
+    rows = []
+    for hidden in (None, *config.sequences):
+        p2, p7, label7 = [], [], []
+        for batch in source.eval_batches("test", config.train.eval_batch_size):
+            if hidden is not None:
+                batch["present"] = batch["present"].copy()
+                batch["present"][:, SEQUENCES.index(hidden)] = False
+            q2, q7 = ensemble.batch_probabilities(batch)
+            p2.append(q2)
+            p7.append(q7)
+            label7.append(batch["label7"][batch["valid"]])
+        p2, p7, label7 = np.concatenate(p2), np.concatenate(p7), np.concatenate(label7)
+        label2 = to_binary(label7)
+        rows.append({
+            "hidden": hidden or "none", "n": int(len(label7)),
+            "accuracy_7way": float(np.mean(p7.argmax(1) == label7)),
+            "accuracy_2way": float(np.mean(p2.argmax(1) == label2)),
+            "auc_binary": float(roc_auc_score(label2, p2[:, 1])) if len(set(label2)) == 2 else None,
+        })
+    result = {"sequence_dropout": float(config.train.sequence_dropout), "rows": rows}
+    write_json(workdir / "missing_at_inference.json", result)
+    return result

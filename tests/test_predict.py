@@ -1,0 +1,102 @@
+"""Prediction on new lesions: the ensemble's mean, absent sequences, refusals, output formats."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from fll_jax.constants import CLASSES
+from fll_jax.data.lld_mmri import CHALLENGE_CLASSES
+from fll_jax.data.manifest import UNLABELLED
+from fll_jax.data.prepare import preprocessing
+from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.files import write_json
+from fll_jax.saliency.explain import lesion_input
+from tests.helpers import tiny_config
+from tests.test_saliency import SIZE, USED, _record
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir of two fold models (random tiny ones) and the lesions to predict."""
+    from fll_jax.models import build_model
+
+    config = tiny_config("sequences=" + "+".join(USED) + ",folds=0+1", size=SIZE)
+    config.data.num_folds = 2
+    model = build_model(config.model, config.sequences)
+    init = jax.jit(lambda key: model.init(key, np.zeros((1, len(USED), SIZE, SIZE, SIZE, 2), np.float32), train=False))
+    variables = [init(jax.random.PRNGKey(k)) for k in (3, 4)]
+    root = tmp_path_factory.mktemp("predict")
+    complete, _ = _record(root / "a", label=4, patient_id="a", lesion_id="a_l1", shift=False)
+    unlabelled, _ = _record(root / "b", label=0, patient_id="b", lesion_id="b_l1", shift=False)
+    unlabelled = dataclasses.replace(unlabelled, label=UNLABELLED, split="")
+    no_lap = {s: p for s, p in complete.images.items() if s != "lap"}
+    lacking = dataclasses.replace(complete, lesion_id="a_l2", images=no_lap,
+                                  masks={s: complete.masks[s] for s in no_lap})
+    workdir = root / "run"
+    write_json(workdir / "fingerprint.json", {"settings": {}, "data": {"preprocessing": preprocessing(), "lesions": {}}})
+    return config, model, variables, workdir, [complete, unlabelled, lacking]
+
+
+@pytest.fixture
+def ensemble_models(trained, monkeypatch):
+    import fll_jax.train.checkpoints as checkpoints
+
+    config, model, variables, _, _ = trained
+    monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config))
+
+
+def _expected_p7(trained, record):
+    config, model, variables, _, _ = trained
+    patch = preprocess_lesion(record)
+    x = lesion_input(patch.image, patch.mask, config)[None]
+    return np.mean([jax.nn.softmax(model.apply(v, x, train=False)["logits7"])[0] for v in variables], axis=0)
+
+
+def test_predictions_are_the_fold_mean_with_absent_sequences_flagged(trained, ensemble_models, tmp_path):
+    from fll_jax.inference import predict_records
+
+    _, _, _, workdir, records = trained
+    frame = predict_records(workdir, records, tmp_path, saliency=True, workers=1)
+    written = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
+    assert list(written["lesion_id"]) == ["a_l1", "b_l1", "a_l2"]
+    assert list(written["label"]) == ["hcc", "", "hcc"] and list(written["missing"]) == ["", "", "lap"]
+    for i, record in enumerate(records):
+        np.testing.assert_allclose(frame.loc[i, [f"p_{c}" for c in CLASSES]].to_numpy(float),
+                                   _expected_p7(trained, record), rtol=1e-5)
+    # Without LAP the lesion is another input to the model: its probabilities move.
+    assert not np.allclose(frame.loc[0, "p_cyst":].to_numpy(float), frame.loc[2, "p_cyst":].to_numpy(float))
+    challenge = json.loads((tmp_path / "challenge.json").read_text())
+    assert [c["image_id"] for c in challenge] == ["a_l1", "b_l1", "a_l2"]
+    ours = frame.loc[0, [f"p_{c}" for c in CLASSES]].to_numpy(float)
+    np.testing.assert_allclose(challenge[0]["score"], [ours[CLASSES.index(c)] for c in CHALLENGE_CLASSES], rtol=1e-6)
+    # Saliency: a native-grid map for each sequence the lesion has, none for the absent one.
+    assert (tmp_path / "saliency" / "a_l2" / "t2w_ig.nii.gz").is_file()
+    assert not (tmp_path / "saliency" / "a_l2" / "lap_ig.nii.gz").exists()
+    native = nib.load(tmp_path / "saliency" / "a_l1" / "lap_ig.nii.gz")
+    assert native.shape == nib.load(records[0].images["lap"]).shape
+    # Earlier predictions are not replaced unasked.
+    with pytest.raises(FileExistsError, match="predictions.csv"):
+        predict_records(workdir, records, tmp_path, workers=1)
+
+
+def test_lesions_the_model_cannot_take_are_refused(trained, ensemble_models, tmp_path):
+    from fll_jax.inference import PredictionError, predict_records
+
+    _, _, _, workdir, records = trained
+    neither = dataclasses.replace(records[0], lesion_id="a_l3",
+                                  images={s: records[0].images[s] for s in ("dwi", "adc")},
+                                  masks={s: records[0].masks[s] for s in ("dwi", "adc")})
+    with pytest.raises(PredictionError, match=r"lesion 'a_l3' has none of the model's sequences \(t2w, lap\)"):
+        predict_records(workdir, [records[0], neither], tmp_path / "out", workers=1)
+    old = dict(preprocessing(), version=preprocessing()["version"] - 1)
+    other = tmp_path / "old_run"
+    write_json(other / "fingerprint.json", {"settings": {}, "data": {"preprocessing": old}})
+    with pytest.raises(PredictionError, match=f"trained on patches of preprocessing {old}"):
+        predict_records(other, records[:1], tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
