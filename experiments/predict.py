@@ -51,23 +51,19 @@ def _records(out_dir: Path) -> list:
 
 def _dicom_record(out_dir: Path):
     from fll_jax.data.boxes import parse_world_box
-    from fll_jax.data.dicom import DicomError, convert_study, read_series_table
-    from fll_jax.data.manifest import UNLABELLED, LesionRecord
+    from fll_jax.inference import dicom_record
 
     if not FLAGS.box_mm:
         raise app.UsageError("--dicom needs --box_mm: the lesion's box in world mm")
-    box = parse_world_box(FLAGS.box_mm)
+    try:
+        box = parse_world_box(FLAGS.box_mm)
+    except ValueError as e:
+        raise app.UsageError(f"--box_mm: {e}") from None
     salt = FLAGS.salt if FLAGS.salt or FLAGS.id_map else os.environ.get("FLL_DICOM_SALT")
-    results = convert_study(FLAGS.dicom, out_dir / "nifti", salt=salt, id_map=FLAGS.id_map,
-                            overwrite=FLAGS.overwrite)
-    subjects = sorted({r.subject_id for r in results})
-    if len(subjects) != 1:
-        raise DicomError(f"{FLAGS.dicom}: holds {len(subjects)} patients; give one patient's study with its box")
-    images = read_series_table(out_dir / "nifti" / subjects[0])
-    print(f"{subjects[0]}: " + ", ".join(f"{s} <- {p.name}" for s, p in images.items()))
-    return LesionRecord(patient_id=subjects[0], lesion_id=f"{subjects[0]}_L1", label=UNLABELLED, mask_value=1,
-                        images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
-                        diameter_mm=None, split="", box_mm=box)
+    record = dicom_record(FLAGS.dicom, out_dir / "nifti", box, salt=salt, id_map=FLAGS.id_map,
+                          overwrite=FLAGS.overwrite)
+    print(f"{record.patient_id}: " + ", ".join(f"{s} <- {p.name}" for s, p in record.images.items()))
+    return record
 
 
 def main(argv):

@@ -76,3 +76,16 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return Path(path)
+
+
+def write_nifti(data, affine, path: str | Path, header=None) -> Path:
+    """A NIfTI image in scanner coordinates: qform and sform both `affine`, millimetres."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, affine, header=header)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)

@@ -164,9 +164,10 @@ def predict_records(
     patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow))
     p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
     frame = prediction_frame(records, patches, p2, p7)
-    lacking = int((frame["missing"] != "").sum())
+    used = [SEQUENCES.index(s) for s in config.sequences]
+    lacking = int((~patches.present[:, used]).any(axis=1).sum())
     if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):
-        print(f"warning: {lacking} lesion(s) lack sequences, which the model never met in training "
+        print(f"warning: {lacking} lesion(s) lack sequences the model uses, which it never met in training "
               "(train.sequence_dropout 0, complete training data): their predictions are less reliable")
     write_csv(frame, out_dir / "predictions.csv")
     write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
@@ -232,3 +233,26 @@ def missing_at_inference(workdir: str | Path) -> dict:
     result = {"sequence_dropout": float(config.train.sequence_dropout), "rows": rows}
     write_json(workdir / "missing_at_inference.json", result)
     return result
+
+
+def dicom_record(study: str | Path, nifti_dir: str | Path, box_mm: Sequence[float], *, salt: str | None = None,
+                 id_map: str | Path | None = None, overwrite: bool = False):
+    """One patient's DICOM study as a lesion record: converted under nifti_dir (fll_jax/data/dicom.py),
+    a volume per sequence picked by its series.csv, the lesion given by a world box (RAS+ mm).
+    The conversion stays in nifti_dir even when the study is refused.
+
+    Raises:
+        DicomError: the study cannot be converted, holds several patients, or a sequence is ambiguous.
+    """
+    from fll_jax.data.dicom import DicomError, convert_study, read_series_table
+    from fll_jax.data.manifest import LesionRecord
+
+    results = convert_study(study, nifti_dir, salt=salt, id_map=id_map, overwrite=overwrite)
+    subjects = sorted({r.subject_id for r in results})
+    if len(subjects) != 1:
+        raise DicomError(f"{study}: holds {len(subjects)} patients; give one patient's study with its box "
+                         f"(their conversions stay in {nifti_dir}; rerun with overwrite)")
+    images = read_series_table(Path(nifti_dir) / subjects[0])
+    return LesionRecord(patient_id=subjects[0], lesion_id=f"{subjects[0]}_L1", label=UNLABELLED, mask_value=1,
+                        images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
+                        diameter_mm=None, split="", box_mm=tuple(box_mm))

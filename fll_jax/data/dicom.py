@@ -57,7 +57,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from fll_jax.constants import SEQUENCES
-from fll_jax.files import atomic_path, write_json, write_text
+from fll_jax.files import write_json, write_nifti, write_text
 
 DEFAULT_RULES_FILE = Path(__file__).with_name("sequence_map.json")
 # Direction cosines closer than this are one orientation (0.006 degrees, 0.02 mm at 200 mm).
@@ -612,15 +612,6 @@ def _compact(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-
-
 # ---------------------------------------------------------------------------------------------
 # Sidecars and the index
 
@@ -711,7 +702,7 @@ def _convert_part(part: _Part, subject_id: str, subject_dir: Path, rules: Sequen
         return SeriesResult(subject_id, stem, "refused", str(refusal), None, None, metadata)
     metadata = _sidecar(part, ordered, affine, data.shape, rules, scrub)
     nifti, sidecar = subject_dir / f"{stem}.nii.gz", subject_dir / f"{stem}.json"
-    _write_nifti(data, affine, nifti)
+    write_nifti(data, affine, nifti)
     write_json(sidecar, metadata)
     say(f"wrote {subject_id}/{nifti.name}: {' x '.join(map(str, data.shape))} voxels of "
         f"{' x '.join(f'{v:.3g}' for v in metadata['voxel_size_mm'])} mm, {metadata['orientation']}, "
@@ -775,7 +766,8 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
 
     The sequence_guess column decides (edit it to correct a guess, or clear it to leave a series
     out). Several written volumes for one sequence are refused, naming them, except DWI, where
-    the highest b-value is taken (the paper's DWI is b800 rather than b0).
+    the volume of the highest b-value is taken (the paper's DWI is b800 rather than b0) unless
+    several share it.
 
     Raises:
       DicomError: no series.csv, an unknown sequence name, or an ambiguous sequence.
@@ -794,7 +786,8 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     chosen, problems = {}, []
     for name, found in candidates.items():
         if name == "dwi":
-            found = [max(found, key=lambda r: float(r.get("b_value") or 0.0))]
+            top = max(float(r.get("b_value") or 0.0) for r in found)
+            found = [r for r in found if float(r.get("b_value") or 0.0) == top]
         if len(found) > 1:
             problems.append(f"{len(found)} volumes guessed {name}: {', '.join(r['file'] for r in found)}; "
                             f"keep one (clear the sequence_guess of the others in {path})")

@@ -43,7 +43,7 @@ from fll_jax.data.boxes import VoxelBox as Box
 from fll_jax.data.boxes import format_box
 from fll_jax.data.manifest import UNLABELLED as MANIFEST_UNLABELLED
 from fll_jax.data.manifest import LesionRecord, ManifestError, write_manifest
-from fll_jax.files import atomic_path, write_json, write_text
+from fll_jax.files import write_json, write_nifti, write_text
 
 # Our class names in the challenge's label order 0..6.
 CHALLENGE_CLASSES: tuple[str, ...] = ("haemangioma", "icc", "abscess", "metastasis", "cyst", "fnh", "hcc")
@@ -236,11 +236,7 @@ def _phase_entry(case: ReleaseCase, phase: ReleasePhase, study: str, series: str
 
 def _write_unit_nifti(array: np.ndarray, path: Path) -> None:
     """The release's header: SimpleITK's default grid (unit spacing, zero origin, identity)."""
-    img = nib.Nifti1Image(array, np.diag([-1.0, -1.0, 1.0, 1.0]))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+    write_nifti(array, np.diag([-1.0, -1.0, 1.0, 1.0]), path)
 
 
 def _label_lines(cases: Sequence[ReleaseCase]) -> str:
@@ -572,12 +568,7 @@ def _far_apart(lesion: _Lesion, phases: Mapping[str, _Phase]) -> bool:
 def _copy_with_geometry(source: Path, target: Path, geometry: PhaseGeometry) -> None:
     """The release's voxels, unchanged, under the header its JSON describes."""
     src = nib.load(str(source))
-    img = nib.Nifti1Image(src.dataobj, geometry.affine(), header=src.header)
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(target) as tmp:
-        nib.save(img, str(tmp))
+    write_nifti(src.dataobj, geometry.affine(), target, header=src.header)
 
 
 def _check_targets(out_dir: Path, overwrite: bool) -> None:

@@ -30,13 +30,12 @@ import multiprocessing
 import pathlib
 import shutil
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from fll_jax.constants import CLASSES, SEQUENCES
 from fll_jax.data.manifest import LesionRecord, write_manifest
-from fll_jax.files import atomic_path, write_json
+from fll_jax.files import write_json, write_nifti
 
 BACKGROUNDS: tuple[str, ...] = ("normal", "cirrhotic", "fatty")
 MANIFEST_NAME = "manifest.csv"
@@ -597,15 +596,6 @@ def _acquire(rel: np.ndarray, s: str, scanner: Scanner, gain: float, bias: np.nd
     return np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16)
 
 
-def _save(data: np.ndarray, affine: np.ndarray, path: pathlib.Path) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
 def generate_patient(spec: PatientSpec, out_dir: str | pathlib.Path) -> tuple[list[LesionRecord], list[dict]]:
     """Writes one patient's 14 NIfTI files under out_dir/patients/<patient_id>/.
 
@@ -652,8 +642,8 @@ def generate_patient(spec: PatientSpec, out_dir: str | pathlib.Path) -> tuple[li
         for s in seqs:
             rel = _slab_mean(_relative_intensity(s, bg, f, lesions, boxes), nsub)
             image = _acquire(rel, s, scanner, gain, bias, np.random.default_rng(noise_seeds[s]))
-            _save(image, affine, folder / f"{s}.nii.gz")
-            _save(mask, affine, folder / f"{s}_mask.nii.gz")
+            write_nifti(image, affine, folder / f"{s}.nii.gz")
+            write_nifti(mask, affine, folder / f"{s}_mask.nii.gz")
 
     records, truth = [], []
     for les, d in zip(lesions, spec.diameters_mm):

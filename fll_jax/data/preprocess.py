@@ -12,7 +12,7 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    its inscribed ellipsoid, computed from the box's sides); the lesion's diameter is the
    median over its sequences. A diameter_mm given in the manifest takes precedence.
 3. Choose the cube side by the paper's rule (crop_size_mm): < 16 mm -> 32 mm, 16-32 mm ->
-   64 mm, larger -> the mask's world bounding box (largest side E, the maximum over the seven
+   64 mm, larger -> the mask's world bounding box (largest side E, the maximum over the
    lesion's sequences) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class below. The paper
    varies the dilation randomly in training; this stores the largest context (12.5 % + 4 mm on
    each side) so the on-device scale augmentation can zoom in by up to side / E and so vary the

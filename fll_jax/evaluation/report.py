@@ -127,7 +127,7 @@ def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
         header = ["split", "lesions", "lacking any", *(SEQUENCE_NAMES[s] for s in SEQUENCES)]
         rows = [[split, str(c["lesions"]), str(c["lacking_any"]), *(str(c["per_sequence"][s]) for s in SEQUENCES)]
                 for split, c in counts.items()]
-        lines += ["Lesions lacking each sequence (the model saw zero features and a presence flag for it):", "",
+        lines += ["Lesions lacking each sequence (one the model uses enters as zero features and a presence flag):", "",
                   *_markdown_table(header, rows), ""]
     path = workdir / "missing_at_inference.json"
     if path.exists():

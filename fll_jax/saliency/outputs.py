@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from fll_jax.constants import SEQUENCE_NAMES
-from fll_jax.files import atomic_path, save_figure
+from fll_jax.files import save_figure, write_nifti
 from fll_jax.saliency.importance import SequenceImportance
 
 
@@ -139,9 +139,4 @@ def write_native_map(
     """Write a patch map as NIfTI on the native image's grid (its shape and affine)."""
     native = nib.load(native_image) if isinstance(native_image, (str, Path)) else native_image
     data = patch_to_native(volume, patch_affine, native.shape, native.affine)
-    out = nib.Nifti1Image(data, native.affine)
-    out.set_qform(native.affine, code=1)
-    out.set_sform(native.affine, code=1)
-    with atomic_path(path) as tmp:
-        nib.save(out, str(tmp))
-    return Path(path)
+    return write_nifti(data, native.affine, path)
