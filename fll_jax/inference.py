@@ -113,10 +113,11 @@ def compatibility_problems(ensemble: Ensemble, records: Sequence) -> list[str]:
 
 
 def absent_in_training(ensemble: Ensemble) -> int:
-    """Training lesions that lacked a sequence the model uses (from the run's data fingerprint)."""
+    """Training lesions that lacked a sequence the model uses (from the run's data fingerprint;
+    entries of in-memory data list no files and count as complete)."""
     lesions = read_fingerprint(ensemble.workdir).get("data", {}).get("lesions", {})
-    return sum(any(f"{s}_image" not in entry.get("files", {f"{s}_image": 1}) for s in ensemble.config.sequences)
-               for entry in lesions.values())
+    files = [entry["files"] for entry in lesions.values() if "files" in entry]
+    return sum(any(f"{s}_image" not in f for s in ensemble.config.sequences) for f in files)
 
 
 def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray) -> pd.DataFrame:
