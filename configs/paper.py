@@ -82,4 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.sequence_dropout = 0.0
     # Epochs between saves of the latest state (a resumed run repeats at most this many).
     config.train.checkpoint_every = 1
+
+    config.evaluation = ml_collections.ConfigDict()
+    config.evaluation.confidence = 0.95
+    # Interval rules of the report's proportions and likelihood ratios: 'paper' (modified Wilson
+    # with x* = 2 and z = 1.96, which reproduce the paper's Table 3) or 'bcd' (Brown, Cai &
+    # DasGupta's x*: 2 up to n = 50, 3 above; z from the confidence level).
+    config.evaluation.interval_rule = "paper"
     return apply_config_string(config, arg)

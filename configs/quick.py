@@ -21,4 +21,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_batch_size = 16
     config.train.epochs = 20
     config.train.checkpoint_every = 5
+    config.evaluation.interval_rule = "bcd"
     return apply_config_string(config, arg)

@@ -30,6 +30,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     """
     from fll_jax.data.checks import parse_allow
     from fll_jax.data.prepare import BACKENDS, FOLD_SOURCES, SOURCES
+    from fll_jax.evaluation.stats import RULES
     from fll_jax.models import build_model
     from fll_jax.train.loop import SELECT_METRICS
 
@@ -63,6 +64,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
              "and loss.multiclass_weight cannot both be 0")
         need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
              "and model.dropout must be < 1")
+    rule, confidence = config.evaluation.interval_rule, config.evaluation.confidence
+    need(rule in RULES, "evaluation.interval_rule", f"must be one of {', '.join(RULES)}")
+    need(isinstance(confidence, float) and 0 < confidence < 1, "evaluation.confidence", "must be between 0 and 1")
     dropout = config.train.sequence_dropout
     need(not isinstance(dropout, (int, float)) or dropout < 1, "train.sequence_dropout",
          "must be < 1 (a lesion always keeps one sequence)")

@@ -294,11 +294,12 @@ def test_fold_whose_best_checkpoint_is_gone_is_trained_again_not_reported_finish
 def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     folder, _ = finished
     config = _config(folder, "folds=-1,epochs=0,batch_size=0,width=0,sequence_dropout=1")
-    config.data.folds = "official"
+    config.data.folds, config.evaluation.interval_rule = "official", "wald"
     with pytest.raises(ConfigError) as error:
         cross_validate(config, tmp_path / "new")
     for field in ("train.epochs = 0", "train.batch_size = 0", "model.width = 0", "train.folds = (-1,)",
-                  "train.sequence_dropout = 1.0: must be < 1", "data.folds = 'official'"):
+                  "train.sequence_dropout = 1.0: must be < 1", "data.folds = 'official'",
+                  "evaluation.interval_rule = 'wald'"):
         assert field in str(error.value)
     assert not (tmp_path / "new").exists()
 

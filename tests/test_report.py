@@ -160,3 +160,23 @@ def test_small_split_with_a_missing_class_and_two_folds(tmp_path):
     assert metrics["operating_points"]["validation_thresholds"]["icc"] is None
     assert list(metrics["subgroups"]["scanner"]["seven_way"]["levels"]) == ["unknown"]
     assert "| ICC | - (-, -) |" in (workdir / "report.md").read_text()
+
+
+def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path):
+    from fll_jax.evaluation.stats import binary_metrics
+
+    workdir, metrics = run
+    assert metrics["statistics"] == {"confidence": 0.95, "interval_rule": "bcd"}  # no evaluation settings: bcd
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    shutil.copy(workdir / "predictions.csv", paper / "predictions.csv")
+    config = json.loads((workdir / "config.json").read_text())
+    config["evaluation"] = {"confidence": 0.9, "interval_rule": "paper"}
+    (paper / "config.json").write_text(json.dumps(config))
+    ours = write_report(paper)
+    column = ours["test"]["ensemble"]["table3_argmax"][BINARY_COLUMN]
+    expected = binary_metrics(**column["counts"], confidence=0.9, rule="paper")
+    assert column["plr"] == pytest.approx(list(expected["plr"])) and column["npv"] == pytest.approx(list(expected["npv"]))
+    assert column["plr"] != metrics["test"]["ensemble"]["table3_argmax"][BINARY_COLUMN]["plr"]
+    text = (paper / "report.md").read_text()
+    assert "Confidence level 0.9." in text and "Table 3 follows the paper's rule: modified Wilson with x* = 2" in text

@@ -78,12 +78,12 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def compare(x_star: int | None) -> tuple[list, list]:
+def compare(rule: str) -> tuple[list, list]:
     """(matching cells, differing cells) of our Table 3 against the printed one."""
     table = parse_table3()
     matches, differences = [], []
     for column, counts in implied_counts(table).items():
-        ours = binary_metrics(**counts, x_star=x_star)
+        ours = binary_metrics(**counts, rule=rule)
         for metric in METRIC_KEYS:
             for i in range(3):
                 key = (column, metric, i)
@@ -100,21 +100,28 @@ def test_implied_counts_are_those_of_the_text():
     assert sum(counts[c]["fn"] for c in CLASSES) == 4
 
 
-@pytest.mark.parametrize("x_star, expected_differences", [(2, MISPRINTS), (None, {**MISPRINTS, **BCD_ONLY_DIFFERENCES})])
-def test_table3_reproduced_to_the_printed_digit(x_star, expected_differences):
-    matches, differences = compare(x_star)
-    assert sorted(differences) == sorted(expected_differences)
-    assert len(matches) == 8 * 7 * 3 - len(expected_differences)
+def test_table3_reproduced_to_the_printed_digit():
+    matches, differences = compare("paper")
+    assert sorted(differences) == sorted(MISPRINTS)
+    assert len(matches) == 8 * 7 * 3 - len(MISPRINTS)
+
+
+def test_table3_under_brown_cai_dasgupta_differs_by_x_star_and_z_only():
+    _, differences = compare("bcd")
+    assert set(MISPRINTS) | set(BCD_ONLY_DIFFERENCES) <= set(differences)
+    # The rest are likelihood-ratio bounds moved in the third decimal by z = 1.959964 instead of 1.96.
+    rest = set(differences) - set(MISPRINTS) - set(BCD_ONLY_DIFFERENCES)
+    assert rest and all(metric in ("plr", "nlr") and i > 0 for _, metric, i in rest)
 
 
 def test_table3_misprints_are_what_the_list_says():
     table = parse_table3()
     counts = implied_counts(table)
-    icc = binary_metrics(**counts["icc"])["plr"]
+    icc = binary_metrics(**counts["icc"], rule="paper")["plr"]
     # Inserting a '0' before the decimal point of our bounds gives the printed ones.
     assert [re.sub(r"\.", "0.", fmt(v), count=1) for v in icc[1:]] == list(table["icc"]["plr"][1:])
     assert icc[1] < icc[0] < icc[2] and float(table["icc"]["plr"][1]) > icc[0]
-    abscess = fmt(binary_metrics(**counts["abscess"])["plr"][1])
+    abscess = fmt(binary_metrics(**counts["abscess"], rule="paper")["plr"][1])
     assert sum(a != b for a, b in zip(abscess, table["abscess"]["plr"][1])) == 1
     assert counts["cyst"]["tp"] + counts["cyst"]["tn"] == counts["hcc"]["tp"] + counts["hcc"]["tn"] == 112
     assert table["cyst"]["accuracy"][1] != table["hcc"]["accuracy"][1]
@@ -137,9 +144,13 @@ def test_modified_wilson_rule():
 def test_likelihood_ratio_edge_cases():
     assert likelihood_ratio(0, 10, 5, 20) == (0.0, 0.0, None)  # NLR with fn = 0, printed '0.000 (0.000, -)'
     assert likelihood_ratio(8, 10, 0, 20) == (None, None, None)  # PLR with no false positive
-    est, lo, hi = likelihood_ratio(8, 10, 4, 20)
     se = math.sqrt(1 / 8 - 1 / 10 + 1 / 4 - 1 / 20)
-    assert (est, lo, hi) == pytest.approx((4.0, 4.0 * math.exp(-1.96 * se), 4.0 * math.exp(1.96 * se)))
+    # The paper's rule takes z = 1.96; otherwise z comes from the confidence level.
+    for rule, confidence, z in (("paper", 0.95, 1.96), ("bcd", 0.95, 1.959964), ("bcd", 0.90, 1.644854)):
+        est, lo, hi = likelihood_ratio(8, 10, 4, 20, confidence, rule)
+        assert (est, lo, hi) == pytest.approx((4.0, 4.0 * math.exp(-z * se), 4.0 * math.exp(z * se)), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown interval rule 'wald'"):
+        likelihood_ratio(8, 10, 4, 20, rule="wald")
     with pytest.raises(ValueError, match="fp=-1"):
         binary_metrics(1, -1, 2, 3)
 
@@ -183,4 +194,7 @@ def test_delong_agrees_with_bootstrap():
 def test_delong_degenerate_inputs():
     assert delong_auc([1, 1, 1], [0.1, 0.2, 0.3])["auc"] is None
     assert delong_auc([1, 0, 0], [0.9, 0.2, 0.3]) == {"auc": 1.0, "lower": None, "upper": None, "se": None}
-    assert delong_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1])["upper"] == 1.0
+    # Perfect separation: the variance is 0, so the interval is undefined, not (1, 1).
+    assert delong_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == {"auc": 1.0, "lower": None, "upper": None, "se": None}
+    assert delong_auc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9])["lower"] is None
+    assert delong_auc([1, 1, 0, 0], [0.9, 0.2, 0.8, 0.1])["upper"] == 1.0

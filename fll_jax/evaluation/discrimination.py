@@ -20,6 +20,9 @@ TABLE3_COLUMNS: tuple[str, ...] = (BINARY_COLUMN, *CLASSES)
 def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) -> dict[str, float | None]:
     """AUC with DeLong's variance and a Wald interval clipped to [0, 1].
 
+    At an AUC of 0 or 1 the variance is 0 and the Wald interval collapses onto the estimate,
+    which says nothing: the interval is then undefined (None).
+
     Fast midrank form of DeLong, DeLong & Clarke-Pearson (1988) given by Sun & Xu (2014):
     the placement values of each positive and negative give the two variance components.
     """
@@ -35,7 +38,7 @@ def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) 
     v_pos = (all_ranks[:m] - pos_ranks) / n
     v_neg = 1.0 - (all_ranks[m:] - neg_ranks) / m
     auc = float(v_pos.mean())
-    if m < 2 or n < 2:
+    if m < 2 or n < 2 or auc in (0.0, 1.0):
         return {"auc": auc, "lower": None, "upper": None, "se": None}
     se = math.sqrt(v_pos.var(ddof=1) / m + v_neg.var(ddof=1) / n)
     z = stats.norm.ppf(0.5 + confidence / 2)
@@ -96,15 +99,16 @@ def table3(
     p2: np.ndarray,
     thresholds: dict[str, float | None] | None = None,
     confidence: float = 0.95,
+    rule: str = "bcd",
 ) -> dict[str, dict]:
-    """The paper's Table 3: per column the 2x2 counts and binary_metrics."""
+    """The paper's Table 3: per column the 2x2 counts and binary_metrics (under the interval rule)."""
     predicted = table3_predictions(p7, p2, thresholds)
     truths = {BINARY_COLUMN: np.asarray(label2) == 1}
     truths.update({name: np.asarray(label7) == k for k, name in enumerate(CLASSES)})
     table = {}
     for column in TABLE3_COLUMNS:
         counts = counts_2x2(truths[column], predicted[column])
-        table[column] = {"counts": counts, **binary_metrics(**counts, confidence=confidence)}
+        table[column] = {"counts": counts, **binary_metrics(**counts, confidence=confidence, rule=rule)}
     return table
 
 

@@ -15,7 +15,7 @@ from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAM
 from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
-from fll_jax.evaluation.stats import METRIC_KEYS, format_interval
+from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, format_interval
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
@@ -60,15 +60,15 @@ def run_description(config: dict, workdir: Path) -> dict:
     }
 
 
-def _model_block(frame: pd.DataFrame, model: str, thresholds: dict | None, confidence: float) -> dict:
+def _model_block(frame: pd.DataFrame, model: str, thresholds: dict | None, confidence: float, rule: str) -> dict:
     """Summary, AUCs, Table 3 columns and confusion matrices of one model on some rows."""
     p7, p2 = probabilities(frame, model)
     label7, label2 = frame["label7"].to_numpy(int), frame["label2"].to_numpy(int)
     block = disc.summary_metrics(label7, p7, label2, p2, confidence)
     block["auc"] = disc.auc_table(label7, p7, label2, p2, confidence)
-    block["table3_argmax"] = disc.table3(label7, p7, label2, p2, None, confidence)
+    block["table3_argmax"] = disc.table3(label7, p7, label2, p2, None, confidence, rule)
     if thresholds is not None:
-        block["table3_validation_thresholds"] = disc.table3(label7, p7, label2, p2, thresholds, confidence)
+        block["table3_validation_thresholds"] = disc.table3(label7, p7, label2, p2, thresholds, confidence, rule)
     block["confusion_7way"] = disc.confusion(label7, p7.argmax(1), len(CLASSES))
     block["confusion_2way"] = disc.confusion(label2, p2.argmax(1), 2)
     return block
@@ -79,21 +79,26 @@ def _fold_summary(frame: pd.DataFrame, model: str, confidence: float) -> dict:
     return disc.summary_metrics(frame["label7"].to_numpy(int), p7, frame["label2"].to_numpy(int), p2, confidence)
 
 
-def evaluate(frame: pd.DataFrame, confidence: float = 0.95) -> dict:
-    """Every metric of the report from a checked predictions frame (see load_predictions)."""
+def evaluate(frame: pd.DataFrame, confidence: float = 0.95, rule: str = "bcd") -> dict:
+    """Every metric of the report from a checked predictions frame (see load_predictions).
+
+    rule: the interval rule of Table 3 (fll_jax.evaluation.stats.RULES); other proportions
+    always use Brown, Cai & DasGupta's.
+    """
     test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     thresholds = None
     if len(val):
         vp7, vp2 = probabilities(val, ENSEMBLE)
         thresholds = disc.validation_thresholds(val["label7"].to_numpy(int), vp7, val["label2"].to_numpy(int), vp2)
-    metrics: dict = {"test": {ENSEMBLE: _model_block(test, ENSEMBLE, thresholds, confidence)}, "val": {}}
+    metrics: dict = {"test": {ENSEMBLE: _model_block(test, ENSEMBLE, thresholds, confidence, rule)}, "val": {},
+                     "statistics": {"confidence": confidence, "interval_rule": rule}}
     for model in model_names(frame):
         cols = [f"{model}_p7_{k}" for k in range(len(CLASSES))] + [f"{model}_p2_{k}" for k in range(2)]
         on_test = test[test[cols].notna().all(axis=1)]
         if len(on_test):
             metrics["test"][model] = _fold_summary(on_test, model, confidence)
     if len(val):
-        metrics["val"][ENSEMBLE] = _model_block(val, ENSEMBLE, None, confidence)
+        metrics["val"][ENSEMBLE] = _model_block(val, ENSEMBLE, None, confidence, rule)
         for model in model_names(frame):
             own = val[val["fold"] == int(model[len("fold"):])]
             if len(own):
@@ -247,6 +252,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
     """report.md from the metrics dict, the relative paths of the figures written, the saliency
     section (saliency_markdown) and the missing-sequence section (missing_markdown)."""
     data, run = metrics["data"], metrics["run"]
+    statistics = metrics.get("statistics", {"confidence": 0.95, "interval_rule": "bcd"})
     ens = metrics["test"][ENSEMBLE]
     lines = [f"# Evaluation report: {Path(run['workdir']).name}", ""]
     if data["phantom"]:
@@ -325,11 +331,14 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         *saliency,
         "## Methods",
         "",
-        "Proportions (accuracy, sensitivity, specificity, PPV, NPV): modified Wilson interval (Brown, Cai & "
-        "DasGupta 2001; one-sided Poisson bound when the count or its complement is at most x*, x* = 2 for "
-        "n <= 50 and 3 above). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); '-' marks an "
-        "undefined bound. AUC: DeLong variance with a Wald interval clipped to [0, 1]. Macro F1 and "
-        "Cohen's kappa on the seven-way argmax; (F1 + kappa)/2 is the LLD-MMRI challenge score.",
+        f"Confidence level {statistics['confidence']:g}. Proportions (accuracy, sensitivity, specificity, "
+        "PPV, NPV): modified Wilson interval (Brown, Cai & DasGupta 2001; one-sided Poisson bound when the "
+        "count or its complement is at most x*). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); "
+        f"'-' marks an undefined bound. Table 3 follows {RULE_NAMES[statistics['interval_rule']]} "
+        "(config evaluation.interval_rule); every other interval Brown, Cai & DasGupta's. AUC: DeLong "
+        "variance with a Wald interval clipped to [0, 1], undefined ('-') at an AUC of 0 or 1. Macro F1 and "
+        "Cohen's kappa on the seven-way argmax (kappa undefined when only one class occurs); (F1 + kappa)/2 "
+        "is the LLD-MMRI challenge score.",
         "",
     ]
     return "\n".join(lines)
@@ -353,7 +362,7 @@ def write_figures(frame: pd.DataFrame, metrics: dict, out_dir: Path) -> list[str
     return [str(p.relative_to(out_dir.parent)) for p in paths]
 
 
-def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
+def write_report(workdir: str | Path) -> dict:
     """Read workdir/predictions.csv and config.json; write metrics.json, report.md and figures/.
 
     Returns the metrics dict (also in metrics.json): metrics['test']['ensemble'] holds the
@@ -364,7 +373,8 @@ def write_report(workdir: str | Path, confidence: float = 0.95) -> dict:
     workdir = Path(workdir)
     frame = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
-    metrics = evaluate(frame, confidence)
+    settings = config.get("evaluation") or {}
+    metrics = evaluate(frame, float(settings.get("confidence", 0.95)), check_rule(settings.get("interval_rule", "bcd")))
     metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")

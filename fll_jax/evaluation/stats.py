@@ -3,6 +3,11 @@
 Proportions: the modified Wilson interval (Brown, Cai & DasGupta 2001, Stat. Sci. 16:101-133,
 section 4.1.1). Likelihood ratios: the log method (Simel, Samsa & Matchar 1991,
 J. Clin. Epidemiol. 44:763-770). Everything else comes from statsmodels and scipy.
+
+Two interval rules (RULES): 'paper' reproduces the paper's Table 3 (modified Wilson cut-off
+x* = 2 at every n, and the likelihood-ratio quantile 1.96 as Simel et al. print it); 'bcd'
+follows Brown, Cai & DasGupta (x* = 2 up to n = 50, 3 above) and takes the quantile from the
+confidence level.
 """
 from __future__ import annotations
 
@@ -14,6 +19,19 @@ from statsmodels.stats.proportion import proportion_confint
 # (estimate, lower, upper); None where a value is undefined (printed '-', as the paper does).
 Interval = tuple[float | None, float | None, float | None]
 METRIC_KEYS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "plr", "nlr")
+RULES: tuple[str, ...] = ("paper", "bcd")
+RULE_NAMES = {
+    "paper": "the paper's rule: modified Wilson with x* = 2, likelihood-ratio z = 1.96",
+    "bcd": "Brown, Cai & DasGupta's rule: modified Wilson with x* = 2 for n <= 50 and 3 above, "
+           "likelihood-ratio z from the confidence level",
+}
+
+
+def check_rule(rule: str) -> str:
+    """The rule, or ValueError naming the known ones."""
+    if rule not in RULES:
+        raise ValueError(f"unknown interval rule {rule!r}; known: {', '.join(RULES)}")
+    return rule
 
 
 def default_x_star(n: int) -> int:
@@ -44,13 +62,15 @@ def modified_wilson(x: int, n: int, confidence: float = 0.95, x_star: int | None
     return (x / n, float(max(0.0, lower)), float(min(1.0, upper)))
 
 
-def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.95) -> Interval:
+def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.95,
+                     rule: str = "bcd") -> Interval:
     """Ratio (a/n_a) / (b/n_b) with the log-method interval (Simel et al. 1991).
 
     PLR = likelihood_ratio(tp, tp+fn, fp, fp+tn); NLR = likelihood_ratio(fn, tp+fn, tn, fp+tn).
     A zero numerator gives (0, 0, None), as the paper prints NLR when fn = 0; a zero
-    denominator gives an undefined ratio. The normal quantile is taken to two decimals
-    (1.96 at 95 %), as Simel et al. write the formula; the paper's Table 3 needs that.
+    denominator gives an undefined ratio. The normal quantile comes from the confidence level;
+    the 'paper' rule rounds it to two decimals (1.96 at 95 %), as Simel et al. write the
+    formula and the paper's Table 3 needs.
     """
     if n_a <= 0 or n_b <= 0 or b == 0:
         return (None, None, None)
@@ -58,19 +78,21 @@ def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.9
         return (0.0, 0.0, None)
     ratio = (a / n_a) / (b / n_b)
     se = math.sqrt(1 / a - 1 / n_a + 1 / b - 1 / n_b)
-    z = round(float(stats.norm.ppf(0.5 + confidence / 2)), 2)
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    if check_rule(rule) == "paper":
+        z = round(z, 2)
     return (ratio, ratio * math.exp(-z * se), ratio * math.exp(z * se))
 
 
 def binary_metrics(
-    tp: int, fp: int, fn: int, tn: int, confidence: float = 0.95, x_star: int | None = None
+    tp: int, fp: int, fn: int, tn: int, confidence: float = 0.95, rule: str = "bcd"
 ) -> dict[str, Interval]:
     """Accuracy, sensitivity, specificity, PPV, NPV, PLR and NLR, each (estimate, lower, upper).
 
     Args:
       tp, fp, fn, tn: the 2x2 counts (positive = the class or 'malignant').
       confidence: two-sided level of every interval.
-      x_star: the modified Wilson cut-off (None: Brown, Cai & DasGupta's rule).
+      rule: 'paper' or 'bcd' (module docstring).
     """
     counts = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
     for name, value in counts.items():
@@ -78,6 +100,8 @@ def binary_metrics(
             raise ValueError(f"{name}={value!r}: counts must be non-negative integers")
     tp, fp, fn, tn = (int(v) for v in (tp, fp, fn, tn))
     pos, neg = tp + fn, fp + tn
+
+    x_star = 2 if check_rule(rule) == "paper" else None
 
     def prop(x: int, n: int) -> Interval:
         return modified_wilson(x, n, confidence, x_star)
@@ -88,8 +112,8 @@ def binary_metrics(
         "specificity": prop(tn, neg),
         "ppv": prop(tp, tp + fp),
         "npv": prop(tn, tn + fn),
-        "plr": likelihood_ratio(tp, pos, fp, neg, confidence),
-        "nlr": likelihood_ratio(fn, pos, tn, neg, confidence),
+        "plr": likelihood_ratio(tp, pos, fp, neg, confidence, rule),
+        "nlr": likelihood_ratio(fn, pos, tn, neg, confidence, rule),
     }
 
 

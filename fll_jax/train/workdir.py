@@ -24,6 +24,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 # Settings that change speed or where files are, never results (the data is fingerprinted by content).
 SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
                "train.checkpoint_every", "train.eval_batch_size")
+# The report's settings: it is rewritten from predictions.csv under any of them, so they change no model.
+REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
 # What a run writes into its folder; --restart deletes these and nothing else.
 RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
                "tensorboard", "explain", "reader_study.json", "reader_study.md", "fold*")
@@ -46,7 +48,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def settings_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted path: value} of every config field that can change results."""
     flat = _flatten(json.loads(config.to_json()))
-    return {k: v for k, v in sorted(flat.items()) if k not in SPEED_KNOBS}
+    return {k: v for k, v in sorted(flat.items()) if k not in SPEED_KNOBS + REPORT_SETTINGS}
 
 
 def run_fingerprint(config: ml_collections.ConfigDict, data: dict) -> dict:
