@@ -13,7 +13,7 @@ setup(
     package_data={"fll_jax.data": ["sequence_map.json"]},
     install_requires=[
         "numpy>=1.26",
-        "scipy>=1.11",
+        "scipy>=1.15",
         "jax>=0.7",
         "flax>=0.10",
         "optax>=0.2.4",

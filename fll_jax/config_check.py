@@ -30,6 +30,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     """
     from fll_jax.data.checks import parse_allow
     from fll_jax.data.prepare import BACKENDS, FOLD_SOURCES, SOURCES
+    from fll_jax.data.preprocess import PreprocessOptions
     from fll_jax.evaluation.stats import RULES
     from fll_jax.models import build_model
     from fll_jax.train.loop import SELECT_METRICS
@@ -92,6 +93,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
              f"must divide evenly over the {num_devices} devices")
     try:
         parse_allow(config.data.allow)
+    except ValueError as error:
+        problems.append(str(error))
+    try:
+        PreprocessOptions.from_config(config.data)
     except ValueError as error:
         problems.append(str(error))
     try:

@@ -38,7 +38,7 @@ from fll_jax.data.manifest import UNLABELLED
 from fll_jax.data.numpy_source import pad_batch
 from fll_jax.data.patchset import PatchSet
 from fll_jax.data.prepare import preprocessing
-from fll_jax.data.preprocess import preprocess_manifest
+from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv, write_json
 from fll_jax.train.augment import prepare_inputs
@@ -101,9 +101,10 @@ def compatibility_problems(ensemble: Ensemble, records: Sequence) -> list[str]:
     """Why these lesions cannot be given to the model (an empty list when they can)."""
     problems = []
     trained = read_fingerprint(ensemble.workdir).get("data", {}).get("preprocessing")
-    if trained is not None and trained != preprocessing():
+    current = preprocessing(ensemble.config)
+    if trained is not None and trained != current:
         problems.append(f"{ensemble.workdir} was trained on patches of preprocessing {trained}, but this code makes "
-                        f"{preprocessing()}: retrain, or predict with the code the model was trained with")
+                        f"{current}: retrain, or predict with the code the model was trained with")
     used = set(ensemble.config.sequences)
     for record in records:
         if not used & set(record.sequences):
@@ -162,7 +163,8 @@ def predict_records(
     if problems:
         raise PredictionError(problem_report(f"cannot predict with {workdir}:", problems))
     config = ensemble.config
-    patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow))
+    patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow),
+                                  options=PreprocessOptions.from_config(config.data))
     p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
     frame = prediction_frame(records, patches, p2, p7)
     used = [SEQUENCES.index(s) for s in config.sequences]

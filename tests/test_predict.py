@@ -39,7 +39,8 @@ def trained(tmp_path_factory):
     lacking = dataclasses.replace(complete, lesion_id="a_l2", images=no_lap,
                                   masks={s: complete.masks[s] for s in no_lap})
     workdir = root / "run"
-    write_json(workdir / "fingerprint.json", {"settings": {}, "data": {"preprocessing": preprocessing(), "lesions": {}}})
+    write_json(workdir / "fingerprint.json",
+               {"settings": {}, "data": {"preprocessing": preprocessing(config), "lesions": {}}})
     return config, model, variables, workdir, [complete, unlabelled, lacking]
 
 
@@ -88,13 +89,13 @@ def test_predictions_are_the_fold_mean_with_absent_sequences_flagged(trained, en
 def test_lesions_the_model_cannot_take_are_refused(trained, ensemble_models, tmp_path):
     from fll_jax.inference import PredictionError, predict_records
 
-    _, _, _, workdir, records = trained
+    config, _, _, workdir, records = trained
     neither = dataclasses.replace(records[0], lesion_id="a_l3",
                                   images={s: records[0].images[s] for s in ("dwi", "adc")},
                                   masks={s: records[0].masks[s] for s in ("dwi", "adc")})
     with pytest.raises(PredictionError, match=r"lesion 'a_l3' has none of the model's sequences \(t2w, lap\)"):
         predict_records(workdir, [records[0], neither], tmp_path / "out", workers=1)
-    old = dict(preprocessing(), version=preprocessing()["version"] - 1)
+    old = dict(preprocessing(config), version=preprocessing(config)["version"] - 1)
     other = tmp_path / "old_run"
     write_json(other / "fingerprint.json", {"settings": {}, "data": {"preprocessing": old}})
     with pytest.raises(PredictionError, match=f"trained on patches of preprocessing {old}"):

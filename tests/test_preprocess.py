@@ -247,3 +247,78 @@ def test_absent_sequences_are_zero_and_flagged(valid_patient):
         else:
             np.testing.assert_array_equal(patch.image[s], full.image[s])
     assert patch.diameter_mm == pytest.approx(full.diameter_mm)
+
+
+# --- lesion size as radiologists measure it, crops that never cut, the paper's intensity ------------
+
+def test_crop_never_cuts_an_elongated_lesion():
+    # A 37 x 9 x 9 mm lesion has an equivalent diameter of 14.4 mm: the 32 mm cube would cut it.
+    assert crop_size_mm(14.4, extent_mm=37.0) == 64
+    assert crop_size_mm(14.4, extent_mm=60.0) == pytest.approx(1.25 * 60 + 8)
+    assert crop_size_mm(20.0, extent_mm=70.0) == pytest.approx(1.25 * 70 + 8)
+    assert crop_size_mm(14.4, extent_mm=31.0) == 32
+
+
+def _rod(tmp_path, affine, shape, half_lengths, direction):
+    """An ellipsoidal lesion with the given half-lengths (mm) along `direction` and across it."""
+    from tests.lesion_files import world_grid
+
+    centre = voxel_to_world(affine, [(n - 1) / 2 for n in shape])
+    axis = np.asarray(direction, float) / np.linalg.norm(direction)
+    offset = world_grid(shape, affine) - centre[:, None, None, None]
+    along = np.tensordot(axis, offset, axes=1)
+    across = np.linalg.norm(offset - axis[:, None, None, None] * along, axis=0)
+    inside = (along / half_lengths[0]) ** 2 + (across / half_lengths[1]) ** 2 <= 1
+    images, masks = {}, {}
+    for seq in SEQUENCES:
+        images[seq], masks[seq] = tmp_path / f"{seq}.nii.gz", tmp_path / f"{seq}_mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(inside, 300.0, 100.0).astype(np.float32), affine), images[seq])
+        nib.save(nib.Nifti1Image(inside.astype(np.uint8), affine), masks[seq])
+    return images, masks, centre, axis
+
+
+@pytest.mark.parametrize("direction", [(1.0, 0.0, 0.0), (1.0, 1.0, 1.0)])
+def test_elongated_and_oblique_lesions_measure_their_longest_axis_and_stay_whole(tmp_path, direction):
+    from fll_jax.data.preprocess import PreprocessOptions
+
+    affine = oblique_affine(spacing=(1.0, 1.0, 2.0), angles_deg=(20.0, 10.0))
+    images, masks, centre, axis = _rod(tmp_path, affine, (72, 72, 36), (18.5, 4.5), direction)
+    longest = preprocess_lesion(record(images, masks), size=SIZE, options=PreprocessOptions(lesion_size="longest"))
+    equivalent = preprocess_lesion(record(images, masks), size=SIZE)
+    # 37 mm long, 9 mm across: the longest diameter (to within a voxel), against about 14 mm.
+    assert longest.diameter_mm == pytest.approx(37.0, abs=2.5)
+    assert equivalent.diameter_mm == pytest.approx(np.cbrt(37 * 9 * 9), rel=0.1)
+    assert side_mm(longest.patch_affine[0]) >= 64  # 37 mm: the dilated rule
+    # Along x the 32 mm cube of a 14 mm lesion would cut it, so it takes the dilated rule too;
+    # along the diagonal the lesion's world box (about 26 mm a side) fits the 32 mm cube.
+    assert side_mm(equivalent.patch_affine[0]) == (64 if direction[1] == 0 else 32)
+    for patch in (longest, equivalent):
+        mask = patch.mask[0]
+        for face in (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]):
+            assert face.max() < 128  # the lesion (blurred mask above half) stays inside the cube
+
+
+def test_the_papers_intensity_and_interpolation(tmp_path):
+    """'volume' keeps the contrast between two lesions that per-patch scaling sets equal;
+    'nearest' leaves only values of the image itself."""
+    from fll_jax.data.preprocess import PreprocessOptions
+
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    bright, dim = voxel_to_world(affine, (8, 8, 3)), voxel_to_world(affine, (24, 24, 3))
+
+    def image(world):  # liver 100, one lesion at 800, the other at 400
+        near = lambda c: ((world - c[:, None, None, None]) ** 2).sum(0) <= 25
+        return np.where(near(bright), 800.0, np.where(near(dim), 400.0, 100.0))
+
+    images, masks = write_patient(tmp_path, (32, 32, 7), affine, [(bright, 5.0, 1), (dim, 5.0, 2)], image_fn=image)
+    paper = PreprocessOptions(normalise="volume", interpolation="nearest")
+    centre = slice(SIZE // 2 - 1, SIZE // 2 + 1)
+    cores = {}
+    for options in (PreprocessOptions(), paper):
+        cores[options] = [preprocess_lesion(record(images, masks, mask_value=v), size=SIZE, options=options)
+                          .image[0][centre, centre, centre].mean() for v in (1, 2)]
+    assert cores[PreprocessOptions()][0] == pytest.approx(cores[PreprocessOptions()][1], abs=3)  # both 255
+    assert cores[paper][0] > 250 and cores[paper][1] == pytest.approx(255 * 300 / 700, abs=3)
+    patch = preprocess_lesion(record(images, masks), size=SIZE, options=paper)
+    levels = np.rint(np.array([0.0, 300.0, 700.0]) / 700 * 255)
+    assert np.isin(np.unique(patch.image[0]), levels).all()

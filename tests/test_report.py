@@ -180,3 +180,72 @@ def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path):
     assert column["plr"] != metrics["test"]["ensemble"]["table3_argmax"][BINARY_COLUMN]["plr"]
     text = (paper / "report.md").read_text()
     assert "Confidence level 0.9." in text and "Table 3 follows the paper's rule: modified Wilson with x* = 2" in text
+
+
+def test_cohort_table_matches_a_direct_computation(run):
+    from scipy import stats
+
+    workdir, metrics = run
+    frame = pd.read_csv(workdir / "predictions.csv")
+    dev, test = frame[frame.split == "val"], frame[frame.split == "test"]
+    cohort = metrics["cohort"]
+    assert cohort["lesions"] == {"total": len(frame), "development": len(dev), "test": len(test)}
+    assert cohort["patients"] == {"total": frame.patient_id.nunique(), "development": dev.patient_id.nunique(),
+                                  "test": test.patient_id.nunique(), "in_both": 0}
+    classes = cohort["rows"]["class"]["levels"]
+    for k, c in enumerate(CLASSES):
+        n_dev, n_test = int((dev.label7 == k).sum()), int((test.label7 == k).sum())
+        assert classes[c]["n"] == {"total": n_dev + n_test, "development": n_dev, "test": n_test}
+        assert classes[c]["percent_of_level"]["development"] == pytest.approx(100 * n_dev / (n_dev + n_test))
+        assert classes[c]["percent_of_column"]["test"] == pytest.approx(100 * n_test / len(test))
+    counts = pd.crosstab(frame.label7, frame.split)[["val", "test"]].to_numpy()
+    assert cohort["rows"]["class"]["p"] == pytest.approx(stats.chi2_contingency(counts).pvalue)
+    size = cohort["rows"]["diameter_mm"]
+    assert size["test"] == "Mann-Whitney U"
+    assert size["p"] == pytest.approx(stats.mannwhitneyu(dev.diameter_mm, test.diameter_mm).pvalue)
+    assert size["summary"]["test"]["median"] == pytest.approx(test.diameter_mm.median())
+    assert size["summary"]["development"]["q3"] == pytest.approx(dev.diameter_mm.quantile(0.75))
+    hcc = cohort["rows"]["diameter_mm_by_class"]["hcc"]
+    assert hcc["p"] == pytest.approx(stats.mannwhitneyu(dev.diameter_mm[dev.label7 == 4], test.diameter_mm[test.label7 == 4]).pvalue)
+    scanners = cohort["rows"]["scanner"]["levels"]
+    assert {s: v["n"]["test"] for s, v in scanners.items()} == test.scanner.value_counts().to_dict()
+    assert "age" not in cohort["rows"] and "sex" not in cohort["rows"]
+    text = (workdir / "report.md").read_text()
+    table = text.split("## Table 2 layout: development against test")[1].split("## Summary")[0]
+    assert f"| No. of lesions (%) | {len(frame)} (100.0%) | {len(dev)} ({100 * len(dev) / len(frame):.1f}%) |" in table
+    assert "Age" not in table and "Sex" not in table
+
+
+def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
+    from scipy import stats
+
+    from fll_jax.evaluation.cohort import categorical_test, cohort_table
+    from fll_jax.evaluation.predictions import load_predictions
+    from fll_jax.evaluation.report import cohort_markdown
+
+    frame = synthetic_predictions(0)
+    patients = frame.patient_id.unique()
+    rng = np.random.default_rng(1)
+    frame["age"] = frame.patient_id.map(dict(zip(patients, rng.integers(25, 85, len(patients)))))
+    frame["sex"] = frame.patient_id.map(dict(zip(patients, rng.choice(["male", "female"], len(patients)))))
+    frame.to_csv(tmp_path / "predictions.csv", index=False)
+    cohort = cohort_table(load_predictions(tmp_path / "predictions.csv"))
+    json.dumps(cohort, allow_nan=False)
+    # One value per patient, not per lesion.
+    people = frame.drop_duplicates(["split", "patient_id"])
+    dev, test = people[people.split == "val"], people[people.split == "test"]
+    assert cohort["rows"]["age"]["p"] == pytest.approx(stats.mannwhitneyu(dev.age, test.age).pvalue)
+    assert cohort["rows"]["age"]["summary"]["test"]["n"] == len(test)
+    male = cohort["rows"]["sex"]["levels"]["male"]["n"]
+    assert male == {"total": int((people.sex == "male").sum()), "development": int((dev.sex == "male").sum()),
+                    "test": int((test.sex == "male").sum())}
+    table = "\n".join(cohort_markdown(cohort))
+    assert "| Age (years, per patient), median (IQR) |" in table and "| Sex (per patient) |" in table
+    only_age = cohort_table(frame.drop(columns=["sex"]))
+    assert "age" in only_age["rows"] and "sex" not in only_age["rows"]
+    # Small expected counts: Fisher's exact test, exact on 2x2 and seeded (reproducible) on larger tables.
+    assert categorical_test(np.array([[3, 1], [1, 4]])) == ("Fisher's exact", pytest.approx(stats.fisher_exact([[3, 1], [1, 4]]).pvalue))
+    name, p = categorical_test(np.array([[3, 1], [1, 4], [2, 0]]))
+    assert name.startswith("Fisher's exact (Monte Carlo") and categorical_test(np.array([[3, 1], [1, 4], [2, 0]]))[1] == p
+    assert categorical_test(np.array([[5, 0]])) == (None, None)
+    assert categorical_test(np.array([[0, 1], [0, 1], [1, 0]]))[1] == pytest.approx(1.0)  # scipy answers an array here

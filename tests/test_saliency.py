@@ -284,6 +284,20 @@ def test_lesion_figure_and_slice(tmp_path):
     assert shown == 9 and (tmp_path / "o.png").stat().st_size > 1000
 
 
+def test_importance_figure_names_the_map_it_shows(tmp_path):
+    from fll_jax.saliency.explain import MAP_NAMES, METHODS
+    from fll_jax.saliency.importance import SequenceImportance, share_label
+
+    labels = {m: share_label(MAP_NAMES[m]) for m in METHODS}
+    assert labels == {"ig": "|IG| share", "gradient": "|gradient| share", "smoothgrad": "|SmoothGrad| share",
+                      "gradcam": "|Grad-CAM| share"}
+    imp = SequenceImportance(USED, np.array([0.7, 0.3]), np.array([0.2, -0.1]), np.array([1.0, 0.0]))
+    fig = outputs.importance_figure(imp, tmp_path / "i.png", title="t", share_label=labels["gradcam"])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0] == "|Grad-CAM| share" and "occlusion" in legend[1] and not any("IG" in t for t in legend)
+    assert (tmp_path / "i.png").stat().st_size > 1000
+
+
 # --- scores ------------------------------------------------------------------------------------
 
 def test_top3_hit_rates_on_a_hand_made_table():
@@ -371,6 +385,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     for lesion in ("p0_l1", "p4_l1"):
         folder = out / "lesions" / lesion
         assert (folder / "overlay.png").is_file() and (folder / "importance.png").is_file()
+        assert (folder / "overlay_gradcam.png").is_file()  # method ig: Grad-CAM beside it
         for s in USED:
             img = nib.load(folder / f"{s}_ig.nii.gz")
             assert img.shape == nib.load(records[0].images[s]).shape
@@ -380,6 +395,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     assert "Key-sequence hit rate" in (out / "scores.md").read_text()
     report = (run / "report.md").read_text()
     assert "## Saliency" in report and "explain/test/importance_by_class.png" in report
+    assert "(explain/test/lesions/p0_l1/overlay.png) | ![Grad-CAM: p0/l1](explain/test/lesions/p0_l1/overlay_gradcam.png) |" in report
 
     # Split 'val': the development lesion, by the one fold model that held it out.
     val = explain.explain_workdir(run, num_per_class=None, split="val", settings=settings)

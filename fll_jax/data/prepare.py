@@ -13,6 +13,7 @@ same patches. Folds are assigned here, from the manifest, each time a source is 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ml_collections
@@ -25,7 +26,7 @@ from fll_jax.data.folds import FoldError, assign_folds, given_folds
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
-from fll_jax.data.preprocess import PREPROCESS_VERSION, lesion_problems, preprocess_manifest
+from fll_jax.data.preprocess import PREPROCESS_VERSION, PreprocessOptions, lesion_problems, preprocess_manifest
 from fll_jax.files import StateFileError
 
 BACKENDS = ("tfds", "numpy")
@@ -91,13 +92,15 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
         folds = assign_folds(patients, [r.label for r in records], splits, num_folds=data.num_folds,
                              seed=data.fold_seed).tolist()
     lesions = lesion_fingerprints(records, folds, files)
-    return records, folds, {"patches": content_key(lesions, PATCH_SIZE, PREPROCESS_VERSION),
-                            "preprocessing": preprocessing(), "lesions": lesions}
+    settings = preprocessing(config)
+    return records, folds, {"patches": content_key(lesions, *settings.values()), "preprocessing": settings,
+                            "lesions": lesions}
 
 
-def preprocessing() -> dict:
-    """What the patches of this code depend on beyond the lesions: a model trained on others is refused them."""
-    return {"version": PREPROCESS_VERSION, "patch_size": PATCH_SIZE}
+def preprocessing(config: ml_collections.ConfigDict) -> dict:
+    """What a config's patches depend on beyond the lesions: a model trained on others is refused them."""
+    options = PreprocessOptions.from_config(config.data)
+    return {"version": PREPROCESS_VERSION, "patch_size": PATCH_SIZE, **dataclasses.asdict(options)}
 
 
 def prepare_source(config: ml_collections.ConfigDict):
@@ -109,12 +112,14 @@ def prepare_source(config: ml_collections.ConfigDict):
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
     key = fingerprint["patches"]
+    options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
 
-        path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow)
+        path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow,
+                             options=options)
         digests.save()
         return TFDSSource(path, fold_of, fingerprint)
     npz = Path(data.root) / "patches" / f"{key}.npz"
@@ -125,7 +130,7 @@ def prepare_source(config: ml_collections.ConfigDict):
         except StateFileError as error:
             print(f"rebuilding the patch cache: {error}")
     if patches is None:
-        patches = preprocess_manifest(records, workers=data.workers, allow=allow)
+        patches = preprocess_manifest(records, workers=data.workers, allow=allow, options=options)
         patches.save_npz(npz)
     return NumpySource(patches, fold_of, fingerprint)
 

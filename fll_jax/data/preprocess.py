@@ -7,31 +7,41 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    present; no constant image, no lesion covering most of the volume or touching all its
    faces: fll_jax/data/checks.py). Every problem of every lesion is reported at once.
 2. Measure the lesion in world millimetres from the mask (voxel centres through the affine).
-   Diameter: the equivalent-sphere diameter (6 V / pi)^(1/3), V = voxel count x voxel volume,
-   which is insensitive to slice thickness and orientation (for a box, the same measure of
-   its inscribed ellipsoid, computed from the box's sides); the lesion's diameter is the
-   median over its sequences. A diameter_mm given in the manifest takes precedence.
+   Its size (options.lesion_size) is either the longest diameter ('longest', as radiologists
+   measure lesions: the largest distance between two points of the mask's voxels, in 3D, so
+   an oblique or through-plane axis counts; for a box, its longest side) or the
+   equivalent-sphere diameter ('equivalent': (6 V / pi)^(1/3), V = voxel count x voxel
+   volume; for a box, the same measure of its inscribed ellipsoid, from the box's sides). The
+   lesion's size is the median over its sequences. A diameter_mm given in the manifest takes
+   precedence.
 3. Choose the cube side by the paper's rule (crop_size_mm): < 16 mm -> 32 mm, 16-32 mm ->
    64 mm, larger -> the mask's world bounding box (largest side E, the maximum over the
-   lesion's sequences) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class below. The paper
-   varies the dilation randomly in training; this stores the largest context (12.5 % + 4 mm on
-   each side) so the on-device scale augmentation can zoom in by up to side / E and so vary the
-   margin between about 0 and the stored one. The side in mm is recoverable from patch_affine
+   lesion's sequences) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class
+   below. A lesion whose box does not fit the cube of its size class (E >= the side: an
+   elongated lesion measured by its equivalent diameter) takes the dilated rule, so no crop
+   cuts a lesion. The paper
+   varies the dilation randomly in training; this stores a fixed context (12.5 % + 4 mm on
+   each side), and the on-device scale augmentation, which zooms every lesion in by up to
+   augment.scale_max (1.15), varies the margin only a little: the paper's random dilation is
+   not reproduced (docs/paper_vs_code.md). The side in mm is recoverable from patch_affine
    (voxel spacing x S). All seven sequences share the side; each is centred on the centre of
    its own mask's bounding box (sequences are not exactly co-registered).
 4. Sample only that cube, at 1 mm isotropic, on a grid aligned with the world (RAS+) axes:
    patch axis 0/1/2 = +x/+y/+z. World points go through the inverse affine into the native
-   voxel grid (scipy.ndimage.map_coordinates: linear for the image, nearest for the mask;
+   voxel grid (scipy.ndimage.map_coordinates: options.interpolation, linear or nearest (the
+   paper's resampling to 1 mm), for the image, nearest for the mask;
    outside the scanned volume the image is 0). Rotated, flipped or oblique grids need nothing
    special. A cube wider than S mm is sampled directly at its final spacing (side / S mm)
    instead: a 1 mm grid there would only be shrunk again by step 5, at up to (side / S)^3
    times the cost.
-5. Resize the cube to S^3 (linear / nearest, voxel extents aligned, grid_mode).
+5. Resize the cube to S^3 (the image linearly, as the paper resizes its crops to 64^3; the
+   mask nearest; voxel extents aligned).
 6. Blur the binary mask with a Gaussian of sigma MASK_SIGMA_VOXELS voxels of a 64^3 patch
    (scaled with S, so the blur covers the same fraction of the cube at any S).
-7. Normalise the image to [0, 1]: (x - p0.5) / (p99.5 - p0.5) clipped, with the percentiles of
-   the patch itself (robust to single hot voxels; voxels outside the scanned volume count as
-   0; a flat patch becomes 0).
+7. Normalise the image to [0, 1] (options.normalise): 'patch' scales by the 0.5 and 99.5
+   percentiles of the patch itself, clipped (robust to single hot voxels; voxels outside the
+   scanned volume count as 0; a flat patch becomes 0); 'volume', the paper's, by the minimum
+   and maximum of the whole volume, before cropping, so contrast between lesions survives.
 8. Store both as uint8 (x 255, rounded).
 
 A sequence the lesion lacks gets zero patches, a zero patch_affine and present[s] False.
@@ -51,6 +61,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull
+from scipy.spatial.distance import pdist
 
 from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
@@ -64,16 +76,45 @@ MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3
+
+LESION_SIZES = ("longest", "equivalent")
+NORMALISATIONS = ("volume", "patch")
+INTERPOLATIONS = ("nearest", "linear")
 
 __all__ = [
-    "PatchSet", "LesionPatch", "PreprocessError", "crop_size_mm",
+    "PatchSet", "LesionPatch", "PreprocessError", "PreprocessOptions", "crop_size_mm",
     "preprocess_lesion", "preprocess_manifest", "lesion_problems",
 ]
 
 
 class PreprocessError(ValueError):
     """An input file that cannot be preprocessed; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessOptions:
+    """The choices of steps 2, 4 and 7 (module docstring); the defaults are the code's historical ones."""
+
+    lesion_size: str = "equivalent"
+    normalise: str = "patch"
+    interpolation: str = "linear"
+
+    def __post_init__(self):
+        for name, known in (("lesion_size", LESION_SIZES), ("normalise", NORMALISATIONS),
+                            ("interpolation", INTERPOLATIONS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"data.{name} = {getattr(self, name)!r}: must be one of {', '.join(known)}")
+
+    @classmethod
+    def from_config(cls, data) -> "PreprocessOptions":
+        """The options of a config's `data` block."""
+        return cls(lesion_size=data.lesion_size, normalise=data.normalise, interpolation=data.interpolation)
+
+    @property
+    def order(self) -> int:
+        """The image's spline order for scipy.ndimage when resampling to 1 mm."""
+        return 0 if self.interpolation == "nearest" else 1
 
 
 @dataclasses.dataclass
@@ -101,56 +142,59 @@ class _Volume:
 
     image: np.ndarray  # float32, 3D
     labels: np.ndarray | None  # int32, 3D
+    value_range: tuple[float, float]  # the whole volume's minimum and maximum
     affine: np.ndarray  # voxel -> world mm
     mask_path: Path  # the mask file, or for a box the image file
 
 
 @dataclasses.dataclass
 class _Lesion:
-    """One sequence's view of a lesion: its volume, binary mask and, for a box, its diameter."""
+    """One sequence's view of a lesion: its volume, binary mask and, for a box, its box sides."""
 
     volume: _Volume
     mask: np.ndarray  # uint8, 3D
-    box_diameter_mm: float | None
+    box_sides_mm: np.ndarray | None
 
 
 def crop_size_mm(diameter_mm: float, extent_mm: float | None = None) -> float:
-    """Side of the cubic crop in mm by the paper's rule.
+    """Side of the cubic crop in mm by the paper's rule, never cutting the lesion.
 
     Args:
-        diameter_mm: lesion diameter.
-        extent_mm: largest side of the lesion's world bounding box (defaults to the diameter);
-            used only for lesions of 32 mm and more.
+        diameter_mm: lesion size.
+        extent_mm: largest side of the lesion's world bounding box (defaults to the size).
 
     Returns:
-        32 below 16 mm, 64 below 32 mm, else max(64, 1.25 * extent + 8).
+        32 below 16 mm, 64 below 32 mm, else max(64, 1.25 * extent + 8); the last also for a
+        lesion whose extent does not fit the cube of its size class.
     """
     if not np.isfinite(diameter_mm) or diameter_mm <= 0:
         raise ValueError(f"lesion diameter must be a positive number, got {diameter_mm}")
-    if diameter_mm < SMALL_MM:
-        return SMALL_BOX_MM
-    if diameter_mm < MEDIUM_MM:
-        return MEDIUM_BOX_MM
     extent = diameter_mm if extent_mm is None else extent_mm
+    side = SMALL_BOX_MM if diameter_mm < SMALL_MM else MEDIUM_BOX_MM if diameter_mm < MEDIUM_MM else None
+    if side is not None and extent < side:
+        return side
     return max(MEDIUM_BOX_MM, LARGE_SCALE * extent + LARGE_MARGIN_MM)
 
 
-def preprocess_lesion(record, size: int = PATCH_SIZE, allow: frozenset[str] = frozenset()) -> LesionPatch:
+def preprocess_lesion(record, size: int = PATCH_SIZE, allow: frozenset[str] = frozenset(),
+                      options: PreprocessOptions = PreprocessOptions()) -> LesionPatch:
     """Seven cubic patches of one lesion (see the module docstring for every step).
 
     Args:
         record: a LesionRecord (images, masks, mask_value, diameter_mm, lesion_id).
         size: side S of the output patch in voxels.
         allow: data checks switched off by name (fll_jax.data.checks.ALLOWABLE).
+        options: the lesion size measure, normalisation and interpolation.
 
     Raises:
         PreprocessError: every problem of the lesion's files, each naming the file.
     """
-    return _preprocess(record, size, {}, allow)
+    return _preprocess(record, size, {}, allow, options)
 
 
 def preprocess_manifest(
-    records: Sequence, size: int = PATCH_SIZE, workers: int = 2, allow: frozenset[str] = frozenset()
+    records: Sequence, size: int = PATCH_SIZE, workers: int = 2, allow: frozenset[str] = frozenset(),
+    options: PreprocessOptions = PreprocessOptions(),
 ) -> PatchSet:
     """Preprocess every lesion in a process pool; the PatchSet keeps the records' order.
 
@@ -160,6 +204,7 @@ def preprocess_manifest(
         workers: processes (forkserver: a calling script needs an `if __name__ == "__main__":`
             guard); a patient's lesions go to one process, which reads its files once.
         allow: data checks switched off by name.
+        options: the lesion size measure, normalisation and interpolation.
 
     Raises:
         PreprocessError: listing the problems of every lesion that cannot be preprocessed.
@@ -168,7 +213,8 @@ def preprocess_manifest(
     if not records:
         raise ValueError("no lesions to preprocess")
     by_patient = _by_patient(records)
-    results = _map_patients([([records[i] for i in rows], size, allow) for rows in by_patient.values()], workers)
+    results = _map_patients([([records[i] for i in rows], size, allow, options) for rows in by_patient.values()],
+                            workers)
     _raise_problems([r for patches in results for r in patches if isinstance(r, str)])
 
     n = len(records)
@@ -200,7 +246,7 @@ def preprocess_manifest(
 def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] = frozenset()) -> list[str]:
     """Every problem preprocessing would meet in these lesions' files, without making patches."""
     by_patient = _by_patient(list(records))
-    jobs = [([records[i] for i in rows], None, allow) for rows in by_patient.values()]
+    jobs = [([records[i] for i in rows], None, allow, PreprocessOptions()) for rows in by_patient.values()]
     return _unique([p for problems in _map_patients(jobs, workers) for p in problems])
 
 
@@ -235,10 +281,10 @@ def _raise_problems(problems: list[str]) -> None:
         raise PreprocessError(problem_report("cannot preprocess:", problems))
 
 
-def _patient(job: tuple[list, int | None, frozenset]) -> list[LesionPatch | str]:
+def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions]) -> list[LesionPatch | str]:
     """All lesions of one patient, reading each file once: their patches, or with size None only
     their checks; a bad lesion's problems (text lines) in place of its patch."""
-    records, size, allow = job
+    records, size, allow, options = job
     cache: dict = {}
     out = []
     for record in records:
@@ -246,7 +292,7 @@ def _patient(job: tuple[list, int | None, frozenset]) -> list[LesionPatch | str]
             if size is None:
                 _lesion_volumes(record, cache, allow)
             else:
-                out.append(_preprocess(record, size, cache, allow))
+                out.append(_preprocess(record, size, cache, allow, options))
         except PreprocessError as error:
             out += str(error).splitlines()
     return out
@@ -267,7 +313,7 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
         if isinstance(volume, PreprocessError):
             problems += str(volume).splitlines()
             continue
-        lesion, box_diameter = _lesion_mask(record, seq, volume)
+        lesion, box_sides = _lesion_mask(record, seq, volume)
         if not lesion.any():
             if volume.labels is None:
                 problems.append(f"{volume.mask_path}: the lesion's box holds no voxel centre of this image")
@@ -276,29 +322,47 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
                 problems.append(f"{volume.mask_path}: mask_value {record.mask_value} is absent from the mask "
                                 f"(values present: {present})")
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
-        lesions[seq] = _Lesion(volume, lesion, box_diameter)
+        lesions[seq] = _Lesion(volume, lesion, box_sides)
     if problems:
         raise PreprocessError("\n".join(f"lesion {record.lesion_id!r}: {p}" for p in _unique(problems)))
     return lesions
 
 
-def _lesion_mask(record, seq: str, volume: _Volume) -> tuple[np.ndarray, float | None]:
-    """The lesion's binary mask in one sequence, and its diameter when a box gives it."""
+def _lesion_mask(record, seq: str, volume: _Volume) -> tuple[np.ndarray, np.ndarray | None]:
+    """The lesion's binary mask in one sequence, and the box's sides in mm when a box gives it."""
     if volume.labels is not None:
         return (volume.labels == record.mask_value).astype(np.uint8), None
     shape = volume.image.shape
     if seq in record.boxes:
         box = record.boxes[seq]
-        return voxel_box_ellipsoid(box, shape), equivalent_diameter_mm(voxel_box_sides_mm(box, volume.affine))
+        return voxel_box_ellipsoid(box, shape), voxel_box_sides_mm(box, volume.affine)
     box = np.asarray(record.box_mm)
-    return world_box_ellipsoid(record.box_mm, shape, volume.affine), equivalent_diameter_mm(box[3:] - box[:3])
+    return world_box_ellipsoid(record.box_mm, shape, volume.affine), box[3:] - box[:3]
 
 
-def _preprocess(record, size: int, cache: dict, allow: frozenset[str]) -> LesionPatch:
+def _lesion_size(lesion: _Lesion, equivalent_mm: float, lesion_size: str) -> float:
+    """The lesion's size in one sequence by the chosen measure (module docstring, step 2)."""
+    if lesion.box_sides_mm is not None:
+        sides = lesion.box_sides_mm
+        return float(sides.max()) if lesion_size == "longest" else equivalent_diameter_mm(sides)
+    return longest_diameter_mm(lesion.mask, lesion.volume.affine) if lesion_size == "longest" else equivalent_mm
+
+
+def longest_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
+    """The largest distance in mm between two points of a mask's voxels (each a box around its centre)."""
+    edge = mask.astype(bool) & ~ndimage.binary_erosion(mask.astype(bool))
+    corners = np.argwhere(edge)[:, None, :] + (np.indices((2, 2, 2)).reshape(3, -1).T - 0.5)[None]
+    world = corners.reshape(-1, 3) @ affine[:3, :3].T
+    # The farthest pair lies on the convex hull: a few dozen vertices instead of every corner.
+    hull = world[ConvexHull(world).vertices] if len(world) > 8 else world
+    return float(pdist(hull).max())
+
+
+def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: PreprocessOptions) -> LesionPatch:
     lesions = _lesion_volumes(record, cache, allow)
     geometry = {s: _lesion_geometry(lesion.mask, lesion.volume.affine) for s, lesion in lesions.items()}
-    diameters = [lesion.box_diameter_mm or geometry[s][2] for s, lesion in lesions.items()]
-    diameter = float(np.median(diameters)) if record.diameter_mm is None else float(record.diameter_mm)
+    sizes = [_lesion_size(lesion, geometry[s][2], options.lesion_size) for s, lesion in lesions.items()]
+    diameter = float(np.median(sizes)) if record.diameter_mm is None else float(record.diameter_mm)
     extent = max(float(box.max()) for _, box, _ in geometry.values())
     side = float(np.ceil(crop_size_mm(diameter, extent)))
 
@@ -311,9 +375,9 @@ def _preprocess(record, size: int, cache: dict, allow: frozenset[str]) -> Lesion
             continue
         volume, centre = lesions[seq].volume, geometry[seq][0]
         coords = _cube_coords(volume.affine, centre, side, size)
-        img = _resize(_sample(volume.image, coords, order=1), size, order=1)
+        img = _resize(_sample(volume.image, coords, order=options.order), size, order=1)
         msk = _resize(_sample(lesions[seq].mask, coords, order=0), size, order=0)
-        image[s] = _to_uint8(_normalise(img))
+        image[s] = _to_uint8(_normalise(img, volume.value_range if options.normalise == "volume" else None))
         mask[s] = _to_uint8(ndimage.gaussian_filter(msk.astype(np.float32), sigma, mode="constant"))
         patch_affine[s] = _patch_affine(centre, side, size)
     present = np.array([seq in lesions for seq in SEQUENCES])
@@ -337,7 +401,9 @@ def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]
         problems.append(f"{image_path}: singular affine {affine.tolist()}")
     if problems:
         raise PreprocessError("\n".join(problems))
-    return _Volume(image=image.astype(np.float32), labels=labels, affine=affine, mask_path=mask_path or image_path)
+    value_range = (float(image.min()), float(image.max()))
+    return _Volume(image=image.astype(np.float32), labels=labels, value_range=value_range, affine=affine,
+                   mask_path=mask_path or image_path)
 
 
 def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -407,8 +473,9 @@ def _patch_affine(centre: np.ndarray, side: float, size: int) -> np.ndarray:
     return affine
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, PERCENTILES)
+def _normalise(image: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """To [0, 1] by the given (minimum, maximum), or by the image's own percentiles."""
+    lo, hi = np.percentile(image, PERCENTILES) if value_range is None else value_range
     if hi - lo <= 1e-6 * max(1.0, abs(hi)):
         return np.zeros_like(image)
     return np.clip((image - lo) / (hi - lo), 0.0, 1.0)

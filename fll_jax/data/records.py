@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds  # noqa: E402  (after the GPUs are hidden)
 
 from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES  # noqa: E402
 from fll_jax.data.patchset import PatchSet  # noqa: E402
+from fll_jax.data.preprocess import PreprocessOptions  # noqa: E402
 from fll_jax.files import StateFileError, read_json, write_json  # noqa: E402
 
 INTEGRITY_FILE = "integrity.json"
@@ -56,10 +57,12 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
         size: int = PATCH_SIZE,
         workers: int = 2,
         allow: frozenset[str] = frozenset(),
+        options: PreprocessOptions = PreprocessOptions(),
         **kwargs,
     ):
         # Set before the base class, which calls _info().
         self._records, self._size, self._workers, self._allow = records, size, workers, allow
+        self._options = options
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -89,7 +92,8 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
 
         if self._records is None:
             raise ValueError("FllPatches needs the manifest records to build the dataset")
-        patches = preprocess_manifest(self._records, self._size, self._workers, allow=self._allow)
+        patches = preprocess_manifest(self._records, self._size, self._workers, allow=self._allow,
+                                      options=self._options)
         return {SPLIT: self._generate_examples(patches)}
 
     def _generate_examples(self, patches: PatchSet):
@@ -137,6 +141,7 @@ def build_records(
     size: int = PATCH_SIZE,
     workers: int = 2,
     allow: frozenset[str] = frozenset(),
+    options: PreprocessOptions = PreprocessOptions(),
 ) -> Path:
     """Preprocess the lesions into TFRecords under records_dir, once; rebuild a damaged build.
 
@@ -147,6 +152,7 @@ def build_records(
         size: patch side in voxels.
         workers: preprocessing processes.
         allow: data checks switched off by name.
+        options: the preprocessing choices (part of the folder's name through the caller's key).
 
     Returns:
         The dataset directory, for TFDSSource.
@@ -158,7 +164,8 @@ def build_records(
             return dataset_dir(records_dir)
         print(f"rebuilding the records: {problem}")
         shutil.rmtree(records_dir)
-    builder = FllPatches(data_dir=str(records_dir), records=records, size=size, workers=workers, allow=allow)
+    builder = FllPatches(data_dir=str(records_dir), records=records, size=size, workers=workers, allow=allow,
+                         options=options)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )

@@ -13,6 +13,7 @@ import pandas as pd
 
 from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, SEQUENCES
 from fll_jax.evaluation import discrimination as disc
+from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
 from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, format_interval
@@ -109,6 +110,7 @@ def evaluate(frame: pd.DataFrame, confidence: float = 0.95, rule: str = "bcd") -
     correct2 = p2.argmax(1) == test["label2"].to_numpy(int)
     metrics["subgroups"] = subgroups(test, correct7, correct2, confidence)
     metrics["missing_sequences"] = missing_counts(frame)
+    metrics["cohort"] = cohort_table(frame)
     return metrics
 
 
@@ -171,6 +173,61 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _median_iqr(summary: dict) -> str:
+    if summary["median"] is None:
+        return "-"
+    return f"{summary['median']:.1f} ({summary['q1']:.1f}, {summary['q3']:.1f})"
+
+
+def _continuous_cells(label: str, row: dict) -> list[str]:
+    return [label, *(_median_iqr(row["summary"][c]) for c in COHORT_COLUMNS), _fmt(row["p"]), row["test"] or "-"]
+
+
+def _level_cells(name: str, entry: dict) -> list[str]:
+    """One level of a categorical row: n (share of the level's total) per column."""
+    return [f"&nbsp;&nbsp;{name}", *(f"{entry['n'][c]} ({entry['percent_of_level'][c]:.1f}%)" for c in COHORT_COLUMNS), "", ""]
+
+
+def _categorical_rows(label: str, row: dict) -> list[list[str]]:
+    """A header line with the row's test, then one line per level."""
+    return [[label, "", "", "", _fmt(row["p"]), row["test"] or "-"],
+            *(_level_cells(level, entry) for level, entry in row["levels"].items())]
+
+
+def cohort_markdown(cohort: dict) -> list[str]:
+    """The paper's Table 2 layout: total, development and test columns, a p-value and its test per row."""
+    rows = cohort["rows"]
+    unit = "per patient" if cohort["per_patient_rows"] else "per lesion: patient_id unknown"
+    lines = []
+    if cohort["patients"] is not None:
+        lines.append(["No. of patients", *(str(cohort["patients"][c]) for c in COHORT_COLUMNS), "", ""])
+    if "age" in rows:
+        lines.append(_continuous_cells(f"Age (years, {unit}), median (IQR)", rows["age"]))
+    if "sex" in rows:
+        lines += _categorical_rows(f"Sex ({unit})", rows["sex"])
+    total = cohort["lesions"]["total"]
+    lines.append(["No. of lesions (%)", *(f"{cohort['lesions'][c]} ({100 * cohort['lesions'][c] / total:.1f}%)"
+                                          for c in COHORT_COLUMNS), "", ""])
+    lines.append(_continuous_cells("Lesion diameter (mm), median (IQR)", rows["diameter_mm"]))
+    # As the paper: each class's count, then its diameters.
+    lines.append(_categorical_rows("Lesion type", rows["class"])[0])
+    for c, entry in rows["class"]["levels"].items():
+        lines += [_level_cells(CLASS_NAMES[c], entry),
+                  _continuous_cells("&nbsp;&nbsp;&nbsp;&nbsp;diameter (mm), median (IQR)", rows["diameter_mm_by_class"][c])]
+    lines += _categorical_rows("Liver background", rows["background"])
+    lines += _categorical_rows("Manufacturer and model", rows["scanner"])
+    note = ("Development: the out-of-fold validation rows of predictions.csv (split 'val', each development "
+            "lesion once); test: split 'test'. n (%): count in each column and its share of the row's total, "
+            "as in the paper's Table 2 (metrics.json 'cohort' also holds each level's share of its column). "
+            "Continuous rows: median (IQR), Mann-Whitney U test (the paper chose Student's t or Kruskal-Wallis "
+            "by normality); categorical rows: Pearson's chi-square (Yates-corrected on 2x2 tables), or Fisher's "
+            "exact test when an expected count is below 5. Levels 'unknown' are shown but left out of the tests.")
+    if cohort["patients"] is not None and cohort["patients"]["in_both"]:
+        note += f" {cohort['patients']['in_both']} patient(s) have lesions in both cohorts."
+    header = ["Characteristic", "Total", "Development", "Test", "p", "statistical test"]
+    return ["## Table 2 layout: development against test", "", note, "", *_markdown_table(header, lines), ""]
+
+
 def table3_markdown(table: dict) -> list[str]:
     """The paper's Table 3 layout: rows ACC..NLR with CIs, the two-way column then seven classes."""
     header = ["", *(COLUMN_NAMES[c] for c in disc.TABLE3_COLUMNS)]
@@ -223,6 +280,22 @@ def _auc_markdown(auc: dict) -> list[str]:
     return _markdown_table(["task", "AUC (95% CI, DeLong)"], rows)
 
 
+def overlays_markdown(lesions: pd.DataFrame, overlays: dict[str, str], split: str) -> list[str]:
+    """The first explained lesion of each true class with its overlays side by side, one column per file.
+
+    lesions: explain's lesions.csv (lesion_id, label7, true, predicted, folder); overlays: file -> map name.
+    """
+    first = lesions.drop_duplicates("label7").sort_values("label7")
+    header = ["lesion", "true / predicted", *(f"{name} (`{file}`)" for file, name in overlays.items())]
+    rows = [[str(r.lesion_id), f"{r.true} / {r.predicted}",
+             *(f"![{name}: {r.lesion_id}](explain/{split}/{r.folder}/{file})" for file, name in overlays.items())]
+            for r in first.itertuples()]
+    shown = ", ".join(f"{name} in `{file}`" for file, name in overlays.items())
+    return ["", f"The first explained lesion of each class: {shown}; every used sequence on the same slice "
+            "(largest lesion area), lesion outlined in green, red for the explained class.", "",
+            *_markdown_table(header, rows)]
+
+
 def saliency_markdown(workdir: Path) -> list[str]:
     """The explain job's results (workdir/explain/<split>/), for each split it was run on."""
     lines = []
@@ -231,10 +304,14 @@ def saliency_markdown(workdir: Path) -> list[str]:
         if not (folder / "summary.json").exists():
             continue
         summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
+        overlays = summary.get("overlays", {"overlay.png": summary["settings"]["method"]})
         lines += ["", f"### {what}", "",
-                  f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: overlay.png, importance.png, "
-                  "NIfTI maps on each sequence's native grid).",
+                  f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: {', '.join(overlays)}, "
+                  "importance.png, NIfTI maps on each sequence's native grid).",
                   "", f"![importance by class](explain/{split}/importance_by_class.png)"]
+        lesions = pd.read_csv(folder / "lesions.csv", dtype={"lesion_id": str, "folder": str})
+        if "folder" in lesions:
+            lines += overlays_markdown(lesions, overlays, split)
         scores = folder / "scores.md"
         if scores.exists():
             # Its own title is dropped and its sections nested under this one.
@@ -271,6 +348,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         f"Test split: {ens['n']} lesions; the ensemble is the mean of the fold models' probabilities. "
         "Validation rows are out-of-fold: each lesion scored by the model whose validation fold holds it.",
         "",
+        *cohort_markdown(metrics["cohort"]),
         "## Summary (operating point: argmax)",
         "",
         "Test split:",
@@ -368,7 +446,8 @@ def write_report(workdir: str | Path) -> dict:
     Returns the metrics dict (also in metrics.json): metrics['test']['ensemble'] holds the
     headline numbers (accuracy_7way, auc_binary, ...), Table 3 at argmax and at validation
     thresholds, AUCs and confusion matrices; metrics['test'][f'fold{k}'] each fold model on the
-    test split; metrics['val'] the out-of-fold validation metrics; metrics['subgroups'].
+    test split; metrics['val'] the out-of-fold validation metrics; metrics['subgroups'];
+    metrics['cohort'] the development-against-test table (cohort.cohort_table, the paper's Table 2).
     """
     workdir = Path(workdir)
     frame = load_predictions(workdir / "predictions.csv")

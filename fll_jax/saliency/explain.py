@@ -5,13 +5,15 @@ that predicts them, which is the fold models' mean output on test lesions (split
 on development lesions (split 'val'), the one fold model that held the lesion out (so scores
 can use every lesion of the data set, none seen in training); sequence importance by
 attribution share and by branch occlusion, a PNG overlay, an importance bar chart and NIfTI
-maps in every sequence's native space. With score=True also the phantom scores (scoring.py). Layout under
-workdir/explain/<split>/:
+maps in every sequence's native space. Unless the method is Grad-CAM, a Grad-CAM overlay on
+the same slice too (one more forward and backward pass per model), so that every lesion shows
+a gradient-path map beside the feature-map view the paper draws. With score=True also the
+phantom scores (scoring.py). Layout under workdir/explain/<split>/:
 
-  lesions/<lesion_id>/overlay.png, importance.png, <seq>_<method>.nii.gz
-  lesions.csv            one row per lesion: model, classes, F, completeness, importance per sequence
+  lesions/<lesion_id>/overlay.png, overlay_gradcam.png, importance.png, <seq>_<method>.nii.gz
+  lesions.csv            one row per lesion: model, classes, F, completeness, importance per sequence, folder
   importance_by_class.png  mean attribution share per true class and sequence (paper Fig. 6)
-  summary.json           settings, median completeness, and the scores when asked for
+  summary.json           settings, median completeness, what each overlay shows, and the scores when asked for
   scores.md              the scores as tables (score=True)
 
 Maps are computed on the network's input grid (config.input_size^3, resampled from the
@@ -35,27 +37,31 @@ from tqdm.auto import tqdm
 from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, sequence_index, to_binary
 from fll_jax.data import prepare
 from fll_jax.data.checks import parse_allow
-from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.data.preprocess import PreprocessOptions, preprocess_lesion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import read_json, save_figure, write_csv, write_json, write_text
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
-from fll_jax.saliency.importance import SequenceImportance, attribution_shares, sequence_importance
+from fll_jax.saliency.importance import SequenceImportance, attribution_shares, sequence_importance, share_label
 from fll_jax.saliency.integrated_gradients import IGResult, integrated_gradients, make_baseline
 from fll_jax.saliency.outputs import (
     axial_axis, importance_figure, input_grid_affine, lesion_figure, write_native_map,
 )
 from fll_jax.saliency.scoring import (
-    lesion_focus, lesion_region, randomisation_correlation, reinitialised_variables, top_k_hit_rates, voxel_spacing,
+    lesion_focus, lesion_region, randomisation_correlation, ranking_aucs, reinitialised_variables, top_k_hit_rates,
+    voxel_spacing,
 )
 from fll_jax.saliency.target import ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.step import rng_settings, seq_indices
 from fll_jax.train.workdir import check_same_data
 
-METHODS = ("ig", "gradient", "smoothgrad", "gradcam")
+# Each method's name in titles, legends and the report.
+MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
+METHODS = tuple(MAP_NAMES)
+OVERLAY, GRADCAM_OVERLAY = "overlay.png", "overlay_gradcam.png"
 EXPLAINED = ("predicted", "true")
 SPLITS = ("test", "val")
 # Sequence-importance measures scored against the key sequences: lesions.csv column prefixes.
@@ -225,7 +231,7 @@ def explain_workdir(
                 for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
         frame = pd.DataFrame(rows)
         write_csv(frame, out / "lesions.csv")
-        class_importance_figure(frame, config.sequences, out / "importance_by_class.png")
+        class_importance_figure(frame, config.sequences, out / "importance_by_class.png", MAP_NAMES[settings.method])
         summary = {"request": request} | _summary(frame, config, settings, config.sequences, split, score)
         write_json(out / "summary.json", summary)
         if score:
@@ -253,7 +259,8 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
     """One lesion by one model (or the ensemble): map, importance, (scores), files; its lesions.csv row."""
     sequences = tuple(config.sequences)
     names = _class_names(settings.head)
-    patch = preprocess_lesion(record, allow=parse_allow(config.data.allow))
+    options = PreprocessOptions.from_config(config.data)
+    patch = preprocess_lesion(record, allow=parse_allow(config.data.allow), options=options)
     x = lesion_input(patch.image, patch.mask, config)
     true = int(record.label) if settings.head == "seven" else int(to_binary(record.label))
     lesion = compute_map(model_score, x, sequences, settings, true if settings.explained == "true" else None)
@@ -264,6 +271,7 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
         "label7": int(record.label),
         "true": names[true], "predicted": names[pred], "p_predicted": float(lesion.probs[pred]),
         "explained": names[lesion.index], "method": settings.method,
+        "folder": f"lesions/{safe_name(record.lesion_id)}",
     }
     if lesion.ig is not None:
         row.update(f_x=lesion.ig.f_x, f_baseline=lesion.ig.f_baseline, delta=lesion.ig.delta,
@@ -277,10 +285,12 @@ def _explain_record(record, config, model_name: str, model_score: ClassScore, ra
         random_map = attribution_map(random_score, x, sequences, settings, lesion.index)[0]
         row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map)
         row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, region)
-    title = (f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} "
-             f"(p = {row['p_predicted']:.2f}); {settings.method} for {row['explained']}")
+    caption = f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} (p = {row['p_predicted']:.2f})"
+    gradcam = None if settings.method == "gradcam" else grad_cam(model_score, x, sequences, index=lesion.index)
     write_lesion_maps(folder / safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings.method,
-                      title, f"{record.lesion_id}: {row['explained']} ({settings.method})")
+                      f"{caption}; {MAP_NAMES[settings.method]} for {row['explained']}",
+                      f"{record.lesion_id}: {row['explained']} ({MAP_NAMES[settings.method]})",
+                      gradcam=gradcam, gradcam_title=f"{caption}; Grad-CAM for {row['explained']}")
     return row
 
 
@@ -291,27 +301,35 @@ def lesion_affines(patch_affine: np.ndarray, stored: int, config: ml_collections
 
 
 def write_lesion_maps(folder: Path, record, x: np.ndarray, lesion: LesionMap, affines: Sequence[np.ndarray],
-                      sequences: Sequence[str], method: str, title: str, importance_title: str) -> None:
-    """A lesion's overlay and importance PNGs, and its map in the native grid of each sequence it has."""
+                      sequences: Sequence[str], method: str, title: str, importance_title: str, *,
+                      gradcam: np.ndarray | None = None, gradcam_title: str = "") -> None:
+    """A lesion's overlay and importance PNGs, and its map in the native grid of each sequence it has.
+
+    gradcam: a Grad-CAM map [S, D, H, W] drawn as overlay_gradcam.png on the overlay's slice.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     present = [i for i, s in enumerate(sequences) if s in record.images]
-    lesion_figure(x[..., 0], x[..., 1], lesion.attributions, sequences, folder / "overlay.png",
-                  title=title, axis=axial_axis(affines[present[0]]))
-    importance_figure(lesion.importance, folder / "importance.png", title=importance_title)
+    axis = axial_axis(affines[present[0]])
+    shown = lesion_figure(x[..., 0], x[..., 1], lesion.attributions, sequences, folder / OVERLAY, title=title, axis=axis)
+    if gradcam is not None:
+        lesion_figure(x[..., 0], x[..., 1], gradcam, sequences, folder / GRADCAM_OVERLAY, title=gradcam_title,
+                      axis=axis, slice_index=shown)
+    importance_figure(lesion.importance, folder / "importance.png", title=importance_title,
+                      share_label=share_label(MAP_NAMES[method]))
     for i in present:
         s = sequences[i]
         write_native_map(lesion.attributions[i], affines[i], record.images[s], folder / f"{s}_{method}.nii.gz")
 
 
-def class_importance_figure(frame: pd.DataFrame, sequences: Sequence[str], path: Path) -> None:
-    """Heat map of the mean attribution share per true class (rows) and sequence (columns)."""
+def class_importance_figure(frame: pd.DataFrame, sequences: Sequence[str], path: Path, map_name: str) -> None:
+    """Heat map of the mean attribution share of the map `map_name` per true class (rows) and sequence (columns)."""
     shares = frame.groupby("label7")[[f"share_{s}" for s in sequences]].mean().sort_index()
     fig = Figure(figsize=(1.2 + 0.7 * len(sequences), 1.0 + 0.45 * len(shares)), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(shares.to_numpy(), cmap="Reds", vmin=0.0, aspect="auto")
     ax.set_xticks(range(len(sequences)), [SEQUENCE_NAMES[s] for s in sequences])
     ax.set_yticks(range(len(shares)), [CLASS_NAMES[CLASSES[i]] for i in shares.index])
-    fig.colorbar(image, ax=ax, label="mean |attribution| share")
+    fig.colorbar(image, ax=ax, label=f"mean {share_label(map_name)}")
     save_figure(fig, path, dpi=110)
 
 
@@ -331,6 +349,8 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
         "sequences": list(sequences),
         "num_lesions": int(len(frame)),
         "accuracy": float(np.mean(frame["true"] == frame["predicted"])),
+        "overlays": {OVERLAY: MAP_NAMES[settings.method]}
+                    | ({} if settings.method == "gradcam" else {GRADCAM_OVERLAY: MAP_NAMES["gradcam"]}),
     }
     if "relative_delta" in frame:
         summary["completeness"] = {
@@ -341,11 +361,13 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
     if not score:
         return summary
     labels = frame["label7"].to_numpy()
-    tables = {}
+    tables, rankings = {}, {}
     for measure, prefix in IMPORTANCE_MEASURES.items():
         importance = frame[[prefix + s for s in sequences]].to_numpy()
         tables[measure] = top_k_hit_rates(importance, labels, sequences, k=3)
+        rankings[measure] = ranking_aucs(importance, labels, sequences)
     summary["hit_rates"] = tables
+    summary["ranking_auc"] = rankings
     summary["lesion_focus"] = {
         "median_share_inside": _median(frame["focus_share"]),
         "median_volume_share": _median(frame["focus_volume_share"]),
@@ -378,6 +400,25 @@ def scores_markdown(summary: dict) -> str:
                          f"| {entry['p_above_chance']:.3f} |")
         lines.append("")
         lines.append("p: one-sided binomial test of all (lesion, key sequence) hits of the class against chance.")
+        ranking = summary.get("ranking_auc", {}).get(measure)
+        if ranking is None:
+            continue
+        lines += ["", f"## Ranking AUC of the key sequences ({measure})", "",
+                  "| class | n | key items | mean ranking AUC | chance | p (> chance) |", "|---|---|---|---|---|---|"]
+        groups = set()
+        for name, entry in ranking.items():
+            items = {i: "/".join(SEQUENCE_NAMES[q] for q in i.split("+"))
+                     for i in entry["key_items"] + entry["other_items"]}
+            groups.update(g for g in items.values() if "/" in g)
+            numbers = (f"{entry['mean']:.2f} | {entry['chance']:.2f} | {entry['p_above_chance']:.3f}" if entry["n"]
+                       else "- | - | -")
+            lines.append(f"| {CLASS_NAMES[name]} | {entry['n']} | {', '.join(items[i] for i in entry['key_items'])} "
+                         f"| {numbers} |")
+        lines += ["", "Per lesion, the probability that a random key item outranks a random other one (ties 1/2), "
+                  + (f"{' and '.join(sorted(groups))} scored as one item (the larger importance: they carry "
+                     "one signal); " if groups else "")
+                  + "chance: its mean over random orderings of each lesion's sequences; p: exact one-sided permutation "
+                  "test of the class mean, each lesion's importance shuffled across its sequences."]
     focus = summary["lesion_focus"]
     lines += ["", "## Lesion focus", "",
               f"Median share of |attribution| within {focus['margin_mm']:.0f} mm of the lesion: "

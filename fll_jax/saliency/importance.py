@@ -1,6 +1,7 @@
 """Sequence importance (the paper's Fig. 6), by two measures reported side by side.
 
-- attribution share: each sequence's share of the absolute IG attribution of the lesion;
+- attribution share: each sequence's share of the absolute attribution of the lesion, in
+  whichever map was computed (IG, gradient, SmoothGrad or Grad-CAM: share_label names it);
 - branch occlusion: the drop in F when one sequence's image is replaced by its baseline
   (the others and every mask untouched), also given as a share of the positive drops.
 """
@@ -28,6 +29,11 @@ class SequenceImportance:
             {"sequence": s, "attribution_share": float(a), "occlusion_drop": float(d), "occlusion_share": float(o)}
             for s, a, d, o in zip(self.sequences, self.attribution_share, self.occlusion_drop, self.occlusion_share)
         ]
+
+
+def share_label(map_name: str) -> str:
+    """The attribution share's name in charts, e.g. '|IG| share' for map_name 'IG'."""
+    return f"|{map_name}| share"
 
 
 def attribution_shares(attributions: np.ndarray) -> np.ndarray:
@@ -63,7 +69,7 @@ def sequence_importance(
     *,
     index: int,
 ) -> SequenceImportance:
-    """Both measures for one lesion; `baseline` should be the one IG used."""
+    """Both measures for one lesion; `baseline` should be the one the map used (IG's, or the occlusion fill)."""
     if len(sequences) != len(attributions):
         raise ValueError(f"{len(sequences)} sequence names for {len(attributions)} attribution maps")
     drop = branch_occlusion(score, x, baseline, index=index)

@@ -90,20 +90,26 @@ def lesion_figure(
     return index
 
 
-def importance_figure(importance: SequenceImportance, path: str | Path, *, title: str) -> None:
-    """Bar chart: IG attribution share and occlusion share per sequence, side by side."""
+def importance_figure(importance: SequenceImportance, path: str | Path, *, title: str, share_label: str) -> Figure:
+    """Bar chart: the map's attribution share and the occlusion share per sequence, side by side.
+
+    share_label names the map whose share the first bars show (e.g. '|IG| share'), since
+    importance.attribution_share is that of whichever map was computed. Returns the saved Figure.
+    """
     names = [SEQUENCE_NAMES.get(s, s) for s in importance.sequences]
     pos = np.arange(len(names))
-    fig = Figure(figsize=(1.0 + 0.8 * len(names), 3.0), layout="constrained")
+    fig = Figure(figsize=(1.6 + 0.8 * len(names), 3.4), layout="constrained")
     ax = fig.subplots()
-    ax.bar(pos - 0.2, importance.attribution_share, 0.4, label="|IG| share", color="tab:red")
-    ax.bar(pos + 0.2, importance.occlusion_share, 0.4, label="occlusion share", color="tab:gray")
+    ax.bar(pos - 0.2, importance.attribution_share, 0.4, label=share_label, color="tab:red")
+    ax.bar(pos + 0.2, importance.occlusion_share, 0.4, label="occlusion: share of the drops in F", color="tab:gray")
     ax.set_xticks(pos, names)
     ax.set_ylabel("share")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    # Below the axes: a legend inside would hide the bars of a narrow chart.
+    fig.legend(fontsize=8, loc="outside lower center")
     ax.set_title(title, fontsize=9)
     save_figure(fig, path, dpi=110)
+    return fig
 
 
 def patch_to_native(

@@ -1,0 +1,133 @@
+"""The paper's Table 2: development against test cohort, with a test and its p-value per row.
+
+Development is the rows of split 'val' (each development lesion appears once, scored out of
+fold), test the rows of split 'test'. The paper (Statistical analysis) compares continuous
+variables with Student's t or the Kruskal-Wallis test, categorical ones with the chi-square or
+Fisher's exact test. Here every continuous row is summarised by median (IQR) and compared with
+the Mann-Whitney U test (to which Kruskal-Wallis reduces for two groups), so no row switches
+test on a normality check; a categorical row uses Pearson's chi-square (with
+Yates' correction on 2x2 tables, as the paper's subgroup p-values do) unless an expected count
+is below 5, then Fisher's exact test (exact on 2x2 tables, seeded Monte Carlo on larger ones,
+which needs scipy >= 1.15).
+Age and sex rows appear only when the frame has 'age' / 'sex' columns.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from scipy.stats.contingency import expected_freq
+
+from fll_jax.constants import CLASSES
+
+COHORTS: tuple[str, ...] = ("development", "test")
+COLUMNS: tuple[str, ...] = ("total", *COHORTS)
+SPLIT_OF = {"development": "val", "test": "test"}
+# Levels shown but left out of a test: a missing value is no category of the population.
+UNTESTED = "unknown"
+MIN_EXPECTED = 5
+# Random tables of the Monte Carlo Fisher test; seeded so that a report regenerates identically.
+FISHER_RESAMPLES = 9999
+FISHER_SEED = 0
+MANN_WHITNEY = "Mann-Whitney U"
+
+
+def _cohorts(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """'total' (development and test together), 'development' and 'test' rows."""
+    parts = {name: frame[frame["split"] == split] for name, split in SPLIT_OF.items()}
+    return {"total": pd.concat(parts.values()), **parts}
+
+
+def _patients_known(frame: pd.DataFrame) -> bool:
+    ids = frame["patient_id"]
+    return bool(len(ids)) and not (ids.isna() | (ids.astype(str) == UNTESTED)).any()
+
+
+def _per_patient(parts: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """One row per patient in each cohort (age and sex are the patient's, not the lesion's)."""
+    return {name: rows.drop_duplicates("patient_id") for name, rows in parts.items()}
+
+
+def continuous_row(values: dict[str, pd.Series]) -> dict:
+    """n, median and quartiles per column, and the Mann-Whitney U p of development against test."""
+    clean = {name: pd.to_numeric(v, errors="coerce").dropna().to_numpy(np.float64) for name, v in values.items()}
+    summary = {}
+    for name, v in clean.items():
+        q1, median, q3 = (float(q) for q in np.percentile(v, [25, 50, 75])) if len(v) else (None, None, None)
+        summary[name] = {"n": len(v), "median": median, "q1": q1, "q3": q3}
+    dev, test = (clean[c] for c in COHORTS)
+    p = float(stats.mannwhitneyu(dev, test, alternative="two-sided").pvalue) if len(dev) and len(test) else None
+    return {"kind": "continuous", "summary": summary, "test": MANN_WHITNEY if p is not None else None, "p": p}
+
+
+def categorical_test(table: np.ndarray) -> tuple[str | None, float | None]:
+    """(test name, p) of a levels x cohorts count table; (None, None) when nothing can be compared."""
+    table = np.asarray(table, np.int64)
+    table = table[table.sum(axis=1) > 0]
+    if table.shape[0] < 2 or (table.sum(axis=0) == 0).any():
+        return None, None
+    if (expected_freq(table) >= MIN_EXPECTED).all():
+        name = "chi-square (Yates)" if table.shape == (2, 2) else "chi-square"
+        return name, float(stats.chi2_contingency(table).pvalue)
+    if table.shape == (2, 2):
+        return "Fisher's exact", float(stats.fisher_exact(table).pvalue)
+    method = stats.MonteCarloMethod(n_resamples=FISHER_RESAMPLES, rng=np.random.default_rng(FISHER_SEED))
+    # .item(): scipy returns a length-1 array rather than a scalar for some tiny tables.
+    p = np.asarray(stats.fisher_exact(table, method=method).pvalue).item()
+    return f"Fisher's exact (Monte Carlo, {FISHER_RESAMPLES} tables)", float(p)
+
+
+def categorical_row(values: dict[str, pd.Series], order: list[str] | None = None) -> dict:
+    """Per level: n per column, its share of the level (the paper's layout) and of the column; one test."""
+    rank = {name: i for i, name in enumerate(order or [])}
+    levels = sorted(set(values["total"].astype(str)), key=lambda v: (rank.get(v, len(rank)), v))
+    counts = {name: v.astype(str).value_counts() for name, v in values.items()}
+    rows = {}
+    for level in levels:
+        n = {name: int(counts[name].get(level, 0)) for name in COLUMNS}
+        rows[level] = {
+            "n": n,
+            "percent_of_level": {name: 100.0 * n[name] / n["total"] for name in COLUMNS},
+            "percent_of_column": {name: 100.0 * n[name] / len(values[name]) if len(values[name]) else None
+                                  for name in COLUMNS},
+        }
+    tested = [level for level in levels if level != UNTESTED]
+    test, p = categorical_test(np.array([[rows[level]["n"][c] for c in COHORTS] for level in tested]).reshape(-1, 2))
+    return {"kind": "categorical", "levels": rows, "untested": [UNTESTED] if UNTESTED in rows else [],
+            "test": test, "p": p}
+
+
+def cohort_table(frame: pd.DataFrame) -> dict:
+    """Table 2 from a predictions frame (split, patient_id, label7, background, scanner, diameter_mm;
+    optional age, sex): counts of patients (when patient_id is known) and lesions, then rows.
+
+    rows: 'age' and 'sex' (per patient, only when the columns exist), 'diameter_mm', 'class'
+    (seven-way label, levels named by CLASSES), 'diameter_mm_by_class' (a row per class present),
+    'background', 'scanner'. Plain JSON types; None where a value or test is undefined.
+    """
+    parts = _cohorts(frame)
+    known = _patients_known(frame)
+    people = _per_patient(parts) if known else parts
+    rows: dict = {}
+    if "age" in frame:
+        rows["age"] = continuous_row({name: p["age"] for name, p in people.items()})
+    if "sex" in frame:
+        rows["sex"] = categorical_row({name: p["sex"].dropna() for name, p in people.items()})
+    rows["diameter_mm"] = continuous_row({name: p["diameter_mm"] for name, p in parts.items()})
+    labels = {name: p["label7"].map(lambda k: CLASSES[int(k)]) for name, p in parts.items()}
+    rows["class"] = categorical_row(labels, list(CLASSES))
+    rows["diameter_mm_by_class"] = {
+        c: continuous_row({name: p.loc[labels[name] == c, "diameter_mm"] for name, p in parts.items()})
+        for c in rows["class"]["levels"]
+    }
+    for column in ("background", "scanner"):
+        rows[column] = categorical_row({name: p[column] for name, p in parts.items()})
+    dev_ids, test_ids = (set(parts[c]["patient_id"]) for c in COHORTS)
+    return {
+        "cohorts": {"development": "split 'val' (each development lesion once, out of fold)", "test": "split 'test'"},
+        "lesions": {name: len(p) for name, p in parts.items()},
+        "patients": ({name: int(p["patient_id"].nunique()) for name, p in parts.items()}
+                     | {"in_both": len(dev_ids & test_ids)}) if known else None,
+        "per_patient_rows": known,
+        "rows": rows,
+    }
