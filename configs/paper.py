@@ -112,6 +112,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # margin only partly).
     config.augment.scale_min = 0.85
     config.augment.scale_max = 1.15
+    # paper: "the dilation size was randomly changed during the training phase" (Image processing);
+    # ours: for lesions of the dilated rule the zoom is drawn from [1, zoom_max] instead, so the
+    # margin runs from the stored 12.5 % + 4 mm down to about 0 (fll_jax/train/augment.py).
+    config.augment.random_dilation = True
     config.augment.intensity = 0.1  # ours: "lighting alteration" as gain 1 +- 0.1, offset +- 0.1 per sequence
     config.augment.noise_std = 0.02  # ours: Gaussian noise sd on the [0, 1] image scale
 

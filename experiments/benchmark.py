@@ -36,6 +36,7 @@ def _batch(n: int, size: int) -> dict:
         "mask": rng.integers(0, 256, shape, dtype=np.uint8),
         "label7": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
         "present": np.ones((n, len(SEQUENCES)), bool),
+        "zoom_max": np.full(n, 1.5, np.float32),
         "valid": np.ones(n, bool),
     }
 

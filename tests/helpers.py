@@ -38,6 +38,7 @@ def random_batch(n: int = 8, size: int = 16, seed: int = 0) -> dict:
         "label7": label7.astype(np.int32),
         "label2": to_binary(label7),
         "present": np.ones((n, len(SEQUENCES)), bool),
+        "zoom_max": np.ones(n, np.float32),
         "valid": np.ones(n, bool),
     }
 
@@ -71,5 +72,6 @@ def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int
         diameter_mm=np.full(n, 20.0, np.float32),
         patch_affine=np.tile(np.eye(4), (n, 7, 1, 1)),
         present=batch["present"],
+        zoom_max=batch["zoom_max"],
     )
     return NumpySource(patches, dict(zip(patches.lesion_id.tolist(), folds.tolist())))

@@ -69,3 +69,39 @@ def test_absent_sequences_enter_as_zeros():
     batch["present"][1, 1] = False
     x = np.asarray(prepare_inputs(batch, (0, 1, 2), 8))
     assert not x[1, 1].any() and x[1, 0].any() and x[0, 1].any()
+
+
+def test_random_dilation_draws_margins_from_the_stored_one_down_to_zero():
+    from fll_jax.train.augment import random_affine
+
+    cfg = quick.get_config().augment
+    cfg.rotate_deg, cfg.flip = 0.0, False
+    keys = jax.random.split(jax.random.key(0), 2000)
+
+    def zooms(zoom_max, dilation):
+        cfg.random_dilation = dilation
+        matrices = jax.vmap(lambda k: random_affine(k, cfg, zoom_max)[0])(keys)
+        return 1.0 / np.asarray(matrices[:, 0, 0])
+
+    large = zooms(1.6, True)
+    # The margin around the lesion's box is (side / zoom - E) / 2: from the stored one (zoom 1)
+    # down to 0 (zoom_max = side / E), never a zoom out past the stored cube.
+    assert large.min() >= 1.0 - 1e-6 and large.max() <= 1.6 + 1e-6
+    assert large.min() < 1.01 and large.max() > 1.59 and abs(np.median(large) - 1.3) < 0.03
+    for z in (zooms(1.0, True), zooms(1.6, False)):  # smaller lesions, or switched off: the generic range
+        assert z.min() >= cfg.scale_min - 1e-6 and z.max() <= cfg.scale_max + 1e-6 and z.min() < 0.86
+
+
+def test_prepare_inputs_dilates_only_lesions_of_the_dilated_rule():
+    cfg = quick.get_config().augment
+    cfg.random_dilation, cfg.rotate_deg, cfg.shift = True, 0.0, 0.0
+    size = 16
+    mask = np.zeros((2, 7, size, size, size), np.uint8)
+    mask[:, :, 4:12, 4:12, 4:12] = 255  # a lesion filling half the cube's side
+    batch = {"image": mask.copy(), "mask": mask, "zoom_max": np.array([2.0, 1.0], np.float32)}
+    fractions = np.array([np.asarray(prepare_inputs(batch, (0,), size, jax.random.key(k), cfg))[..., 1].mean(axis=(1, 2, 3, 4))
+                          for k in range(12)])
+    # Zooming in makes the lesion fill more of the input: the dilated lesion always at least as much
+    # as stored (1/8), the other one sometimes less (zoom out to 0.85).
+    assert fractions[:, 0].min() >= 0.12 and fractions[:, 0].mean() > 0.2
+    assert fractions[:, 1].min() < 0.125 < fractions[:, 1].max()

@@ -107,6 +107,9 @@ def test_crop_box_by_diameter_and_large_lesion_context(tmp_path):
     extent = ((ijk.max(0) - ijk.min(0)) * spacing + spacing).max()  # world box side, voxels included
     assert big.diameter_mm > 32
     assert side_mm(big.patch_affine[0]) == pytest.approx(np.ceil(1.25 * extent + 8))
+    # Training may zoom in until the lesion's box fills the cube (random dilation); others not at all.
+    assert big.zoom_max == pytest.approx(np.ceil(1.25 * extent + 8) / extent, rel=0.02)
+    assert patch_of(2).zoom_max == 1.0
     # The dilated box holds the whole lesion with a margin: the blurred mask fades out before the faces.
     mask = big.mask[0]
     assert mask.max() == 255

@@ -60,7 +60,7 @@ def patchset_fingerprints(patches, folds: Sequence[int]) -> dict[str, dict]:
     out = {}
     for i, lesion in enumerate(patches.lesion_id.tolist()):
         digest = hashlib.sha256()
-        for name in ("image", "mask", "patch_affine", "diameter_mm", "present"):
+        for name in ("image", "mask", "patch_affine", "diameter_mm", "present", "zoom_max"):
             digest.update(np.ascontiguousarray(getattr(patches, name)[i]).tobytes())
         out[lesion] = {
             "patient_id": str(patches.patient_id[i]), "label": CLASSES[int(patches.label7[i])],

@@ -16,7 +16,7 @@ from fll_jax.files import StateFileError, atomic_path
 # Array fields in a fixed order; strings are numpy unicode arrays so npz needs no pickle.
 _FIELDS = (
     "image", "mask", "label7", "label2", "patient_id", "lesion_id",
-    "scanner", "background", "diameter_mm", "patch_affine", "present",
+    "scanner", "background", "diameter_mm", "patch_affine", "present", "zoom_max",
 )
 
 
@@ -33,6 +33,7 @@ class PatchSet:
         diameter_mm: float32 [N], the diameter that chose the crop size.
         patch_affine: float64 [N, 7, 4, 4], per sequence patch voxel (i, j, k) -> world mm.
         present: bool [N, 7], the sequences each lesion has; absent ones have zero patches.
+        zoom_max: float32 [N], the largest training zoom (random dilation; 1: none).
     """
 
     image: np.ndarray
@@ -46,6 +47,7 @@ class PatchSet:
     diameter_mm: np.ndarray
     patch_affine: np.ndarray
     present: np.ndarray
+    zoom_max: np.ndarray
 
     def __post_init__(self):
         n = len(self.label7)

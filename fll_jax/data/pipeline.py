@@ -4,7 +4,7 @@ Both sources have the same interface (see NumpySource): train_batches, eval_batc
 num_examples, size. Batches are dicts of numpy arrays: image, mask uint8 [B, 7, S, S, S];
 label7, label2, fold int32 [B]; patient_id, lesion_id, scanner, background str [B];
 diameter_mm float32 [B]; patch_affine float64 [B, 7, 4, 4]; present bool [B, 7] (the
-sequences each lesion has); valid bool [B].
+sequences each lesion has); zoom_max float32 [B] (the random dilation's range); valid bool [B].
 
 TensorFlow is imported only when a TFDSSource is made (and then never sees a GPU), so this
 module and NumpySource work where TensorFlow is not installed.

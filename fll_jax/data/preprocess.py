@@ -19,12 +19,12 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    lesion's sequences) dilated to 1.25 E + 8 mm, and never less than the 64 mm of the class
    below. A lesion whose box does not fit the cube of its size class (E >= the side: an
    elongated lesion measured by its equivalent diameter) takes the dilated rule, so no crop
-   cuts a lesion. The paper
-   varies the dilation randomly in training; this stores a fixed context (12.5 % + 4 mm on
-   each side), and the on-device scale augmentation, which zooms every lesion in by up to
-   augment.scale_max (1.15), varies the margin only a little: the paper's random dilation is
-   not reproduced (docs/paper_vs_code.md). The side in mm is recoverable from patch_affine
-   (voxel spacing x S). All seven sequences share the side; each is centred on the centre of
+   cuts a lesion. The paper varies the dilation randomly in training; this stores the widest
+   context (12.5 % + 4 mm on each side) and zoom_max = side / E, the zoom at which the
+   lesion's box fills the cube: with augment.random_dilation the on-device augmentation draws
+   each training sample's zoom from [1, zoom_max], so the margin varies from the stored one
+   down to about 0, and evaluation keeps the stored margin. zoom_max is 1 for the other
+   lesions. The side in mm is recoverable from patch_affine (voxel spacing x S). All seven sequences share the side; each is centred on the centre of
    its own mask's bounding box (sequences are not exactly co-registered).
 4. Sample only that cube, at 1 mm isotropic, on a grid aligned with the world (RAS+) axes:
    patch axis 0/1/2 = +x/+y/+z. World points go through the inverse affine into the native
@@ -76,7 +76,7 @@ MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 3
+PREPROCESS_VERSION = 4
 
 LESION_SIZES = ("longest", "equivalent")
 NORMALISATIONS = ("volume", "patch")
@@ -127,6 +127,7 @@ class LesionPatch:
         diameter_mm: diameter that chose the crop size.
         patch_affine: float64 [7, 4, 4], patch voxel -> world mm per sequence.
         present: bool [7], the sequences the lesion has (absent ones are all zero).
+        zoom_max: the zoom that shrinks a large lesion's margin to 0 (1 for smaller lesions).
     """
 
     image: np.ndarray
@@ -134,6 +135,7 @@ class LesionPatch:
     diameter_mm: float
     patch_affine: np.ndarray
     present: np.ndarray
+    zoom_max: float
 
 
 @dataclasses.dataclass
@@ -170,10 +172,14 @@ def crop_size_mm(diameter_mm: float, extent_mm: float | None = None) -> float:
     if not np.isfinite(diameter_mm) or diameter_mm <= 0:
         raise ValueError(f"lesion diameter must be a positive number, got {diameter_mm}")
     extent = diameter_mm if extent_mm is None else extent_mm
+    side = _class_side(diameter_mm, extent)
+    return side if side is not None else max(MEDIUM_BOX_MM, LARGE_SCALE * extent + LARGE_MARGIN_MM)
+
+
+def _class_side(diameter_mm: float, extent_mm: float) -> float | None:
+    """The cube of the lesion's size class when the lesion fits it; None for the dilated rule."""
     side = SMALL_BOX_MM if diameter_mm < SMALL_MM else MEDIUM_BOX_MM if diameter_mm < MEDIUM_MM else None
-    if side is not None and extent < side:
-        return side
-    return max(MEDIUM_BOX_MM, LARGE_SCALE * extent + LARGE_MARGIN_MM)
+    return side if side is not None and extent_mm < side else None
 
 
 def preprocess_lesion(record, size: int = PATCH_SIZE, allow: frozenset[str] = frozenset(),
@@ -221,12 +227,13 @@ def preprocess_manifest(
     image = np.empty((n, len(SEQUENCES), size, size, size), np.uint8)
     mask = np.empty_like(image)
     diameter = np.empty(n, np.float32)
+    zoom_max = np.empty(n, np.float32)
     patch_affine = np.empty((n, len(SEQUENCES), 4, 4), np.float64)
     present = np.empty((n, len(SEQUENCES)), bool)
     for rows, patches in zip(by_patient.values(), results):
         for i, patch in zip(rows, patches):
             image[i], mask[i], present[i] = patch.image, patch.mask, patch.present
-            diameter[i], patch_affine[i] = patch.diameter_mm, patch.patch_affine
+            diameter[i], patch_affine[i], zoom_max[i] = patch.diameter_mm, patch.patch_affine, patch.zoom_max
     label7 = np.array([r.label for r in records], np.int32)
     return PatchSet(
         image=image,
@@ -240,6 +247,7 @@ def preprocess_manifest(
         diameter_mm=diameter,
         patch_affine=patch_affine,
         present=present,
+        zoom_max=zoom_max,
     )
 
 
@@ -381,7 +389,10 @@ def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: 
         mask[s] = _to_uint8(ndimage.gaussian_filter(msk.astype(np.float32), sigma, mode="constant"))
         patch_affine[s] = _patch_affine(centre, side, size)
     present = np.array([seq in lesions for seq in SEQUENCES])
-    return LesionPatch(image=image, mask=mask, diameter_mm=diameter, patch_affine=patch_affine, present=present)
+    # Only the dilated rule's margin is the paper's to vary.
+    zoom_max = 1.0 if _class_side(diameter, extent) is not None else max(1.0, side / extent)
+    return LesionPatch(image=image, mask=mask, diameter_mm=diameter, patch_affine=patch_affine, present=present,
+                       zoom_max=float(zoom_max))
 
 
 def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]) -> _Volume:

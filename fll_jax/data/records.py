@@ -1,6 +1,6 @@
 """TFDS dataset of preprocessed lesion patches, built from manifest records (no beam).
 
-Layout: <records_dir>/fll_patches/3.0.0/ holds one TFRecord split, 'lesions', in manifest order,
+Layout: <records_dir>/fll_patches/3.1.0/ holds one TFRecord split, 'lesions', in manifest order,
 with dataset_info.json and features.json; <records_dir>/integrity.json lists the size and
 sha256 of every file of the dataset and is written last, once the build has succeeded.
 Folds are not stored: the source assigns them (fll_jax.data.prepare), so other fold settings
@@ -43,11 +43,12 @@ SPLIT = "lesions"
 class FllPatches(tfds.core.GeneratorBasedBuilder):
     """Multisequence liver-lesion patches: image and blurred mask [7, S, S, S] uint8 per lesion."""
 
-    VERSION = tfds.core.Version("3.0.0")
+    VERSION = tfds.core.Version("3.1.0")
     RELEASE_NOTES = {
         "1.0.0": "Patches, labels, metadata and patient-level folds.",
         "2.0.0": "One split in manifest order; folds are assigned by the reader, not stored.",
         "3.0.0": "Which sequences each lesion has ('present'); absent ones are zero patches.",
+        "3.1.0": "The largest training zoom of each lesion ('zoom_max', the random dilation).",
     }
 
     def __init__(
@@ -83,6 +84,7 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
                 "diameter_mm": tfds.features.Scalar(dtype=tf.float32),
                 "patch_affine": tfds.features.Tensor(shape=(len(SEQUENCES), 4, 4), dtype=tf.float64, encoding=raw),
                 "present": tfds.features.Tensor(shape=(len(SEQUENCES),), dtype=tf.bool),
+                "zoom_max": tfds.features.Scalar(dtype=tf.float32),
             }),
             disable_shuffling=True,
         )
@@ -110,6 +112,7 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
                 "diameter_mm": float(patches.diameter_mm[i]),
                 "patch_affine": patches.patch_affine[i],
                 "present": patches.present[i],
+                "zoom_max": float(patches.zoom_max[i]),
             }
 
 

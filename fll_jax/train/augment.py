@@ -24,8 +24,14 @@ def _rotation(angles: jax.Array) -> jax.Array:
     return rz @ ry @ rx
 
 
-def random_affine(rng: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
-    """A random (matrix, offset) in normalised [-1, 1] patch coordinates."""
+def random_affine(rng: jax.Array, cfg: ml_collections.ConfigDict, zoom_max=1.0) -> tuple[jax.Array, jax.Array]:
+    """A random (matrix, offset) in normalised [-1, 1] patch coordinates.
+
+    The zoom is drawn from [scale_min, scale_max]; for a lesion cropped by the dilated rule
+    (zoom_max > 1) with cfg.random_dilation, from [1, zoom_max] instead: the paper's random
+    dilation, the margin around the lesion's box from the stored one down to about 0, and
+    never a zoom out past the stored cube.
+    """
     k_rot, k_flip, k_shift, k_scale = jax.random.split(rng, 4)
     limit = jnp.deg2rad(cfg.rotate_deg)
     matrix = _rotation(jax.random.uniform(k_rot, (3,), minval=-limit, maxval=limit))
@@ -33,7 +39,9 @@ def random_affine(rng: jax.Array, cfg: ml_collections.ConfigDict) -> tuple[jax.A
         signs = jnp.where(jax.random.bernoulli(k_flip, 0.5, (3,)), -1.0, 1.0)
         matrix = matrix * signs[None, :]
     # Zooming in (scale > 1) samples a smaller region of the stored patch.
-    scale = jax.random.uniform(k_scale, (), minval=cfg.scale_min, maxval=cfg.scale_max)
+    dilate = cfg.random_dilation & (zoom_max > 1.0)
+    low, high = jnp.where(dilate, 1.0, cfg.scale_min), jnp.where(dilate, zoom_max, cfg.scale_max)
+    scale = jax.random.uniform(k_scale, (), minval=low, maxval=high)
     offset = jax.random.uniform(k_shift, (3,), minval=-2 * cfg.shift, maxval=2 * cfg.shift)
     return matrix / scale, offset
 
@@ -52,12 +60,12 @@ def _resample(volumes: jax.Array, coords: jax.Array) -> jax.Array:
     return jax.vmap(sample)(volumes)
 
 
-def _lesion_inputs(image, mask, rng, cfg, out: int, train: bool):
+def _lesion_inputs(image, mask, zoom_max, rng, cfg, out: int, train: bool):
     """[S, N, N, N] image and mask (float in [0, 1]) -> [S, out, out, out, 2]."""
     stored = image.shape[-1]
     k_affine, k_gain, k_bias, k_noise = jax.random.split(rng, 4)
     if train:
-        matrix, offset = random_affine(k_affine, cfg)
+        matrix, offset = random_affine(k_affine, cfg, zoom_max)
     else:
         matrix, offset = jnp.eye(3), jnp.zeros(3)
     if train or out != stored:
@@ -104,8 +112,9 @@ def prepare_inputs(
     mask = batch["mask"][:, idx].astype(jnp.float32) / 255.0
     train = rng is not None and cfg is not None and cfg.enabled
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), image.shape[0])
-    fn = lambda im, ma, r: _lesion_inputs(im, ma, r, cfg, input_size, train)
-    x = jax.vmap(fn)(image, mask, rngs)
+    zoom_max = batch.get("zoom_max", jnp.ones(image.shape[0]))
+    fn = lambda im, ma, z, r: _lesion_inputs(im, ma, z, r, cfg, input_size, train)
+    x = jax.vmap(fn)(image, mask, zoom_max, rngs)
     if "present" in batch:
         x = x * batch["present"][:, idx, None, None, None, None].astype(x.dtype)
     return x

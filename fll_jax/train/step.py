@@ -18,7 +18,7 @@ from fll_jax.train.loss import multitask_loss
 from fll_jax.train.sharding import data_sharding, replicated
 
 # Batch entries the device needs; the rest (ids, metadata) stay on the host.
-DEVICE_KEYS = ("image", "mask", "present", "label7", "valid")
+DEVICE_KEYS = ("image", "mask", "present", "zoom_max", "label7", "valid")
 
 
 @flax.struct.dataclass
