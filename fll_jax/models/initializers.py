@@ -1,8 +1,8 @@
 """Parameter initialisers that draw flat and reshape.
 
-XLA:CPU compiles a (partitionable) threefry draw of a 5-D shape about 10x slower than a 1-D
-draw of the same size (measured here: 17.8 s against 1.2 s for one [3, 3, 3, 8, 16] kernel), so
-a jitted init of the seven-branch model would spend minutes compiling random numbers. The
+XLA:CPU compiles a (partitionable) threefry draw of a 5-D shape far slower than a 1-D draw of
+the same size (docs/performance.md, "Compilation on XLA:CPU"), so a jitted init of the
+seven-branch model would spend minutes compiling random numbers. The
 distributions are those of nn.initializers.variance_scaling(..., 'normal') and normal(stddev).
 """
 from __future__ import annotations
