@@ -41,8 +41,7 @@ from fll_jax.data.prepare import preprocessing
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv, write_json
-from fll_jax.train.augment import prepare_inputs
-from fll_jax.train.step import rng_settings, seq_indices
+from fll_jax.train.step import predict, rng_settings
 from fll_jax.train.workdir import read_fingerprint
 
 OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
@@ -62,24 +61,17 @@ class Ensemble:
     variables: list[dict]
 
     @functools.cached_property
-    def _forward(self):
-        """jit: (variables, image, mask, present) -> (p2, p7), inputs prepared as in evaluation."""
-        config, model = self.config, self.model
-
-        def forward(variables, image, mask, present):
-            x = prepare_inputs({"image": image, "mask": mask, "present": present}, seq_indices(config),
-                               config.input_size)
-            outputs = model.apply(variables, x, train=False)
-            return jax.nn.softmax(outputs["logits2"]), jax.nn.softmax(outputs["logits7"])
-
-        return jax.jit(forward)
+    def _predict(self):
+        """jit of the training code's predict: a batch's probabilities of both heads, as in evaluation."""
+        return jax.jit(functools.partial(predict, model=self.model, config=self.config))
 
     def batch_probabilities(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         """(p2, p7) of a padded batch's valid rows: the mean over the fold models, as in cross-validation."""
+        inputs = {k: batch[k] for k in ("image", "mask", "present")}
         with rng_settings(self.config):
-            outs = [self._forward(v, batch["image"], batch["mask"], batch["present"]) for v in self.variables]
+            outs = [jax.device_get(self._predict(v, inputs)) for v in self.variables]
         valid = np.asarray(batch["valid"], bool)
-        return tuple(np.mean([np.asarray(o[head]) for o in outs], axis=0)[valid] for head in (0, 1))
+        return tuple(np.mean([o[head] for o in outs], axis=0)[valid] for head in ("p2", "p7"))
 
     def probabilities(self, patches: PatchSet, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(p2 [N, 2], p7 [N, 7]) of every lesion of a PatchSet."""
