@@ -9,7 +9,7 @@ setup(
         "(Wang et al., Insights into Imaging 2021) in JAX/Flax."
     ),
     python_requires=">=3.10",
-    packages=find_packages(include=["fll_jax", "fll_jax.*", "configs"]),
+    packages=find_packages(include=["fll_jax", "fll_jax.*", "configs", "configs.*"]),
     package_data={"fll_jax.data": ["sequence_map.json"]},
     install_requires=[
         "numpy>=1.26",
@@ -32,6 +32,10 @@ setup(
         # The input pipeline; everything else also runs on plain numpy arrays.
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6"],
         "dicom": ["pydicom>=2.4"],
+        # jax's CUDA 12 wheels (NVIDIA GPUs); the version follows jax's.
+        "cuda": ["jax[cuda12]"],
+        # The TensorBoard viewer (the training job writes its logs with tensorboardX either way).
+        "tensorboard": ["tensorboard>=2.16"],
         "test": ["pytest>=8", "chex>=0.1.87", "pydicom>=2.4"],
     },
 )

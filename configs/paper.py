@@ -153,4 +153,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # digits, tests/test_stats.py) or 'bcd' (Brown, Cai & DasGupta's x*: 2 up to n = 50, 3 above;
     # z from the confidence level).
     config.evaluation.interval_rule = "paper"
+    # ours: sequences hidden from every lesion when the fold models are evaluated (test and
+    # out-of-fold), as if the lesions lacked them: what a model trained with them loses without
+    # them at inference (configs/ablations/missing.py). () hides none; the paper has no such step.
+    config.evaluation.hidden_sequences = ()
     return apply_config_string(config, arg)

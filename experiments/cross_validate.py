@@ -18,7 +18,11 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_string("workdir", "runs/demo", "Where config, checkpoints, predictions and report go.")
 flags.DEFINE_bool("count_params", False, "Print the model's parameter count and exit without training.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host); it "
+                  "finds the processes itself under SLURM, Open MPI, Kubernetes or on Cloud TPU.")
+flags.DEFINE_string("coordinator", None, "With --distributed elsewhere: process 0's host:port, for every process.")
+flags.DEFINE_integer("num_processes", None, "With --distributed elsewhere: how many processes there are.")
+flags.DEFINE_integer("process_id", None, "With --distributed elsewhere: this process's index, 0 to num_processes - 1.")
 flags.DEFINE_bool("restart", False, "Delete the run already in --workdir (checkpoints, predictions, report) "
                   "and start over, instead of refusing a run with other settings or data.")
 FLAGS = flags.FLAGS
@@ -33,7 +37,7 @@ def main(argv):
     if FLAGS.distributed:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.count_params:
         from fll_jax.models import count_params
 

@@ -72,6 +72,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     dropout = config.train.sequence_dropout
     need(not isinstance(dropout, (int, float)) or dropout < 1, "train.sequence_dropout",
          "must be < 1 (a lesion always keeps one sequence)")
+    hidden = tuple(config.evaluation.hidden_sequences)
+    need(set(hidden) <= set(config.sequences) and len(set(hidden)) < len(config.sequences),
+         "evaluation.hidden_sequences", "must name sequences of the config's sequences, and not all of them")
     weights = tuple(config.loss.class_weights)
     need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)),
          "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0")

@@ -19,11 +19,12 @@ _KEYS = {
     "backend": "data.backend",
     "seed": "seed",
     "sequence_dropout": "train.sequence_dropout",
+    "hide": "evaluation.hidden_sequences",
 }
 
 
 def _parse_value(key: str, text: str):
-    if key == "sequences":
+    if key in ("sequences", "hide"):
         names = tuple(s for s in text.split("+") if s)
         for name in names:
             sequence_index(name)
@@ -35,6 +36,18 @@ def _parse_value(key: str, text: str):
     if key == "sequence_dropout":
         return float(text)
     return text
+
+
+def key_path(key: str) -> str:
+    """The dotted config path of a config-string key; unknown keys fail listing the known ones."""
+    if key not in _KEYS:
+        raise ValueError(f"unknown config string key {key!r}; known: {', '.join(_KEYS)}")
+    return _KEYS[key]
+
+
+def short_key(path: str) -> str:
+    """The config-string key of a dotted config path (the first that names it), else the path itself."""
+    return next((k for k, v in _KEYS.items() if v == path), path)
 
 
 def apply_config_string(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

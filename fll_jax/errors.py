@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from fll_jax.ablation.points import SweepError
     from fll_jax.config_check import ConfigError
     from fll_jax.data.folds import FoldError
     from fll_jax.data.manifest import ManifestError
@@ -20,7 +21,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fll_jax.evaluation.readers import ReadersError
     from fll_jax.files import StateFileError
 
-    errors = [ConfigError, FoldError, ManifestError, DataError, PreprocessError, PredictionsError, ReadersError,
+    errors = [SweepError, ConfigError, FoldError, ManifestError, DataError, PreprocessError, PredictionsError, ReadersError,
               StateFileError, FileExistsError]
     try:  # DICOM support is an extra (pydicom)
         from fll_jax.data.dicom import DicomError
@@ -29,12 +30,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:  # the training modules need JAX; data tools run without it
+        from fll_jax.evaluation.comparison import ComparisonError
         from fll_jax.inference import PredictionError
         from fll_jax.train.checkpoints import CheckpointError
         from fll_jax.train.loop import NonFiniteLossError
     except ImportError:
         return tuple(errors)
-    return (*errors, CheckpointError, NonFiniteLossError, PredictionError)
+    return (*errors, CheckpointError, ComparisonError, NonFiniteLossError, PredictionError)
 
 
 @contextlib.contextmanager

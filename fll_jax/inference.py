@@ -41,6 +41,7 @@ from fll_jax.data.prepare import preprocessing
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv, write_json
+from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import predict, rng_settings
 from fll_jax.train.workdir import read_fingerprint
 
@@ -210,10 +211,7 @@ def missing_at_inference(workdir: str | Path) -> dict:
     for hidden in (None, *config.sequences):
         p2, p7, label7 = [], [], []
         for batch in source.eval_batches("test", config.train.eval_batch_size):
-            if hidden is not None:
-                batch["present"] = batch["present"].copy()
-                batch["present"][:, SEQUENCES.index(hidden)] = False
-            q2, q7 = ensemble.batch_probabilities(batch)
+            q2, q7 = ensemble.batch_probabilities(hide_sequences(batch, [hidden] if hidden else []))
             p2.append(q2)
             p7.append(q7)
             label7.append(batch["label7"][batch["valid"]])

@@ -91,3 +91,30 @@ def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     with pytest.raises(FileExistsError, match=r"(?s)differs.*setting model.fusion: 'paper' -> 'concat'"):
         cross_validate(changed, workdir, source=source)
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
+
+
+def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
+    import tensorflow as tf
+
+    from fll_jax.train.step import learning_rate_schedule
+
+    config, workdir, source, _ = run
+    scalars = {}
+    for path in (workdir / "tensorboard").rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    steps_per_epoch = source.num_examples([1, 2, 3, 4]) // config.train.batch_size
+    # Against the global step: one point per epoch, at the end of the epoch.
+    rate = dict(scalars["fold0/train/learning_rate"])
+    assert sorted(rate) == [steps_per_epoch * (e + 1) for e in range(config.train.epochs)]
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    assert rate[steps_per_epoch] == pytest.approx(float(schedule(steps_per_epoch)), rel=1e-5)
+    for tag in ("grad_norm", "param_norm", "steps_per_s", "lesions_per_s", "loss"):
+        values = [v for _, v in scalars[f"fold1/train/{tag}"]]
+        assert len(values) == config.train.epochs and all(v > 0 for v in values), tag
+    lesions, steps = (dict(scalars[f"fold0/train/{k}"]) for k in ("lesions_per_s", "steps_per_s"))
+    assert all(lesions[s] == pytest.approx(steps[s] * config.train.batch_size) for s in lesions)
+    assert "fold0/val/accuracy_7way" in scalars
+    # The settings as hparams, with the test scores beside them.
+    assert "test/accuracy_7way" in scalars and list((workdir / "tensorboard" / "hparams").glob("events.*"))

@@ -84,6 +84,18 @@ def test_eval_pass_sees_every_lesion_once(source, patches, fold_of, folds):
     assert eval_pass(source, folds, batch_size=4) == ids  # fixed order
 
 
+def test_process_shares_partition_every_global_batch(source):
+    whole = list(source.train_batches([0, 1], 4, seed=3, epoch=1))
+    shares = [list(source.train_batches([0, 1], 4, seed=3, epoch=1, share=(k, 2))) for k in range(2)]
+    assert len(shares[0]) == len(shares[1]) == len(whole)
+    for i, batch in enumerate(whole):
+        # Process 0 reads the first half of each global batch, process 1 the second, nothing more.
+        assert shares[0][i]["lesion_id"].tolist() + shares[1][i]["lesion_id"].tolist() == batch["lesion_id"].tolist()
+        np.testing.assert_array_equal(shares[1][i]["image"], batch["image"][2:])
+    with pytest.raises(ValueError, match="cannot be split into 3 equal process shares"):
+        next(source.train_batches([0, 1], 4, seed=3, epoch=1, share=(0, 3)))
+
+
 def test_train_batches_are_seeded_by_seed_and_epoch(source, patches, fold_of):
     train = [0, 1]
     fold = folds_of(patches, fold_of)

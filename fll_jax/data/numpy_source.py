@@ -42,6 +42,16 @@ def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.nda
     return out
 
 
+def share_rows(batch_size: int, share: tuple[int, int]) -> slice:
+    """The rows of a global batch that process `index` of `count` reads: its contiguous slice."""
+    index, count = share
+    if batch_size % count or not 0 <= index < count:
+        raise ValueError(f"a batch of {batch_size} cannot be split into {count} equal process shares "
+                         f"(share {index})")
+    per = batch_size // count
+    return slice(index * per, (index + 1) * per)
+
+
 def check_batch_size(batch_size: int, available: int, train: bool) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -91,14 +101,20 @@ class NumpySource:
         """Lesions in the given folds (or 'test')."""
         return len(self._rows(folds))
 
-    def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
-        """Full batches, shuffled by (seed, epoch); the last partial batch is dropped."""
+    def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int,
+                      share: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+        """Full batches, shuffled by (seed, epoch); the last partial batch is dropped.
+
+        share (index, count): yield only that share of every global batch (share_rows), so that
+        each of `count` processes reads only the lesions it feeds.
+        """
         rows = self._rows(folds)
         check_batch_size(batch_size, len(rows), train=True)
         rows = np.random.default_rng(epoch_seed(seed, epoch)).permutation(rows)
+        mine = share_rows(batch_size, share)
         for start in range(0, len(rows) - batch_size + 1, batch_size):
-            batch = self._select(rows[start:start + batch_size])
-            yield {**batch, "valid": np.ones(batch_size, bool)}
+            batch = self._select(rows[start:start + batch_size][mine])
+            yield {**batch, "valid": np.ones(len(batch["label7"]), bool)}
 
     def eval_batches(self, folds: FoldSpec, batch_size: int) -> Iterator[dict]:
         """Every lesion once, in PatchSet order; the last batch padded (valid=False rows)."""

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fll_jax.data.numpy_source import FoldSpec, NumpySource, check_batch_size, epoch_seed, fold_ids, pad_batch
+from fll_jax.data.numpy_source import (
+    FoldSpec, NumpySource, check_batch_size, epoch_seed, fold_ids, pad_batch, share_rows,
+)
 
 __all__ = ["NumpySource", "TFDSSource"]
 
@@ -74,16 +76,26 @@ class TFDSSource:
         with_fold = self._all.map(lambda ex: {**ex, "fold": self._table.lookup(ex["lesion_id"])})
         return with_fold.filter(lambda ex: tf.reduce_any(tf.equal(ex["fold"], wanted)))
 
-    def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
-        """Full batches, shuffled by (seed, epoch); the last partial batch is dropped."""
+    def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int,
+                      share: tuple[int, int] = (0, 1)) -> Iterator[dict]:
+        """Full batches, shuffled by (seed, epoch); the last partial batch is dropped.
+
+        share (index, count): yield only that share of every global batch (the same lesions as
+        NumpySource's share_rows); the other lesions are skipped before batching.
+        """
         n = self.num_examples(folds)
         check_batch_size(batch_size, n, train=True)
+        mine = share_rows(batch_size, share)
         ds = self._dataset(folds).shuffle(
             min(n, self.shuffle_buffer), seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False
         )
-        ds = ds.batch(batch_size, drop_remainder=True).prefetch(self.prefetch)
+        # Every process shuffles alike, then keeps its slice of each global batch (full batches only).
+        ds = ds.take(n // batch_size * batch_size).enumerate()
+        ds = ds.filter(lambda i, ex: (i % batch_size >= mine.start) & (i % batch_size < mine.stop))
+        per = mine.stop - mine.start
+        ds = ds.map(lambda i, ex: ex).batch(per, drop_remainder=True).prefetch(self.prefetch)
         for batch in self._tfds.as_numpy(ds):
-            yield {**_to_numpy(batch), "valid": np.ones(batch_size, bool)}
+            yield {**_to_numpy(batch), "valid": np.ones(per, bool)}
 
     def eval_batches(self, folds: FoldSpec, batch_size: int) -> Iterator[dict]:
         """Every lesion once, in manifest order; the last batch padded (valid=False rows)."""

@@ -17,6 +17,49 @@ BINARY_COLUMN = "two_way"
 TABLE3_COLUMNS: tuple[str, ...] = (BINARY_COLUMN, *CLASSES)
 
 
+def placements(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """DeLong's placement values: for each positive the fraction of negatives scored below it, for
+    each negative the fraction of positives scored above it (ties count 1/2); None without both
+    classes. Their means are the AUC; their (co)variances give DeLong's variance."""
+    y_true = np.asarray(y_true).astype(bool)
+    score = np.asarray(score, dtype=np.float64)
+    pos, neg = score[y_true], score[~y_true]
+    m, n = len(pos), len(neg)
+    if m == 0 or n == 0:
+        return None
+    # Midranks (Sun & Xu 2014): a score's rank among all minus its rank among its own class.
+    all_ranks = stats.rankdata(np.concatenate([pos, neg]))
+    v_pos = (all_ranks[:m] - stats.rankdata(pos)) / n
+    v_neg = 1.0 - (all_ranks[m:] - stats.rankdata(neg)) / m
+    return v_pos, v_neg
+
+
+def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
+                  confidence: float = 0.95) -> dict[str, float | None]:
+    """DeLong's test of two correlated AUCs (two scores of the same cases; DeLong, DeLong &
+    Clarke-Pearson 1988): AUC a, AUC b, their difference a - b with its standard error, Wald
+    interval, z and two-sided p. Undefined (None) without both classes or fewer than two of
+    either; identical ROC curves give z = 0, p = 1."""
+    a, b = placements(y_true, score_a), placements(y_true, score_b)
+    if a is None or min(len(a[0]), len(a[1])) < 2:
+        return {k: None for k in ("auc_a", "auc_b", "difference", "se", "lower", "upper", "z", "p")}
+    m, n = len(a[0]), len(a[1])
+    # Covariance of the two AUCs: the placement values' covariance over positives and over negatives.
+    cov = np.cov(np.vstack([a[0], b[0]])) / m + np.cov(np.vstack([a[1], b[1]])) / n
+    auc_a, auc_b = float(a[0].mean()), float(b[0].mean())
+    difference = auc_a - auc_b
+    variance = max(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), 0.0)
+    se = math.sqrt(variance)
+    if se == 0.0:
+        z, p = (0.0, 1.0) if difference == 0 else (math.copysign(math.inf, difference), 0.0)
+    else:
+        z = difference / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    half = stats.norm.ppf(0.5 + confidence / 2) * se
+    return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se,
+            "lower": float(difference - half), "upper": float(difference + half), "z": z, "p": p}
+
+
 def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) -> dict[str, float | None]:
     """AUC with DeLong's variance and a Wald interval clipped to [0, 1].
 
@@ -26,17 +69,11 @@ def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) 
     Fast midrank form of DeLong, DeLong & Clarke-Pearson (1988) given by Sun & Xu (2014):
     the placement values of each positive and negative give the two variance components.
     """
-    y_true = np.asarray(y_true).astype(bool)
-    score = np.asarray(score, dtype=np.float64)
-    pos, neg = score[y_true], score[~y_true]
-    m, n = len(pos), len(neg)
-    if m == 0 or n == 0:
+    placed = placements(y_true, score)
+    if placed is None:
         return {"auc": None, "lower": None, "upper": None, "se": None}
-    all_ranks = stats.rankdata(np.concatenate([pos, neg]))
-    pos_ranks, neg_ranks = stats.rankdata(pos), stats.rankdata(neg)
-    # Fraction of negatives below each positive, and of positives above each negative (ties 1/2).
-    v_pos = (all_ranks[:m] - pos_ranks) / n
-    v_neg = 1.0 - (all_ranks[m:] - neg_ranks) / m
+    v_pos, v_neg = placed
+    m, n = len(v_pos), len(v_neg)
     auc = float(v_pos.mean())
     if m < 2 or n < 2 or auc in (0.0, 1.0):
         return {"auc": auc, "lower": None, "upper": None, "se": None}

@@ -58,6 +58,7 @@ def run_description(config: dict, workdir: Path) -> dict:
         "epochs": train.get("epochs"),
         "folds": list(train.get("folds") or []),
         "seed": config.get("seed"),
+        "hidden_sequences": list((config.get("evaluation") or {}).get("hidden_sequences") or []),
     }
 
 
@@ -345,6 +346,9 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         f"ResNet depth {run['depth']}, width {run['width']}; input {run['input_size']}^3; "
         f"{run['epochs']} epochs; folds {run['folds']}; seed {run['seed']}.",
         "",
+        *([f"**Evaluated with {', '.join(run['hidden_sequences'])} hidden from every lesion** (test and "
+           "out-of-fold), as if the lesions lacked them; the models were trained with them.", ""]
+          if run.get("hidden_sequences") else []),
         f"Test split: {ens['n']} lesions; the ensemble is the mean of the fold models' probabilities. "
         "Validation rows are out-of-fold: each lesion scored by the model whose validation fold holds it.",
         "",

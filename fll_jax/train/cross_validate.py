@@ -19,8 +19,8 @@ from fll_jax.models import build_model
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.sharding import make_mesh
-from fll_jax.train.step import abstract_state, compile_steps, make_optimizer, rng_settings
-from fll_jax.train.workdir import open_run
+from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
+from fll_jax.train.workdir import check_finished, open_run, settings_fingerprint
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
 META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
@@ -61,7 +61,8 @@ def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices
     model = build_model(config.model, config.sequences)
     tx = make_optimizer(config, steps_per_epoch)
     init, train, predict = compile_steps(model, tx, config, mesh)
-    return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh)
+    return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh,
+                 schedule=learning_rate_schedule(config, steps_per_epoch))
 
 
 def _prob_columns(prefix: str, pred: dict) -> dict[str, np.ndarray]:
@@ -82,17 +83,19 @@ def _meta_frame(pred: dict, split: str, fold: int) -> pd.DataFrame:
     return frame
 
 
-def ensemble_predictions(config: ml_collections.ConfigDict, source, steps: Steps, workdir: Path) -> pd.DataFrame:
-    """Each fold's best model on the test split and on its own validation fold, and their mean."""
+def ensemble_predictions(config: ml_collections.ConfigDict, source, steps: Steps, models: Path) -> pd.DataFrame:
+    """Each fold's best model (under `models`) on the test split and on its own validation fold, and
+    their mean; the sequences of evaluation.hidden_sequences are hidden from every lesion."""
     target = abstract_state(steps.model, steps.tx, config, steps.mesh)
+    hidden = tuple(config.evaluation.hidden_sequences)
     test_frame, test_probs, val_frames = None, [], []
     for fold in config.train.folds:
-        variables = best_variables(workdir / f"fold{fold}", target)
-        test = run_predictions(steps, variables, source.eval_batches("test", config.train.eval_batch_size))
+        variables = best_variables(models / f"fold{fold}", target)
+        test = run_predictions(steps, variables, source.eval_batches("test", config.train.eval_batch_size), hidden)
         if test_frame is None:
             test_frame = _meta_frame(test, "test", -1)
         test_probs.append((fold, test))
-        val = run_predictions(steps, variables, source.eval_batches([fold], config.train.eval_batch_size))
+        val = run_predictions(steps, variables, source.eval_batches([fold], config.train.eval_batch_size), hidden)
         val_frame = _meta_frame(val, "val", fold)
         val_frames.append(val_frame.assign(**_prob_columns(f"fold{fold}", val), **_prob_columns("ensemble", val)))
     for fold, test in test_probs:
@@ -137,5 +140,51 @@ def cross_validate(
         finally:
             writer.close()
         predictions = ensemble_predictions(config, source, steps, workdir)
+    write_csv(predictions, workdir / "predictions.csv")
+    metrics = write_report(workdir)
+    log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
+    return metrics
+
+
+def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> None:
+    """The run's settings as TensorBoard hparams, beside its test accuracy and AUC."""
+    from tensorboardX import SummaryWriter
+
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings_fingerprint(config).items()}
+    scores = {f"test/{k}": float(test[k]) for k in ("accuracy_7way", "auc_binary") if test.get(k) is not None}
+    with SummaryWriter(str(logdir)) as writer:
+        writer.add_hparams(hparams, scores, name="hparams")
+
+
+def trained_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config whose fold models a config with hidden sequences evaluates: the same, hiding none."""
+    trained = config.copy_and_resolve_references()
+    trained.evaluation.hidden_sequences = ()
+    return trained
+
+
+def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, trained: str | Path, source=None) -> dict:
+    """Evaluate the fold models of a finished run in `trained` under `config` into `workdir`, no training.
+
+    `config` may differ from the trained run's only in evaluation.hidden_sequences (the missing-at-
+    inference ablation); the data must be the run's. `workdir` receives fingerprint.json,
+    config.json, predictions.csv, metrics.json and the report, not the models.
+
+    Raises:
+        WorkdirError: `trained` holds no finished run of these settings and data, or `workdir`
+            holds another run; nothing was changed.
+    """
+    from fll_jax.data.prepare import prepare_source
+    from fll_jax.evaluation.report import write_report
+
+    workdir, trained = Path(workdir).absolute(), Path(trained).absolute()
+    with rng_settings(config):
+        check_config(config, jax.device_count(), data_source=source is None)
+        source = source if source is not None else prepare_source(config)
+        check_source(config, source)
+        check_finished(trained, trained_config(config), source.fingerprint)
+        open_run(workdir, config, source.fingerprint)
+        steps = build_steps(config, nominal_steps_per_epoch(config, source))
+        predictions = ensemble_predictions(config, source, steps, trained)
     write_csv(predictions, workdir / "predictions.csv")
     return write_report(workdir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -12,10 +13,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from fll_jax.constants import SEQUENCES
 from fll_jax.files import read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
 from fll_jax.train.integrity import all_finite
-from fll_jax.train.sharding import shard_batch
+from fll_jax.train.sharding import process_share, put_local, shard_batch
 from fll_jax.train.step import DEVICE_KEYS, TrainState, abstract_state
 
 # Validation metrics a config may select the best epoch by (all: higher is better).
@@ -36,16 +38,29 @@ class Steps:
     train: Callable
     predict: Callable
     mesh: jax.sharding.Mesh
+    schedule: Callable[[int], float]  # step -> learning rate (for the logs)
 
 
-def run_predictions(steps: Steps, variables: dict, batches: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Probabilities and metadata of every valid lesion in an evaluation pass."""
+def hide_sequences(batch: dict, hidden: Sequence[str]) -> dict:
+    """The batch with the named sequences marked absent for every lesion (their inputs become zeros)."""
+    if not hidden:
+        return batch
+    present = np.array(batch["present"], bool)
+    present[:, [SEQUENCES.index(s) for s in hidden]] = False
+    return {**batch, "present": present}
+
+
+def run_predictions(steps: Steps, variables: dict, batches: Iterable[dict],
+                    hidden: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Probabilities and metadata of every valid lesion in an evaluation pass, with the `hidden`
+    sequences hidden from every lesion; `present` keeps what the data holds."""
     keep: dict[str, list] = {}
-    for batch in batches:
+    for stored in batches:
+        batch = hide_sequences(stored, hidden)
         device = shard_batch(batch, steps.mesh, ("image", "mask", "present"))
         probs = jax.device_get(steps.predict(variables, device))
         valid = np.asarray(batch["valid"], bool)
-        for key, value in {**{k: batch[k] for k in batch if k not in ("image", "mask")}, **probs}.items():
+        for key, value in {**{k: stored[k] for k in stored if k not in ("image", "mask")}, **probs}.items():
             keep.setdefault(key, []).append(np.asarray(value)[valid])
     return {k: np.concatenate(v) for k, v in keep.items()}
 
@@ -131,7 +146,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
-            state, train_metrics = _train_epoch(config, fold, epoch, train_folds, source, steps, state, steps_per_epoch, bar)
+            state, train_metrics, throughput = _train_epoch(config, fold, epoch, train_folds, source, steps, state,
+                                                            steps_per_epoch, bar)
             if not (all(math.isfinite(v) for v in train_metrics.values()) and bool(all_finite(variables_of(state)))):
                 ckpt.wait()
                 good = ckpt.latest.latest_step()
@@ -153,7 +169,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
                 ckpt.save_best(epoch, state)
             if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
                 ckpt.save_latest(epoch, state, meta)
-            _log(writer, fold, epoch, train_metrics, val)
+            step = int(jax.device_get(state.step))
+            _log(writer, fold, step, epoch, float(steps.schedule(step)), {**train_metrics, **throughput}, val)
             bar.update(1)
             bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", val_acc7=f"{val['accuracy_7way']:.2f}")
             if on_epoch_end is not None:
@@ -172,23 +189,34 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
 
 
 def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], source, steps: Steps,
-                 state: TrainState, steps_per_epoch: int, bar) -> tuple[TrainState, dict]:
-    """One pass over the training folds; metrics averaged over its steps on the host."""
+                 state: TrainState, steps_per_epoch: int, bar) -> tuple[TrainState, dict, dict]:
+    """One pass over the training folds: the state, its metrics averaged over its steps on the
+    host, and its throughput (steps and lesions per second, reading the data included; kept out
+    of the metrics, which a resumed run reproduces exactly)."""
+    start = time.perf_counter()
     collected = []
-    batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
+    batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch,
+                                   share=process_share())
     for i, batch in enumerate(batches):
-        state, metrics = steps.train(state, shard_batch(batch, steps.mesh, DEVICE_KEYS))
+        state, metrics = steps.train(state, put_local(batch, steps.mesh, DEVICE_KEYS))
         collected.append(metrics)
         if i % config.train.log_every == 0:
             bar.set_postfix(step=f"{i + 1}/{steps_per_epoch}", loss=f"{float(metrics['loss']):.3f}")
-    host = jax.device_get(collected)
-    return state, {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    host = jax.device_get(collected)  # waits for the last step
+    seconds = time.perf_counter() - start
+    metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    throughput = {"steps_per_s": len(host) / seconds, "lesions_per_s": len(host) * config.train.batch_size / seconds}
+    return state, metrics, throughput
 
 
-def _log(writer, fold: int, epoch: int, train: dict, val: dict) -> None:
+def _log(writer, fold: int, step: int, epoch: int, learning_rate: float, train: dict, val: dict) -> None:
+    """Scalars against the fold's global step: learning rate, epoch, training metrics (loss parts,
+    gradient and parameter norms, throughput) and validation metrics."""
     if writer is None:
         return
+    writer.add_scalar(f"fold{fold}/train/learning_rate", learning_rate, step)
+    writer.add_scalar(f"fold{fold}/epoch", epoch, step)
     for name, metrics in (("train", train), ("val", val)):
         for key, value in metrics.items():
-            writer.add_scalar(f"fold{fold}/{name}/{key}", value, epoch)
+            writer.add_scalar(f"fold{fold}/{name}/{key}", value, step)
     writer.flush()

@@ -2,8 +2,9 @@
 
 The step is written as single-device code; batches are sharded along the batch axis and the
 state is replicated, so gradients and batch-norm statistics are over the global batch. On
-several hosts, call jax.distributed.initialize() first; each process then feeds its own
-slice of the batch (make_array_from_process_local_data assembles the global array).
+several hosts, call jax.distributed.initialize() first; each process then reads and feeds only
+its own share of every training batch (make_array_from_process_local_data assembles the global
+array).
 """
 from __future__ import annotations
 
@@ -28,17 +29,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def process_share() -> tuple[int, int]:
+    """(this process's index, the number of processes): which share of every global batch it reads."""
+    return jax.process_index(), jax.process_count()
+
+
+def put_local(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
+    """Assemble global arrays from this process's share of a batch (its contiguous slice along the
+    batch axis; the global batch is the processes' shares in process order)."""
+    sharding = data_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
+
+
 def shard_batch(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
     """Put the numeric arrays of a global host batch onto the mesh, split along the batch axis.
 
-    Every process reads the same global batch; each contributes its own contiguous slice.
+    Every process holds the same global batch and contributes its own slice (evaluation, where
+    every process keeps every prediction); training reads only its share (put_local).
     """
-    sharding = data_sharding(mesh)
-    count, index = jax.process_count(), jax.process_index()
+    index, count = process_share()
 
     def local(x):
         x = np.asarray(x)
         per = len(x) // count
         return x[index * per:(index + 1) * per]
 
-    return {k: jax.make_array_from_process_local_data(sharding, local(batch[k])) for k in keys}
+    return put_local({k: local(batch[k]) for k in keys}, mesh, keys)

@@ -30,16 +30,20 @@ class TrainState:
     rng: jax.Array
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and cosine decay over the whole run."""
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine decay to 0 over the whole run (step -> learning rate)."""
     total = max(1, config.train.epochs * steps_per_epoch)
     warmup = min(total - 1, config.optim.warmup_epochs * steps_per_epoch)
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup, decay_steps=total
     )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW on learning_rate_schedule, after clipping the global gradient norm."""
     return optax.chain(
         optax.clip_by_global_norm(config.optim.grad_clip),
-        optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+        optax.adamw(learning_rate_schedule(config, steps_per_epoch), weight_decay=config.optim.weight_decay),
     )
 
 
@@ -121,7 +125,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, config) 
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.global_norm(grads)  # before clipping
+    metrics["param_norm"] = optax.global_norm(params)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )

@@ -118,6 +118,27 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
     write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
 
 
+def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> bool:
+    """Whether `workdir` holds a completed run (metrics.json written) of exactly this config and data."""
+    workdir = Path(workdir)
+    if not ((workdir / FINGERPRINT_FILE).exists() and (workdir / "metrics.json").exists()
+            and (workdir / "predictions.csv").exists()):
+        return False
+    return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
+
+
+def check_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> None:
+    """WorkdirError unless `workdir` holds a completed run of this config and data (is_finished)."""
+    workdir = Path(workdir)
+    if not (workdir / FINGERPRINT_FILE).exists():
+        raise WorkdirError(f"{workdir} holds no run (no {FINGERPRINT_FILE}); train it first")
+    changes = fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
+    if changes:
+        raise WorkdirError(f"{workdir} holds a run of other settings or data. What differs:\n  " + "\n  ".join(changes))
+    if not (workdir / "metrics.json").exists():
+        raise WorkdirError(f"{workdir} holds an unfinished run (no metrics.json); rerun its training command first")
+
+
 def check_same_data(workdir: str | Path, data: dict) -> None:
     """WorkdirError unless `data` (a data fingerprint) is the data the run in workdir was made from."""
     stored = read_fingerprint(Path(workdir)).get("data", {})

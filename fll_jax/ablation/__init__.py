@@ -1,0 +1,1 @@
+"""Sweeps over settings (configs/ablations/*.py): their points, running them, SLURM arrays."""

@@ -1,0 +1,117 @@
+"""Running a sweep's points one after another: finished points are skipped, a failed point is
+reported and the others go on; sweep.json records every point's outcome."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import ml_collections
+
+from fll_jax.ablation.points import Point
+from fll_jax.files import read_json, write_json
+from fll_jax.train.workdir import is_finished
+
+SWEEP_FILE = "sweep.json"
+LOGS = "logs"
+
+
+class PointError(RuntimeError):
+    """A point's run failed; the message says how and where its log is."""
+
+
+def run_point(point: Point, root: str | Path, source=None) -> dict:
+    """Train and evaluate one point into root/<name> (or, for an evaluate-only point, evaluate its
+    trained point's fold models); returns the run's metrics."""
+    from fll_jax.train.cross_validate import cross_validate, evaluate_trained
+
+    workdir = Path(root) / point.name
+    if point.trained is not None:
+        return evaluate_trained(point.config, workdir, Path(root) / point.trained, source)
+    return cross_validate(point.config, workdir, source)
+
+
+def point_finished(point: Point, root: str | Path, data: dict) -> bool:
+    """Whether root/<name> holds the point's completed run on data of this fingerprint."""
+    return is_finished(Path(root) / point.name, point.config, data)
+
+
+def data_fingerprints() -> Callable[[ml_collections.ConfigDict], dict]:
+    """config -> its data fingerprint, preparing each distinct data setting once (fll_jax/data/prepare.py)."""
+    from fll_jax.data.prepare import prepare_source
+
+    cache: dict[str, dict] = {}
+
+    def fingerprint(config: ml_collections.ConfigDict) -> dict:
+        key = config.data.to_json()
+        if key not in cache:
+            cache[key] = prepare_source(config).fingerprint
+        return cache[key]
+
+    return fingerprint
+
+
+def _last_lines(path: Path, count: int = 6) -> str:
+    # Progress bars rewrite one line with '\r': split on both so only their last state shows.
+    lines = [line.strip() for line in path.read_text(errors="replace").replace("\r", "\n").split("\n")]
+    return "\n".join([line for line in lines if line][-count:])
+
+
+def subprocess_runner(command: Sequence[str], root: str | Path) -> Callable[[Point], None]:
+    """run(point): `command --point=<name>` in a fresh Python process (so a crash or the memory one
+    point holds cannot touch the next), its output in root/logs/<name>.log."""
+    logs = Path(root) / LOGS
+
+    def run(point: Point) -> None:
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{point.name}.log"
+        with open(log, "w") as out:
+            code = subprocess.call([sys.executable, *command, f"--point={point.name}"], stdout=out,
+                                   stderr=subprocess.STDOUT)
+        if code:
+            raise PointError(f"exit status {code}; the end of {log}:\n{_last_lines(log)}")
+
+    return run
+
+
+def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], None],
+              data: Callable[[ml_collections.ConfigDict], dict]) -> list[dict]:
+    """Run every point not yet finished with run(point), in order, and record each outcome.
+
+    Args:
+        points: the sweep's points (fll_jax/ablation/points.py).
+        root: the sweep's folder; point p runs in root/<p.name>.
+        run: runs one point (run_point in this process, or subprocess_runner).
+        data: config -> data fingerprint, to tell a finished point from a stale one.
+
+    Returns:
+        One row per point: name, trained, status ('finished earlier', 'done' or 'failed'),
+        seconds and, when failed, the error; also written to root/sweep.json after each point.
+    """
+    root = Path(root)
+    rows: list[dict] = []
+    for point in points:
+        start = time.perf_counter()
+        row = {"name": point.name, "trained": point.trained, "status": "done", "error": None}
+        try:
+            if point_finished(point, root, data(point.config)):
+                row["status"] = "finished earlier"
+            else:
+                print(f"[{len(rows) + 1}/{len(points)}] {point.name}", flush=True)
+                run(point)
+        except Exception as error:  # noqa: BLE001  (a failed point must not stop the sweep)
+            row.update(status="failed", error=f"{type(error).__name__}: {error}")
+            print(f"  failed: {row['error']}", flush=True)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        write_json(root / SWEEP_FILE, {"points": rows + [{"name": p.name, "trained": p.trained, "status": "pending"}
+                                                          for p in points[len(rows):]]}, indent=1)
+    return rows
+
+
+def read_sweep(root: str | Path) -> list[dict]:
+    """The rows of root/sweep.json ([] when the folder has none)."""
+    path = Path(root) / SWEEP_FILE
+    return read_json(path, "it is rewritten by rerunning experiments/ablate.py")["points"] if path.exists() else []

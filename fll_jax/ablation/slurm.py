@@ -1,0 +1,109 @@
+"""A sweep as SLURM jobs: one array task per point, each task a multi-host JAX job.
+
+The array runs `ablate.py ... --point=<name> --distributed` on every node of the task (srun starts
+one process per node; jax.distributed.initialize() reads the SLURM environment). submit.sh queues
+the data preparation, the training array, the evaluate-only array (after the models it
+evaluates) and the comparison, each waiting on the one before through SLURM dependencies.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fll_jax.ablation.points import Point
+from fll_jax.ablation.runner import LOGS
+
+TRAIN_SCRIPT = "ablate_train.slurm"
+EVAL_SCRIPT = "ablate_evaluate.slurm"
+SUBMIT_SCRIPT = "submit.sh"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each array task asks SLURM for; partition and account are left out when empty."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem: str = "64G"
+    time: str = "04:00:00"
+    partition: str = ""
+    account: str = ""
+    parallel: int = 0  # most array tasks at once (0: no limit)
+
+
+def _array_script(points: Sequence[Point], root: Path, command: Sequence[str], resources: Resources,
+                  job: str, repository: Path) -> str:
+    limit = f"%{resources.parallel}" if resources.parallel else ""
+    options = {
+        "job-name": job,
+        "array": f"0-{len(points) - 1}{limit}",
+        "nodes": resources.nodes,
+        "ntasks-per-node": 1,
+        "gpus-per-node": resources.gpus_per_node,
+        "cpus-per-task": resources.cpus_per_task,
+        "mem": resources.mem,
+        "time": resources.time,
+        "output": str(root / LOGS / f"{job}_%a.out"),
+        "partition": resources.partition,
+        "account": resources.account,
+    }
+    names = "\n".join(f"  {shlex.quote(p.name)}" for p in points)
+    run = shlex.join([*command, "--distributed"])
+    return "\n".join([
+        "#!/bin/bash",
+        f"# {len(points)} point(s), one array task each (written by experiments/ablate.py --emit slurm).",
+        *(f"#SBATCH --{key}={value}" for key, value in options.items() if value != ""),
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(repository))}",
+        f"POINTS=(\n{names}\n)",
+        f'srun {run} --point="${{POINTS[$SLURM_ARRAY_TASK_ID]}}"',
+        "",
+    ])
+
+
+def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str], resources: Resources,
+                repository: str | Path) -> list[Path]:
+    """Write the array scripts and submit.sh into root; returns their paths.
+
+    Args:
+        points: the sweep's points, training points before evaluate-only ones.
+        root: the sweep's folder (absolute paths are written, so the scripts run from anywhere).
+        command: the ablate.py command line without --point, e.g. [python, experiments/ablate.py,
+            --config=..., --workdir=...].
+        resources: what each task asks for.
+        repository: the folder the commands run in.
+    """
+    root, repository = Path(root).absolute(), Path(repository).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / LOGS).mkdir(exist_ok=True)
+    trained = [p for p in points if p.trained is None]
+    evaluated = [p for p in points if p.trained is not None]
+    written = [root / TRAIN_SCRIPT]
+    written[0].write_text(_array_script(trained, root, command, resources, "ablate_train", repository))
+    queue = [
+        "#!/bin/bash",
+        "# Queue the sweep: data, training array, evaluate-only array, comparison (each after the one before).",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(repository))}",
+        f"prepare=$(sbatch --parsable --job-name=ablate_prepare --output={shlex.quote(str(root / LOGS / 'prepare.out'))} "
+        f"--wrap={shlex.quote(shlex.join([*command, '--prepare_only']))})",
+        f"last=$(sbatch --parsable --dependency=afterok:$prepare {shlex.quote(str(root / TRAIN_SCRIPT))})",
+    ]
+    if evaluated:
+        written.append(root / EVAL_SCRIPT)
+        written[-1].write_text(_array_script(evaluated, root, command, resources, "ablate_evaluate", repository))
+        # afterany: an evaluate-only point whose model failed reports that itself; the others still run.
+        queue.append(f"last=$(sbatch --parsable --dependency=afterany:$last {shlex.quote(str(root / EVAL_SCRIPT))})")
+    compare = [command[0], "experiments/compare.py", f"--workdir={root}"]
+    queue += [
+        f"sbatch --dependency=afterany:$last --job-name=ablate_compare --output={shlex.quote(str(root / LOGS / 'compare.out'))} "
+        f"--wrap={shlex.quote(shlex.join(compare))}",
+        "",
+    ]
+    written.append(root / SUBMIT_SCRIPT)
+    written[-1].write_text("\n".join(queue))
+    written[-1].chmod(0o755)
+    return written

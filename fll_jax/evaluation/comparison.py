@@ -1,0 +1,287 @@
+"""A sweep's points against a reference on the same lesions: table (Markdown and CSV) and forest plot.
+
+For the test split (the fold models' ensemble) and the out-of-fold validation rows (each lesion
+scored by the model that did not train on it), every point gets its accuracy (modified Wilson CI)
+and AUC (DeLong CI), and its difference from its reference: McNemar's exact test on the correct
+calls, DeLong's paired test on the AUCs, patient-level paired bootstrap intervals of both
+differences, and Holm's correction across the sweep's points. Points that differ only in the seed
+also get the spread over seeds.
+
+Two tasks: 'main' (seven-way accuracy, binary-head AUC: the paper's headline numbers) or a pair of
+classes such as hcc:fnh (accuracy of calling the larger of the two class probabilities on lesions
+of those classes, and the AUC of the first class's share of the two).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fll_jax.ablation.points import BASE
+from fll_jax.ablation.runner import read_sweep
+from fll_jax.constants import CLASS_NAMES, CLASSES, class_index, to_binary
+from fll_jax.evaluation.discrimination import delong_auc, delong_paired
+from fll_jax.evaluation.paired import holm, mcnemar_exact, paired_bootstrap
+from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
+from fll_jax.evaluation.stats import modified_wilson
+from fll_jax.files import save_figure, write_csv, write_text
+
+SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
+FINISHED = ("done", "finished earlier")
+RESAMPLES = 2000  # paired bootstrap resamples of the patients
+
+
+class ComparisonError(ValueError):
+    """Points that cannot be compared; the message names them and the problem."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What is compared: 'main', or a pair of classes (first, second)."""
+
+    pair: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Task":
+        """None or 'main' -> the main task; 'hcc:fnh' -> that pair (names as fll_jax.constants)."""
+        if not text or text == "main":
+            return cls()
+        names = text.split(":")
+        if len(names) != 2 or names[0] == names[1]:
+            raise ComparisonError(f"a class pair is two different classes as 'first:second', not {text!r}")
+        try:
+            return cls((class_index(names[0]), class_index(names[1])))
+        except ValueError as error:
+            raise ComparisonError(f"class pair {text!r}: {error}") from None
+
+    @property
+    def name(self) -> str:
+        return "main" if self.pair is None else f"{CLASSES[self.pair[0]]}-{CLASSES[self.pair[1]]}"
+
+    @property
+    def title(self) -> str:
+        if self.pair is None:
+            return "seven-way accuracy, benign/malignant AUC"
+        first, second = (CLASS_NAMES[CLASSES[k]] for k in self.pair)
+        return f"{first} against {second} (lesions of the two classes; AUC of P({first}) / (P({first}) + P({second})))"
+
+    @property
+    def metric_names(self) -> tuple[str, str]:
+        return ("ACC 7-way", "AUC 2-way") if self.pair is None else ("ACC pair", "AUC pair")
+
+    def rows(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame if self.pair is None else frame[frame["label7"].isin(self.pair)]
+
+    def outcomes(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(correct call [N] bool, AUC truth [N] bool, AUC score [N]) of the ensemble columns."""
+        p7, p2 = probabilities(frame, ENSEMBLE)
+        label7 = frame["label7"].to_numpy()
+        if self.pair is None:
+            return p7.argmax(1) == label7, to_binary(label7) == 1, p2[:, 1]
+        first, second = self.pair
+        share = p7[:, first] / np.maximum(p7[:, first] + p7[:, second], 1e-12)
+        truth = label7 == first
+        return (share >= 0.5) == truth, truth, share
+
+
+def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, str | None]]:
+    """({name: predictions}, {name: trained point or None}) of a sweep's finished points: those
+    sweep.json lists as finished, else every subfolder holding predictions.csv."""
+    root = Path(root)
+    rows = read_sweep(root)
+    if rows:
+        names = {r["name"]: r.get("trained") for r in rows if r["status"] in FINISHED}
+    else:
+        names = {p.parent.name: None for p in sorted(root.glob("*/predictions.csv"))}
+    if not names:
+        raise ComparisonError(f"{root}: no finished point (no sweep.json entry done, no */predictions.csv)")
+    return {name: load_predictions(root / name / "predictions.csv") for name in names}, names
+
+
+def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    return frame[frame["split"] == split].set_index("lesion_id").sort_index()
+
+
+def _paired(point: pd.DataFrame, reference: pd.DataFrame, names: tuple[str, str], split: str) -> None:
+    """ComparisonError unless both hold the same lesions with the same labels."""
+    if not point.index.equals(reference.index):
+        raise ComparisonError(f"points {names[0]!r} and {names[1]!r} hold different {split} lesions "
+                              f"({len(point)} against {len(reference)}): were they run on the same data?")
+    if not (point["label7"] == reference["label7"]).all():
+        raise ComparisonError(f"points {names[0]!r} and {names[1]!r} disagree on {split} labels")
+
+
+def _interval(value: tuple) -> dict:
+    return {"": value[0], "_lo": value[1], "_hi": value[2]}
+
+
+def _point_metrics(frame: pd.DataFrame, task: Task) -> dict:
+    correct, truth, score = task.outcomes(frame)
+    acc = modified_wilson(int(correct.sum()), len(correct))
+    auc = delong_auc(truth, score)
+    out = {"n": len(correct)}
+    out.update({f"acc{k}": v for k, v in _interval(acc).items()})
+    out.update({"auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]})
+    return out
+
+
+def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int) -> dict:
+    correct, truth, score = task.outcomes(frame)
+    ref_correct, _, ref_score = task.outcomes(reference)
+    mc = mcnemar_exact(correct, ref_correct)
+    dl = delong_paired(truth, score, ref_score)
+
+    def d_acc(rows: np.ndarray) -> float:
+        return float(np.mean(correct[rows]) - np.mean(ref_correct[rows]))
+
+    def d_auc(rows: np.ndarray) -> float:
+        a = delong_auc(truth[rows], score[rows])["auc"]
+        b = delong_auc(truth[rows], ref_score[rows])["auc"]
+        return math.nan if a is None or b is None else a - b
+
+    groups = frame["patient_id"].to_numpy()
+    acc_ci = paired_bootstrap(d_acc, groups, resamples=resamples, seed=seed)
+    auc_ci = paired_bootstrap(d_auc, groups, resamples=resamples, seed=seed)
+    return {
+        "d_acc": float(np.mean(correct) - np.mean(ref_correct)), "d_acc_lo": acc_ci[0], "d_acc_hi": acc_ci[1],
+        "only_point": mc["a_only"], "only_reference": mc["b_only"], "mcnemar_p": mc["p"],
+        "d_auc": dl["difference"], "d_auc_lo": auc_ci[0], "d_auc_hi": auc_ci[1], "delong_p": dl["p"],
+    }
+
+
+def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], reference: str | None = None,
+            task: Task = Task(), seed: int = 0, resamples: int = RESAMPLES) -> pd.DataFrame:
+    """One row per point and split: metrics, the paired comparison with its reference, Holm's p.
+
+    A point's reference is `reference` if given, else for an evaluate-only point its trained
+    point, else 'base'. Holm's correction runs over the compared points of each split and test.
+    """
+    if reference is not None and reference not in points:
+        raise ComparisonError(f"reference {reference!r} is not a finished point; finished: {', '.join(points)}")
+    records = []
+    for split in SPLITS:
+        for name, frame in points.items():
+            ref = reference or trained.get(name) or BASE
+            rows = task.rows(_split(frame, split))
+            record = {"split": split, "point": name, "reference": ref if ref != name else "", **_point_metrics(rows, task)}
+            if ref != name and ref in points:
+                ref_rows = task.rows(_split(points[ref], split))
+                _paired(rows, ref_rows, (name, ref), split)
+                record.update(_difference(rows, ref_rows, task, seed, resamples))
+            records.append(record)
+    table = pd.DataFrame.from_records(records)
+    for column in ("mcnemar_p", "delong_p"):
+        if column not in table:
+            table[column] = np.nan
+        table[f"{column}_holm"] = np.nan
+        for split in SPLITS:
+            rows = (table["split"] == split) & table[column].notna()
+            table.loc[rows, f"{column}_holm"] = holm(table.loc[rows, column].tolist())
+    return table
+
+
+def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and SD over seeds of each metric, for points that differ only in 'seed=' (>= 2 seeds)."""
+    group = table["point"].map(lambda name: re.sub(r"(^|,)seed=\d+", "", name).strip(",") or BASE)
+    records = []
+    for (split, name), rows in table.groupby([table["split"], group], sort=False):
+        if len(rows) < 2:
+            continue
+        records.append({"split": split, "setting": name, "seeds": len(rows),
+                        "acc_mean": rows["acc"].mean(), "acc_sd": rows["acc"].std(ddof=1),
+                        "auc_mean": rows["auc"].mean(), "auc_sd": rows["auc"].std(ddof=1),
+                        "acc_ci_width": (rows["acc_hi"] - rows["acc_lo"]).mean()})
+    return pd.DataFrame.from_records(records)
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def _ci(row: pd.Series, key: str) -> str:
+    return f"{_f(row[key])} ({_f(row[key + '_lo'])}, {_f(row[key + '_hi'])})"
+
+
+def _p(row: pd.Series, key: str) -> str:
+    if not math.isfinite(row.get(key, math.nan)):
+        return ""
+    holm_p = row[f"{key}_holm"]
+    mark = " *" if holm_p < 0.05 else ""
+    return f"{_f(row[key])} ({_f(holm_p)}){mark}"
+
+
+def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
+                        resamples: int = RESAMPLES) -> str:
+    acc, auc = task.metric_names
+    lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
+             "Each point against its reference on the same lesions. Intervals are 95 %: modified Wilson "
+             "for accuracy, DeLong for AUC; Δ intervals by a paired bootstrap over patients "
+             f"({resamples:,} resamples). p: McNemar's exact test (ACC) and DeLong's paired test (AUC), Holm-adjusted "
+             "over the sweep's points in brackets; * marks Holm p < 0.05.", ""]
+    header = ["point", "ref.", "n", acc, f"Δ {acc}", "only point/ref. right", "McNemar p (Holm)", auc, f"Δ {auc}",
+              "DeLong p (Holm)"]
+    for split, title in SPLITS.items():
+        lines += [f"## {title[0].upper()}{title[1:]}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for _, row in table[table["split"] == split].iterrows():
+            compared = math.isfinite(row.get("mcnemar_p", math.nan))
+            cells = [f"`{row['point']}`", f"`{row['reference']}`" if row["reference"] else "", str(row["n"]),
+                     _ci(row, "acc"), _ci(row, "d_acc") if compared else "",
+                     f"{int(row['only_point'])}/{int(row['only_reference'])}" if compared else "",
+                     _p(row, "mcnemar_p"), _ci(row, "auc"), _ci(row, "d_auc") if compared else "",
+                     _p(row, "delong_p")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(spread):
+        lines += ["## Spread over seeds", "", f"| split | setting | seeds | {acc} mean ± SD | mean CI width | "
+                  f"{auc} mean ± SD |", "|---|---|---|---|---|---|"]
+        for _, row in spread.iterrows():
+            lines.append(f"| {row['split']} | `{row['setting']}` | {row['seeds']} | {_f(row['acc_mean'])} ± "
+                         f"{_f(row['acc_sd'])} | {_f(row['acc_ci_width'])} | {_f(row['auc_mean'])} ± {_f(row['auc_sd'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
+    """Δ accuracy and Δ AUC of every compared point with their bootstrap intervals, test and out-of-fold."""
+    compared = table[table["mcnemar_p"].notna()]
+    names = list(dict.fromkeys(compared["point"]))
+    fig = Figure(figsize=(10, 1.4 + 0.38 * len(names)), layout="constrained")
+    for i, (key, label) in enumerate(zip(("d_acc", "d_auc"), task.metric_names)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for offset, (split, marker, colour) in zip((-0.15, 0.15), (("test", "o", "C0"), ("val", "s", "C1"))):
+            rows = compared[compared["split"] == split].set_index("point").reindex(names)
+            y = np.arange(len(names)) + offset
+            value = rows[key].to_numpy(float)
+            lo = np.nan_to_num(value - rows[f"{key}_lo"].to_numpy(float))
+            hi = np.nan_to_num(rows[f"{key}_hi"].to_numpy(float) - value)
+            ax.errorbar(value, y, xerr=[lo, hi], fmt=marker, color=colour, ms=4, capsize=2, lw=1,
+                        label=SPLITS[split])
+        ax.axvline(0, color="0.5", lw=0.8, ls="--")
+        ax.set_yticks(range(len(names)), names if i == 0 else [], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"Δ {label} against the reference (95 % paired bootstrap CI)")
+        ax.xaxis.label.set_fontsize(8)
+    fig.axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(task.title, fontsize=9)
+    return save_figure(fig, path, dpi=120)
+
+
+def write_comparison(root: str | Path, reference: str | None = None, task: Task = Task(),
+                     resamples: int = RESAMPLES) -> list[Path]:
+    """comparison[_<pair>].md, .csv and forest[_<pair>].png in the sweep's folder; returns their paths."""
+    root = Path(root)
+    points, trained = load_points(root)
+    table = compare(points, trained, reference, task, resamples=resamples)
+    spread = seed_spread(table)
+    suffix = "" if task.pair is None else f"_{task.name}"
+    paths = [write_text(root / f"comparison{suffix}.md", comparison_markdown(table, spread, task, root.name, resamples)),
+             write_csv(table, root / f"comparison{suffix}.csv")]
+    if table["mcnemar_p"].notna().any():
+        paths.append(plot_forest(table, task, root / f"forest{suffix}.png"))
+    return paths

@@ -1,0 +1,61 @@
+"""Paired comparison of two models on the same lesions: McNemar's exact test on their correct
+calls, a patient-level paired bootstrap interval for any difference, and Holm's correction.
+DeLong's test of two correlated AUCs is fll_jax.evaluation.discrimination.delong_paired."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float | int]:
+    """McNemar's exact (binomial) test of two models' correct/incorrect calls on the same lesions.
+
+    Returns a_only (lesions only a gets right), b_only (only b), and the two-sided p; with no
+    discordant lesion p is 1.
+    """
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired calls differ in number: {a.shape} against {b.shape}")
+    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
+    return {"a_only": table[0][1], "b_only": table[1][0], "p": float(mcnemar(table, exact=True).pvalue)}
+
+
+def paired_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence, confidence: float = 0.95,
+                     resamples: int = 2000, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile interval of statistic(rows) over bootstrap resamples of whole patients.
+
+    Both models' values of a lesion stay together (paired), and a patient's lesions are drawn
+    together (scipy.stats.bootstrap draws single observations, which would treat a patient's
+    lesions as independent). Resamples where the statistic is undefined (nan, e.g. an AUC without
+    both classes) are left out; (None, None) when fewer than half of them are defined.
+
+    Args:
+        statistic: rows (indices into the lesions, with repeats) -> the value, e.g. a difference.
+        groups: each lesion's patient.
+    """
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, len(members), len(members))
+        values.append(statistic(np.concatenate([members[g] for g in drawn])))
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if len(values) < resamples / 2:
+        return (None, None)
+    tail = 50 * (1 - confidence)
+    return (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (statsmodels) over the defined ones; None stays None."""
+    defined = [i for i, p in enumerate(pvalues) if p is not None]
+    adjusted: list[float | None] = [None] * len(pvalues)
+    if defined:
+        for i, p in zip(defined, multipletests([pvalues[i] for i in defined], method="holm")[1]):
+            adjusted[i] = float(p)
+    return adjusted

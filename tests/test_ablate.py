@@ -1,0 +1,175 @@
+"""Sweeps: point names, running with skip-on-rerun and failure isolation, evaluate-only points, SLURM scripts."""
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from configs.ablations import base_config, fusions, loso, missing, sequences_and_fusions
+from fll_jax.ablation.points import BASE, SweepError, collect_points, load_sweep
+from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
+from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
+from fll_jax.constants import SEQUENCES
+from tests.helpers import synthetic_source, tiny_config
+
+REPO = Path(__file__).parent.parent
+
+
+def test_points_are_named_from_what_differs_from_the_base():
+    base = base_config("quick")
+    names = [p.name for p in collect_points(loso.sweep, "quick", base)]
+    assert names == [BASE] + [f"sequences=all-{s}" for s in SEQUENCES]
+    both = collect_points(sequences_and_fusions.sweep, "quick", base)
+    # The base is in both sweeps and runs once; 'paper' is the base's own fusion.
+    assert [p.name for p in both].count(BASE) == 1 and "fusion=paper" not in [p.name for p in both]
+    assert {"sequences=all-pvp-dp", "fusion=attention", "fusion=shared"} <= {p.name for p in both}
+    late = next(p for p in both if p.name == "sequences=all-pvp-dp")
+    assert late.config.sequences == ("t2w", "dwi", "adc", "t1w", "lap")
+    assert [p.name for p in collect_points(fusions.sweep, None, base_config())][1:] == [
+        "fusion=concat", "fusion=attention", "fusion=late", "fusion=shared"]
+    with pytest.raises(ValueError, match="unknown base"):
+        base_config("huge")
+
+
+def test_evaluate_only_points_follow_the_points_whose_models_they_use():
+    points = collect_points(missing.sweep, "quick", base_config("quick"))
+    trained = [p for p in points if p.trained is None]
+    assert [p.name for p in trained] == [BASE, "sequence_dropout=0.3"]
+    hidden = {p.name: p for p in points if p.trained is not None}
+    assert hidden["hide=lap"].trained == BASE and hidden["hide=lap"].config.evaluation.hidden_sequences == ("lap",)
+    assert hidden["hide=dp,sequence_dropout=0.3"].trained == "sequence_dropout=0.3"
+    assert points.index(hidden["hide=t2w"]) > points.index(trained[-1])
+    # A hidden point whose trained point the sweep forgot gets it added.
+    alone = collect_points(lambda add, arg: add(hide="adc"), None, base_config("quick"))
+    assert [(p.name, p.trained) for p in alone] == [(BASE, None), ("hide=adc", BASE)]
+
+
+def test_a_bad_ablation_config_is_named(tmp_path):
+    with pytest.raises(SweepError, match="no sweep"):
+        load_sweep(REPO / "configs" / "quick.py")
+    with pytest.raises(ValueError, match="unknown sequence 'lapp'"):
+        collect_points(lambda add, arg: add(sequences=["lapp"]), None, base_config("quick"))
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """A three-point sweep on synthetic lesions: one trains, one fails its config check, one
+    evaluates the first's models with ADC hidden; then the same sweep again."""
+    source = synthetic_source()
+    base = tiny_config("folds=0")
+    base.train.epochs = 1
+    base.data.source = "synthetic (tests)"
+
+    def sweep(add, arg):
+        add()
+        add(fusion="no_such_fusion")
+        add(hide="adc")
+
+    points = collect_points(sweep, None, base)
+    root = tmp_path_factory.mktemp("sweep")
+    calls = []
+
+    def run(point):
+        calls.append(point.name)
+        run_point(point, root, source)
+
+    first = run_sweep(points, root, run, lambda config: source.fingerprint)
+    second = run_sweep(points, root, run, lambda config: source.fingerprint)
+    return root, points, first, second, calls
+
+
+def test_a_failed_point_is_reported_and_the_others_go_on(ran):
+    root, points, first, _, _ = ran
+    status = {row["name"]: row for row in first}
+    assert [p.name for p in points] == [BASE, "fusion=no_such_fusion", "hide=adc"]
+    assert status[BASE]["status"] == "done" and status["hide=adc"]["status"] == "done"
+    assert status["fusion=no_such_fusion"]["status"] == "failed"
+    assert "unknown fusion 'no_such_fusion'" in status["fusion=no_such_fusion"]["error"]
+    assert not (root / "fusion=no_such_fusion").exists()  # refused before anything was written
+
+
+def test_finished_points_are_skipped_on_rerun(ran):
+    root, _, _, second, calls = ran
+    assert [row["status"] for row in second] == ["finished earlier", "failed", "finished earlier"]
+    assert calls == [BASE, "fusion=no_such_fusion", "hide=adc", "fusion=no_such_fusion"]
+    assert [row["status"] for row in read_sweep(root)] == ["finished earlier", "failed", "finished earlier"]
+
+
+def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran):
+    root, *_ = ran
+    assert not list((root / "hide=adc").glob("fold*"))  # no models of its own
+    full = pd.read_csv(root / BASE / "predictions.csv").set_index(["split", "lesion_id"])
+    hidden = pd.read_csv(root / "hide=adc" / "predictions.csv").set_index(["split", "lesion_id"])
+    assert hidden.index.equals(full.index)
+    columns = [c for c in full.columns if c.startswith("ensemble_p7_")]
+    assert (hidden[columns] - full[columns]).abs().to_numpy().max() > 1e-4
+    assert "hidden from every lesion" in (root / "hide=adc" / "report.md").read_text()
+
+
+def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):
+    point = collect_points(lambda add, arg: add(), None, base_config("quick"))[0]
+    crash = ["-c", "import sys; print('step 1'); print('out of memory', file=sys.stderr); sys.exit(3)"]
+    with pytest.raises(PointError, match=r"(?s)exit status 3.*out of memory"):
+        subprocess_runner(crash, tmp_path)(point)
+    assert "step 1" in (tmp_path / "logs" / "base.log").read_text()
+
+
+def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
+    points = collect_points(missing.sweep, "quick", base_config("quick"))
+    command = ["python", "experiments/ablate.py", "--config=configs/ablations/missing.py:quick",
+               f"--workdir={tmp_path}"]
+    resources = Resources(nodes=2, gpus_per_node=8, time="02:00:00", partition="gpu", parallel=4)
+    paths = write_slurm(points, tmp_path, command, resources, REPO)
+    assert [p.name for p in paths] == [TRAIN_SCRIPT, EVAL_SCRIPT, SUBMIT_SCRIPT]
+    for path in paths:
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    train = paths[0].read_text()
+    options = dict(line[len("#SBATCH --"):].split("=", 1) for line in train.splitlines() if line.startswith("#SBATCH"))
+    assert options["array"] == "0-1%4" and options["nodes"] == "2" and options["ntasks-per-node"] == "1"
+    assert options["gpus-per-node"] == "8" and options["time"] == "02:00:00" and options["partition"] == "gpu"
+    assert "account" not in options
+    # The array index picks a point by name, read the way bash reads the script.
+    listed = subprocess.run(["bash", "-c", f"eval \"$(sed -n '/^POINTS=(/,/^)/p' {shlex.quote(str(paths[0]))})\"; "
+                             "printf '%s\\n' \"${POINTS[@]}\""], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == [BASE, "sequence_dropout=0.3"]
+    evaluated = subprocess.run(["bash", "-c", f"eval \"$(sed -n '/^POINTS=(/,/^)/p' {shlex.quote(str(paths[1]))})\"; "
+                                "printf '%s\\n' \"${POINTS[@]}\""], capture_output=True, text=True, check=True)
+    assert len(evaluated.stdout.split()) == 2 * len(SEQUENCES) and "hide=lap" in evaluated.stdout.split()
+    srun = shlex.split(next(line for line in train.splitlines() if line.startswith("srun ")))
+    assert srun[1:4] == command[:3] and "--distributed" in srun
+    assert srun[-1] == '--point=${POINTS[$SLURM_ARRAY_TASK_ID]}'
+    submit = paths[2].read_text().splitlines()
+    order = [line for line in submit if "sbatch" in line]
+    assert "--prepare_only" in order[0] and "afterok:$prepare" in order[1] and TRAIN_SCRIPT in order[1]
+    assert "afterany:$last" in order[2] and EVAL_SCRIPT in order[2]
+    assert "experiments/compare.py" in order[3] and "afterany:$last" in order[3]
+
+
+def test_ablate_writes_slurm_scripts_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "experiments/ablate.py", "--config=configs/ablations/loso.py:paper",
+                             f"--workdir={tmp_path}", "--emit", "slurm", "--slurm_nodes=4"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    train = (tmp_path / TRAIN_SCRIPT).read_text()
+    assert "#SBATCH --array=0-7" in train and "#SBATCH --nodes=4" in train
+    srun = shlex.split(next(line for line in train.splitlines() if line.startswith("srun ")))
+    # The mode flags are not passed on to the tasks; the sweep's own are.
+    assert "--emit" not in srun and "slurm" not in srun and not any(a.startswith("--slurm") for a in srun)
+    assert f"--workdir={tmp_path}" in srun and not (tmp_path / EVAL_SCRIPT).exists()
+
+
+def test_an_evaluate_only_point_needs_its_finished_trained_point(ran, tmp_path):
+    from fll_jax.train.workdir import WorkdirError
+
+    root, points, *_ = ran
+    source = synthetic_source()
+    hidden = points[-1]
+    with pytest.raises(WorkdirError, match="holds no run"):
+        run_point(hidden, tmp_path, source)
+    other = hidden.config.copy_and_resolve_references()
+    other.train.epochs = 3
+    with pytest.raises(WorkdirError, match=r"(?s)other settings.*train.epochs: 1 -> 3"):
+        run_point(type(hidden)(hidden.name, other, hidden.trained), root, source)
+    assert not (tmp_path / hidden.name).exists()

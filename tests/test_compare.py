@@ -1,0 +1,115 @@
+"""The sweep comparison on constructed predictions whose differences are known."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fll_jax.constants import NUM_CLASSES, class_index, to_binary
+from fll_jax.evaluation.comparison import ComparisonError, Task, compare, load_points, write_comparison
+from fll_jax.evaluation.paired import mcnemar_exact
+
+N = 70  # lesions per split, ten of each class, two lesions per patient
+RESAMPLES = 300  # enough for the interval checks here, and quick
+
+
+def _frame(correct: np.ndarray, seed: int) -> pd.DataFrame:
+    """Predictions whose seven-way call is right exactly where `correct` says, on both splits."""
+    rng = np.random.default_rng(seed)
+    label7 = np.arange(N) % NUM_CLASSES
+    wrong = (label7 + 1 + rng.integers(0, NUM_CLASSES - 1, N)) % NUM_CLASSES
+    called = np.where(correct, label7, wrong)
+    p7 = np.full((N, NUM_CLASSES), 0.4 / (NUM_CLASSES - 1))
+    p7[np.arange(N), called] = 0.6
+    malignant = to_binary(called)
+    p2 = np.stack([1 - (0.2 + 0.6 * malignant), 0.2 + 0.6 * malignant], 1)
+    frames = []
+    for split in ("test", "val"):
+        frame = pd.DataFrame({"split": split, "fold": -1 if split == "test" else 0,
+                              "patient_id": [f"{split}{i // 2}" for i in range(N)],
+                              "lesion_id": [f"{split}{i}" for i in range(N)], "label7": label7,
+                              "label2": to_binary(label7), "background": "normal", "scanner": "x", "diameter_mm": 20.0})
+        for k in range(2):
+            frame[f"ensemble_p2_{k}"] = p2[:, k]
+        for k in range(NUM_CLASSES):
+            frame[f"ensemble_p7_{k}"] = p7[:, k]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(0)
+    base = rng.random(N) < 0.9
+    worse = base & (rng.random(N) < 0.5)  # loses about half of the base's correct calls
+    calls = {"base": base, "sequences=all-lap": worse, "seed=1": base.copy(), "seed=2": base.copy()}
+    calls["seed=2"][:4] = ~calls["seed=2"][:4]
+    for name, correct in calls.items():
+        (root / name).mkdir()
+        _frame(correct, seed=0).to_csv(root / name / "predictions.csv", index=False)
+    (root / "sweep.json").write_text(json.dumps({"points": [
+        {"name": name, "trained": None, "status": "done"} for name in calls]
+        + [{"name": "fusion=late", "trained": None, "status": "failed"}]}))
+    return root, calls
+
+
+def test_each_point_is_tested_against_the_reference_with_holm(sweep):
+    root, calls = sweep
+    points, trained = load_points(root)
+    assert sorted(points) == sorted(calls)  # the failed point is left out
+    table = compare(points, trained, resamples=RESAMPLES).set_index(["split", "point"])
+    worse = table.loc[("test", "sequences=all-lap")]
+    expected = mcnemar_exact(calls["sequences=all-lap"], calls["base"])
+    assert (worse["only_point"], worse["only_reference"]) == (0, expected["b_only"])
+    assert worse["mcnemar_p"] == pytest.approx(expected["p"]) and worse["mcnemar_p"] < 1e-4
+    assert worse["d_acc"] == pytest.approx(calls["sequences=all-lap"].mean() - calls["base"].mean())
+    assert worse["d_acc_lo"] < worse["d_acc"] < worse["d_acc_hi"] < 0
+    same = table.loc[("test", "seed=1")]
+    assert same["d_acc"] == 0 and same["mcnemar_p"] == 1 and same["d_auc"] == 0 and same["delong_p"] == 1
+    # Holm over the three compared points: the smallest p times three.
+    ps = table.loc["test"]["mcnemar_p"].dropna().sort_values()
+    assert table.loc["test"].loc[ps.index[0], "mcnemar_p_holm"] == pytest.approx(min(1.0, 3 * ps.iloc[0]))
+    assert np.isnan(table.loc[("test", "base"), "mcnemar_p"]) and table.loc[("test", "base"), "reference"] == ""
+    assert worse["acc_lo"] < worse["acc"] < worse["acc_hi"] and worse["n"] == N
+
+
+def test_another_reference_and_a_class_pair(sweep):
+    root, calls = sweep
+    points, trained = load_points(root)
+    table = compare(points, trained, reference="seed=1", resamples=RESAMPLES).set_index(["split", "point"])
+    assert table.loc[("val", "base"), "reference"] == "seed=1" and table.loc[("val", "base"), "d_acc"] == 0
+    pair = compare(points, trained, task=Task.parse("hcc:fnh"), resamples=RESAMPLES).set_index(["split", "point"])
+    labels = np.arange(N) % NUM_CLASSES
+    rows = np.isin(labels, [class_index("hcc"), class_index("fnh")])
+    assert pair.loc[("test", "base"), "n"] == rows.sum() == 20
+    with pytest.raises(ComparisonError, match="not a finished point"):
+        compare(points, trained, reference="fusion=late")
+    with pytest.raises(ComparisonError, match="unknown class"):
+        Task.parse("hcc:nodule")
+
+
+def test_outputs_hold_the_table_the_seed_spread_and_the_plot(sweep):
+    root, _ = sweep
+    paths = write_comparison(root, resamples=RESAMPLES)
+    assert [p.name for p in paths] == ["comparison.md", "comparison.csv", "forest.png"]
+    text = paths[0].read_text()
+    assert "| `sequences=all-lap` | `base` | 70 |" in text and "## Spread over seeds" in text
+    spread_row = next(line for line in text.splitlines() if line.startswith("| test | `base` | 3 |"))
+    assert "±" in spread_row
+    table = pd.read_csv(paths[1])
+    assert {"mcnemar_p_holm", "delong_p_holm", "d_auc_lo", "d_auc_hi"} <= set(table.columns)
+    assert paths[2].stat().st_size > 10_000
+
+
+def test_points_on_other_lesions_are_refused(sweep, tmp_path):
+    root, calls = sweep
+    for name in ("base", "seed=1"):
+        (tmp_path / name).mkdir()
+        frame = _frame(calls[name], seed=1)
+        if name == "seed=1":
+            frame = frame.iloc[1:]
+        frame.to_csv(tmp_path / name / "predictions.csv", index=False)
+    points, trained = load_points(tmp_path)
+    with pytest.raises(ComparisonError, match="hold different test lesions"):
+        compare(points, trained, resamples=RESAMPLES)

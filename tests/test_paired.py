@@ -1,0 +1,84 @@
+"""Paired tests of two models on the same lesions, on examples whose answers are known."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fll_jax.evaluation.discrimination import delong_auc, delong_paired
+from fll_jax.evaluation.paired import holm, mcnemar_exact, paired_bootstrap
+
+ASAH = Path(__file__).parent / "fixtures" / "asah.csv"
+
+
+def test_paired_delong_reproduces_the_published_asah_example():
+    # Turck et al. (2010) subarachnoid haemorrhage data, 113 patients, as published with pROC
+    # (Robin et al. 2011, BMC Bioinformatics 12:77): roc.test(WFNS, S100B) gives Z = 2.209,
+    # p = 0.0272, 95 % CI of the difference 0.0104 to 0.1742 (values as pROC prints them).
+    data = pd.read_csv(ASAH)
+    poor = (data["outcome"] == "Poor").to_numpy()
+    result = delong_paired(poor, data["wfns"].to_numpy(float), data["s100b"].to_numpy(float))
+    assert result["auc_a"] == pytest.approx(0.8236788617886179, abs=1e-12)
+    assert result["auc_b"] == pytest.approx(0.731368563685637, abs=1e-12)
+    assert result["z"] == pytest.approx(2.20898359144091, abs=1e-10)
+    assert result["p"] == pytest.approx(0.0271757822291882, abs=1e-12)
+    assert (result["lower"], result["upper"]) == pytest.approx((0.0104061769564846, 0.174214419249478), abs=1e-9)
+    swapped = delong_paired(poor, data["s100b"].to_numpy(float), data["wfns"].to_numpy(float))
+    assert swapped["z"] == pytest.approx(-result["z"]) and swapped["p"] == pytest.approx(result["p"])
+    # The unpaired DeLong interval of one curve (pROC: WFNS 0.8237, 95 % CI 0.7485-0.8988).
+    single = delong_auc(poor, data["wfns"].to_numpy(float))
+    assert (single["lower"], single["upper"]) == pytest.approx((0.7485, 0.8988), abs=5e-5)
+
+
+def test_paired_delong_of_identical_and_of_separated_scores():
+    rng = np.random.default_rng(0)
+    truth = np.arange(200) % 2 == 0
+    noisy = truth + rng.normal(0, 2.0, 200)
+    same = delong_paired(truth, noisy, noisy)
+    assert same["difference"] == 0 and same["z"] == 0 and same["p"] == 1
+    better = delong_paired(truth, truth + rng.normal(0, 0.3, 200), noisy)
+    assert better["difference"] > 0.2 and better["p"] < 1e-6
+    assert all(v is None for v in delong_paired(np.ones(5, bool), noisy[:5], noisy[:5]).values())
+
+
+def test_mcnemar_exact_counts_only_the_discordant_lesions():
+    a = np.r_[np.ones(30, bool), np.ones(10, bool), np.zeros(2, bool), np.zeros(8, bool)]
+    b = np.r_[np.ones(30, bool), np.zeros(10, bool), np.ones(2, bool), np.zeros(8, bool)]
+    result = mcnemar_exact(a, b)
+    # Ten discordant one way, two the other: two-sided binomial p = 2 (1 + 12 + 66) / 2^12.
+    assert (result["a_only"], result["b_only"]) == (10, 2)
+    assert result["p"] == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_exact(a, a)["p"] == 1.0
+    with pytest.raises(ValueError, match="differ in number"):
+        mcnemar_exact(a, b[:-1])
+
+
+def test_bootstrap_resamples_patients_not_lesions():
+    rng = np.random.default_rng(1)
+    diffs = rng.normal(0.1, 1.0, 40)
+
+    def mean(rows):
+        return float(np.mean(values[rows]))
+
+    values = diffs
+    single = paired_bootstrap(mean, np.arange(40), seed=3)
+    # Each patient's lesion three times: drawing whole patients gives exactly the same interval ...
+    values = np.repeat(diffs, 3)
+    clustered = paired_bootstrap(mean, np.repeat(np.arange(40), 3), seed=3)
+    assert clustered == pytest.approx(single)
+    # ... while treating the copies as independent patients narrows it falsely.
+    naive = paired_bootstrap(mean, np.arange(120), seed=3)
+    assert naive[1] - naive[0] < 0.75 * (single[1] - single[0])
+    assert single[0] < 0.1 < single[1]
+
+
+def test_bootstrap_leaves_out_undefined_resamples():
+    assert paired_bootstrap(lambda rows: float("nan"), np.arange(10)) == (None, None)
+    constant = paired_bootstrap(lambda rows: 1.0, np.arange(10))
+    assert constant == (1.0, 1.0)
+
+
+def test_holm_adjusts_the_defined_p_values():
+    assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
+    assert holm([None]) == [None]
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
