@@ -116,18 +116,12 @@ def _paired(point: pd.DataFrame, reference: pd.DataFrame, names: tuple[str, str]
         raise ComparisonError(f"points {names[0]!r} and {names[1]!r} disagree on {split} labels")
 
 
-def _interval(value: tuple) -> dict:
-    return {"": value[0], "_lo": value[1], "_hi": value[2]}
-
-
 def _point_metrics(frame: pd.DataFrame, task: Task) -> dict:
     correct, truth, score = task.outcomes(frame)
-    acc = modified_wilson(int(correct.sum()), len(correct))
+    acc, acc_lo, acc_hi = modified_wilson(int(correct.sum()), len(correct))
     auc = delong_auc(truth, score)
-    out = {"n": len(correct)}
-    out.update({f"acc{k}": v for k, v in _interval(acc).items()})
-    out.update({"auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]})
-    return out
+    return {"n": len(correct), "acc": acc, "acc_lo": acc_lo, "acc_hi": acc_hi,
+            "auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]}
 
 
 def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int) -> dict:
