@@ -6,6 +6,13 @@ paper's shapes:
 and on this CPU (f32, narrow, 32^3):
   python experiments/benchmark.py --config configs/quick.py --batch 16 --variants s2d,direct
 Feeds numpy arrays (no TensorFlow needed). Prints one JSON line per variant and the ratios.
+
+--inference and --saliency add, from the first variant's weights after its timed steps, the
+ensemble's inference (five fold models' forward passes per lesion) in lesions/s and integrated
+gradients of the five-model ensemble (--ig_steps, every sequence, float32 as explain.py) in ms
+per lesion; on a GPU, with the paper's shapes:
+  python experiments/benchmark.py --config configs/paper.py --batch 32 --variants s2d,direct \
+      --inference --saliency
 """
 import json
 import time
@@ -16,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fll_jax.constants import NUM_CLASSES, PATCH_SIZE, SEQUENCES
+from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.sharding import shard_batch
 from fll_jax.train.step import DEVICE_KEYS, rng_settings
@@ -25,6 +33,11 @@ flags.DEFINE_integer("batch", 16, "Global batch size.")
 flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
 flags.DEFINE_list("variants", ["s2d", "direct"], "s2d | direct (the strided convolutions' implementation).")
 flags.DEFINE_integer("stored", PATCH_SIZE, "Side of the stored patch fed to the step.")
+flags.DEFINE_bool("inference", False, "Also time the five-model ensemble's inference (lesions/s).")
+flags.DEFINE_integer("inference_batch", 256, "Lesions per inference call.")
+flags.DEFINE_bool("saliency", False, "Also time the five-model ensemble's integrated gradients (ms per lesion).")
+flags.DEFINE_integer("ig_steps", 64, "Integrated-gradients steps (gradient evaluations along the path).")
+flags.DEFINE_integer("ig_lesions", 4, "Lesions timed after the compiling one.")
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +60,53 @@ def _peak_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """(seconds of the first, compiling call, mean seconds of `repeats` more calls) of fn()."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn())
+    return first, (time.perf_counter() - start) / repeats
+
+
+def time_inference(config, steps, variables: dict) -> dict:
+    """Lesions/s of the ensemble's inference: five fold models' predict step on each batch."""
+    n = FLAGS.inference_batch
+    batch = shard_batch(_batch(n, FLAGS.stored), steps.mesh, ("image", "mask", "present"))
+    models = [variables] * len(config.train.folds)
+    first, each = _timed(lambda: [steps.predict(v, batch) for v in models], FLAGS.steps)
+    return {"figure": "ensemble_inference", "models": len(models), "batch": n,
+            "lesions_per_s": n / each, "first_call_s": first}
+
+
+def time_saliency(config, variables: dict) -> dict:
+    """ms per lesion of integrated gradients of the five-model ensemble's predicted class."""
+    from fll_jax.saliency.explain import Settings, float32_model, lesion_input
+    from fll_jax.saliency.integrated_gradients import integrated_gradients
+    from fll_jax.saliency.target import ClassScore
+
+    settings = Settings(steps=FLAGS.ig_steps)
+    score = ClassScore.from_model(float32_model(config), [variables] * len(config.train.folds), chunk=settings.chunk)
+    batch = _batch(FLAGS.ig_lesions + 1, FLAGS.stored)
+    inputs = [lesion_input(batch["image"][i], batch["mask"][i], config) for i in range(FLAGS.ig_lesions + 1)]
+
+    def ig(x):
+        return integrated_gradients(score, x, baseline=settings.baseline, steps=settings.steps,
+                                    quadrature=settings.quadrature).attributions
+
+    start = time.perf_counter()
+    jax.block_until_ready(ig(inputs[0]))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for x in inputs[1:]:
+        jax.block_until_ready(ig(x))
+    per = (time.perf_counter() - start) / FLAGS.ig_lesions
+    return {"figure": "integrated_gradients", "models": len(config.train.folds), "steps": settings.steps,
+            "sequences": len(config.sequences), "ms_per_lesion": 1000 * per, "first_lesion_s": first}
+
+
 def run_variant(config, variant: str) -> dict:
     config = config.copy_and_resolve_references()
     config.model.space_to_depth = variant == "s2d"
@@ -64,6 +124,11 @@ def run_variant(config, variant: str) -> dict:
         state, metrics = steps.train(state, batch)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / FLAGS.steps
+    extra = []
+    if FLAGS.inference and variant == FLAGS.variants[0]:
+        extra.append(time_inference(config, steps, variables_of(state)))
+    if FLAGS.saliency and variant == FLAGS.variants[0]:
+        extra.append(time_saliency(config, variables_of(state)))
     return {
         "variant": variant,
         "device": jax.devices()[0].device_kind,
@@ -78,6 +143,7 @@ def run_variant(config, variant: str) -> dict:
         "step_ms": 1000 * step_s,
         "first_step_s": first,
         "peak_gib": _peak_gib(),
+        "also": extra,
     }
 
 
@@ -86,7 +152,10 @@ def main(argv):
     with rng_settings(FLAGS.config):
         results = [run_variant(FLAGS.config, v) for v in FLAGS.variants]
     for r in results:
+        also = r.pop("also")
         print(json.dumps(r))
+        for figure in also:
+            print(json.dumps(figure))
     base = results[0]
     for r in results[1:]:
         print(f"{base['variant']} / {r['variant']} throughput ratio: {base['samples_per_s'] / r['samples_per_s']:.2f}")
