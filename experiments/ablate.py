@@ -67,7 +67,7 @@ def main(argv):
 
         jax.distributed.initialize()
     from fll_jax.ablation.points import SweepError
-    from fll_jax.ablation.runner import data_fingerprints, point_finished, run_point, run_sweep, subprocess_runner
+    from fll_jax.ablation.runner import data_sources, point_finished, run_point, run_sweep, subprocess_runner
     from fll_jax.errors import reported_as
 
     root = Path(FLAGS.workdir)
@@ -82,23 +82,25 @@ def main(argv):
             paths = write_slurm(points, root, ["python", *_command()], resources, Path.cwd())
             print(f"{len(points)} points; wrote {', '.join(map(str, paths))}\nsubmit with: bash {paths[-1]}")
             return
-        data = data_fingerprints()
+        sources = data_sources()
         if FLAGS.prepare_only:
             for point in points:
-                data(point.config)
+                sources(point.config)
             print(f"data ready for {len(points)} points")
             return
         if FLAGS.point is not None:
             point = next((p for p in points if p.name == FLAGS.point), None)
             if point is None:
                 raise SweepError(f"no point {FLAGS.point!r} in this sweep; its points: {', '.join(p.name for p in points)}")
-            if point_finished(point, root, data(point.config)):
+            source = sources(point.config)
+            if point_finished(point, root, source.fingerprint):
                 print(f"{point.name}: finished earlier")
             else:
-                run_point(point, root)
+                run_point(point, root, source)
             return
         print(f"{len(points)} points: {', '.join(p.name for p in points)}")
-        rows = run_sweep(points, root, subprocess_runner(_command(), root), data)
+        rows = run_sweep(points, root, subprocess_runner(_command(), root),
+                         lambda config: sources(config).fingerprint)
     for row in rows:
         print(f"{row['status']:>16}  {row['seconds']:7.0f} s  {row['name']}" + (f"\n{row['error']}" if row["error"] else ""))
     failed = [row["name"] for row in rows if row["status"] == "failed"]

@@ -38,19 +38,20 @@ def point_finished(point: Point, root: str | Path, data: dict) -> bool:
     return is_finished(Path(root) / point.name, point.config, data)
 
 
-def data_fingerprints() -> Callable[[ml_collections.ConfigDict], dict]:
-    """config -> its data fingerprint, preparing each distinct data setting once (fll_jax/data/prepare.py)."""
+def data_sources() -> Callable[[ml_collections.ConfigDict], object]:
+    """config -> its data source (with its fingerprint), prepared once per distinct data setting
+    (fll_jax/data/prepare.py)."""
     from fll_jax.data.prepare import prepare_source
 
-    cache: dict[str, dict] = {}
+    cache: dict[str, object] = {}
 
-    def fingerprint(config: ml_collections.ConfigDict) -> dict:
+    def source(config: ml_collections.ConfigDict):
         key = config.data.to_json()
         if key not in cache:
-            cache[key] = prepare_source(config).fingerprint
+            cache[key] = prepare_source(config)
         return cache[key]
 
-    return fingerprint
+    return source
 
 
 def _last_lines(path: Path, count: int = 6) -> str:
