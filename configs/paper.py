@@ -143,6 +143,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.sequence_dropout = 0.0
     # ours: epochs between saves of the latest state (a resumed run repeats at most this many).
     config.train.checkpoint_every = 1
+    # ours: keep the development lesions on the devices and run each epoch and validation pass as
+    # one device call (fll_jax/train/resident.py); the data must fit in every device's memory
+    # (the paper-scale patches: about 1.6 GB). False: stream batches from the data source.
+    config.train.resident_data = False
 
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.confidence = 0.95  # paper: "95% confidence intervals" (Statistical analysis)

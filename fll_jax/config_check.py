@@ -65,7 +65,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
              "and loss.multiclass_weight cannot both be 0")
         need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
              "and model.dropout must be < 1")
-    need(isinstance(config.augment.random_dilation, bool), "augment.random_dilation", "must be true or false")
+    for path in ("augment.random_dilation", "train.resident_data"):
+        need(isinstance(_get(config, path), bool), path, "must be true or false")
     rule, confidence = config.evaluation.interval_rule, config.evaluation.confidence
     need(rule in RULES, "evaluation.interval_rule", f"must be one of {', '.join(RULES)}")
     need(isinstance(confidence, float) and 0 < confidence < 1, "evaluation.confidence", "must be between 0 and 1")

@@ -11,6 +11,7 @@ import pytest
 from fll_jax.train.checkpoints import FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
+from fll_jax.train.resident import ResidentData
 from fll_jax.train.step import abstract_state
 from tests.helpers import synthetic_source, tiny_config
 
@@ -64,6 +65,22 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_pa
     assert straight["best_epoch"] == resumed["best_epoch"]
     # A finished fold is not trained again.
     assert train_fold(config, 1, source, steps, spe, tmp_path / "killed") == resumed
+
+
+def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_path):
+    """Each epoch as one scan over device-resident lesions: the same batches, so the same history."""
+    config, source, spe, steps = setup
+    resident = ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size, steps.mesh)
+    assert resident.arrays["image"].sharding.is_fully_replicated
+    assert len(resident.rows([1])) == source.num_examples([1])
+    on_device = train_fold(config, 1, source, steps, spe, tmp_path / "resident", resident=resident)
+    assert on_device["best_epoch"] == straight["best_epoch"]
+    for a, b in zip(straight["history"], on_device["history"], strict=True):
+        for part in ("train", "val"):
+            for key, value in a[part].items():
+                assert math.isclose(value, b[part][key], rel_tol=1e-4, abs_tol=1e-5) or (
+                    math.isnan(value) and math.isnan(b[part][key])
+                ), (a["epoch"], part, key, value, b[part][key])
 
 
 def _poisoned(steps: Steps, from_step: int) -> Steps:

@@ -89,22 +89,34 @@ class ResNet3D(nn.Module):
         stages = lookup(STAGE_SIZES, self.depth, "ResNet depth")
         lookup({s: s for s in SHORTCUTS}, self.shortcut, "shortcut type")
         dtype = lookup(DTYPES, self.dtype, "dtype")
-        x = Conv3D(
-            self.width, self.stem_kernel, self.stem_stride, self.space_to_depth, dtype, name="stem_conv"
-        )(x)
-        x = nn.relu(_batch_norm(train, dtype, "stem_bn")(x))
-        x = nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
-        for stage, blocks in enumerate(stages):
-            for block in range(blocks):
-                x = BasicBlock(
-                    self.width * 2**stage,
-                    stride=2 if stage > 0 and block == 0 else 1,
-                    shortcut=self.shortcut,
-                    space_to_depth=self.space_to_depth,
-                    dtype=dtype,
-                    name=f"stage{stage + 1}_block{block + 1}",
-                )(x, train)
+        x = stem(x, self.width, self.stem_kernel, self.stem_stride, self.space_to_depth, dtype, train)
+        for index, blocks in enumerate(stages):
+            x = stage(x, index, blocks, self.width, self.shortcut, self.space_to_depth, dtype, train)
         return x
+
+
+# The two parts of ResNet3D, as functions that create their layers in the calling module (so
+# experiments/profile_step.py can time each alone under the same parameter names).
+def stem(x: jax.Array, width: int, kernel: int, stride: int, space_to_depth: bool, dtype: Any, train: bool) -> jax.Array:
+    """Stem convolution, BN, ReLU and the 3^3 stride-2 max-pool."""
+    x = Conv3D(width, kernel, stride, space_to_depth, dtype, name="stem_conv")(x)
+    x = nn.relu(_batch_norm(train, dtype, "stem_bn")(x))
+    return nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
+
+
+def stage(x: jax.Array, index: int, blocks: int, width: int, shortcut: str, space_to_depth: bool, dtype: Any,
+          train: bool) -> jax.Array:
+    """Stage `index` (0-3): `blocks` basic blocks of width * 2**index channels, the first strided after stage 0."""
+    for block in range(blocks):
+        x = BasicBlock(
+            width * 2**index,
+            stride=2 if index > 0 and block == 0 else 1,
+            shortcut=shortcut,
+            space_to_depth=space_to_depth,
+            dtype=dtype,
+            name=f"stage{index + 1}_block{block + 1}",
+        )(x, train)
+    return x
 
 
 # Backbones by name: each factory takes the model config's backbone keys and returns an

@@ -18,6 +18,7 @@ from fll_jax.files import write_csv
 from fll_jax.models import build_model
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
+from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import make_mesh
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import check_finished, open_run, settings_fingerprint
@@ -61,8 +62,10 @@ def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices
     model = build_model(config.model, config.sequences)
     tx = make_optimizer(config, steps_per_epoch)
     init, train, predict = compile_steps(model, tx, config, mesh)
+    train_epoch, predict_rows = compile_resident(model, tx, config, mesh)
     return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh,
-                 schedule=learning_rate_schedule(config, steps_per_epoch))
+                 schedule=learning_rate_schedule(config, steps_per_epoch), train_epoch=train_epoch,
+                 predict_rows=predict_rows)
 
 
 def _prob_columns(prefix: str, pred: dict) -> dict[str, np.ndarray]:
@@ -133,10 +136,13 @@ def cross_validate(
         open_run(workdir, config, source.fingerprint, restart)
         steps_per_epoch = nominal_steps_per_epoch(config, source)
         steps = build_steps(config, steps_per_epoch)
+        resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
+                                             steps.mesh) if config.train.resident_data else None)
         writer = SummaryWriter(str(workdir / "tensorboard"))
         try:
             for fold in config.train.folds:
-                train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end)
+                train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end,
+                           resident)
         finally:
             writer.close()
         predictions = ensemble_predictions(config, source, steps, workdir)

@@ -17,6 +17,7 @@ from fll_jax.constants import SEQUENCES
 from fll_jax.files import read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
 from fll_jax.train.integrity import all_finite
+from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import process_share, put_local, shard_batch
 from fll_jax.train.step import DEVICE_KEYS, TrainState, abstract_state
 
@@ -39,6 +40,8 @@ class Steps:
     predict: Callable
     mesh: jax.sharding.Mesh
     schedule: Callable[[int], float]  # step -> learning rate (for the logs)
+    train_epoch: Callable | None = None  # (state, resident arrays, indices) -> (state, metrics)
+    predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
 
 
 def hide_sequences(batch: dict, hidden: Sequence[str]) -> dict:
@@ -95,8 +98,12 @@ def train_fold(
     fold_dir: Path,
     writer=None,
     on_epoch_end: Callable[[int, int], None] | None = None,
+    resident: ResidentData | None = None,
 ) -> dict:
     """Train on every fold but `fold`, validate on it; resume from the latest checkpoint.
+
+    With `resident` (the development lesions on the devices) each epoch and validation pass is
+    one device call (fll_jax.train.resident); otherwise batches stream from `source`.
 
     A fold is finished when done.json exists and its best checkpoint is there; done.json is
     written only once that checkpoint verifies. A fold whose best checkpoint is gone is trained
@@ -120,14 +127,15 @@ def train_fold(
                   "is missing; training the fold again from scratch")
             done.unlink()
             ckpt.clear()
-        return _train(config, fold, train_folds, source, steps, steps_per_epoch, ckpt, done, writer, on_epoch_end)
+        return _train(config, fold, train_folds, source, steps, steps_per_epoch, ckpt, done, writer, on_epoch_end,
+                      resident)
     finally:
         ckpt.wait()
         ckpt.close()
 
 
 def _train(config, fold: int, train_folds: list[int], source, steps: Steps, steps_per_epoch: int,
-           ckpt: FoldCheckpoints, done: Path, writer, on_epoch_end) -> dict:
+           ckpt: FoldCheckpoints, done: Path, writer, on_epoch_end, resident: ResidentData | None) -> dict:
     try:
         restored = ckpt.restore_latest()
     except LostBestError as error:
@@ -146,8 +154,11 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
-            state, train_metrics, throughput = _train_epoch(config, fold, epoch, train_folds, source, steps, state,
-                                                            steps_per_epoch, bar)
+            if resident is None:
+                state, train_metrics, throughput = _train_epoch(config, fold, epoch, train_folds, source, steps, state,
+                                                                steps_per_epoch, bar)
+            else:
+                state, train_metrics, throughput = _resident_epoch(config, fold, epoch, train_folds, resident, steps, state)
             if not (all(math.isfinite(v) for v in train_metrics.values()) and bool(all_finite(variables_of(state)))):
                 ckpt.wait()
                 good = ckpt.latest.latest_step()
@@ -158,9 +169,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
                     f"(training metrics {train_metrics}); stopped before saving, {kept}. Fix the cause "
                     "(a lower learning rate, say) and start over with --restart or another --workdir."
                 )
-            val = validation_metrics(
-                run_predictions(steps, variables_of(state), source.eval_batches([fold], config.train.eval_batch_size))
-            )
+            val = validation_metrics(_validation_predictions(config, fold, source, steps, variables_of(state), resident))
             record = {"epoch": epoch, "train": train_metrics, "val": val}
             meta["history"].append(record)
             meta["epoch"] = epoch
@@ -207,6 +216,27 @@ def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], sour
     metrics = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
     throughput = {"steps_per_s": len(host) / seconds, "lesions_per_s": len(host) * config.train.batch_size / seconds}
     return state, metrics, throughput
+
+
+def _resident_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], resident: ResidentData,
+                    steps: Steps, state: TrainState) -> tuple[TrainState, dict, dict]:
+    """_train_epoch's results from one device call over the resident data."""
+    start = time.perf_counter()
+    indices = resident.epoch_indices(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
+    state, stacked = steps.train_epoch(state, resident.arrays, put_indices(indices, steps.mesh))
+    host = jax.device_get(stacked)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(np.mean(v)) for k, v in host.items()}
+    throughput = {"steps_per_s": len(indices) / seconds, "lesions_per_s": indices.size / seconds}
+    return state, metrics, throughput
+
+
+def _validation_predictions(config, fold: int, source, steps: Steps, variables: dict,
+                            resident: ResidentData | None) -> dict[str, np.ndarray]:
+    if resident is None:
+        return run_predictions(steps, variables, source.eval_batches([fold], config.train.eval_batch_size))
+    return validation_predictions(resident, steps.predict_rows, variables, fold, config.train.eval_batch_size,
+                                  steps.mesh)
 
 
 def _log(writer, fold: int, step: int, epoch: int, learning_rate: float, train: dict, val: dict) -> None:

@@ -1,0 +1,112 @@
+"""Training data held on the devices: whole epochs and validation passes without the host.
+
+With config.train.resident_data the development lesions (every fold but the test split) are
+put on the devices once per run, replicated (the paper-scale set is about 1.6 GB of uint8).
+An epoch is then one call: a lax.scan of the train step over index batches drawn on the host,
+and a validation pass is one call that returns only the probabilities. The epoch's batches are
+the NumpySource's for the same seed, so both paths train alike on in-memory data.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fll_jax.data.numpy_source import epoch_seed
+from fll_jax.train.sharding import replicated
+from fll_jax.train.step import predict, train_step
+
+# Arrays the device keeps per lesion (valid is all-true in training and added on the device).
+RESIDENT_KEYS = ("image", "mask", "present", "zoom_max", "label7")
+# Host copies kept beside them, for validation metrics.
+HOST_KEYS = ("label7", "label2", "fold")
+
+
+@dataclass
+class ResidentData:
+    """Development lesions on the devices (`arrays`, replicated) and their labels and folds on the host."""
+
+    arrays: dict[str, jax.Array]
+    host: dict[str, np.ndarray]
+
+    @classmethod
+    def from_source(cls, source, folds: Sequence[int], batch_size: int, mesh: Mesh) -> "ResidentData":
+        """Read the lesions of `folds` once (in the source's order) and put them on every device."""
+        keep: dict[str, list] = {}
+        for batch in source.eval_batches(list(folds), batch_size):
+            valid = np.asarray(batch["valid"], bool)
+            for key in dict.fromkeys(RESIDENT_KEYS + HOST_KEYS):
+                keep.setdefault(key, []).append(np.asarray(batch[key])[valid])
+        host = {k: np.concatenate(v) for k, v in keep.items()}
+        sharding = replicated(mesh)
+        # from a callback, so that on several hosts every process gives its own devices their copy
+        arrays = {k: jax.make_array_from_callback(host[k].shape, sharding, lambda index, a=host[k]: a[index])
+                  for k in RESIDENT_KEYS}
+        return cls(arrays=arrays, host={k: host[k] for k in HOST_KEYS})
+
+    def rows(self, folds: Sequence[int]) -> np.ndarray:
+        """Positions of the lesions of `folds`."""
+        return np.flatnonzero(np.isin(self.host["fold"], list(folds)))
+
+    def epoch_indices(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> np.ndarray:
+        """[steps, batch_size] positions: the epoch's shuffled full batches (NumpySource's order)."""
+        rows = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.rows(folds))
+        steps = len(rows) // batch_size
+        return rows[:steps * batch_size].reshape(steps, batch_size)
+
+
+def _gather(arrays: dict, index: jax.Array) -> dict:
+    return {k: v[index] for k, v in arrays.items()}
+
+
+def train_epoch(state, arrays: dict, indices: jax.Array, *, model, tx, config, mesh: Mesh):
+    """Every step of an epoch in one program: the state and each step's metrics (stacked)."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def step(state, index):
+        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), batch_sharding)
+        return train_step(state, {**batch, "valid": jnp.ones(index.shape, bool)}, model=model, tx=tx, config=config)
+
+    return jax.lax.scan(step, state, indices)
+
+
+def predict_rows(variables: dict, arrays: dict, indices: jax.Array, *, model, config, mesh: Mesh) -> dict:
+    """Probabilities of both heads for [batches, batch_size] positions, batch by batch on the device."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def one(index):
+        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), batch_sharding)
+        return predict(variables, batch, model=model, config=config)
+
+    return jax.lax.map(one, indices)
+
+
+def compile_resident(model, tx, config, mesh: Mesh) -> tuple[Callable, Callable]:
+    """jit-compiled (train_epoch, predict_rows) for this mesh; the state buffer is donated."""
+    rep, index_sharding = replicated(mesh), NamedSharding(mesh, P(None, "data"))
+    epoch = jax.jit(functools.partial(train_epoch, model=model, tx=tx, config=config, mesh=mesh),
+                    in_shardings=(rep, rep, index_sharding), out_shardings=(rep, rep), donate_argnums=(0,))
+    pred = jax.jit(functools.partial(predict_rows, model=model, config=config, mesh=mesh),
+                   in_shardings=(rep, rep, index_sharding), out_shardings=rep)
+    return epoch, pred
+
+
+def put_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:
+    """[steps, batch] positions on the mesh, each step's batch split across the devices."""
+    sharding = NamedSharding(mesh, P(None, "data"))
+    return jax.make_array_from_callback(indices.shape, sharding, lambda index: indices[index])
+
+
+def validation_predictions(data: ResidentData, predict_fn: Callable, variables: dict, fold: int,
+                           batch_size: int, mesh: Mesh) -> dict[str, np.ndarray]:
+    """p2, p7, label7 and label2 of every lesion of `fold`, computed on the device."""
+    rows = data.rows([fold])
+    padded = np.resize(rows, -(-len(rows) // batch_size) * batch_size)  # repeats rows to fill the last batch
+    probs = jax.device_get(predict_fn(variables, data.arrays, put_indices(padded.reshape(-1, batch_size), mesh)))
+    out = {k: np.asarray(v).reshape(len(padded), -1)[:len(rows)] for k, v in probs.items()}
+    return {**out, "label7": data.host["label7"][rows], "label2": data.host["label2"][rows]}
