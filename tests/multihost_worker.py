@@ -21,9 +21,9 @@ def epoch() -> dict:
 
     from fll_jax.train.cross_validate import build_steps
     from fll_jax.train.loop import _train_epoch
-    from tests.helpers import synthetic_source, tiny_config
+    from tests.helpers import FEW, synthetic_source, tiny_config
 
-    config = tiny_config()
+    config = tiny_config(f"sequences={FEW}")
     source = synthetic_source()
     read = []
     original = source.train_batches

@@ -58,7 +58,7 @@ def ran(tmp_path_factory):
     """A three-point sweep on synthetic lesions: one trains, one fails its config check, one
     evaluates the first's models with ADC hidden; then the same sweep again."""
     source = synthetic_source()
-    base = tiny_config("folds=0")
+    base = tiny_config("folds=0,sequences=t2w+adc+lap")
     base.train.epochs = 1
     base.data.source = "synthetic (tests)"
 

@@ -30,7 +30,7 @@ from fll_jax.files import StateFileError, read_json
 from fll_jax.train.checkpoints import CheckpointError
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.workdir import WorkdirError, open_run
-from tests.helpers import tiny_config
+from tests.helpers import FEW, tiny_config
 from tests.lesion_files import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def finished(tmp_path_factory):
     return folder, config
 
 
-def _config(folder: Path, arg: str = "folds=0+1"):
+def _config(folder: Path, arg: str = f"folds=0+1,sequences={FEW}"):
     config = tiny_config(arg)
     config.data.source = "manifest"
     config.data.manifest = str(folder / "cohort" / "manifest.csv")

@@ -13,7 +13,7 @@ from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
 from fll_jax.train.resident import ResidentData
 from fll_jax.train.step import abstract_state
-from tests.helpers import synthetic_source, tiny_config
+from tests.helpers import FEW, synthetic_source, tiny_config
 
 
 class Killed(Exception):
@@ -22,7 +22,7 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def setup():
-    config = tiny_config()
+    config = tiny_config(f"sequences={FEW}")
     # Saves the latest state at epochs 1 and 3.
     config.train.epochs, config.train.checkpoint_every = 4, 2
     source = synthetic_source()
