@@ -18,11 +18,11 @@ import json
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from fll_jax.constants import NUM_CLASSES, PATCH_SIZE, SEQUENCES
+from fll_jax.constants import PATCH_SIZE
+from fll_jax.data.random_batch import random_batch
 from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.sharding import shard_batch
@@ -39,19 +39,6 @@ flags.DEFINE_bool("saliency", False, "Also time the five-model ensemble's integr
 flags.DEFINE_integer("ig_steps", 64, "Integrated-gradients steps (gradient evaluations along the path).")
 flags.DEFINE_integer("ig_lesions", 4, "Lesions timed after the compiling one.")
 FLAGS = flags.FLAGS
-
-
-def _batch(n: int, size: int) -> dict:
-    rng = np.random.default_rng(0)
-    shape = (n, len(SEQUENCES), size, size, size)
-    return {
-        "image": rng.integers(0, 256, shape, dtype=np.uint8),
-        "mask": rng.integers(0, 256, shape, dtype=np.uint8),
-        "label7": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
-        "present": np.ones((n, len(SEQUENCES)), bool),
-        "zoom_max": np.full(n, 1.5, np.float32),
-        "valid": np.ones(n, bool),
-    }
 
 
 def _peak_gib() -> float | None:
@@ -74,7 +61,7 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 def time_inference(config, steps, variables: dict) -> dict:
     """Lesions/s of the ensemble's inference: five fold models' predict step on each batch."""
     n = FLAGS.inference_batch
-    batch = shard_batch(_batch(n, FLAGS.stored), steps.mesh, ("image", "mask", "present"))
+    batch = shard_batch(random_batch(n, FLAGS.stored), steps.mesh, ("image", "mask", "present"))
     models = [variables] * len(config.train.folds)
     first, each = _timed(lambda: [steps.predict(v, batch) for v in models], FLAGS.steps)
     return {"figure": "ensemble_inference", "models": len(models), "batch": n,
@@ -89,7 +76,7 @@ def time_saliency(config, variables: dict) -> dict:
 
     settings = Settings(steps=FLAGS.ig_steps)
     score = ClassScore.from_model(float32_model(config), [variables] * len(config.train.folds), chunk=settings.chunk)
-    batch = _batch(FLAGS.ig_lesions + 1, FLAGS.stored)
+    batch = random_batch(FLAGS.ig_lesions + 1, FLAGS.stored)
     inputs = [lesion_input(batch["image"][i], batch["mask"][i], config) for i in range(FLAGS.ig_lesions + 1)]
 
     def ig(x):
@@ -116,7 +103,7 @@ def run_variant(config, variant: str) -> dict:
     start = time.perf_counter()
     state = jax.block_until_ready(steps.init(jax.random.PRNGKey(0)))
     init_s = time.perf_counter() - start
-    batch = shard_batch(_batch(FLAGS.batch, FLAGS.stored), steps.mesh, DEVICE_KEYS)
+    batch = shard_batch(random_batch(FLAGS.batch, FLAGS.stored), steps.mesh, DEVICE_KEYS)
     start = time.perf_counter()
     lowered = steps.train.lower(state, batch)
     trace_s = time.perf_counter() - start

@@ -3,7 +3,7 @@
 One branch of the config's backbone is timed part by part (stem, stage1-4) on the input its
 part sees in training, forward alone and forward plus backward (gradients of the parameters
 and of the input), then with its convolutions alone (batch norm and ReLU left out) to split
-convolution from the rest. The step's parts: the on-device augmentation alone, the seven
+convolution from the rest. The step's parts: the on-device augmentation alone, the config's
 branches and fusion forward, forward plus backward, and the whole train step (with AdamW).
 One JSON line per figure; --trace also writes a jax.profiler trace of a few whole steps.
   python experiments/profile_step.py --config configs/quick.py --batch 8          # this CPU
@@ -12,6 +12,7 @@ One JSON line per figure; --trace also writes a jax.profiler trace of a few whol
 import functools
 import json
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -20,7 +21,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from fll_jax.constants import NUM_CLASSES, PATCH_SIZE, SEQUENCES
+from fll_jax.constants import PATCH_SIZE
+from fll_jax.data.random_batch import random_batch
 from fll_jax.models.conv import Conv3D
 from fll_jax.models.resnet3d import DTYPES, STAGE_SIZES, stage, stem
 from fll_jax.train.augment import prepare_inputs
@@ -38,7 +40,7 @@ FLAGS = flags.FLAGS
 class Part(nn.Module):
     """A function that creates layers (a backbone part, or its convolutions alone) as a module."""
 
-    fn: callable
+    fn: Callable[[jax.Array], jax.Array]
 
     @nn.compact
     def __call__(self, x):
@@ -114,21 +116,13 @@ def profile_stages(config) -> list[dict]:
     return rows
 
 
-def _batch(n: int) -> dict:
-    rng = np.random.default_rng(0)
-    shape = (n, len(SEQUENCES), PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
-    return {"image": rng.integers(0, 256, shape, dtype=np.uint8), "mask": rng.integers(0, 256, shape, dtype=np.uint8),
-            "label7": rng.integers(0, NUM_CLASSES, n).astype(np.int32), "present": np.ones((n, len(SEQUENCES)), bool),
-            "zoom_max": np.full(n, 1.5, np.float32), "valid": np.ones(n, bool)}
-
-
 def profile_step(config) -> list[dict]:
     """The whole step and its parts: augmentation, model forward, forward + backward."""
     config = config.copy_and_resolve_references()
     config.train.batch_size = config.train.eval_batch_size = FLAGS.batch
     steps = build_steps(config, steps_per_epoch=100)
     state = steps.init(jax.random.PRNGKey(0))
-    batch = shard_batch(_batch(FLAGS.batch), steps.mesh, DEVICE_KEYS)
+    batch = shard_batch(random_batch(FLAGS.batch, PATCH_SIZE), steps.mesh, DEVICE_KEYS)
     augment = jax.jit(lambda batch, rng: prepare_inputs(batch, seq_indices(config), config.input_size, rng,
                                                         config.augment))
     x = augment(batch, jax.random.key(1))

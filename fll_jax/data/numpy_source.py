@@ -32,6 +32,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def epoch_order(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The rows shuffled for (seed, epoch): the training order of every in-memory path."""
+    return np.random.default_rng(epoch_seed(seed, epoch)).permutation(rows)
+
+
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """Pad every field to batch_size rows (zeros, empty strings) and add the `valid` mask."""
     n = len(batch["label7"])
@@ -110,7 +115,7 @@ class NumpySource:
         """
         rows = self._rows(folds)
         check_batch_size(batch_size, len(rows), train=True)
-        rows = np.random.default_rng(epoch_seed(seed, epoch)).permutation(rows)
+        rows = epoch_order(rows, seed, epoch)
         mine = share_rows(batch_size, share)
         for start in range(0, len(rows) - batch_size + 1, batch_size):
             batch = self._select(rows[start:start + batch_size][mine])

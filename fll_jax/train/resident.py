@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fll_jax.data.numpy_source import epoch_seed
+from fll_jax.data.numpy_source import epoch_order
 from fll_jax.train.sharding import replicated
 from fll_jax.train.step import predict, train_step
 
@@ -55,7 +55,7 @@ class ResidentData:
 
     def epoch_indices(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int) -> np.ndarray:
         """[steps, batch_size] positions: the epoch's shuffled full batches (NumpySource's order)."""
-        rows = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.rows(folds))
+        rows = epoch_order(self.rows(folds), seed, epoch)
         steps = len(rows) // batch_size
         return rows[:steps * batch_size].reshape(steps, batch_size)
 
