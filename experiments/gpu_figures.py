@@ -27,9 +27,9 @@ FLAGS = flags.FLAGS
 # Config and overrides per scale: the protocol keeps the development set on the device and saves
 # the latest state every 10 epochs (the best model whenever it improves).
 SCALES = {
-    "paper": {"config": "configs/paper.py", "batch": "32", "steps": "20", "ig_lesions": "8",
+    "paper": {"config": "configs/paper.py", "batch": "32", "steps": "20", "ig_lesions": "8", "inference_batch": "256",
               "overrides": ["--config.data.backend=numpy", "--config.data.workers=14"]},
-    "tiny": {"config": "configs/quick.py", "batch": "4", "steps": "1", "ig_lesions": "1",
+    "tiny": {"config": "configs/quick.py", "batch": "4", "steps": "1", "ig_lesions": "1", "inference_batch": "4",
              "overrides": ["--config.data.backend=numpy", "--config.model.depth=10", "--config.model.width=2",
                            "--config.train.batch_size=4", "--config.train.eval_batch_size=4",
                            "--config.train.epochs=2", "--config.train.folds=(0,1)"]},
@@ -61,7 +61,7 @@ def main(argv):
     figures["benchmark"] = _run("benchmark", [
         py, "experiments/benchmark.py", f"--config={config}", *model, f"--batch={scale['batch']}",
         f"--steps={scale['steps']}", "--variants=s2d,direct", "--inference", "--saliency",
-        f"--inference_batch={scale['batch']}", f"--ig_lesions={scale['ig_lesions']}"], out)
+        f"--inference_batch={scale['inference_batch']}", f"--ig_lesions={scale['ig_lesions']}"], out)
     figures["profile"] = _run("profile", [
         py, "experiments/profile_step.py", f"--config={config}", *model, f"--batch={scale['batch']}",
         f"--trace={out / 'trace'}"], out)
