@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fll_jax.data.numpy_source import epoch_order
-from fll_jax.train.sharding import replicated
+from fll_jax.train.sharding import data_sharding, replicated
 from fll_jax.train.step import predict, train_step
 
 # Arrays the device keeps per lesion (valid is all-true in training and added on the device).
@@ -64,12 +64,15 @@ def _gather(arrays: dict, index: jax.Array) -> dict:
     return {k: v[index] for k, v in arrays.items()}
 
 
+def _index_sharding(mesh: Mesh) -> NamedSharding:
+    """[steps, batch] indices: each step's batch split across the devices."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
 def train_epoch(state, arrays: dict, indices: jax.Array, *, model, tx, config, mesh: Mesh):
     """Every step of an epoch in one program: the state and each step's metrics (stacked)."""
-    batch_sharding = NamedSharding(mesh, P("data"))
-
     def step(state, index):
-        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), batch_sharding)
+        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), data_sharding(mesh))
         return train_step(state, {**batch, "valid": jnp.ones(index.shape, bool)}, model=model, tx=tx, config=config)
 
     return jax.lax.scan(step, state, indices)
@@ -77,10 +80,8 @@ def train_epoch(state, arrays: dict, indices: jax.Array, *, model, tx, config, m
 
 def predict_rows(variables: dict, arrays: dict, indices: jax.Array, *, model, config, mesh: Mesh) -> dict:
     """Probabilities of both heads for [batches, batch_size] positions, batch by batch on the device."""
-    batch_sharding = NamedSharding(mesh, P("data"))
-
     def one(index):
-        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), batch_sharding)
+        batch = jax.lax.with_sharding_constraint(_gather(arrays, index), data_sharding(mesh))
         return predict(variables, batch, model=model, config=config)
 
     return jax.lax.map(one, indices)
@@ -88,7 +89,7 @@ def predict_rows(variables: dict, arrays: dict, indices: jax.Array, *, model, co
 
 def compile_resident(model, tx, config, mesh: Mesh) -> tuple[Callable, Callable]:
     """jit-compiled (train_epoch, predict_rows) for this mesh; the state buffer is donated."""
-    rep, index_sharding = replicated(mesh), NamedSharding(mesh, P(None, "data"))
+    rep, index_sharding = replicated(mesh), _index_sharding(mesh)
     epoch = jax.jit(functools.partial(train_epoch, model=model, tx=tx, config=config, mesh=mesh),
                     in_shardings=(rep, rep, index_sharding), out_shardings=(rep, rep), donate_argnums=(0,))
     pred = jax.jit(functools.partial(predict_rows, model=model, config=config, mesh=mesh),
@@ -98,8 +99,7 @@ def compile_resident(model, tx, config, mesh: Mesh) -> tuple[Callable, Callable]
 
 def put_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:
     """[steps, batch] positions on the mesh, each step's batch split across the devices."""
-    sharding = NamedSharding(mesh, P(None, "data"))
-    return jax.make_array_from_callback(indices.shape, sharding, lambda index: indices[index])
+    return jax.make_array_from_callback(indices.shape, _index_sharding(mesh), lambda index: indices[index])
 
 
 def validation_predictions(data: ResidentData, predict_fn: Callable, variables: dict, fold: int,
