@@ -21,6 +21,22 @@ def test_evaluation_halving_is_a_2x2x2_mean():
     np.testing.assert_allclose(x[..., 0], expected, atol=1e-5)
 
 
+def test_resampling_is_scipys_trilinear_interpolation_with_clamped_edges():
+    from scipy import ndimage
+
+    from fll_jax.train.augment import _resample, _source_coords, random_affine
+
+    cfg = quick.get_config().augment
+    cfg.shift = 0.3  # some points fall outside the stored cube: the clamped edge
+    volumes = _batch(size=12)["image"][0, :3]
+    matrix, offset = random_affine(jax.random.key(4), cfg, 1.0)
+    coords = np.asarray(_source_coords(matrix, offset, 12, 8))
+    assert coords.min() < 0 or coords.max() > 11
+    got = np.asarray(_resample(jnp.asarray(volumes), jnp.asarray(coords)))
+    expected = [ndimage.map_coordinates(v.astype(np.float64), coords, order=1, mode="nearest") for v in volumes]
+    np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-3)
+
+
 def test_evaluation_at_stored_size_is_the_identity():
     batch = _batch()
     x = np.asarray(prepare_inputs(batch, (1, 2), 16))

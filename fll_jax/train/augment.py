@@ -8,10 +8,12 @@ sequence) and Gaussian noise then touch the image channel only.
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.scipy.ndimage import map_coordinates
 
 
 def _rotation(angles: jax.Array) -> jax.Array:
@@ -55,13 +57,26 @@ def _source_coords(matrix: jax.Array, offset: jax.Array, stored: int, out: int) 
 
 
 def _resample(volumes: jax.Array, coords: jax.Array) -> jax.Array:
-    """Linear resampling of [C, N, N, N] volumes at shared coordinates."""
-    sample = lambda v: map_coordinates(v, list(coords), order=1, mode="nearest")
-    return jax.vmap(sample)(volumes)
+    """Trilinear samples [C, o, o, o] (float) of volumes [C, N, N, N] at shared coordinates [3, o, o, o].
+
+    Edges are clamped, as scipy's mode "nearest". The gathers read the stored uint8 voxels and
+    convert only what they fetch: converting whole 64^3 patches first made the input
+    preparation a third of the CPU train step (docs/performance.md).
+    """
+    size = volumes.shape[1:]
+    low = jnp.floor(coords)
+    frac = coords - low
+    low = low.astype(jnp.int32)
+    total = 0.0
+    for corner in itertools.product((0, 1), repeat=3):
+        index = [jnp.clip(low[a] + corner[a], 0, size[a] - 1) for a in range(3)]
+        weight = math.prod(frac[a] if corner[a] else 1 - frac[a] for a in range(3))
+        total = total + weight * volumes[:, index[0], index[1], index[2]].astype(jnp.float32)
+    return total
 
 
 def _lesion_inputs(image, mask, zoom_max, rng, cfg, out: int, train: bool):
-    """[S, N, N, N] image and mask (float in [0, 1]) -> [S, out, out, out, 2]."""
+    """[S, N, N, N] uint8 image and mask -> [S, out, out, out, 2] floats (voxels / 255)."""
     stored = image.shape[-1]
     k_affine, k_gain, k_bias, k_noise = jax.random.split(rng, 4)
     if train:
@@ -70,8 +85,8 @@ def _lesion_inputs(image, mask, zoom_max, rng, cfg, out: int, train: bool):
         matrix, offset = jnp.eye(3), jnp.zeros(3)
     if train or out != stored:
         coords = _source_coords(matrix, offset, stored, out)
-        both = _resample(jnp.concatenate([image, mask]), coords)
-        image, mask = jnp.split(both, 2)
+        image, mask = _resample(image, coords), _resample(mask, coords)
+    image, mask = image.astype(jnp.float32) / 255.0, mask.astype(jnp.float32) / 255.0
     if train:
         num_seq = image.shape[0]
         gain = jax.random.uniform(k_gain, (num_seq, 1, 1, 1), minval=1 - cfg.intensity, maxval=1 + cfg.intensity)
@@ -108,8 +123,7 @@ def prepare_inputs(
     Sequences the batch's `present` [B, 7] marks absent are all zeros (both channels).
     """
     idx = jnp.asarray(seq_indices)
-    image = batch["image"][:, idx].astype(jnp.float32) / 255.0
-    mask = batch["mask"][:, idx].astype(jnp.float32) / 255.0
+    image, mask = batch["image"][:, idx], batch["mask"][:, idx]
     train = rng is not None and cfg is not None and cfg.enabled
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), image.shape[0])
     zoom_max = batch.get("zoom_max", jnp.ones(image.shape[0]))
