@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import FEW
+
 REPO = Path(__file__).parent.parent
 
 
 def test_benchmark_reports_the_step_inference_and_saliency_figures():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on one GPU
-    command = [sys.executable, "experiments/benchmark.py", "--config=configs/quick.py:folds=0+1,depth=10,width=2",
+    command = [sys.executable, "experiments/benchmark.py", f"--config=configs/quick.py:folds=0+1,depth=10,width=2,sequences={FEW}",
                "--batch=4", "--steps=1", "--variants=s2d", "--stored=16", "--inference", "--inference_batch=4",
                "--saliency", "--ig_steps=4", "--ig_lesions=1"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -19,5 +21,5 @@ def test_benchmark_reports_the_step_inference_and_saliency_figures():
     step, inference, saliency = lines
     assert step["variant"] == "s2d" and step["batch"] == 4 and step["samples_per_s"] > 0
     assert inference["figure"] == "ensemble_inference" and inference["models"] == 2 and inference["lesions_per_s"] > 0
-    assert saliency["figure"] == "integrated_gradients" and saliency["steps"] == 4 and saliency["sequences"] == 7
+    assert saliency["figure"] == "integrated_gradients" and saliency["steps"] == 4 and saliency["sequences"] == 3
     assert saliency["models"] == 2 and saliency["ms_per_lesion"] > 0

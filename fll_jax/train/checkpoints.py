@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fll_jax.train import integrity
@@ -38,6 +39,17 @@ def _json_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def _on_host(tree):
+    """The replicated arrays of a tree as numpy, fetched in one call.
+
+    Orbax then writes them from process 0 as replicated arrays, and restores them into the
+    target's shardings. Handing it the device arrays instead cost 1.3 s per save on one CPU
+    device and 2 s on four (it copies each array's replica on its own), against 0.6 s
+    (docs/performance.md).
+    """
+    return jax.device_get(tree)
+
+
 class FoldCheckpoints:
     """Two CheckpointManagers under one fold directory: latest/ and best/, one step each."""
 
@@ -55,20 +67,24 @@ class FoldCheckpoints:
 
     def save_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
         check = {"arrays": integrity.checksums(state), "meta": _json_digest(meta)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+        args = ocp.args.Composite(state=ocp.args.StandardSave(_on_host(state)), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
         self.latest.save(epoch, args=args)
 
     def save_best(self, epoch: int, state: TrainState) -> None:
         variables = variables_of(state)
         check = {"arrays": integrity.checksums(variables)}
-        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
+        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(_on_host(variables)),
                                                       checksums=ocp.args.JsonSave(check)))
 
-    def _restore(self, manager: ocp.CheckpointManager, step: int, arrays: str, **items) -> dict:
-        """Restore one step and verify its item `arrays` (and meta); CheckpointError naming the path."""
+    def _restore(self, manager: ocp.CheckpointManager, step: int, name: str, target: Any, **items) -> dict:
+        """{name: the arrays in target's shapes and shardings, verified, and each other item} of one
+        step; CheckpointError naming the path."""
         path = Path(manager.directory) / str(step)
-        args = ocp.args.Composite(**items, checksums=ocp.args.JsonRestore())
+        # numpy leaves make orbax read numpy; broadcast zeros give shape and dtype without memory
+        host_target = jax.tree.map(lambda a: np.broadcast_to(np.zeros((), a.dtype), a.shape), target)
+        args = ocp.args.Composite(**{name: ocp.args.StandardRestore(host_target)}, **items,
+                                  checksums=ocp.args.JsonRestore())
         try:
             restored = manager.restore(step, args=args)
         except Exception as error:  # orbax, tensorstore and asyncio raise many types for damaged files
@@ -76,13 +92,15 @@ class FoldCheckpoints:
             raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {cause}); "
                                   f"{self.remedy()}") from error
         check = restored["checksums"] if isinstance(restored["checksums"], dict) else {}
-        bad = integrity.mismatches(restored[arrays], check.get("arrays", {}))
+        bad = integrity.mismatches(restored[name], check.get("arrays", {}))
         if "meta" in items and _json_digest(restored["meta"]) != check.get("meta"):
             bad.append("progress record (meta)")
         if bad:
             raise CheckpointError(f"{path}: damaged, its content does not match its checksums "
                                   f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {self.remedy()}")
-        return restored
+        # Read as numpy and placed in one call: 0.4 s against 1.3 s for orbax's per-array placement.
+        arrays = jax.device_put(restored[name], jax.tree.map(lambda a: a.sharding, target))
+        return {**{key: restored[key] for key in items}, name: arrays}
 
     def restore_latest(self) -> tuple[TrainState, dict] | None:
         """The verified latest state and progress, or None when no latest checkpoint exists.
@@ -97,8 +115,7 @@ class FoldCheckpoints:
         step = self.latest.latest_step()
         if step is None:
             return None
-        restored = self._restore(self.latest, step, "state", state=ocp.args.StandardRestore(self.target),
-                                 meta=ocp.args.JsonRestore())
+        restored = self._restore(self.latest, step, "state", self.target, meta=ocp.args.JsonRestore())
         meta = restored["meta"]
         best_steps = self.best.all_steps()
         if meta["best"] is not None and meta["best"]["epoch"] not in best_steps and not any(s > step for s in best_steps):
@@ -116,8 +133,7 @@ class FoldCheckpoints:
         step = self.best.latest_step()
         if step is None:
             raise CheckpointError(f"{self.directory / 'best'}: no best checkpoint; {self.remedy()}")
-        target = ocp.args.StandardRestore(variables_of(self.target))
-        return self._restore(self.best, step, "variables", variables=target)["variables"]
+        return self._restore(self.best, step, "variables", variables_of(self.target))["variables"]
 
     def clear(self) -> None:
         """Delete both checkpoints (the fold starts over)."""
