@@ -60,8 +60,8 @@ def _resample(volumes: jax.Array, coords: jax.Array) -> jax.Array:
     """Trilinear samples [C, o, o, o] (float) of volumes [C, N, N, N] at shared coordinates [3, o, o, o].
 
     Edges are clamped, as scipy's mode "nearest". The gathers read the stored uint8 voxels and
-    convert only what they fetch: converting whole 64^3 patches first made the input
-    preparation a third of the CPU train step (docs/performance.md).
+    convert only what they fetch: converting whole 64^3 patches first cost the quick config's
+    CPU train step a fifth of its time (docs/performance.md).
     """
     size = volumes.shape[1:]
     low = jnp.floor(coords)
