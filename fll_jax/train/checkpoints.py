@@ -91,15 +91,15 @@ class FoldCheckpoints:
             cause = str(error).split("See full TensorStore details")[0].strip()[:300]
             raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {cause}); "
                                   f"{self.remedy()}") from error
+        # Read as numpy and placed in one call: 0.4 s against 1.3 s for orbax's per-array placement.
+        arrays = jax.device_put(restored[name], jax.tree.map(lambda a: a.sharding, target))
         check = restored["checksums"] if isinstance(restored["checksums"], dict) else {}
-        bad = integrity.mismatches(restored[name], check.get("arrays", {}))
+        bad = integrity.mismatches(arrays, check.get("arrays", {}))
         if "meta" in items and _json_digest(restored["meta"]) != check.get("meta"):
             bad.append("progress record (meta)")
         if bad:
             raise CheckpointError(f"{path}: damaged, its content does not match its checksums "
                                   f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {self.remedy()}")
-        # Read as numpy and placed in one call: 0.4 s against 1.3 s for orbax's per-array placement.
-        arrays = jax.device_put(restored[name], jax.tree.map(lambda a: a.sharding, target))
         return {**{key: restored[key] for key in items}, name: arrays}
 
     def restore_latest(self) -> tuple[TrainState, dict] | None:
