@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fll_jax.train.cross_validate import build_steps
-from fll_jax.train.sharding import shard_batch
+from fll_jax.train.sharding import make_mesh, replicate, shard_batch
 from fll_jax.train.step import DEVICE_KEYS
 from tests.helpers import random_batch, tiny_config
 
@@ -61,3 +61,14 @@ def test_fusions_and_subsets_learn_a_fixed_batch(arg):
         assert not branches and "backbone" in state.params
     else:
         assert branches == {f"branch_{s}" for s in config.sequences}
+
+
+def test_placed_host_arrays_give_every_device_its_own_buffer():
+    # device_get returns 64-byte-aligned memory, which jax.device_put hands to every CPU device as
+    # one buffer; a donated step updating it in place would race across the devices.
+    host = jax.device_get(jax.numpy.arange(4096, dtype=np.float32).reshape(64, 64))
+    placed = replicate({"w": host, "step": np.int32(3)}, make_mesh())
+    pointers = {shard.data.unsafe_buffer_pointer() for shard in placed["w"].addressable_shards}
+    assert len(pointers) == jax.device_count() == 4
+    np.testing.assert_array_equal(np.asarray(placed["w"]), host)
+    assert placed["w"].sharding.is_fully_replicated and int(placed["step"]) == 3

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fll_jax.train import integrity
+from fll_jax.train.sharding import place
 from fll_jax.train.step import TrainState
 
 
@@ -91,8 +92,8 @@ class FoldCheckpoints:
             cause = str(error).split("See full TensorStore details")[0].strip()[:300]
             raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {cause}); "
                                   f"{self.remedy()}") from error
-        # Read as numpy and placed in one call: 0.4 s against 1.3 s for orbax's per-array placement.
-        arrays = jax.device_put(restored[name], jax.tree.map(lambda a: a.sharding, target))
+        # Read as numpy and placed by us: 0.4 s against 1.3 s for orbax's per-array placement.
+        arrays = place(restored[name], jax.tree.map(lambda a: a.sharding, target))
         check = restored["checksums"] if isinstance(restored["checksums"], dict) else {}
         bad = integrity.mismatches(arrays, check.get("arrays", {}))
         if "meta" in items and _json_digest(restored["meta"]) != check.get("meta"):

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fll_jax.data.numpy_source import epoch_order
-from fll_jax.train.sharding import data_sharding, replicated
+from fll_jax.train.sharding import data_sharding, replicate, replicated
 from fll_jax.train.step import predict, train_step
 
 # Arrays the device keeps per lesion (valid is all-true in training and added on the device).
@@ -43,10 +43,7 @@ class ResidentData:
             for key in dict.fromkeys(RESIDENT_KEYS + HOST_KEYS):
                 keep.setdefault(key, []).append(np.asarray(batch[key])[valid])
         host = {k: np.concatenate(v) for k, v in keep.items()}
-        sharding = replicated(mesh)
-        # from a callback, so that on several hosts every process gives its own devices their copy
-        arrays = {k: jax.make_array_from_callback(host[k].shape, sharding, lambda index, a=host[k]: a[index])
-                  for k in RESIDENT_KEYS}
+        arrays = replicate({k: host[k] for k in RESIDENT_KEYS}, mesh)
         return cls(arrays=arrays, host={k: host[k] for k in HOST_KEYS})
 
     def rows(self, folds: Sequence[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from fll_jax.constants import sequence_index
 from fll_jax.train.augment import drop_sequences, prepare_inputs
 from fll_jax.train.loss import multitask_loss
-from fll_jax.train.sharding import data_sharding, replicated
+from fll_jax.train.sharding import data_sharding, replicate, replicated
 
 # Batch entries the device needs; the rest (ids, metadata) stay on the host.
 DEVICE_KEYS = ("image", "mask", "present", "zoom_max", "label7", "valid")
@@ -78,11 +78,15 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, config) -> Call
     return init
 
 
-def compile_init(model: nn.Module, tx, config, mesh: Mesh) -> Callable[[jax.Array], TrainState]:
-    """A jitted rng -> TrainState whose output is born replicated on the mesh."""
+def make_init(model: nn.Module, tx, config, mesh: Mesh) -> Callable[[jax.Array], TrainState]:
+    """rng -> a fresh TrainState replicated on the mesh, computed op by op, not jitted.
+
+    A jitted init compiles one chain of threefry hashes per parameter (on this 2-core CPU 7 s for
+    three tiny branches, 14 s for seven); op by op, each random draw's small program is compiled
+    once per shape and serves every parameter and every model of the process.
+    """
     init = _init_fn(model, tx, config)
-    shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init, jax.random.PRNGKey(0)))
-    return jax.jit(init, out_shardings=shardings)
+    return lambda key: replicate(jax.device_get(init(key)), mesh)
 
 
 def abstract_state(model: nn.Module, tx, config, mesh: Mesh) -> TrainState:
@@ -144,7 +148,7 @@ def predict(variables: dict, batch: dict, *, model: nn.Module, config) -> dict:
 
 
 def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
-    """jit-compiled (init, train_step, predict) for this mesh; the state buffer is donated."""
+    """(init, jit-compiled train_step and predict) for this mesh; the state buffer is donated."""
     batch_sharding = {k: data_sharding(mesh) for k in DEVICE_KEYS}
     rep = replicated(mesh)
     train = jax.jit(
@@ -158,4 +162,4 @@ def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, C
         in_shardings=(rep, {k: data_sharding(mesh) for k in ("image", "mask", "present")}),
         out_shardings=rep,
     )
-    return compile_init(model, tx, config, mesh), train, pred
+    return make_init(model, tx, config, mesh), train, pred
