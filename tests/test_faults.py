@@ -387,6 +387,28 @@ def test_checksums_name_the_leaf_with_any_single_flipped_bit():
     assert not bool(integrity.all_finite({**tree, "w": tree["w"].at[3].set(jnp.nan)}))
 
 
+def test_checksums_are_the_sums_checkpoints_were_written_with():
+    """The host checksums equal the on-device sums that earlier checkpoints carry, so they still verify."""
+    import jax
+    import jax.numpy as jnp
+
+    from fll_jax.train import integrity
+
+    def device_sums(x):  # the form computed on the device before
+        words = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        words = words.reshape(-1).astype(jnp.uint32)
+        index = jnp.arange(words.size, dtype=jnp.uint32)
+        return [int(jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)),
+                int(jnp.sum(words ^ (index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32))]
+
+    rng = np.random.default_rng(1)
+    tree = {"w": jnp.asarray(rng.normal(size=(3, 70001)), jnp.float32), "b": jnp.asarray(rng.normal(size=9), jnp.bfloat16),
+            "u": jnp.asarray(rng.integers(0, 255, 40), jnp.uint8), "step": jnp.asarray(7, jnp.int32)}
+    expected = {f"['{k}']": device_sums(v) for k, v in tree.items()}
+    assert integrity.checksums(tree) == expected == integrity.checksums(jax.device_get(tree))
+    assert len({tuple(v) for v in expected.values()}) == len(tree)
+
+
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
     from fll_jax.files import atomic_path, write_text
 

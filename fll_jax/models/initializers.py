@@ -1,7 +1,7 @@
 """Parameter initialisers that draw flat and reshape.
 
 XLA:CPU compiles a (partitionable) threefry draw of a 5-D shape far slower than a 1-D draw of
-the same size (docs/performance.md, "Compilation on XLA:CPU"), so a jitted init of the
+the same size (docs/performance.md, "Compilation on XLA:CPU"), so initialising the
 seven-branch model would spend minutes compiling random numbers. The
 distributions are those of nn.initializers.variance_scaling(..., 'normal') and normal(stddev).
 """

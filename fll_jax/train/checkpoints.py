@@ -67,16 +67,16 @@ class FoldCheckpoints:
                 "(or pass --restart to start the whole run over)")
 
     def save_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
-        check = {"arrays": integrity.checksums(state), "meta": _json_digest(meta)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_on_host(state)), meta=ocp.args.JsonSave(meta),
+        host = _on_host(state)
+        check = {"arrays": integrity.checksums(host), "meta": _json_digest(meta)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
         self.latest.save(epoch, args=args)
 
     def save_best(self, epoch: int, state: TrainState) -> None:
-        variables = variables_of(state)
-        check = {"arrays": integrity.checksums(variables)}
-        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(_on_host(variables)),
-                                                      checksums=ocp.args.JsonSave(check)))
+        host = _on_host(variables_of(state))
+        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(host),
+                                                      checksums=ocp.args.JsonSave({"arrays": integrity.checksums(host)})))
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, name: str, target: Any, **items) -> dict:
         """{name: the arrays in target's shapes and shardings, verified, and each other item} of one
@@ -92,15 +92,15 @@ class FoldCheckpoints:
             cause = str(error).split("See full TensorStore details")[0].strip()[:300]
             raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {cause}); "
                                   f"{self.remedy()}") from error
-        # Read as numpy and placed by us: 0.4 s against 1.3 s for orbax's per-array placement.
-        arrays = place(restored[name], jax.tree.map(lambda a: a.sharding, target))
         check = restored["checksums"] if isinstance(restored["checksums"], dict) else {}
-        bad = integrity.mismatches(arrays, check.get("arrays", {}))
+        bad = integrity.mismatches(restored[name], check.get("arrays", {}))
         if "meta" in items and _json_digest(restored["meta"]) != check.get("meta"):
             bad.append("progress record (meta)")
         if bad:
             raise CheckpointError(f"{path}: damaged, its content does not match its checksums "
                                   f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {self.remedy()}")
+        # Read as numpy and placed by us: 0.4 s against 1.3 s for orbax's per-array placement.
+        arrays = place(restored[name], jax.tree.map(lambda a: a.sharding, target))
         return {**{key: restored[key] for key in items}, name: arrays}
 
     def restore_latest(self) -> tuple[TrainState, dict] | None:

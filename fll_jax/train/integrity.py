@@ -1,11 +1,13 @@
-"""Checks of array trees on the device: checksums that verify restored checkpoints, finiteness.
+"""Checks of array trees: checksums that verify restored checkpoints, finiteness on the device.
 
 Orbax writes and reads checkpoints but does not verify what it reads back: flipped bytes in a
 saved array come back as other weights. So every checkpoint carries two 32-bit sums per array
-of its raw bits, computed on the device at save time (a reduction: no copy to the host), and
-every restore recomputes and compares them. A changed word always changes the first sum
-(its weights are odd); random damage passes both with probability about 2^-64. They are
-checksums against damage, not signatures against tampering.
+of its raw bits, and every restore recomputes and compares them. A changed word always changes
+the first sum (its weights are odd); random damage passes both with probability about 2^-64.
+They are checksums against damage, not signatures against tampering. They are computed with
+numpy on the host arrays that are written or were read: a jitted form compiled one reduction
+per array, 11 s for the quick model's variables in every process that saved or restored them
+(docs/performance.md).
 """
 from __future__ import annotations
 
@@ -16,31 +18,32 @@ import numpy as np
 _GOLDEN = np.uint32(0x9E3779B9)
 
 
-def _words(x: jax.Array) -> jax.Array:
-    """The raw bits of an array as a flat vector of uint32."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        return x.reshape(-1).astype(jnp.uint32)
-    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, bits).reshape(-1).astype(jnp.uint32)
+def _words(x: np.ndarray) -> np.ndarray:
+    """The raw bits of an array as a flat vector of uint32 (1- and 2-byte items widened, 8-byte
+    items as two words, low first)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_ or x.dtype.itemsize < 4:
+        raw = x if x.dtype == np.bool_ else x.view(f"u{x.dtype.itemsize}")
+        return raw.reshape(-1).astype(np.uint32)
+    return x.reshape(-1).view(np.uint32)
 
 
-@jax.jit
-def _leaf_sums(tree):
-    def sums(x):
-        words = _words(x)
-        index = jnp.arange(words.size, dtype=jnp.uint32)
-        return jnp.stack([jnp.sum(words * (2 * index + 1), dtype=jnp.uint32),
-                          jnp.sum(words ^ (index * _GOLDEN), dtype=jnp.uint32)])
+def _sums(x: np.ndarray) -> list[int]:
+    words = _words(x)
+    index = np.arange(words.size, dtype=np.uint32)
+    # uint32 arithmetic wraps around, as the sums are defined
+    return [int(np.sum(words * (2 * index + 1), dtype=np.uint32)), int(np.sum(words ^ (index * _GOLDEN), dtype=np.uint32))]
 
-    return jax.tree.map(sums, tree)
+
+def _raw(x):
+    """Typed PRNG keys as their key data; every other leaf as it is."""
+    return jax.random.key_data(x) if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
 
 
 def checksums(tree) -> dict[str, list[int]]:
-    """{leaf path: [two uint32 sums]} of every array in the tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(_leaf_sums(tree)))[0]
-    return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(value)] for path, value in leaves}
+    """{leaf path: [two uint32 sums]} of every array in the tree (host or device arrays)."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(jax.tree.map(_raw, tree)))[0]
+    return {jax.tree_util.keystr(path): _sums(np.asarray(value)) for path, value in leaves}
 
 
 def mismatches(tree, expected: dict[str, list[int]]) -> list[str]:
