@@ -6,8 +6,8 @@ of its raw bits, and every restore recomputes and compares them. A changed word 
 the first sum (its weights are odd); random damage passes both with probability about 2^-64.
 They are checksums against damage, not signatures against tampering. They are computed with
 numpy on the host arrays that are written or were read: a jitted form compiled one reduction
-per array, 11 s for the quick model's variables in every process that saved or restored them
-(docs/performance.md).
+per array, 8 s for the quick model's variables and 18 s for its full state in every process
+that saved or restored them (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def _sums(x: np.ndarray) -> list[int]:
     words = _words(x)
     index = np.arange(words.size, dtype=np.uint32)
     # uint32 arithmetic wraps around, as the sums are defined
-    return [int(np.sum(words * (2 * index + 1), dtype=np.uint32)), int(np.sum(words ^ (index * _GOLDEN), dtype=np.uint32))]
+    return [int(np.sum(words * (2 * index + 1), dtype=np.uint32)),
+            int(np.sum(words ^ (index * _GOLDEN), dtype=np.uint32))]
 
 
 def _raw(x):
