@@ -99,7 +99,7 @@ class FoldCheckpoints:
         if bad:
             raise CheckpointError(f"{path}: damaged, its content does not match its checksums "
                                   f"({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); {self.remedy()}")
-        # Read as numpy and placed by us: 0.4 s against 1.3 s for orbax's per-array placement.
+        # Read as numpy and placed by us: 0.5-0.8 s against 1.3 s for orbax's per-array placement.
         arrays = place(restored[name], jax.tree.map(lambda a: a.sharding, target))
         return {**{key: restored[key] for key in items}, name: arrays}
 
