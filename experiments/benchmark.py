@@ -105,16 +105,16 @@ def run_variant(config, variant: str) -> dict:
     init_s = time.perf_counter() - start
     batch = shard_batch(random_batch(FLAGS.batch, FLAGS.stored), steps.mesh, DEVICE_KEYS)
     start = time.perf_counter()
-    lowered = steps.train.lower(state, batch)
+    lowered = steps.train.lower(state, batch, steps.schedule)
     trace_s = time.perf_counter() - start
     train = lowered.compile()
     compile_s = time.perf_counter() - start - trace_s
-    state, metrics = train(state, batch)
+    state, metrics = train(state, batch, steps.schedule)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - start  # tracing, compiling and the first step, as a jitted call's first
     start = time.perf_counter()
     for _ in range(FLAGS.steps):
-        state, metrics = train(state, batch)
+        state, metrics = train(state, batch, steps.schedule)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - start) / FLAGS.steps
     extra = []

@@ -135,17 +135,17 @@ def profile_step(config) -> list[dict]:
     forward = _timed(jax.jit(loss), state.params, x)
     both = _timed(jax.jit(jax.grad(loss)), state.params, x)
     # the train step donates its state, so it is timed as a chain of steps after a compiling one
-    state, metrics = steps.train(state, batch)
+    state, metrics = steps.train(state, batch, steps.schedule)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(FLAGS.iters):
-        state, metrics = steps.train(state, batch)
+        state, metrics = steps.train(state, batch, steps.schedule)
     jax.block_until_ready(metrics)
     whole = (time.perf_counter() - start) / FLAGS.iters
     if FLAGS.trace:
         with jax.profiler.trace(FLAGS.trace):
             for _ in range(FLAGS.iters):
-                state, metrics = steps.train(state, batch)
+                state, metrics = steps.train(state, batch, steps.schedule)
             jax.block_until_ready(metrics)
     return [{"figure": "step", "device": jax.devices()[0].device_kind, "batch": FLAGS.batch,
              "input_size": config.input_size, "width": config.model.width, "dtype": config.model.dtype,

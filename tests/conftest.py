@@ -1,9 +1,15 @@
-"""Four fake CPU devices, set before JAX starts, so multi-device code runs in every test."""
+"""Four fake CPU devices, set before JAX starts, so multi-device code runs in every test; quick compiles."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+from tests.xla_flags import QUICK_COMPILE  # noqa: E402  (imports nothing else)
+
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+    flags += " --xla_force_host_platform_device_count=4"
+if QUICK_COMPILE not in flags:
+    flags += " " + QUICK_COMPILE
+os.environ["XLA_FLAGS"] = flags.strip()
 
 # Tests rebuild the same small programs many times; a persistent cache compiles each once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/fll_jax_test_xla_cache")

@@ -11,6 +11,9 @@ from fll_jax.constants import NUM_CLASSES, SEQUENCES, to_binary
 # Three branches instead of seven for tests whose claim does not depend on the number of
 # sequences: the train step compiles in about half the time.
 FEW = "t2w+dwi+lap"
+# What the training fixtures train: one config (with sequence dropout, so that path runs end to
+# end), so they share one compiled train step through the persistent compilation cache.
+TRAINED = f"sequences={FEW},sequence_dropout=0.3"
 
 
 def tiny_config(arg: str | None = None, size: int = 16):

@@ -21,9 +21,9 @@ def epoch() -> dict:
 
     from fll_jax.train.cross_validate import build_steps
     from fll_jax.train.loop import _train_epoch
-    from tests.helpers import FEW, synthetic_source, tiny_config
+    from tests.helpers import TRAINED, synthetic_source, tiny_config
 
-    config = tiny_config(f"sequences={FEW}")
+    config = tiny_config(TRAINED)
     source = synthetic_source()
     read = []
     original = source.train_batches
@@ -39,8 +39,8 @@ def epoch() -> dict:
     losses = []
     train = steps.train
 
-    def logged(state, batch):
-        state, metrics = train(state, batch)
+    def logged(state, batch, schedule):
+        state, metrics = train(state, batch, schedule)
         losses.append(float(metrics["loss"]))
         return state, metrics
 
@@ -53,7 +53,9 @@ def epoch() -> dict:
 
 
 def main(process_id: int, num_processes: int, port: int, out: str) -> None:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    from tests.xla_flags import QUICK_COMPILE
+
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=2 {QUICK_COMPILE}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np

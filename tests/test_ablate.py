@@ -12,7 +12,7 @@ from fll_jax.ablation.points import BASE, SweepError, collect_points, load_sweep
 from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
 from fll_jax.constants import SEQUENCES
-from tests.helpers import synthetic_source, tiny_config
+from tests.helpers import TRAINED, synthetic_source, tiny_config
 
 REPO = Path(__file__).parent.parent
 
@@ -56,16 +56,16 @@ def test_a_bad_ablation_config_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     """A three-point sweep on synthetic lesions: one trains, one fails its config check, one
-    evaluates the first's models with ADC hidden; then the same sweep again."""
+    evaluates the first's models with DWI hidden; then the same sweep again."""
     source = synthetic_source()
-    base = tiny_config("folds=0,sequences=t2w+adc+lap")
+    base = tiny_config(f"folds=0,{TRAINED}")
     base.train.epochs = 1
     base.data.source = "synthetic (tests)"
 
     def sweep(add, arg):
         add()
         add(fusion="no_such_fusion")
-        add(hide="adc")
+        add(hide="dwi")
 
     points = collect_points(sweep, None, base)
     root = tmp_path_factory.mktemp("sweep")
@@ -83,8 +83,8 @@ def ran(tmp_path_factory):
 def test_a_failed_point_is_reported_and_the_others_go_on(ran):
     root, points, first, _, _ = ran
     status = {row["name"]: row for row in first}
-    assert [p.name for p in points] == [BASE, "fusion=no_such_fusion", "hide=adc"]
-    assert status[BASE]["status"] == "done" and status["hide=adc"]["status"] == "done"
+    assert [p.name for p in points] == [BASE, "fusion=no_such_fusion", "hide=dwi"]
+    assert status[BASE]["status"] == "done" and status["hide=dwi"]["status"] == "done"
     assert status["fusion=no_such_fusion"]["status"] == "failed"
     assert "unknown fusion 'no_such_fusion'" in status["fusion=no_such_fusion"]["error"]
     assert not (root / "fusion=no_such_fusion").exists()  # refused before anything was written
@@ -93,19 +93,19 @@ def test_a_failed_point_is_reported_and_the_others_go_on(ran):
 def test_finished_points_are_skipped_on_rerun(ran):
     root, _, _, second, calls = ran
     assert [row["status"] for row in second] == ["finished earlier", "failed", "finished earlier"]
-    assert calls == [BASE, "fusion=no_such_fusion", "hide=adc", "fusion=no_such_fusion"]
+    assert calls == [BASE, "fusion=no_such_fusion", "hide=dwi", "fusion=no_such_fusion"]
     assert [row["status"] for row in read_sweep(root)] == ["finished earlier", "failed", "finished earlier"]
 
 
 def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran):
     root, *_ = ran
-    assert not list((root / "hide=adc").glob("fold*"))  # no models of its own
+    assert not list((root / "hide=dwi").glob("fold*"))  # no models of its own
     full = pd.read_csv(root / BASE / "predictions.csv").set_index(["split", "lesion_id"])
-    hidden = pd.read_csv(root / "hide=adc" / "predictions.csv").set_index(["split", "lesion_id"])
+    hidden = pd.read_csv(root / "hide=dwi" / "predictions.csv").set_index(["split", "lesion_id"])
     assert hidden.index.equals(full.index)
     columns = [c for c in full.columns if c.startswith("ensemble_p7_")]
     assert (hidden[columns] - full[columns]).abs().to_numpy().max() > 1e-4
-    assert "hidden from every lesion" in (root / "hide=adc" / "report.md").read_text()
+    assert "hidden from every lesion" in (root / "hide=dwi" / "report.md").read_text()
 
 
 def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):

@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 from tests.helpers import FEW
+from tests.xla_flags import QUICK_COMPILE
 
 REPO = Path(__file__).parent.parent
 
 
 def test_benchmark_reports_the_step_inference_and_saliency_figures():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on one GPU
+    env = {**os.environ, "XLA_FLAGS": QUICK_COMPILE}  # one device, as on one GPU
     command = [sys.executable, "experiments/benchmark.py", f"--config=configs/quick.py:folds=0+1,depth=10,width=2,sequences={FEW}",
                "--batch=4", "--steps=1", "--variants=s2d", "--stored=16", "--inference", "--inference_batch=4",
                "--saliency", "--ig_steps=4", "--ig_lesions=1"]

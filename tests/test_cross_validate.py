@@ -11,7 +11,7 @@ from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.checkpoints import load_fold_models
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
-from tests.helpers import FEW, synthetic_source, tiny_config
+from tests.helpers import TRAINED, synthetic_source, tiny_config
 
 
 # Rows of synthetic_source: 0-7 fold 0, 8-15 fold 1, ..., 40-47 the test split.
@@ -20,7 +20,7 @@ LACKING = {1: ("adc",), 9: ("lap", "pvp"), 41: ("adc",), 42: ("t2w",)}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    config = tiny_config(f"folds=0+1,sequences={FEW},sequence_dropout=0.3")
+    config = tiny_config(f"folds=0+1,{TRAINED}")
     config.data.source = "synthetic (tests)"
     workdir = tmp_path_factory.mktemp("cv")
     source = synthetic_source(lacking=LACKING)

@@ -13,7 +13,7 @@ from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
 from fll_jax.train.resident import ResidentData
 from fll_jax.train.step import abstract_state
-from tests.helpers import FEW, synthetic_source, tiny_config
+from tests.helpers import TRAINED, synthetic_source, tiny_config
 
 
 class Killed(Exception):
@@ -22,7 +22,7 @@ class Killed(Exception):
 
 @pytest.fixture(scope="module")
 def setup():
-    config = tiny_config(f"sequences={FEW}")
+    config = tiny_config(TRAINED)
     # Saves the latest state at epochs 1 and 3.
     config.train.epochs, config.train.checkpoint_every = 4, 2
     source = synthetic_source()
@@ -94,9 +94,9 @@ def _poisoned(steps: Steps, from_step: int) -> Steps:
     """The train step, but weights turn NaN at step `from_step` while the loss it reports stays finite
     (as a NaN learning rate does at the last step of an epoch)."""
 
-    def train(state, batch):
+    def train(state, batch, schedule):
         poison = jnp.where(state.step >= from_step, jnp.nan, 1.0)
-        state, metrics = steps.train(state, batch)
+        state, metrics = steps.train(state, batch, schedule)
         return state.replace(params=jax.tree.map(lambda p: p * poison, state.params)), metrics
 
     return dataclasses.replace(steps, train=train)

@@ -193,7 +193,7 @@ def test_classifier_output_shapes_and_finite(classifier_runs, fusion, sequences)
     for i, seq in enumerate(sequences):
         (fmap,) = intermediates[f"branch_{seq}"]["stage4"]
         assert fmap.shape == (3, 1, 1, 1, width)
-        np.testing.assert_allclose(fmap.mean(axis=(1, 2, 3)), outputs["features"][:, i], rtol=1e-6)
+        np.testing.assert_allclose(fmap.mean(axis=(1, 2, 3)), outputs["features"][:, i], rtol=1e-6, atol=1e-7)
 
 
 def test_paper_fusion_heads_see_the_groups(classifier_runs):

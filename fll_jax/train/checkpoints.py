@@ -173,5 +173,5 @@ def load_fold_models(workdir: str | Path) -> tuple[Any, list[dict[str, Any]], ml
     config = read_config(workdir)
     model = build_model(config.model, config.sequences)
     # The optimiser only shapes the abstract state; the best checkpoint holds no opt_state.
-    target = abstract_state(model, make_optimizer(config, 1), config, make_mesh(jax.devices()[:1]))
+    target = abstract_state(model, make_optimizer(config), config, make_mesh(jax.devices()[:1]))
     return model, [best_variables(workdir / f"fold{f}", target) for f in config.train.folds], config

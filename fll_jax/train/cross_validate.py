@@ -19,7 +19,7 @@ from fll_jax.models import build_model
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.resident import ResidentData, compile_resident
-from fll_jax.train.sharding import make_mesh
+from fll_jax.train.sharding import make_mesh, replicate
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import check_finished, open_run, settings_fingerprint
 
@@ -28,7 +28,7 @@ META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "sc
 
 
 def nominal_steps_per_epoch(config: ml_collections.ConfigDict, source) -> int:
-    """Steps per epoch used by the schedule, equal for every fold so one compilation serves all."""
+    """Steps per epoch used by the learning-rate schedule, the same for every fold."""
     dev = source.num_examples(list(range(config.data.num_folds)))
     per_fold_train = dev * (config.data.num_folds - 1) // config.data.num_folds
     return max(1, per_fold_train // config.train.batch_size)
@@ -60,11 +60,11 @@ def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices
         if size % mesh.size:
             raise ValueError(f"batch size {size} is not divisible by the {mesh.size} devices")
     model = build_model(config.model, config.sequences)
-    tx = make_optimizer(config, steps_per_epoch)
+    tx = make_optimizer(config)
     init, train, predict = compile_steps(model, tx, config, mesh)
     train_epoch, predict_rows = compile_resident(model, tx, config, mesh)
     return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh,
-                 schedule=learning_rate_schedule(config, steps_per_epoch), train_epoch=train_epoch,
+                 schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh), train_epoch=train_epoch,
                  predict_rows=predict_rows)
 
 

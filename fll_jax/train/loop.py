@@ -19,7 +19,7 @@ from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBest
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import process_share, put_local, shard_batch
-from fll_jax.train.step import DEVICE_KEYS, TrainState, abstract_state
+from fll_jax.train.step import DEVICE_KEYS, Schedule, TrainState, abstract_state
 
 # Validation metrics a config may select the best epoch by (all: higher is better).
 SELECT_METRICS = ("accuracy_7way", "accuracy_2way", "auc_binary", "neg_loss")
@@ -39,8 +39,8 @@ class Steps:
     train: Callable
     predict: Callable
     mesh: jax.sharding.Mesh
-    schedule: Callable[[int], float]  # step -> learning rate (for the logs)
-    train_epoch: Callable | None = None  # (state, resident arrays, indices) -> (state, metrics)
+    schedule: Schedule  # on the devices: the train steps' argument, and step -> learning rate for the logs
+    train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
 
 
@@ -207,7 +207,7 @@ def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], sour
     batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch,
                                    share=process_share())
     for i, batch in enumerate(batches):
-        state, metrics = steps.train(state, put_local(batch, steps.mesh, DEVICE_KEYS))
+        state, metrics = steps.train(state, put_local(batch, steps.mesh, DEVICE_KEYS), steps.schedule)
         collected.append(metrics)
         if i % config.train.log_every == 0:
             bar.set_postfix(step=f"{i + 1}/{steps_per_epoch}", loss=f"{float(metrics['loss']):.3f}")
@@ -223,7 +223,7 @@ def _resident_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], r
     """_train_epoch's results from one device call over the resident data."""
     start = time.perf_counter()
     indices = resident.epoch_indices(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
-    state, stacked = steps.train_epoch(state, resident.arrays, put_indices(indices, steps.mesh))
+    state, stacked = steps.train_epoch(state, resident.arrays, put_indices(indices, steps.mesh), steps.schedule)
     host = jax.device_get(stacked)
     seconds = time.perf_counter() - start
     metrics = {k: float(np.mean(v)) for k, v in host.items()}

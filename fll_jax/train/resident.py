@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fll_jax.data.numpy_source import epoch_order
 from fll_jax.train.sharding import data_sharding, replicate, replicated
-from fll_jax.train.step import predict, train_step
+from fll_jax.train.step import Schedule, predict, train_step
 
 # Arrays the device keeps per lesion (valid is all-true in training and added on the device).
 RESIDENT_KEYS = ("image", "mask", "present", "zoom_max", "label7")
@@ -66,11 +66,12 @@ def _index_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, "data"))
 
 
-def train_epoch(state, arrays: dict, indices: jax.Array, *, model, tx, config, mesh: Mesh):
+def train_epoch(state, arrays: dict, indices: jax.Array, schedule: Schedule, *, model, tx, config, mesh: Mesh):
     """Every step of an epoch in one program: the state and each step's metrics (stacked)."""
     def step(state, index):
         batch = jax.lax.with_sharding_constraint(_gather(arrays, index), data_sharding(mesh))
-        return train_step(state, {**batch, "valid": jnp.ones(index.shape, bool)}, model=model, tx=tx, config=config)
+        return train_step(state, {**batch, "valid": jnp.ones(index.shape, bool)}, schedule, model=model, tx=tx,
+                          config=config)
 
     return jax.lax.scan(step, state, indices)
 
@@ -88,7 +89,7 @@ def compile_resident(model, tx, config, mesh: Mesh) -> tuple[Callable, Callable]
     """jit-compiled (train_epoch, predict_rows) for this mesh; the state buffer is donated."""
     rep, index_sharding = replicated(mesh), _index_sharding(mesh)
     epoch = jax.jit(functools.partial(train_epoch, model=model, tx=tx, config=config, mesh=mesh),
-                    in_shardings=(rep, rep, index_sharding), out_shardings=(rep, rep), donate_argnums=(0,))
+                    in_shardings=(rep, rep, index_sharding, rep), out_shardings=(rep, rep), donate_argnums=(0,))
     pred = jax.jit(functools.partial(predict_rows, model=model, config=config, mesh=mesh),
                    in_shardings=(rep, rep, index_sharding), out_shardings=rep)
     return epoch, pred

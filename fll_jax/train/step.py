@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -30,20 +31,57 @@ class TrainState:
     rng: jax.Array
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Linear warm-up from 0, then cosine decay to 0 over the whole run (step -> learning rate)."""
+@flax.struct.dataclass
+class Schedule:
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then cosine decay to 0 at step `total`
+    (optax.warmup_cosine_decay_schedule's curve). A pytree: the train step takes it as an argument,
+    so its numbers are data, not constants, and one compiled step serves every schedule."""
+
+    peak: jax.Array
+    warmup: jax.Array
+    total: jax.Array
+
+    def __call__(self, step) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        rising = self.peak * step / jnp.maximum(self.warmup, 1.0)
+        progress = jnp.clip((step - self.warmup) / jnp.maximum(self.total - self.warmup, 1.0), 0.0, 1.0)
+        return jnp.where(step < self.warmup, rising, 0.5 * self.peak * (1.0 + jnp.cos(jnp.pi * progress)))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> Schedule:
+    """The config's schedule over the whole run, warm-up included (step -> learning rate)."""
     total = max(1, config.train.epochs * steps_per_epoch)
     warmup = min(total - 1, config.optim.warmup_epochs * steps_per_epoch)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup, decay_steps=total
-    )
+    return Schedule(*(np.float32(v) for v in (config.optim.learning_rate, warmup, total)))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW on learning_rate_schedule, after clipping the global gradient norm."""
+def scale_by_fed_schedule() -> optax.GradientTransformationExtraArgs:
+    """Updates times -schedule(count), the Schedule given to each update as `schedule=`; the state
+    is optax's ScaleByScheduleState, as in optax.adamw, so checkpoints keep their layout."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, schedule: Schedule, **extra_args):
+        del params, extra_args
+        step_size = -schedule(state.count)
+        updates = jax.tree.map(lambda g: jnp.asarray(step_size, g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """AdamW on a fed Schedule (update(..., schedule=...)), after clipping the global gradient norm.
+
+    The inner chain is optax.adamw's (Adam, decoupled weight decay, the learning rate) with the
+    schedule's numbers as arguments instead of constants.
+    """
     return optax.chain(
         optax.clip_by_global_norm(config.optim.grad_clip),
-        optax.adamw(learning_rate_schedule(config, steps_per_epoch), weight_decay=config.optim.weight_decay),
+        optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(config.optim.weight_decay),
+                    scale_by_fed_schedule()),
     )
 
 
@@ -106,8 +144,10 @@ def _loss_kwargs(config: ml_collections.ConfigDict) -> dict:
     )
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, config) -> tuple[TrainState, dict]:
-    """One optimisation step on a global batch: augment, forward, multitask loss, AdamW."""
+def train_step(state: TrainState, batch: dict, schedule: Schedule, *, model: nn.Module, tx,
+               config) -> tuple[TrainState, dict]:
+    """One optimisation step on a global batch: augment, forward, multitask loss, AdamW at the
+    schedule's learning rate."""
     rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, dropout_rng, sequence_rng = jax.random.split(rng, 3)
     x = prepare_inputs(batch, seq_indices(config), config.input_size, aug_rng, config.augment)
@@ -127,7 +167,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, config) 
         return loss, (updates["batch_stats"], dict(parts, loss=loss, accuracy_7way=correct.mean()))
 
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, schedule=schedule)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)  # before clipping
     metrics["param_norm"] = optax.global_norm(params)
@@ -148,12 +188,14 @@ def predict(variables: dict, batch: dict, *, model: nn.Module, config) -> dict:
 
 
 def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
-    """(init, jit-compiled train_step and predict) for this mesh; the state buffer is donated."""
+    """(init, jit-compiled train_step and predict) for this mesh; the state buffer is donated.
+
+    train(state, batch, schedule) takes its learning-rate Schedule as an argument."""
     batch_sharding = {k: data_sharding(mesh) for k in DEVICE_KEYS}
     rep = replicated(mesh)
     train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config),
-        in_shardings=(rep, batch_sharding),
+        in_shardings=(rep, batch_sharding, rep),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )

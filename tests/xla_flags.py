@@ -1,0 +1,9 @@
+"""XLA flags for every process the tests start, set before JAX starts (no imports here).
+
+The tests' programs are tiny and run for a few steps, so compiling them dominates. Without LLVM's
+optimisations and XLA's newer CPU fusion emitters the tiny three-branch train step compiled in
+about 11 s instead of 24 s on the 2-core CPU and ran as fast (docs/performance.md). Programs
+users run keep XLA's defaults: at the quick config's sizes these flags halve the step's speed.
+"""
+QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
