@@ -86,7 +86,8 @@ def test_the_fed_schedule_is_optax_adamw_and_one_program_serves_every_schedule()
     for epochs, warmup_epochs, learning_rate in ((2, 1, 3e-3), (3, 0, 1e-2)):
         config = tiny_config(f"epochs={epochs}")
         config.optim.warmup_epochs, config.optim.learning_rate = warmup_epochs, learning_rate
-        # optax's own AdamW on its warm-up cosine schedule, as the config asks; 14 steps pass the end.
+        # optax's own AdamW on its warm-up cosine schedule, as the config asks; 14 steps pass the
+        # first schedule's end (10 steps) and stop inside the second's (15).
         schedule = learning_rate_schedule(config, steps_per_epoch=5)
         total, warmup = config.train.epochs * 5, config.optim.warmup_epochs * 5
         reference = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip), optax.adamw(
