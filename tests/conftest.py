@@ -20,3 +20,15 @@ import jax  # noqa: E402  (after the flags above)
 # The tests are a program start: they take the configs' threefry form (configs/paper.py) for the
 # helpers they call directly, outside cross_validate's and explain's own rng_settings.
 jax.config.update("jax_threefry_partitionable", False)
+
+# `make test` runs each test module on one of several pytest-xdist workers (--dist loadfile);
+# the modules that take longest (measured: pytest --durations=0) start first, so that the
+# workers finish together instead of one waiting for a long module picked up last.
+LONGEST_FIRST = ("test_faults.py", "test_train_step.py", "test_fold_training.py", "test_ablate.py",
+                 "test_multihost.py", "test_cross_validate.py", "test_models.py", "test_saliency.py",
+                 "test_benchmark.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

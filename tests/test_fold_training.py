@@ -12,7 +12,6 @@ from fll_jax.train.checkpoints import FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
 from fll_jax.train.resident import ResidentData
-from fll_jax.train.step import abstract_state
 from tests.helpers import TRAINED, synthetic_source, tiny_config
 
 
@@ -102,8 +101,8 @@ def _poisoned(steps: Steps, from_step: int) -> Steps:
     return dataclasses.replace(steps, train=train)
 
 
-def _restored(steps, config, fold_dir):
-    ckpt = FoldCheckpoints(fold_dir / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
+def _restored(steps, fold_dir):
+    ckpt = FoldCheckpoints(fold_dir / "checkpoints", steps.state_target)
     try:
         return ckpt.restore_latest(), ckpt.best_step(), ckpt.best_step() is not None and ckpt.restore_best()
     finally:
@@ -118,7 +117,7 @@ def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpo
     with pytest.raises(NonFiniteLossError, match=r"fold 2, epoch 2: the loss or the weights became NaN.*"
                                                  r"last good checkpoint \(epoch 1\)"):
         train_fold(config, 2, source, _poisoned(steps, 2 * spe + spe - 1), spe, tmp_path)
-    (state, meta), best_step, best = _restored(steps, config, tmp_path)
+    (state, meta), best_step, best = _restored(steps, tmp_path)
     assert meta["epoch"] == 1 and best_step <= 1
     for tree in (state.params, best):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree)))
@@ -131,7 +130,7 @@ def test_nan_before_any_save_says_so_and_saves_nothing(setup, tmp_path):
     config.train.checkpoint_every = 5
     with pytest.raises(NonFiniteLossError, match="fold 2, epoch 0: .*no checkpoint of this fold had been saved yet"):
         train_fold(config, 2, source, _poisoned(steps, spe - 1), spe, tmp_path)
-    assert _restored(steps, config, tmp_path)[:2] == (None, None)
+    assert _restored(steps, tmp_path)[:2] == (None, None)
 
 
 def test_best_checkpoint_deleted_mid_run_retrains_the_fold(setup, straight, tmp_path, capsys):

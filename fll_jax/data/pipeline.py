@@ -59,6 +59,7 @@ class TFDSSource:
             self._tf.lookup.KeyValueTensorInitializer(list(fold_of), self._folds), default_value=-2)
         self.fingerprint = fingerprint
         self.shuffle_buffer, self.prefetch = shuffle_buffer, prefetch
+        self._selections: dict[tuple[int, ...], object] = {}
 
     @property
     def size(self) -> int:
@@ -70,11 +71,17 @@ class TFDSSource:
         return int(np.isin(self._folds, fold_ids(folds, np.unique(self._folds))).sum())
 
     def _dataset(self, folds: FoldSpec):
-        """The selected folds' examples in stored (manifest) order, each with its fold."""
+        """The selected folds' examples in stored (manifest) order, each with its fold.
+
+        Built once per selection: tracing the map and filter again for every epoch took 0.2-0.3 s.
+        """
         tf = self._tf
-        wanted = tf.constant(fold_ids(folds, np.unique(self._folds)), tf.int32)
-        with_fold = self._all.map(lambda ex: {**ex, "fold": self._table.lookup(ex["lesion_id"])})
-        return with_fold.filter(lambda ex: tf.reduce_any(tf.equal(ex["fold"], wanted)))
+        key = tuple(fold_ids(folds, np.unique(self._folds)))
+        if key not in self._selections:
+            wanted = tf.constant(key, tf.int32)
+            with_fold = self._all.map(lambda ex: {**ex, "fold": self._table.lookup(ex["lesion_id"])})
+            self._selections[key] = with_fold.filter(lambda ex: tf.reduce_any(tf.equal(ex["fold"], wanted)))
+        return self._selections[key]
 
     def train_batches(self, folds: Sequence[int], batch_size: int, seed: int, epoch: int,
                       share: tuple[int, int] = (0, 1)) -> Iterator[dict]:

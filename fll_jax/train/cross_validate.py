@@ -64,7 +64,8 @@ def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices
     init, train, predict = compile_steps(model, tx, config, mesh)
     train_epoch, predict_rows = compile_resident(model, tx, config, mesh)
     return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh,
-                 schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh), train_epoch=train_epoch,
+                 schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh),
+                 state_target=abstract_state(model, tx, config, mesh), train_epoch=train_epoch,
                  predict_rows=predict_rows)
 
 
@@ -89,12 +90,12 @@ def _meta_frame(pred: dict, split: str, fold: int) -> pd.DataFrame:
 def ensemble_predictions(config: ml_collections.ConfigDict, source, steps: Steps, models: Path) -> pd.DataFrame:
     """Each fold's best model (under `models`) on the test split and on its own validation fold, and
     their mean; the sequences of evaluation.hidden_sequences are hidden from every lesion."""
-    target = abstract_state(steps.model, steps.tx, config, steps.mesh)
     hidden = tuple(config.evaluation.hidden_sequences)
+    test_batches = list(source.eval_batches("test", config.train.eval_batch_size))  # read once for every fold
     test_frame, test_probs, val_frames = None, [], []
     for fold in config.train.folds:
-        variables = best_variables(models / f"fold{fold}", target)
-        test = run_predictions(steps, variables, source.eval_batches("test", config.train.eval_batch_size), hidden)
+        variables = best_variables(models / f"fold{fold}", steps.state_target)
+        test = run_predictions(steps, variables, test_batches, hidden)
         if test_frame is None:
             test_frame = _meta_frame(test, "test", -1)
         test_probs.append((fold, test))

@@ -19,7 +19,7 @@ from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBest
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import process_share, put_local, shard_batch
-from fll_jax.train.step import DEVICE_KEYS, Schedule, TrainState, abstract_state
+from fll_jax.train.step import DEVICE_KEYS, Schedule, TrainState
 
 # Validation metrics a config may select the best epoch by (all: higher is better).
 SELECT_METRICS = ("accuracy_7way", "accuracy_2way", "auc_binary", "neg_loss")
@@ -40,6 +40,7 @@ class Steps:
     predict: Callable
     mesh: jax.sharding.Mesh
     schedule: Schedule  # on the devices: the train steps' argument, and step -> learning rate for the logs
+    state_target: TrainState  # the state's shapes, dtypes and shardings: what checkpoints restore into
     train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
 
@@ -117,7 +118,7 @@ def train_fold(
     fold_dir = Path(fold_dir)
     done = fold_dir / "done.json"
     train_folds = [f for f in range(config.data.num_folds) if f != fold]
-    ckpt = FoldCheckpoints(fold_dir / "checkpoints", abstract_state(steps.model, steps.tx, config, steps.mesh))
+    ckpt = FoldCheckpoints(fold_dir / "checkpoints", steps.state_target)
     try:
         if done.exists():
             summary = read_json(done, f"delete it and rerun: the fold is finished again from {fold_dir / 'checkpoints'}")
@@ -152,6 +153,9 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     else:
         state, meta = restored
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
+    # The held-out fold's batches are the same every epoch: read once, not once per epoch (reading
+    # them through tf.data took about as long as the quick config's seven training steps).
+    val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
@@ -169,7 +173,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
                     f"(training metrics {train_metrics}); stopped before saving, {kept}. Fix the cause "
                     "(a lower learning rate, say) and start over with --restart or another --workdir."
                 )
-            val = validation_metrics(_validation_predictions(config, fold, source, steps, variables_of(state), resident))
+            val = validation_metrics(_validation_predictions(config, fold, val_batches, steps, variables_of(state),
+                                                             resident))
             record = {"epoch": epoch, "train": train_metrics, "val": val}
             meta["history"].append(record)
             meta["epoch"] = epoch
@@ -231,10 +236,10 @@ def _resident_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], r
     return state, metrics, throughput
 
 
-def _validation_predictions(config, fold: int, source, steps: Steps, variables: dict,
+def _validation_predictions(config, fold: int, val_batches: list[dict] | None, steps: Steps, variables: dict,
                             resident: ResidentData | None) -> dict[str, np.ndarray]:
     if resident is None:
-        return run_predictions(steps, variables, source.eval_batches([fold], config.train.eval_batch_size))
+        return run_predictions(steps, variables, val_batches)
     return validation_predictions(resident, steps.predict_rows, variables, fold, config.train.eval_batch_size,
                                   steps.mesh)
 
