@@ -19,6 +19,20 @@ class Killed(Exception):
     pass
 
 
+class CountingSource:
+    """A source that counts the evaluation passes read from it."""
+
+    def __init__(self, source):
+        self.source, self.eval_reads = source, 0
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def eval_batches(self, *args, **kwargs):
+        self.eval_reads += 1
+        return self.source.eval_batches(*args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def setup():
     config = tiny_config(TRAINED)
@@ -53,8 +67,11 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_pa
     # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
     _kill_after(setup, tmp_path / "killed", 2)
     assert not (tmp_path / "killed" / "done.json").exists()
-    resumed = train_fold(config, 1, source, steps, spe, tmp_path / "killed")
+    counting = CountingSource(source)
+    resumed = train_fold(config, 1, counting, steps, spe, tmp_path / "killed")
     assert len(resumed["history"]) == config.train.epochs
+    # Epochs 2 and 3 validated on the held-out fold, which was read once.
+    assert counting.eval_reads == 1
     for a, b in zip(straight["history"], resumed["history"]):
         for part in ("train", "val"):
             for key, value in a[part].items():

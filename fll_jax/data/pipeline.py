@@ -73,7 +73,7 @@ class TFDSSource:
     def _dataset(self, folds: FoldSpec):
         """The selected folds' examples in stored (manifest) order, each with its fold.
 
-        Built once per selection: tracing the map and filter again for every epoch took 0.2-0.3 s.
+        Built once per selection, not again for every epoch and validation pass (50-90 ms each).
         """
         tf = self._tf
         key = tuple(fold_ids(folds, np.unique(self._folds)))

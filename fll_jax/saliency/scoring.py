@@ -281,7 +281,7 @@ def reinitialised_variables(model: nn.Module, variables: Mapping, x: np.ndarray,
     x: one network input [S, D, H, W, 2] (only its shape is used).
     """
     # Op by op, as training's init (fll_jax/train/step.py: make_init): jitted, the seven-branch
-    # quick model took 28 s to compile its random draws on the 2-core CPU, op by op 17 s.
+    # quick model took 28.5 s to compile its random draws on the 2-core CPU, op by op 14 s.
     fresh = model.init(jax.random.PRNGKey(seed), np.zeros((1,) + np.shape(x), np.float32), train=False)
     fresh = {k: v for k, v in unfreeze(fresh).items() if k in variables}
     if jax.tree.structure(fresh) != jax.tree.structure(unfreeze(variables)):
