@@ -152,10 +152,10 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
         state, meta = steps.init(rng), {"epoch": -1, "best": None, "history": []}
     else:
         state, meta = restored
-    bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     # The held-out fold's batches are the same every epoch: read once (the quick config's
     # validation pass took 0.40 s reading them anew each epoch, 0.21 s reading them once).
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
+    bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
