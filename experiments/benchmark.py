@@ -5,6 +5,10 @@ paper's shapes:
   python experiments/benchmark.py --config configs/paper.py --batch 32 --variants s2d,direct
 and on this CPU (f32, narrow, 32^3):
   python experiments/benchmark.py --config configs/quick.py --batch 16 --variants s2d,direct
+A variant names how strided convolutions are computed (s2d or direct), optionally followed by
+how every convolution is (_native: XLA's 3D convolution, _folded: a 2D one with the depth taps
+in channels); without it the config's model.conv_impl decides ('auto': folded on the CPU only):
+  python experiments/benchmark.py --config configs/quick.py --batch 8 --variants s2d_folded,s2d_native
 Feeds numpy arrays (no TensorFlow needed). Prints one JSON line per variant and the ratios.
 
 --inference and --saliency add, from the first variant's weights after its timed steps, the
@@ -23,6 +27,7 @@ from ml_collections import config_flags
 
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.random_batch import random_batch
+from fll_jax.models.conv import folds_depth
 from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.sharding import shard_batch
@@ -31,7 +36,8 @@ from fll_jax.train.step import DEVICE_KEYS, rng_settings
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Config to benchmark.")
 flags.DEFINE_integer("batch", 16, "Global batch size.")
 flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
-flags.DEFINE_list("variants", ["s2d", "direct"], "s2d | direct (the strided convolutions' implementation).")
+flags.DEFINE_list("variants", ["s2d", "direct"],
+                  "s2d | direct (the strided convolutions' implementation), optionally _native | _folded.")
 flags.DEFINE_integer("stored", PATCH_SIZE, "Side of the stored patch fed to the step.")
 flags.DEFINE_bool("inference", False, "Also time the five-model ensemble's inference (lesions/s).")
 flags.DEFINE_integer("inference_batch", 256, "Lesions per inference call.")
@@ -94,9 +100,20 @@ def time_saliency(config, variables: dict) -> dict:
             "sequences": len(config.sequences), "ms_per_lesion": 1000 * per, "first_lesion_s": first}
 
 
-def run_variant(config, variant: str) -> dict:
+def apply_variant(config, variant: str):
+    """The config with a variant's convolutions: 's2d' or 'direct', optionally '_native' or '_folded'."""
+    strided, _, conv_impl = variant.partition("_")
+    if strided not in ("s2d", "direct") or conv_impl not in ("", "native", "folded"):
+        raise app.UsageError(f"unknown variant {variant!r}: s2d or direct, optionally followed by _native or _folded")
     config = config.copy_and_resolve_references()
-    config.model.space_to_depth = variant == "s2d"
+    config.model.space_to_depth = strided == "s2d"
+    if conv_impl:
+        config.model.conv_impl = conv_impl
+    return config
+
+
+def run_variant(config, variant: str) -> dict:
+    config = apply_variant(config, variant)
     config.train.batch_size = FLAGS.batch
     config.train.eval_batch_size = FLAGS.batch
     steps = build_steps(config, steps_per_epoch=100)
@@ -124,6 +141,7 @@ def run_variant(config, variant: str) -> dict:
         extra.append(time_saliency(config, variables_of(state)))
     return {
         "variant": variant,
+        "conv": "folded" if folds_depth(config.model.conv_impl) else "native",
         "device": jax.devices()[0].device_kind,
         "devices": jax.device_count(),
         "batch": FLAGS.batch,

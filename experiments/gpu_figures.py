@@ -60,7 +60,7 @@ def main(argv):
     figures = {}
     figures["benchmark"] = _run("benchmark", [
         py, "experiments/benchmark.py", f"--config={config}", *model, f"--batch={scale['batch']}",
-        f"--steps={scale['steps']}", "--variants=s2d,direct", "--inference", "--saliency",
+        f"--steps={scale['steps']}", "--variants=s2d,direct,s2d_folded", "--inference", "--saliency",
         f"--inference_batch={scale['inference_batch']}", f"--ig_lesions={scale['ig_lesions']}"], out)
     figures["profile"] = _run("profile", [
         py, "experiments/profile_step.py", f"--config={config}", *model, f"--batch={scale['batch']}",

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.random_batch import random_batch
-from fll_jax.models.conv import Conv3D
+from fll_jax.models.conv import Conv3D, folds_depth
 from fll_jax.models.resnet3d import DTYPES, STAGE_SIZES, stage, stem
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.cross_validate import build_steps
@@ -73,8 +73,9 @@ def _forward_backward(module: nn.Module, x: jax.Array) -> tuple[float, float]:
 def _conv_only(part: str, config, dtype, x: jax.Array) -> tuple[float, float]:
     """The same part's convolutions alone (every layer's input shape as in the part)."""
     m = config.model
+    conv = functools.partial(Conv3D, space_to_depth=m.space_to_depth, dtype=dtype, fold_depth=folds_depth(m.conv_impl))
     if part == "stem":
-        module = Part(lambda x: Conv3D(m.width, m.stem_kernel, m.stem_stride, m.space_to_depth, dtype)(x))
+        module = Part(lambda x: conv(m.width, m.stem_kernel, m.stem_stride)(x))
     else:
         index = int(part[-1]) - 1
         width = m.width * 2**index
@@ -82,10 +83,10 @@ def _conv_only(part: str, config, dtype, x: jax.Array) -> tuple[float, float]:
         def convs(x):
             for block in range(STAGE_SIZES[m.depth][index]):
                 stride = 2 if index > 0 and block == 0 else 1
-                y = Conv3D(width, 3, stride, m.space_to_depth, dtype)(x)
-                y = Conv3D(width, 3, 1, m.space_to_depth, dtype)(y)
+                y = conv(width, 3, stride)(x)
+                y = conv(width, 3, 1)(y)
                 if stride != 1 or x.shape[-1] != width:
-                    y = y + Conv3D(width, 1, stride, m.space_to_depth, dtype)(x)
+                    y = y + conv(width, 1, stride)(x)
                 x = y
             return x
 
@@ -98,12 +99,14 @@ def profile_stages(config) -> list[dict]:
     m, size = config.model, config.input_size
     dtype = DTYPES[m.dtype]
     x = jnp.asarray(np.random.default_rng(0).normal(size=(FLAGS.batch, size, size, size, 2)), jnp.float32)
+    fold = folds_depth(m.conv_impl)
     parts = [("stem", Part(functools.partial(stem, width=m.width, kernel=m.stem_kernel, stride=m.stem_stride,
-                                             space_to_depth=m.space_to_depth, dtype=dtype, train=True)))]
+                                             space_to_depth=m.space_to_depth, dtype=dtype, train=True,
+                                             fold_depth=fold)))]
     for index, blocks in enumerate(STAGE_SIZES[m.depth]):
         parts.append((f"stage{index + 1}", Part(functools.partial(
             stage, index=index, blocks=blocks, width=m.width, shortcut=m.shortcut, space_to_depth=m.space_to_depth,
-            dtype=dtype, train=True))))
+            dtype=dtype, train=True, fold_depth=fold))))
     rows = []
     for name, module in parts:
         forward, both = _forward_backward(module, x)

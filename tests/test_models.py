@@ -1,4 +1,4 @@
-"""Models and loss: space-to-depth equals the direct convolutions, fusions, registries, loss."""
+"""Models and loss: space-to-depth and folded convolutions equal the direct ones, fusions, registries, loss."""
 import functools
 
 import jax
@@ -14,8 +14,8 @@ from fll_jax.models.conv import conv3d, conv3d_s2d
 from fll_jax.models.initializers import variance_scaling_flat
 from fll_jax.train.loss import multitask_loss
 
-# Space-to-depth only reorders the sums, so in float32 it must agree to rounding: max |a - b|
-# within TOL of the larger of 1 and max |a|.
+# Space-to-depth and folding the depth only reorder the sums, so in float32 they must agree to
+# rounding: max |a - b| within TOL of the larger of 1 and max |a|.
 TOL = 1e-5
 
 
@@ -38,12 +38,12 @@ def _random(seed: int, shape) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
-# ---------------------------------------------------------------- space-to-depth convolutions
+# ---------------------------------------------------------------- space-to-depth and folded convolutions
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _conv_vjp(conv, x, kernel, cotangent):
-    out, pullback = jax.vjp(lambda x, k: conv(x, k, 2), x, kernel)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _conv_vjp(conv, stride, fold_depth, x, kernel, cotangent):
+    out, pullback = jax.vjp(lambda x, k: conv(x, k, stride, fold_depth), x, kernel)
     return (out,) + pullback(cotangent)
 
 
@@ -60,17 +60,21 @@ def _conv_vjp(conv, x, kernel, cotangent):
         (5, 9, 2),
     ],
 )
-def test_s2d_conv_matches_direct_values_and_gradients(kernel_size, size, in_ch):
+def test_s2d_and_folded_convs_match_direct_values_and_gradients(kernel_size, size, in_ch):
     x = _random(0, (2, size, size + 1, size, in_ch))  # a non-cubic input too
     kernel = _random(1, (kernel_size,) * 3 + (in_ch, 4))
-    out_shape = jax.eval_shape(lambda: conv3d(x, kernel, 2)).shape
-    assert out_shape[1:4] == tuple(-(-n // 2) for n in x.shape[1:4])  # ceil(n / 2), as PyTorch
-    cotangent = _random(2, out_shape)
-    direct = _conv_vjp(conv3d, x, kernel, cotangent)
-    s2d = _conv_vjp(conv3d_s2d, x, kernel, cotangent)
-    for name, a, b in zip(("output", "input gradient", "kernel gradient"), direct, s2d):
-        assert a.shape == b.shape, name
-        assert _max_rel_err(a, b) < TOL, (name, _max_rel_err(a, b))
+    for stride in (2, 1):
+        out_shape = jax.eval_shape(lambda: conv3d(x, kernel, stride)).shape
+        assert out_shape[1:4] == tuple(-(-n // stride) for n in x.shape[1:4])  # ceil(n / stride), as PyTorch
+        cotangent = _random(2, out_shape)
+        direct = _conv_vjp(conv3d, stride, False, x, kernel, cotangent)
+        # Strided convolutions by blocks (natively and folded); every stride folded.
+        forms = [(conv3d_s2d, False), (conv3d_s2d, True), (conv3d, True)] if stride > 1 else [(conv3d, True)]
+        for conv, fold in forms:
+            other = _conv_vjp(conv, stride, fold, x, kernel, cotangent)
+            for name, a, b in zip(("output", "input gradient", "kernel gradient"), direct, other):
+                assert a.shape == b.shape, (conv.__name__, fold, stride, name)
+                assert _max_rel_err(a, b) < TOL, (conv.__name__, fold, stride, name, _max_rel_err(a, b))
 
 
 def _random_variables(model, x, seed: int = 0) -> dict:
@@ -100,10 +104,11 @@ def _resnet_out_and_grads(model, variables, x, cotangent):
     return out, grad_params, grad_x
 
 
-@pytest.mark.parametrize("size", [16, 15])
-def test_resnet_s2d_matches_direct_values_and_gradients(size):
+@pytest.mark.parametrize("size,space_to_depth,fold_depth", [(16, True, False), (15, True, False), (16, True, True),
+                                                            (15, False, True)])
+def test_resnet_s2d_and_folded_match_direct_values_and_gradients(size, space_to_depth, fold_depth):
     direct = ResNet3D(depth=10, width=4, space_to_depth=False)
-    s2d = ResNet3D(depth=10, width=4, space_to_depth=True)
+    s2d = ResNet3D(depth=10, width=4, space_to_depth=space_to_depth, fold_depth=fold_depth)
     x = _random(0, (2, size, size, size, 2))
     # Same parameter tree and shapes: checkpoints do not depend on the implementation.
     assert jax.tree.map(jnp.shape, jax.eval_shape(direct.init, jax.random.key(0), x)) == jax.tree.map(

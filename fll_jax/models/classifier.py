@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fll_jax.constants import sequence_index
+from fll_jax.models.conv import folds_depth
 from fll_jax.models.fusion import FUSIONS
 from fll_jax.models.registry import lookup
 from fll_jax.models.resnet3d import BACKBONES, DTYPES, SHORTCUTS, STAGE_SIZES
@@ -51,6 +52,7 @@ class MultiSequenceClassifier(nn.Module):
     shortcut: str = "B"
     space_to_depth: bool = False
     dtype: str = "float32"
+    fold_depth: bool = False
 
     def _backbone(self, **kwargs) -> nn.Module:
         return lookup(BACKBONES, self.backbone, "backbone")(
@@ -61,6 +63,7 @@ class MultiSequenceClassifier(nn.Module):
             shortcut=self.shortcut,
             space_to_depth=self.space_to_depth,
             dtype=self.dtype,
+            fold_depth=self.fold_depth,
             **kwargs,
         )
 
@@ -112,6 +115,8 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
         shortcut=model_config.shortcut,
         space_to_depth=bool(model_config.space_to_depth),
         dtype=model_config.dtype,
+        # Configs written before the key existed get its default.
+        fold_depth=folds_depth(model_config.get("conv_impl", "auto")),
     )
 
 

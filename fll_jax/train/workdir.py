@@ -21,9 +21,10 @@ from fll_jax.files import StateFileError, read_json, write_json
 
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
-# Settings that change speed or where files are, never results (the data is fingerprinted by content).
+# Settings that change speed or where files are, never results (the data is fingerprinted by content;
+# model.conv_impl changes only how the same sums are ordered, as another machine would).
 SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
-               "train.checkpoint_every", "train.eval_batch_size")
+               "train.checkpoint_every", "train.eval_batch_size", "model.conv_impl")
 # The report's settings: it is rewritten from predictions.csv under any of them, so they change no model.
 REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
 # What a run writes into its folder; --restart deletes these and nothing else.
