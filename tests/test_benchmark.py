@@ -21,6 +21,7 @@ def test_benchmark_reports_the_step_inference_and_saliency_figures():
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     step, inference, saliency = lines
     assert step["variant"] == "s2d" and step["batch"] == 4 and step["samples_per_s"] > 0
+    assert step["conv"] == "folded"  # the config's 'auto' on the CPU
     assert inference["figure"] == "ensemble_inference" and inference["models"] == 2 and inference["lesions_per_s"] > 0
     assert saliency["figure"] == "integrated_gradients" and saliency["steps"] == 4 and saliency["sequences"] == 3
     assert saliency["models"] == 2 and saliency["ms_per_lesion"] > 0

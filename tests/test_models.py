@@ -263,6 +263,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
         (dict(depth=50), ("t2w",), "known: 10, 18, 34"),
         (dict(shortcut="C"), ("t2w",), "known: A, B"),
         (dict(dtype="float16"), ("t2w",), "known: bfloat16, float32"),
+        (dict(conv_impl="cudnn"), ("t2w",), "known: auto, native, folded"),
         ({}, ("t2w", "flair"), "unknown sequence 'flair'"),
         ({}, ("t2w", "t2w"), "repeat"),
         ({}, (), "at least one"),
