@@ -42,4 +42,5 @@ def pytest_xdist_auto_num_workers(config):
     caps it at four). Compiling keeps a worker's core only partly busy: on two cores, from an
     empty compilation cache, the suite took 5 min 8 s on two workers, 4 min 33 s on three and
     4 min 58 s on four (docs/performance.md)."""
-    return len(os.sched_getaffinity(0)) + 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    return (cores or 1) + 1
