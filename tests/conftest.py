@@ -26,9 +26,9 @@ jax.config.update("jax_threefry_partitionable", False)
 # `make test` runs each test module on one of several pytest-xdist workers (--dist loadfile);
 # the modules that take longest (measured: pytest --durations=0) start first, so that the
 # workers finish together instead of one waiting for a long module picked up last.
-LONGEST_FIRST = ("test_faults.py", "test_train_step.py", "test_fold_training.py", "test_ablate.py",
-                 "test_multihost.py", "test_cross_validate.py", "test_models.py", "test_saliency.py",
-                 "test_benchmark.py")
+LONGEST_FIRST = ("test_faults.py", "test_train_step.py", "test_fold_training.py", "test_models.py",
+                 "test_multihost.py", "test_ablate.py", "test_saliency.py", "test_benchmark.py",
+                 "test_cross_validate.py")
 
 
 def pytest_collection_modifyitems(items):
