@@ -1,14 +1,18 @@
-"""Every GPU figure of docs/performance.md in one call, each timed, into one folder.
+"""Every GPU figure of docs/performance.md, each timed, into one folder; in one call or in parts.
 
-In order: the train step of each variant with the ensemble's inference and integrated
-gradients (benchmark.py), the step's profile by stage (profile_step.py), the PyTorch peer
-(--peer, if given), the paper-scale phantom's patches (numpy backend: the card has no
-TensorFlow), then the whole protocol (cross_validate.py with the development lesions resident
-on the device, and explain.py on every test lesion), whose time is the target. Writes
-<out>/<name>.log for each command and <out>/figures.json (seconds of each, and the protocol's).
+The parts, in order: `benchmark` (the train step of each variant, with the five-model
+ensemble's inference and integrated gradients: benchmark.py), `profile` (the step by stage,
+with a jax.profiler trace: profile_step.py), `peer` (the PyTorch peer, given by --peer),
+`data` (the paper-scale phantom's patches, numpy backend: the card has no TensorFlow), then the
+whole protocol, whose time is the target: `cross_validate` (the development lesions resident on
+the device) and `explain` (every test lesion; it reads the workdir that cross_validate has just
+written, so both go in one call). Writes <out>/<part>.log for each part and <out>/figures.json,
+the seconds of each part so far, rewritten after each: a call stopped at its time limit keeps
+what finished. docs/performance.md plans the parts into a card's device time.
   python3 experiments/gpu_figures.py --out OUT --peer bench/peer_bench.py     # on the card
-  python experiments/gpu_figures.py --out OUT --scale tiny                    # the same steps at
-                                                                               # test sizes, on a CPU
+  python3 experiments/gpu_figures.py --out OUT --parts=data,benchmark,peer --variants=s2d --peer bench/peer_bench.py
+  python3 experiments/gpu_figures.py --out OUT --parts=cross_validate,explain  # the data kept from the call before
+  python experiments/gpu_figures.py --out OUT --scale tiny                    # every part at test sizes, on a CPU
 """
 import json
 import shutil
@@ -21,7 +25,13 @@ from absl import app, flags
 
 flags.DEFINE_string("out", None, "Folder for the logs and figures.json.", required=True)
 flags.DEFINE_enum("scale", "paper", ["paper", "tiny"], "paper: the paper's shapes and data; tiny: test sizes.")
-flags.DEFINE_string("peer", None, "Path of the PyTorch peer's benchmark script (run with --variants torch_eager).")
+flags.DEFINE_string("peer", None, "Path of the PyTorch peer's benchmark script (run with --variants torch_eager); "
+                    "without it the peer part is skipped.")
+PARTS = ("benchmark", "profile", "peer", "data", "cross_validate", "explain")
+flags.DEFINE_list("parts", list(PARTS), f"The parts to run (always in this order): {', '.join(PARTS)}.")
+flags.DEFINE_list("variants", ["s2d", "direct", "s2d_folded"], "benchmark.py's train-step variants.")
+flags.DEFINE_string("workdir", None, "The protocol's workdir (default: <out>/protocol); on the card, one outside "
+                    "$OUT keeps the checkpoints (gigabytes) out of what comes back.")
 FLAGS = flags.FLAGS
 
 # Config and overrides per scale: the protocol keeps the development set on the device and saves
@@ -50,34 +60,50 @@ def _run(name: str, command: list[str], out: Path) -> float:
     return seconds
 
 
-def main(argv):
-    del argv
-    out = Path(FLAGS.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+def _commands(out: Path) -> dict[str, list[str]]:
+    """Each part's command at --scale, in PARTS' order."""
     scale = SCALES[FLAGS.scale]
     py, config, overrides = sys.executable, scale["config"], scale["overrides"]
     model = [o for o in overrides if o.startswith("--config.model.")]
+    workdir = Path(FLAGS.workdir).absolute() if FLAGS.workdir else out / "protocol"
+    return {
+        "benchmark": [py, "experiments/benchmark.py", f"--config={config}", *model, f"--batch={scale['batch']}",
+                      f"--steps={scale['steps']}", f"--variants={','.join(FLAGS.variants)}", "--inference", "--saliency",
+                      f"--inference_batch={scale['inference_batch']}", f"--ig_lesions={scale['ig_lesions']}"],
+        "profile": [py, "experiments/profile_step.py", f"--config={config}", *model, f"--batch={scale['batch']}",
+                    f"--trace={out / 'trace'}"],
+        "peer": [py, str(FLAGS.peer), "--variants", "torch_eager", "--batch", scale["batch"]],
+        "data": [py, "data_prep/preprocess.py", f"--config={config}", *overrides],
+        "cross_validate": [py, "experiments/cross_validate.py", f"--config={config}", *overrides, *PROTOCOL,
+                           f"--workdir={workdir}"],
+        "explain": [py, "experiments/explain.py", f"--workdir={workdir}", "--num_per_class=0", "--split=test"],
+    }
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(FLAGS.parts) - set(PARTS))
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    if "explain" in FLAGS.parts and "cross_validate" not in FLAGS.parts:
+        raise app.UsageError("--parts: explain reads the workdir that cross_validate writes; run both in one call")
+    out = Path(FLAGS.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
     figures = {}
-    figures["benchmark"] = _run("benchmark", [
-        py, "experiments/benchmark.py", f"--config={config}", *model, f"--batch={scale['batch']}",
-        f"--steps={scale['steps']}", "--variants=s2d,direct,s2d_folded", "--inference", "--saliency",
-        f"--inference_batch={scale['inference_batch']}", f"--ig_lesions={scale['ig_lesions']}"], out)
-    figures["profile"] = _run("profile", [
-        py, "experiments/profile_step.py", f"--config={config}", *model, f"--batch={scale['batch']}",
-        f"--trace={out / 'trace'}"], out)
-    # one archive: the device tool brings back files at most two folders down
-    shutil.make_archive(str(out / "trace"), "gztar", out / "trace")
-    shutil.rmtree(out / "trace")
-    if FLAGS.peer:
-        figures["peer"] = _run("peer", [py, FLAGS.peer, "--variants", "torch_eager", "--batch", scale["batch"]], out)
-    figures["data"] = _run("data", [py, "data_prep/preprocess.py", f"--config={config}", *overrides], out)
-    workdir = out / "protocol"
-    figures["cross_validate"] = _run("cross_validate", [
-        py, "experiments/cross_validate.py", f"--config={config}", *overrides, *PROTOCOL, f"--workdir={workdir}"], out)
-    figures["explain"] = _run("explain", [
-        py, "experiments/explain.py", f"--workdir={workdir}", "--num_per_class=0", "--split=test"], out)
-    figures["protocol"] = figures["cross_validate"] + figures["explain"]
-    (out / "figures.json").write_text(json.dumps({"scale": FLAGS.scale, "seconds": figures}, indent=1) + "\n")
+    for name, command in _commands(out).items():
+        if name not in FLAGS.parts:
+            continue
+        if name == "peer" and not FLAGS.peer:
+            print("== peer: skipped (no --peer)", flush=True)
+            continue
+        figures[name] = _run(name, command, out)
+        if name == "profile":
+            # one archive: the device tool brings back files at most two folders down
+            shutil.make_archive(str(out / "trace"), "gztar", out / "trace")
+            shutil.rmtree(out / "trace")
+        if name == "explain":
+            figures["protocol"] = figures["cross_validate"] + figures["explain"]
+        (out / "figures.json").write_text(json.dumps({"scale": FLAGS.scale, "seconds": figures}, indent=1) + "\n")
     print(json.dumps(figures))
 
 

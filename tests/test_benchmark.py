@@ -25,3 +25,12 @@ def test_benchmark_reports_the_step_inference_and_saliency_figures():
     assert inference["figure"] == "ensemble_inference" and inference["models"] == 2 and inference["lesions_per_s"] > 0
     assert saliency["figure"] == "integrated_gradients" and saliency["steps"] == 4 and saliency["sequences"] == 3
     assert saliency["models"] == 2 and saliency["ms_per_lesion"] > 0
+
+
+def test_gpu_figures_refuses_unknown_parts_and_explain_without_its_workdir(tmp_path):
+    for parts, expected in (("bench", "unknown bench; the parts are benchmark, profile"),
+                            ("data,explain", "run both in one call")):
+        command = [sys.executable, "experiments/gpu_figures.py", f"--out={tmp_path / 'out'}", f"--parts={parts}"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
