@@ -1,6 +1,9 @@
 """Tiny configs and synthetic batches shared by the training tests."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import numpy as np
 
 from configs import quick
@@ -83,3 +86,31 @@ def synthetic_source(per_fold: int = 8, test: int = 8, size: int = 16, seed: int
         zoom_max=batch["zoom_max"],
     )
     return NumpySource(patches, dict(zip(patches.lesion_id.tolist(), folds.tolist())))
+
+
+class _Compiles(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        words = record.getMessage().split()
+        if words[:4] == ["Finished", "XLA", "compilation", "of"]:
+            self.seen.append((words[4], record.threadName))
+
+
+@contextlib.contextmanager
+def recorded_compiles():
+    """A list that receives (program, thread name) for each program compiled (or read from the
+    persistent cache) inside the block, from JAX's own log."""
+    import jax
+
+    handler, logger = _Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    before = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # globally: the compiling threads read it too
+    try:
+        yield handler.seen
+    finally:
+        jax.config.update("jax_log_compiles", before)
+        logger.removeHandler(handler)

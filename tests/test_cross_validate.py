@@ -11,7 +11,7 @@ from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.checkpoints import load_fold_models
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
-from tests.helpers import TRAINED, synthetic_source, tiny_config
+from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
 
 
 # Rows of synthetic_source: 0-7 fold 0, 8-15 fold 1, ..., 40-47 the test split.
@@ -24,12 +24,13 @@ def run(tmp_path_factory):
     config.data.source = "synthetic (tests)"
     workdir = tmp_path_factory.mktemp("cv")
     source = synthetic_source(lacking=LACKING)
-    metrics = cross_validate(config, workdir, source=source)
-    return config, workdir, source, metrics
+    with recorded_compiles() as compiles:
+        metrics = cross_validate(config, workdir, source=source)
+    return config, workdir, source, metrics, compiles
 
 
 def test_workdir_holds_config_predictions_metrics_report(run):
-    config, workdir, _, metrics = run
+    config, workdir, _, metrics, _ = run
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (workdir / name).is_file(), name
@@ -39,8 +40,16 @@ def test_workdir_holds_config_predictions_metrics_report(run):
     assert 0.0 <= saved["test"]["ensemble"]["auc_binary"] <= 1.0
 
 
+def test_train_step_and_validation_compile_once_while_the_first_fold_initialises(run):
+    *_, compiles = run
+    for program in ("jit(train_step)", "jit(predict)"):
+        threads = [thread for name, thread in compiles if name == program]
+        # in a compile-ahead thread (fll_jax/train/ahead.py), and never again when first called
+        assert len(threads) == 1 and threads[0].startswith("compile-ahead"), (program, threads)
+
+
 def test_ensemble_is_the_mean_of_the_fold_models(run):
-    _, workdir, source, _ = run
+    _, workdir, source, _, _ = run
     pred = pd.read_csv(workdir / "predictions.csv")
     test = pred[pred.split == "test"]
     assert len(test) == source.num_examples("test") and test.lesion_id.is_unique
@@ -55,7 +64,7 @@ def test_ensemble_is_the_mean_of_the_fold_models(run):
 
 
 def test_missing_sequences_are_listed_and_counted(run):
-    _, workdir, _, metrics = run
+    _, workdir, _, metrics, _ = run
     pred = pd.read_csv(workdir / "predictions.csv", keep_default_na=False).set_index("lesion_id")
     assert pred.loc["P041_L1", "missing"] == "adc" and pred.loc["P042_L1", "missing"] == "t2w"
     assert pred.loc["P009_L1", "missing"] == "lap+pvp" and pred.loc["P000_L1", "missing"] == ""
@@ -66,7 +75,7 @@ def test_missing_sequences_are_listed_and_counted(run):
 
 
 def test_fold_models_reload_from_a_relative_workdir(run, monkeypatch):
-    config, workdir, source, _ = run
+    config, workdir, source, _, _ = run
     monkeypatch.chdir(workdir.parent)
     model, variables, loaded = load_fold_models(workdir.name)
     assert loaded.train.folds == [0, 1] and len(variables) == 2
@@ -81,7 +90,7 @@ def test_fold_models_reload_from_a_relative_workdir(run, monkeypatch):
 
 
 def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
-    config, workdir, source, metrics = run
+    config, workdir, source, metrics, _ = run
     before = (workdir / "predictions.csv").read_text()
     again = cross_validate(config, workdir, source=source)
     assert again["test"]["ensemble"]["accuracy_7way"] == metrics["test"]["ensemble"]["accuracy_7way"]
@@ -98,7 +107,7 @@ def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
 
     from fll_jax.train.step import learning_rate_schedule
 
-    config, workdir, source, _ = run
+    config, workdir, source, _, _ = run
     scalars = {}
     for path in (workdir / "tensorboard").rglob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
 from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
 from fll_jax.train.resident import ResidentData
-from tests.helpers import TRAINED, synthetic_source, tiny_config
+from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
 
 
 class Killed(Exception):
@@ -89,13 +90,22 @@ def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_pa
     The scan rounds differently from separate steps; through the tiny model, where one unit
     crossing zero moves the gradient norm by about 0.6 %, that grows after two epochs, and an
     AUC over eight validation lesions then flips by a pair. Other batches would differ from the
-    first epoch on, by far more; later epochs are held to the smooth training figures.
+    first epoch on, by far more; later epochs are held to the smooth training figures. The scan
+    and the validation call compile once, ahead, as cross_validate starts them.
     """
     config, source, spe, steps = setup
     resident = ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size, steps.mesh)
     assert resident.arrays["image"].sharding.is_fully_replicated
     assert len(resident.rows([1])) == source.num_examples([1])
-    on_device = train_fold(config, 1, source, steps, spe, tmp_path / "resident", resident=resident)
+    try:
+        with recorded_compiles() as compiles:
+            steps.ahead = compile_ahead(config, steps, source, resident)  # as cross_validate starts it
+            on_device = train_fold(config, 1, source, steps, spe, tmp_path / "resident", resident=resident)
+    finally:
+        steps.ahead = None  # the module's other tests share these steps
+    for program in ("jit(train_epoch)", "jit(predict_rows)"):
+        threads = [thread for name, thread in compiles if name == program]
+        assert len(threads) == 1 and threads[0].startswith("compile-ahead"), (program, threads)
     for a, b in zip(straight["history"], on_device["history"], strict=True):
         early = a["epoch"] < 2
         compared = [(part, key) for part in ("train", "val") for key in a[part]] if early else [

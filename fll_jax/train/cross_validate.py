@@ -16,6 +16,7 @@ from fll_jax.data.prepare import DataError
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv
 from fll_jax.models import build_model
+from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.resident import ResidentData, compile_resident
@@ -139,6 +140,7 @@ def cross_validate(
         steps = build_steps(config, steps_per_epoch)
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
                                              steps.mesh) if config.train.resident_data else None)
+        steps.ahead = compile_ahead(config, steps, source, resident)
         writer = SummaryWriter(str(workdir / "tensorboard"))
         try:
             for fold in config.train.folds:
@@ -146,6 +148,7 @@ def cross_validate(
                            resident)
         finally:
             writer.close()
+        steps.ahead.wait()  # every fold may have been finished before: nothing waited yet
         predictions = ensemble_predictions(config, source, steps, workdir)
     write_csv(predictions, workdir / "predictions.csv")
     metrics = write_report(workdir)

@@ -43,6 +43,7 @@ class Steps:
     state_target: TrainState  # the state's shapes, dtypes and shardings: what checkpoints restore into
     train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
+    ahead: object | None = None  # a CompileAhead (fll_jax/train/ahead.py): the first fold's programs compiling
 
 
 def hide_sequences(batch: dict, hidden: Sequence[str]) -> dict:
@@ -155,6 +156,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     # The held-out fold's batches are the same every epoch: read once (the quick config's
     # validation pass took 0.40 s reading them anew each epoch, 0.21 s reading them once).
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
+    if steps.ahead is not None:
+        steps.ahead.wait()  # else the first epoch would compile its programs a second time
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):

@@ -100,11 +100,16 @@ def put_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(indices.shape, _index_sharding(mesh), lambda index: indices[index])
 
 
+def validation_indices(data: ResidentData, fold: int, batch_size: int) -> np.ndarray:
+    """[batches, batch_size] positions of `fold`'s lesions, its first ones repeated to fill the last batch."""
+    rows = data.rows([fold])
+    return np.resize(rows, -(-len(rows) // batch_size) * batch_size).reshape(-1, batch_size)
+
+
 def validation_predictions(data: ResidentData, predict_fn: Callable, variables: dict, fold: int,
                            batch_size: int, mesh: Mesh) -> dict[str, np.ndarray]:
     """p2, p7, label7 and label2 of every lesion of `fold`, computed on the device."""
-    rows = data.rows([fold])
-    padded = np.resize(rows, -(-len(rows) // batch_size) * batch_size)  # repeats rows to fill the last batch
-    probs = jax.device_get(predict_fn(variables, data.arrays, put_indices(padded.reshape(-1, batch_size), mesh)))
-    out = {k: np.asarray(v).reshape(len(padded), -1)[:len(rows)] for k, v in probs.items()}
+    rows, indices = data.rows([fold]), validation_indices(data, fold, batch_size)
+    probs = jax.device_get(predict_fn(variables, data.arrays, put_indices(indices, mesh)))
+    out = {k: np.asarray(v).reshape(indices.size, -1)[:len(rows)] for k, v in probs.items()}
     return {**out, "label7": data.host["label7"][rows], "label2": data.host["label2"][rows]}
