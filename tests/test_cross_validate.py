@@ -92,7 +92,9 @@ def test_fold_models_reload_from_a_relative_workdir(run, monkeypatch):
 def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     config, workdir, source, metrics, _ = run
     before = (workdir / "predictions.csv").read_text()
-    again = cross_validate(config, workdir, source=source)
+    with recorded_compiles() as compiles:
+        again = cross_validate(config, workdir, source=source)
+    assert "jit(train_step)" not in {name for name, _ in compiles}  # nothing to train, nothing compiled for it
     assert again["test"]["ensemble"]["accuracy_7way"] == metrics["test"]["ensemble"]["accuracy_7way"]
     assert (workdir / "predictions.csv").read_text() == before
     changed = config.copy_and_resolve_references()

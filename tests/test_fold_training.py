@@ -99,7 +99,7 @@ def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_pa
     assert len(resident.rows([1])) == source.num_examples([1])
     try:
         with recorded_compiles() as compiles:
-            steps.ahead = compile_ahead(config, steps, source, resident)  # as cross_validate starts it
+            steps.ahead = compile_ahead(config, steps, source, resident, 1)  # as cross_validate starts it
             on_device = train_fold(config, 1, source, steps, spe, tmp_path / "resident", resident=resident)
     finally:
         steps.ahead = None  # the module's other tests share these steps

@@ -47,11 +47,11 @@ def _spec(batch: dict, keys, size: int, sharding) -> dict[str, jax.ShapeDtypeStr
             for k in keys}
 
 
-def compile_ahead(config: ml_collections.ConfigDict, steps, source, resident: ResidentData | None) -> CompileAhead:
-    """Start compiling what the first configured fold calls first: its epoch (the streamed step,
-    or the resident scan) and its validation pass. The streamed shapes come from one evaluation
-    batch of `source`."""
-    fold = config.train.folds[0]
+def compile_ahead(config: ml_collections.ConfigDict, steps, source, resident: ResidentData | None,
+                  fold: int) -> CompileAhead:
+    """Start compiling what training `fold` calls first: its epoch (the streamed step, or the
+    resident scan) and its validation pass. The streamed shapes come from one evaluation batch
+    of `source`."""
     variables = variables_of(steps.state_target)
     if resident is None:
         batch = next(iter(source.eval_batches([fold], config.train.eval_batch_size)))

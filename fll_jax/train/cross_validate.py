@@ -140,7 +140,9 @@ def cross_validate(
         steps = build_steps(config, steps_per_epoch)
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
                                              steps.mesh) if config.train.resident_data else None)
-        steps.ahead = compile_ahead(config, steps, source, resident)
+        # the first fold to train compiles its programs while it initialises; a finished run trains none
+        unfinished = [f for f in config.train.folds if not (workdir / f"fold{f}" / "done.json").exists()]
+        steps.ahead = compile_ahead(config, steps, source, resident, unfinished[0]) if unfinished else None
         writer = SummaryWriter(str(workdir / "tensorboard"))
         try:
             for fold in config.train.folds:
@@ -148,7 +150,6 @@ def cross_validate(
                            resident)
         finally:
             writer.close()
-        steps.ahead.wait()  # every fold may have been finished before: nothing waited yet
         predictions = ensemble_predictions(config, source, steps, workdir)
     write_csv(predictions, workdir / "predictions.csv")
     metrics = write_report(workdir)
