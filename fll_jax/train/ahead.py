@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from fll_jax.train.checkpoints import variables_of
+from fll_jax.train.loop import Steps
 from fll_jax.train.resident import ResidentData, put_indices, validation_indices
 from fll_jax.train.sharding import data_sharding
 from fll_jax.train.step import DEVICE_KEYS, rng_settings
@@ -47,7 +48,7 @@ def _spec(batch: dict, keys, size: int, sharding) -> dict[str, jax.ShapeDtypeStr
             for k in keys}
 
 
-def compile_ahead(config: ml_collections.ConfigDict, steps, source, resident: ResidentData | None,
+def compile_ahead(config: ml_collections.ConfigDict, steps: Steps, source, resident: ResidentData | None,
                   fold: int) -> CompileAhead:
     """Start compiling what training `fold` calls first: its epoch (the streamed step, or the
     resident scan) and its validation pass. The streamed shapes come from one evaluation batch
@@ -62,6 +63,7 @@ def compile_ahead(config: ml_collections.ConfigDict, steps, source, resident: Re
                 lambda: steps.predict.lower(variables, val).compile()]
     else:
         train_folds = [f for f in range(config.data.num_folds) if f != fold]
+        # any seed and epoch: an epoch's shape depends only on the fold
         epoch = put_indices(resident.epoch_indices(train_folds, config.train.batch_size, seed=0, epoch=0), steps.mesh)
         val = put_indices(validation_indices(resident, fold, config.train.eval_batch_size), steps.mesh)
         jobs = [lambda: steps.train_epoch.lower(steps.state_target, resident.arrays, epoch, steps.schedule).compile(),

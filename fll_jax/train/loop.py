@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import jax
 import ml_collections
@@ -20,6 +20,9 @@ from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import process_share, put_local, shard_batch
 from fll_jax.train.step import DEVICE_KEYS, Schedule, TrainState
+
+if TYPE_CHECKING:
+    from fll_jax.train.ahead import CompileAhead
 
 # Validation metrics a config may select the best epoch by (all: higher is better).
 SELECT_METRICS = ("accuracy_7way", "accuracy_2way", "auc_binary", "neg_loss")
@@ -43,7 +46,7 @@ class Steps:
     state_target: TrainState  # the state's shapes, dtypes and shardings: what checkpoints restore into
     train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
-    ahead: object | None = None  # a CompileAhead (fll_jax/train/ahead.py): the first fold's programs compiling
+    ahead: CompileAhead | None = None  # the first fold's programs, compiling in background threads
 
 
 def hide_sequences(batch: dict, hidden: Sequence[str]) -> dict:
