@@ -31,7 +31,7 @@ from fll_jax.models.conv import folds_depth
 from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.sharding import shard_batch
-from fll_jax.train.step import DEVICE_KEYS, rng_settings
+from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, rng_settings
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Config to benchmark.")
 flags.DEFINE_integer("batch", 16, "Global batch size.")
@@ -67,7 +67,7 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 def time_inference(config, steps, variables: dict) -> dict:
     """Lesions/s of the ensemble's inference: five fold models' predict step on each batch."""
     n = FLAGS.inference_batch
-    batch = shard_batch(random_batch(n, FLAGS.stored), steps.mesh, ("image", "mask", "present"))
+    batch = shard_batch(random_batch(n, FLAGS.stored), steps.mesh, PREDICT_KEYS)
     models = [variables] * len(config.train.folds)
     first, each = _timed(lambda: [steps.predict(v, batch) for v in models], FLAGS.steps)
     return {"figure": "ensemble_inference", "models": len(models), "batch": n,

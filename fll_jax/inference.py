@@ -42,7 +42,7 @@ from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import write_csv, write_json
 from fll_jax.train.loop import hide_sequences
-from fll_jax.train.step import predict, rng_settings
+from fll_jax.train.step import PREDICT_KEYS, predict, rng_settings
 from fll_jax.train.workdir import read_fingerprint
 
 OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
@@ -68,7 +68,7 @@ class Ensemble:
 
     def batch_probabilities(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         """(p2, p7) of a padded batch's valid rows: the mean over the fold models, as in cross-validation."""
-        inputs = {k: batch[k] for k in ("image", "mask", "present")}
+        inputs = {k: batch[k] for k in PREDICT_KEYS}
         with rng_settings(self.config):
             outs = [jax.device_get(self._predict(v, inputs)) for v in self.variables]
         valid = np.asarray(batch["valid"], bool)

@@ -17,10 +17,7 @@ from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.loop import Steps
 from fll_jax.train.resident import ResidentData, put_indices, validation_indices
 from fll_jax.train.sharding import data_sharding
-from fll_jax.train.step import DEVICE_KEYS, rng_settings
-
-# Batch entries the validation call takes (fll_jax/train/loop.py: run_predictions).
-PREDICT_KEYS = ("image", "mask", "present")
+from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, rng_settings
 
 
 class CompileAhead:

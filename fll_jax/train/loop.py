@@ -19,7 +19,7 @@ from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBest
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import process_share, put_local, shard_batch
-from fll_jax.train.step import DEVICE_KEYS, Schedule, TrainState
+from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, Schedule, TrainState
 
 if TYPE_CHECKING:
     from fll_jax.train.ahead import CompileAhead
@@ -65,7 +65,7 @@ def run_predictions(steps: Steps, variables: dict, batches: Iterable[dict],
     keep: dict[str, list] = {}
     for stored in batches:
         batch = hide_sequences(stored, hidden)
-        device = shard_batch(batch, steps.mesh, ("image", "mask", "present"))
+        device = shard_batch(batch, steps.mesh, PREDICT_KEYS)
         probs = jax.device_get(steps.predict(variables, device))
         valid = np.asarray(batch["valid"], bool)
         for key, value in {**{k: stored[k] for k in stored if k not in ("image", "mask")}, **probs}.items():

@@ -20,6 +20,8 @@ from fll_jax.train.sharding import data_sharding, replicate, replicated
 
 # Batch entries the device needs; the rest (ids, metadata) stay on the host.
 DEVICE_KEYS = ("image", "mask", "present", "zoom_max", "label7", "valid")
+# The ones the prediction step takes.
+PREDICT_KEYS = ("image", "mask", "present")
 
 
 @flax.struct.dataclass
@@ -201,7 +203,7 @@ def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, C
     )
     pred = jax.jit(
         functools.partial(predict, model=model, config=config),
-        in_shardings=(rep, {k: data_sharding(mesh) for k in ("image", "mask", "present")}),
+        in_shardings=(rep, {k: data_sharding(mesh) for k in PREDICT_KEYS}),
         out_shardings=rep,
     )
     return make_init(model, tx, config, mesh), train, pred
