@@ -22,14 +22,19 @@ def _free_port() -> int:
 def test_two_processes_train_like_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(k), "2", str(port),
-                                 str(tmp_path / f"process{k}.npz")], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    # Output goes to files, not pipes: a worker blocked on a full pipe (while this process waits on
+    # the other worker) would hold both at the shutdown barrier until it timed out (300 s).
+    logs = [tmp_path / f"process{k}.log" for k in range(2)]
+    workers = []
+    for k, log in enumerate(logs):
+        with log.open("w") as out:  # the worker keeps its own copy of the file
+            workers.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(k), "2", str(port),
+                                             str(tmp_path / f"process{k}.npz")], cwd=REPO, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT))
     assert jax.device_count() == 4 and jax.process_count() == 1
     single = epoch()
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output[-3000:]
+    for worker, log in zip(workers, logs):
+        assert worker.wait(timeout=600) == 0, log.read_text()[-3000:]
     shares = [np.load(tmp_path / f"process{k}.npz") for k in range(2)]
     assert len(single["losses"]) == 4
     for share in shares:
