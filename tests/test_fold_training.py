@@ -11,7 +11,7 @@ import pytest
 from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
-from fll_jax.train.loop import NonFiniteLossError, Steps, train_fold
+from fll_jax.train.loop import NonFiniteLossError, Steps, _is_better, train_fold, validation_metrics
 from fll_jax.train.resident import ResidentData
 from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
 
@@ -169,3 +169,53 @@ def test_best_checkpoint_deleted_mid_run_retrains_the_fold(setup, straight, tmp_
     assert "fold 1: " in out and "is missing; training the fold again from scratch" in out
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert [h["val"] for h in resumed["history"]] == [h["val"] for h in straight["history"]]
+
+
+def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, tmp_path):
+    """latest/ holds epoch 4, which names best epoch 3; epoch 7 was better and saved, then the run
+    was killed. Each resume recomputes epochs 5-7, so it drops best/7 but keeps best/3: killed
+    again before epoch 7, the run still resumes from latest/ instead of training from scratch."""
+    target = setup[3].state_target
+
+    def state(value):
+        return jax.tree.map(lambda a: jax.device_put(np.full(a.shape, value, a.dtype), a.sharding), target)
+
+    meta = {"epoch": 4, "best": {"epoch": 3}, "history": []}
+    ckpt = FoldCheckpoints(tmp_path, target)
+    ckpt.save_best(3, state(3))
+    ckpt.save_latest(4, state(4), meta)
+    ckpt.save_best(7, state(7))
+    ckpt.wait()
+    assert ckpt.best.all_steps() == [3, 7]
+    ckpt.close()
+    for _ in range(2):
+        ckpt = FoldCheckpoints(tmp_path, target)
+        restored, restored_meta = ckpt.restore_latest()
+        assert restored_meta == meta and ckpt.best.all_steps() == [3]
+        best = ckpt.restore_best()
+        ckpt.close()
+    assert all((np.asarray(leaf) == 3).all() for leaf in jax.tree.leaves(best))
+    assert all((np.asarray(leaf) == 4).all() for leaf in jax.tree.leaves(restored))
+    # Once a later latest/ names the newer best, no resume needs the older one.
+    ckpt = FoldCheckpoints(tmp_path, target)
+    ckpt.restore_latest()
+    ckpt.save_best(5, state(5))
+    ckpt.save_latest(5, state(5), {**meta, "epoch": 5, "best": {"epoch": 5}})
+    ckpt.wait()
+    assert ckpt.best.all_steps() == [5]
+    ckpt.close()
+
+
+def test_an_undefined_selection_metric_leaves_the_choice_to_the_loss():
+    """A validation fold of benign lesions only has no binary AUC: the epoch with the lower loss wins."""
+    label7 = np.array([0, 1, 2, 0])  # all benign
+
+    def epoch(confidence: float) -> dict:
+        p7 = np.full((4, 7), (1 - confidence) / 6)
+        p7[np.arange(4), label7] = confidence
+        return validation_metrics({"label7": label7, "label2": np.zeros(4, int), "p7": p7,
+                                   "p2": np.tile([0.6, 0.4], (4, 1))})
+
+    first, later = epoch(0.3), epoch(0.6)
+    assert math.isnan(first["auc_binary"]) and first["accuracy_7way"] == later["accuracy_7way"]
+    assert _is_better(later, first, "auc_binary") and not _is_better(first, later, "auc_binary")

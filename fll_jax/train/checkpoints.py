@@ -52,14 +52,23 @@ def _on_host(tree):
 
 
 class FoldCheckpoints:
-    """Two CheckpointManagers under one fold directory: latest/ and best/, one step each."""
+    """Two CheckpointManagers under one fold directory: latest/ keeps one step; best/ keeps the
+    best epoch that latest/ names and any better epoch saved after it.
+
+    A better epoch's best/ must not replace the one latest/ names until a later latest/ names it:
+    a run killed in between resumes from latest/ and needs that best again, and again after a
+    second kill before the better epoch is recomputed.
+    """
 
     def __init__(self, directory: Path, target: TrainState):
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(self.directory / "latest", options=options)
-        self.best = ocp.CheckpointManager(self.directory / "best", options=options)
+        options = dict(create=True, cleanup_tmp_directories=True)
+        self.latest = ocp.CheckpointManager(self.directory / "latest",
+                                            options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+        # every step kept, and pruned here (wait): orbax's max_to_keep would drop the named best
+        self.best = ocp.CheckpointManager(self.directory / "best", options=ocp.CheckpointManagerOptions(**options))
+        self._named_best: int | None = None  # the best epoch named by the last latest/ saved or restored
 
     def remedy(self) -> str:
         fold_dir = self.directory.parent
@@ -72,8 +81,10 @@ class FoldCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
         self.latest.save(epoch, args=args)
+        self._named_best = meta["best"] and meta["best"]["epoch"]
 
     def save_best(self, epoch: int, state: TrainState) -> None:
+        self.wait()  # drops the best epochs older than the one latest/ names (at most one epoch's wait)
         host = _on_host(variables_of(state))
         self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(host),
                                                       checksums=ocp.args.JsonSave({"arrays": integrity.checksums(host)})))
@@ -107,7 +118,7 @@ class FoldCheckpoints:
         """The verified latest state and progress, or None when no latest checkpoint exists.
 
         Best checkpoints written after it are dropped, since the resumed run recomputes those
-        epochs (identically) and saves them again.
+        epochs and saves them again; the best epoch it names is kept.
 
         Raises:
             CheckpointError: the latest checkpoint is damaged.
@@ -118,12 +129,12 @@ class FoldCheckpoints:
             return None
         restored = self._restore(self.latest, step, "state", self.target, meta=ocp.args.JsonRestore())
         meta = restored["meta"]
-        best_steps = self.best.all_steps()
-        if meta["best"] is not None and meta["best"]["epoch"] not in best_steps and not any(s > step for s in best_steps):
-            raise LostBestError(f"{self.directory / 'best'}: the best checkpoint (epoch {meta['best']['epoch']}) "
-                                "is missing")
-        for later in [s for s in best_steps if s > step]:
+        self._named_best = meta["best"] and meta["best"]["epoch"]
+        if self._named_best is not None and self._named_best not in self.best.all_steps():
+            raise LostBestError(f"{self.directory / 'best'}: the best checkpoint (epoch {self._named_best}) is missing")
+        for later in [s for s in self.best.all_steps() if s > step]:
             self.best.delete(later)
+        self.wait()
         return restored["state"], meta
 
     def best_step(self) -> int | None:
@@ -139,14 +150,21 @@ class FoldCheckpoints:
     def clear(self) -> None:
         """Delete both checkpoints (the fold starts over)."""
         self.wait()
+        self._named_best = None
         for manager in (self.latest, self.best):
             for step in manager.all_steps():
                 manager.delete(step)
         self.wait()
 
     def wait(self) -> None:
+        """Wait until every save is on disk, then delete the best epochs older than the one the
+        latest/ checkpoint names: no resume can need them."""
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
+        if self._named_best is not None:
+            for step in self.best.all_steps():
+                if step < self._named_best:
+                    self.best.delete(step)
 
     def close(self) -> None:
         self.latest.close()

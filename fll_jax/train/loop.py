@@ -88,10 +88,15 @@ def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _is_better(new: dict, best: dict | None, metric: str) -> bool:
-    """Higher selected metric wins; ties go to the lower validation loss."""
+    """Higher selected metric wins; ties go to the lower validation loss. An undefined metric
+    (the binary AUC of a validation fold with one binary class, NaN every epoch) ties."""
     if best is None:
         return True
-    return (new[metric], new["neg_loss"]) > (best[metric], best["neg_loss"])
+
+    def key(val: dict) -> tuple[float, float]:
+        return (val[metric] if math.isfinite(val[metric]) else -math.inf), val["neg_loss"]
+
+    return key(new) > key(best)
 
 
 def train_fold(
