@@ -22,8 +22,8 @@ from fll_jax.data.prepare import check_data, prepare_source
 from fll_jax.errors import reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
-flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, leaks, unreadable, "
-                  "blank or inverted inputs) without preprocessing; exit status 1 if there are any.")
+flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, folds, leaks, "
+                  "unreadable, blank or inverted inputs) without preprocessing; exit status 1 if there are any.")
 
 
 def main(argv):

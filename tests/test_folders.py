@@ -145,6 +145,27 @@ def test_a_drawn_split_keeps_patients_whole_is_stratified_and_repeats_with_its_s
     assert forward == backward
 
 
+def _lesion(patient_id: str, lesion_id: str, label: int):
+    """A record without files: enough for drawing a split."""
+    return record({}, {}, patient_id=patient_id, lesion_id=lesion_id, label=label, split="")
+
+
+def test_a_patients_stratum_does_not_depend_on_the_order_of_its_lesions():
+    # 20 cyst and 20 HCC patients, and 10 with a cyst (lesion _1) and an HCC (lesion _2).
+    cyst, hcc = CLASSES.index("cyst"), CLASSES.index("hcc")
+    single = [_lesion(f"{c}{k:02d}", f"{c}{k:02d}_1", label)
+              for k in range(20) for c, label in (("C", cyst), ("H", hcc))]
+    mixed = [[_lesion(f"M{k:02d}", f"M{k:02d}_1", cyst), _lesion(f"M{k:02d}", f"M{k:02d}_2", hcc)] for k in range(10)]
+    tests = []
+    for order in (1, -1):
+        records = single + [r for pair in mixed for r in pair[::order]]
+        tests.append(sorted({r.patient_id for r in draw_test_split(records, 0.2, seed=0) if r.split == "test"}))
+    assert tests[0] == tests[1]
+    # Each mixed patient counts as a cyst patient (its first lesion by id): 30 of 50 patients, so
+    # 6 of the 10 drawn for test are cyst or mixed and 4 are HCC.
+    assert sum(p.startswith("H") for p in tests[0]) == 4
+
+
 def test_test_fraction_zero_keeps_everyone_in_dev_and_one_patient_cannot_be_split(tmp_path):
     root = tmp_path / "study"
     _unsplit_study(root, patients=3)
@@ -217,17 +238,44 @@ def test_a_box_cell_takes_the_place_of_the_mask_for_its_lesion(tmp_path):
     assert not second.masks and second.boxes == {"t2w": (6, 6, 1, 9, 9, 3)} and second.label == CLASSES.index("cyst")
 
 
-def test_file_checks_name_the_manifest_and_leave_nothing_behind(tmp_path):
+def test_file_checks_name_labels_csv_and_its_lines_and_leave_nothing_behind(tmp_path):
     root = tmp_path / "study"
     _write_patient(root / "P1", sequences=["t2w"])
-    _write_labels(root / "labels.csv", [{"patient_id": "P1", "lesion_id": "L1", "label": "cyst", "mask_value": "2",
-                                          "split": "dev"}])
+    _write_patient(root / "P2", lesions=2, sequences=["t2w"])
+    # Blank lines: labels.csv's line numbers are not the manifest's.
+    (root / "labels.csv").write_text("patient_id,lesion_id,label,mask_value,split\n\nP1,L1,cyst,2,dev\n"
+                                     "P2,L2,cyst,1,dev\n\nP2,L3,hcc,2,test\n", encoding="utf-8")
     with pytest.raises(ManifestError) as caught:
         build_manifest(root)
-    message = str(caught.value)
-    assert f"{root / 'manifest.csv'}:2: lesion 'L1': t2w: mask" in message
-    assert "does not contain mask_value 2" in message and ".tmp" not in message
+    labels = root.resolve() / "labels.csv"
+    assert caught.value.problems == [
+        f"{labels}:3: lesion 'L1': t2w: mask {root.resolve() / 'P1' / 't2w_mask.nii.gz'} does not contain "
+        "mask_value 2 (lesion values present: 1)",
+        f"{labels}:6: lesion 'L3': patient 'P2' is in split 'test' here but 'dev' on line 4",
+    ]
+    assert str(caught.value).startswith(f"cannot build a manifest from {root.resolve()}:")
+    assert "manifest.csv" not in str(caught.value) and ".tmp" not in str(caught.value)
     assert not (root / "manifest.csv").exists() and not list(root.glob(".*"))
+
+
+def test_a_box_mm_lesion_beside_a_masked_one_is_refused_unless_exported_as_boxes(tmp_path):
+    images, masks = _write_patient(tmp_path / "source", lesions=2, sequences=["t2w"])
+    box_mm = (12.0, 12.0, 8.0, 20.0, 20.0, 16.0)
+    source = [record(images, masks, patient_id="P1", lesion_id="L1", mask_value=1),
+              record(images, {}, patient_id="P1", lesion_id="L2", box_mm=box_mm)]
+    # Read back, the mask file would give L2 the mask of L1 (mask_value 1).
+    with pytest.raises(FolderError) as caught:
+        write_folders(source, tmp_path / "masks")
+    assert caught.value.problems == [
+        f"patient 'P1': lesion 'L2' is found in t2w by box_mm, but another lesion's t2w mask ({masks['t2w']}) would "
+        "become the patient's t2w_mask file, which the layout reads before box_mm; export with boxes_only "
+        "(--boxes_only), or give the lesion a t2w box"]
+    assert not (tmp_path / "masks").exists()
+    write_folders(source, tmp_path / "boxes", boxes_only=True)
+    first, second = read_manifest(build_manifest(tmp_path / "boxes", test_fraction=0))
+    labels = np.asarray(nib.load(masks["t2w"]).dataobj)
+    assert not first.masks and first.boxes == {"t2w": bounding_box(labels == 1)}
+    assert not second.masks and not second.boxes and second.box_mm == box_mm
 
 
 def test_an_existing_manifest_is_replaced_only_when_asked(tmp_path):

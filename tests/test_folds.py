@@ -2,7 +2,13 @@
 import numpy as np
 import pytest
 
-from fll_jax.data.folds import TEST_FOLD, FoldError, assign_folds, check_folds
+from configs import quick
+from fll_jax.data.folds import TEST_FOLD, FoldError, assign_folds, check_folds, given_folds
+from fll_jax.data.manifest import write_manifest
+from fll_jax.data.prepare import DataError, check_data, describe_data
+from tests.lesion_files import record, voxel_to_world, write_patient
+
+AFFINE = np.diag([2.0, 2.0, 4.0, 1.0])
 
 
 def cohort(seed=0, patients=60):
@@ -60,14 +66,43 @@ def test_assign_folds_rejects_bad_splits():
 
 
 def test_given_folds_are_checked():
-    from fll_jax.data.folds import given_folds
-
-    patients, splits = ["a", "a", "b", "c", "d"], ["dev", "dev", "dev", "dev", "test"]
-    folds = given_folds(patients, [1, 1, 0, 1, None], splits, num_folds=2)
+    lesions, patients = ["a1", "a2", "b1", "c1", "d1"], ["a", "a", "b", "c", "d"]
+    splits = ["dev", "dev", "dev", "dev", "test"]
+    folds = given_folds(lesions, patients, [1, 1, 0, 1, None], splits, num_folds=2)
     assert folds.tolist() == [1, 1, 0, 1, TEST_FOLD]
-    with pytest.raises(FoldError, match="a dev lesion with no fold"):
-        given_folds(patients, [1, 1, None, 1, None], splits, num_folds=2)
+    with pytest.raises(FoldError, match=r"^lesion 'b1' \(patient 'b'\): a dev lesion with no fold;"):
+        given_folds(lesions, patients, [1, 1, None, 1, None], splits, num_folds=2)
     with pytest.raises(FoldError, match=r"the manifest's folds are \[0, 1\] but data.num_folds is 3"):
-        given_folds(patients, [1, 1, 0, 1, None], splits, num_folds=3)
+        given_folds(lesions, patients, [1, 1, 0, 1, None], splits, num_folds=3)
     with pytest.raises(FoldError, match="patient 'a' is in folds"):
-        given_folds(patients, [1, 0, 0, 1, None], splits, num_folds=2)
+        given_folds(lesions, patients, [1, 0, 0, 1, None], splits, num_folds=2)
+
+
+def _dataset(folder, config):
+    """Three dev patients and a test one, written with an empty fold column; `config` reads them."""
+    records = []
+    for p in range(4):
+        lesion = (voxel_to_world(AFFINE, (3 + p, 5, 3)), 4.0, 1)  # a 4 mm ball, elsewhere in each patient
+        images, masks = write_patient(folder / f"P{p}", (10, 10, 6), AFFINE, [lesion])
+        records.append(record(images, masks, patient_id=f"P{p}", lesion_id=f"P{p}_L1", label=p % 2,
+                              split="test" if p == 3 else "dev"))
+    write_manifest(records, folder / "manifest.csv")
+    config.data.source, config.data.manifest = "manifest", str(folder / "manifest.csv")
+    config.data.root, config.data.workers = str(folder / "root"), 1
+    return folder / "manifest.csv"
+
+
+def test_the_data_check_lists_the_fold_problems_training_would_meet(tmp_path):
+    config = quick.get_config()
+    path = _dataset(tmp_path, config)
+    config.data.folds, config.data.num_folds = "manifest", 2
+    assert check_data(config) == [f"{path}: fold column: lesion 'P{p}_L1' (patient 'P{p}'): a dev lesion with no fold"
+                                  for p in range(3)]
+    with pytest.raises(DataError, match="lesion 'P0_L1'"):
+        describe_data(config)
+    config.data.folds, config.data.num_folds = "assigned", 4
+    assert check_data(config) == [f"{path}: folds (data.folds 'assigned'): the dev split has 3 patient(s), "
+                                  "fewer than num_folds=4"]
+    config.data.num_folds = 3
+    with pytest.warns(UserWarning, match="not stratified"):
+        assert check_data(config) == []

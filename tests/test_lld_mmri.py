@@ -1,5 +1,6 @@
 """The LLD-MMRI release: a miniature written in its layout converts back to the right manifest."""
 import csv
+import dataclasses
 import json
 
 import nibabel as nib
@@ -181,6 +182,28 @@ def test_unmapped_phases_are_not_read(release, tmp_path):
     phase_map = {p: s for p, s in lld_mmri.DEFAULT_PHASE_MAP.items() if p != "T2WI"}
     rows = _rows(convert_release(root, tmp_path / "out", phase_map=phase_map).manifest)
     assert rows["MR1"]["t2w_image"] == "" and rows["MR1"]["t1w_image"] == "images/MR1/t1w.nii.gz"
+
+
+def test_a_lesion_boxed_only_in_unmapped_phases_is_refused_not_dropped(tmp_path):
+    hcc, cyst = class_index("hcc"), class_index("cyst")
+    case = _case("MR1", [hcc], 1, 1)
+    # Lesion 1 is boxed only in In Phase and Out Phase, which the default map leaves out.
+    box = (1, 1, 1, 2, 2, 2)
+    phases = [dataclasses.replace(p, boxes={**p.boxes, 1: box}) if p.phase in ("In Phase", "Out Phase") else p
+              for p in case.phases]
+    annotation = write_release(tmp_path / "release", [ReleaseCase("MR1", phases, [hcc, cyst], 1)])
+    with pytest.raises(ReleaseError) as error:
+        convert_release(tmp_path / "release", tmp_path / "out", test_fold=None)
+    assert error.value.problems == [
+        f"{annotation}: case MR1: lesion MR1_1 has a box only in In Phase, Out Phase, none in the mapped phases "
+        "T2WI, DWI, C-pre, C+A, C+V, C+Delay; map one of its phases (phase_map, --phase_map)"]
+    assert not (tmp_path / "out").exists()
+    # Mapped, its phase makes it a row of its own.
+    phase_map = {p: s for p, s in lld_mmri.DEFAULT_PHASE_MAP.items() if p != "C-pre"} | {"In Phase": "t1w"}
+    result = convert_release(tmp_path / "release", tmp_path / "out", phase_map=phase_map, test_fold=None)
+    rows = _rows(result.manifest)
+    assert (rows["MR1_1"]["label"], rows["MR1_1"]["t1w_box"], rows["MR1_1"]["t2w_image"]) == ("cyst", "1 1 1 2 2 2", "")
+    assert result.missing == {p: 1 for p in phase_map if p != "In Phase"}
 
 
 def _break(root):

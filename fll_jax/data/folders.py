@@ -29,10 +29,11 @@ patient may be boxed while the others are in the mask), the ``<seq>_mask`` file,
 an image with none of these is an error naming it.
 
 Without a ``split`` column, the patients are divided into dev and test by a draw that keeps
-each patient whole, stratified by the class of its first lesion where the counts allow
-(`draw_test_split`); a prediction manifest gets no split. Every problem of the folder and of
-labels.csv is reported at once, and the manifest is checked by `read_manifest` (files, mask
-values, grids, boxes) before it replaces anything.
+each patient whole, stratified by the class of its first lesion in lesion_id order where the
+counts allow (`draw_test_split`); a prediction manifest gets no split. Every problem of the
+folder and of labels.csv is reported at once, and the manifest is checked by `read_manifest`
+(files, mask values, grids, boxes; problems named by labels.csv's lines) before it replaces
+anything.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import csv
 import dataclasses
 import io
 import os
+import re
 import shutil
 import warnings
 from collections import Counter, defaultdict
@@ -269,6 +271,12 @@ def read_folders(root: str | Path, labelled: bool = True, ignore_unknown_files: 
     Raises:
       FolderError: listing every problem (labels.csv file:line, patient folder, file).
     """
+    return _read_rows(root, labelled, ignore_unknown_files)[0]
+
+
+def _read_rows(root: str | Path, labelled: bool,
+               ignore_unknown_files: bool) -> tuple[list[LesionRecord], dict[str, int]]:
+    """read_folders' records, and each lesion id's line in labels.csv (to name it in later problems)."""
     root = Path(root).resolve()
     labels = root / LABELS_FILE
     if not root.is_dir():
@@ -299,7 +307,7 @@ def read_folders(root: str | Path, labelled: bool = True, ignore_unknown_files: 
                  for p in sorted(set(patients) - with_rows)]
     if problems:
         raise FolderError(problem_report(f"cannot build a manifest from {root}:", problems), problems)
-    return records
+    return records, seen
 
 
 # ----------------------------------------------------------------------------- split
@@ -320,14 +328,15 @@ def draw_test_split(records: Sequence[LesionRecord], test_fraction: float = 0.2,
     """The records with split 'dev' or 'test', drawn per patient.
 
     About test_fraction of the patients go to test, stratified by the class of each patient's
-    first lesion as far as the counts allow (else at random, with a warning). The result does
-    not depend on the order of the records; the same records and seed give the same split.
-    test_fraction 0 puts every patient in dev.
+    first lesion in lesion_id order as far as the counts allow (else at random, with a
+    warning). The result does not depend on the order of the records; the same records and
+    seed give the same split. test_fraction 0 puts every patient in dev.
     """
     if not 0 <= test_fraction < 1:
         raise FolderError(f"test_fraction must be at least 0 and below 1, got {test_fraction}")
     first: dict[str, int] = {}
-    for r in records:
+    # Lesion id order, not row order: reordering labels.csv must not move a patient's stratum.
+    for r in sorted(records, key=lambda r: (r.lesion_id, r.label)):
         first.setdefault(r.patient_id, r.label)
     patients = sorted(first)
     test: set[str] = set()
@@ -350,20 +359,45 @@ def split_counts(records: Iterable[LesionRecord]) -> dict[str, tuple[int, int]]:
 # ----------------------------------------------------------------------------- manifest
 
 
-def _renamed(error: ManifestError, tmp: Path, out: Path) -> ManifestError:
-    """The error of the temporary manifest, naming the file it stands for."""
-    problems = [p.replace(str(tmp), str(out)) for p in error.problems]
-    return ManifestError(str(error).replace(str(tmp), str(out)), problems)
+def _lesion_at_line(manifest: Path) -> dict[int, str]:
+    """The manifest's line numbers, as read_manifest counts them, -> the lesion id of that row."""
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return {reader.line_num: row["lesion_id"].strip() for row in reader}
 
 
-def _write_checked(records: Sequence[LesionRecord], out: Path, labelled: bool, overwrite: bool) -> Path:
-    """Writes the manifest beside `out`, checks it with read_manifest, then puts it in place."""
+def _in_labels(error: ManifestError, tmp: Path, labels: Path, lines: dict[str, int]) -> ManifestError:
+    """The unwritten manifest's problems, named by labels.csv and its line numbers instead."""
+    lesion_at = _lesion_at_line(tmp)
+    # Both 'tmp:3:' and the 'on line 3' of a split or fold conflict count the manifest's lines.
+    at_file = re.compile(rf"{re.escape(str(tmp))}:(\d+)")
+    on_line = re.compile(r"\bon line (\d+)\b")
+
+    def line(m: re.Match) -> str:  # labels.csv's line of the manifest line's lesion ('?' for none)
+        return str(lines.get(lesion_at.get(int(m[1]), ""), "?"))
+
+    def renamed(problem: str) -> str:
+        problem = at_file.sub(lambda m: f"{labels}:{line(m)}", problem)
+        return on_line.sub(lambda m: f"on line {line(m)}", problem)
+
+    problems = [renamed(p) for p in error.problems]
+    return ManifestError(problem_report(f"cannot build a manifest from {labels.parent}: its files fail the "
+                                        "manifest's checks:", problems), problems)
+
+
+def _write_checked(records: Sequence[LesionRecord], out: Path, labelled: bool, overwrite: bool,
+                   labels: Path, lines: dict[str, int]) -> Path:
+    """Writes the manifest beside `out`, checks it with read_manifest, then puts it in place.
+
+    Problems are named by labels.csv and `lines` (lesion id -> its line there): `out` is never
+    written when there are any.
+    """
     with atomic_path(out) as tmp:
         write_manifest(records, tmp)
         try:
             read_manifest(tmp, labelled=labelled)
         except ManifestError as e:
-            raise _renamed(e, tmp, out) from None
+            raise _in_labels(e, tmp, labels, lines) from None
         if out.exists() and not overwrite and out.read_bytes() != tmp.read_bytes():
             raise FileExistsError(f"{out} exists and differs from the manifest just built; keep it by choosing "
                                   "another output, or replace it (overwrite=True, --overwrite)")
@@ -387,18 +421,18 @@ def build_manifest(root: str | Path, out: str | Path | None = None, test_fractio
 
     Raises:
       FolderError: every problem of the folder layout and labels.csv.
-      ManifestError: problems read_manifest finds in the files (mask values, grids, boxes); its
-        line numbers are labels.csv's.
+      ManifestError: problems read_manifest finds in the files (mask values, grids, boxes), each
+        named by labels.csv and its line (the manifest is not written).
       FileExistsError: `out` exists with other content and overwrite is False.
     """
     root = Path(root)
     out = root / MANIFEST_FILE if out is None else Path(out)
-    records = read_folders(root, labelled, ignore_unknown_files)
+    records, lines = _read_rows(root, labelled, ignore_unknown_files)
     if labelled and not any(r.split for r in records):
         records = draw_test_split(records, test_fraction, seed)
         counts = ", ".join(f"{s} {p} patients / {n} lesions" for s, (p, n) in split_counts(records).items())
         print(f"drew the split (test_fraction {test_fraction:g}, seed {seed}): {counts}")
-    return _write_checked(records, out, labelled, overwrite)
+    return _write_checked(records, out, labelled, overwrite, root.resolve() / LABELS_FILE, lines)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -452,6 +486,15 @@ def _mask_boxes(lesions: Sequence[LesionRecord], sequence: str) -> tuple[dict[st
     return boxes, problems
 
 
+def _shadowed(lesions: Sequence[LesionRecord], files: dict[str, tuple]) -> list[str]:
+    """Lesions that box_mm finds in a sequence whose mask file is written: read back, the mask would win."""
+    return [f"patient {r.patient_id!r}: lesion {r.lesion_id!r} is found in {s} by box_mm, but another lesion's {s} "
+            f"mask ({mask}) would become the patient's {s}_mask file, which the layout reads before box_mm; "
+            f"export with boxes_only (--boxes_only), or give the lesion a {s} box"
+            for s, (_, mask) in files.items() if mask is not None
+            for r in lesions if s not in r.masks and s not in r.boxes]
+
+
 def _labels_row(r: LesionRecord, boxes: dict[str, tuple], boxes_only: bool) -> dict[str, str]:
     row = {
         "patient_id": r.patient_id, "lesion_id": r.lesion_id,
@@ -489,7 +532,9 @@ def write_folders(records: Iterable[LesionRecord], root: str | Path, boxes_only:
     <root>/<patient_id>/<seq>.nii.gz (.nii kept as .nii), or copied where linking fails. With
     boxes_only no mask file is written: each lesion gets a ``{s}_box`` cell, the bounding box
     of ``mask == mask_value`` in that sequence's mask. Boxes and box_mm the records already
-    have are kept. All lesions of a patient must share their image (and mask) per sequence.
+    have are kept. All lesions of a patient must share their image (and mask) per sequence, and
+    without boxes_only a lesion found by box_mm cannot share a sequence with a masked one (read
+    back, the mask file would take its place).
 
     Raises:
       FileExistsError: root exists and is not empty (files of an earlier export would mix in).
@@ -504,7 +549,7 @@ def write_folders(records: Iterable[LesionRecord], root: str | Path, boxes_only:
     plans, rows, problems = [], [], [p for p in map(_folder_problem, patients) if p]
     for patient_id, lesions in patients.items():
         files, found = _patient_files(lesions, boxes_only)
-        problems += found
+        problems += found + _shadowed(lesions, files)
         boxes: dict[str, dict[str, tuple]] = defaultdict(dict)
         for s in files:
             mask_boxes, found = _mask_boxes(lesions, s) if boxes_only else ({}, [])

@@ -100,12 +100,30 @@ def _check_split_per_patient(patient_ids: np.ndarray, is_test: np.ndarray) -> No
         raise FoldError(f"patient(s) {mixed[:5]} have lesions in both dev and test splits")
 
 
+def given_fold_problems(
+    lesion_ids: Sequence[str], patient_ids: Sequence[str], given: Sequence[int | None], splits: Sequence[str],
+    num_folds: int,
+) -> list[str]:
+    """Every reason given_folds would refuse these folds: dev lesions without one, folds off data.num_folds.
+
+    Patients in two folds or splits are not repeated here: the manifest's reader names them by line.
+    """
+    problems = [f"lesion {lesion!r} (patient {p!r}): a dev lesion with no fold" for lesion, p, f, s in
+                zip(lesion_ids, patient_ids, given, splits) if s == "dev" and f is None]
+    used = sorted({f for f, s in zip(given, splits) if s == "dev" and f is not None})
+    if used and (used[-1] >= num_folds or len(used) < num_folds):
+        problems.append(f"the manifest's folds are {used} but data.num_folds is {num_folds} (folds 0..{num_folds - 1})")
+    return problems
+
+
 def given_folds(
-    patient_ids: Sequence[str], given: Sequence[int | None], splits: Sequence[str], num_folds: int
+    lesion_ids: Sequence[str], patient_ids: Sequence[str], given: Sequence[int | None], splits: Sequence[str],
+    num_folds: int,
 ) -> np.ndarray:
     """Folds as a manifest gives them (official folds of a public data set), checked like assign_folds'.
 
     Args:
+        lesion_ids: id of each lesion, to name it in a problem.
         patient_ids: patient of each lesion.
         given: the fold of each dev lesion (0..num_folds-1); None for test lesions.
         splits: 'dev' or 'test' for each lesion.
@@ -114,13 +132,10 @@ def given_folds(
     Returns:
         int32 [N] fold per lesion, -1 for the test split.
     """
-    problems = [f"lesion {i} (patient {p!r}): a dev lesion with no fold" for i, (p, f, s) in
-                enumerate(zip(patient_ids, given, splits)) if s == "dev" and f is None]
-    used = sorted({f for f, s in zip(given, splits) if s == "dev" and f is not None})
-    if used and (used[-1] >= num_folds or len(used) < num_folds):
-        problems.append(f"the manifest's folds are {used} but data.num_folds is {num_folds} (folds 0..{num_folds - 1})")
+    problems = given_fold_problems(lesion_ids, patient_ids, given, splits, num_folds)
     if problems:
-        raise FoldError("; ".join(problems[:5]))
+        shown = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        raise FoldError("; ".join(shown))
     folds = np.array([TEST_FOLD if s == "test" else f for f, s in zip(given, splits)], np.int32)
     check_folds(patient_ids, folds, splits)
     return folds

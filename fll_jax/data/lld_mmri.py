@@ -455,12 +455,30 @@ def _read_phase(release_dir: Path, case: str, entry: Any) -> tuple[str | None, _
     return phase, _Phase(image, geometry, boxes, categories), [f"{phase}: {image}: {p}" for p in problems]
 
 
+def _boxed_lesions(entry: Mapping) -> set[int]:
+    """The lesion indices an entry's annotation names, read without opening its image."""
+    return {int(key) for key in (entry.get("annotation") or {}).get("lesion") or {} if str(key).isdigit()}
+
+
+def _unmapped_only(case: str, entries: list, phase_map: Mapping[str, str]) -> list[str]:
+    """Lesions boxed only in phases the map leaves out: they would vanish from the manifest unseen."""
+    where: dict[int, list[str]] = {}
+    for entry in entries:
+        phase = entry.get("phase") if isinstance(entry, Mapping) else None
+        if phase in PHASES:
+            for index in _boxed_lesions(entry):
+                where.setdefault(index, []).append(phase)
+    return [f"lesion {_lesion_id(case, index)} has a box only in {', '.join(phases)}, none in the mapped phases "
+            f"{', '.join(phase_map)}; map one of its phases (phase_map, --phase_map)"
+            for index, phases in sorted(where.items()) if not set(phases) & set(phase_map)]
+
+
 def _read_case(release_dir: Path, case: str, entries: list,
                phase_map: Mapping[str, str]) -> tuple[dict[str, _Phase], list[str]]:
     """A case's checked mapped phases by name, and its problems (unmapped phases are not opened)."""
     phases: dict[str, _Phase] = {}
     seen: set[str] = set()
-    problems = []
+    problems = _unmapped_only(case, entries, phase_map)
     for entry in entries:
         if isinstance(entry, Mapping) and entry.get("phase") in PHASES and entry["phase"] not in phase_map:
             continue
@@ -633,11 +651,7 @@ def _convert_case(release_dir: Path, out_dir: Path, case: str, annotation: tuple
     tally.disagreements += disagreements
     problems = found + found_lesions
     for lesion in lesions:
-        present = [p for p in phase_map if p in phases and lesion.index in phases[p].boxes]
-        tally.missing.update(p for p in phase_map if p not in present)
-        if not present:
-            problems.append(f"lesion {lesion.lesion_id} has a box in none of the mapped phases {', '.join(phase_map)}")
-            continue
+        tally.missing.update(p for p in phase_map if p not in phases or lesion.index not in phases[p].boxes)
         if _far_apart(lesion, phases):
             tally.far.append(lesion.lesion_id)
         if lesion.label is None:
@@ -661,7 +675,8 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
       out_dir: receives images/<case>/<sequence>.nii.gz (the mapped phases, voxels unchanged,
         geometry from the JSON), manifest.csv (one row per lesion of the labelled cases) and
         unlabelled.csv (lesions of the -1 cases; label, split and fold empty).
-      phase_map: phase -> sequence (DEFAULT_PHASE_MAP when None); other phases are not copied.
+      phase_map: phase -> sequence (DEFAULT_PHASE_MAP when None); other phases are not copied,
+        and a lesion boxed only in them is a problem.
       test_fold: the official fold (val_fold{k}.txt) that becomes our test split; the others are
         dev with folds renumbered 0.. in order. None keeps every official fold as dev (folds
         0..4), so the manifest has no test split.

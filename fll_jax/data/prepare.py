@@ -22,7 +22,7 @@ from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
 from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints
-from fll_jax.data.folds import FoldError, assign_folds, given_folds
+from fll_jax.data.folds import FoldError, assign_folds, given_fold_problems, given_folds
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
@@ -82,19 +82,39 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
     problems = duplicate_problems(records, files, parse_allow(data.allow))
     if problems:
         raise DataError(problem_report("the data leaks between lesions or patients:", problems))
-    patients, splits = [r.patient_id for r in records], [r.split for r in records]
     if data.folds == "manifest":
         try:
-            folds = given_folds(patients, [r.fold for r in records], splits, data.num_folds).tolist()
+            folds = given_folds([r.lesion_id for r in records], [r.patient_id for r in records],
+                                [r.fold for r in records], [r.split for r in records], data.num_folds).tolist()
         except FoldError as error:
             raise DataError(f"{manifest_path(config)}: fold column: {error}") from None
     else:
-        folds = assign_folds(patients, [r.label for r in records], splits, num_folds=data.num_folds,
-                             seed=data.fold_seed).tolist()
+        folds = _assigned_folds(config, records)
     lesions = lesion_fingerprints(records, folds, files)
     settings = preprocessing(config)
     return records, folds, {"patches": content_key(lesions, *settings.values()), "preprocessing": settings,
                             "lesions": lesions}
+
+
+def _assigned_folds(config: ml_collections.ConfigDict, records: list) -> list[int]:
+    """The folds drawn from data.fold_seed (data.folds 'assigned'); FoldError when they cannot be."""
+    data = config.data
+    return assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
+                        num_folds=data.num_folds, seed=data.fold_seed).tolist()
+
+
+def _fold_problems(config: ml_collections.ConfigDict, path: Path, records: list) -> list[str]:
+    """What describe_data would refuse in the folds of these records, one problem each."""
+    data = config.data
+    if data.folds == "manifest":
+        found = given_fold_problems([r.lesion_id for r in records], [r.patient_id for r in records],
+                                    [r.fold for r in records], [r.split for r in records], data.num_folds)
+        return [f"{path}: fold column: {p}" for p in found]
+    try:
+        _assigned_folds(config, records)
+    except FoldError as error:
+        return [f"{path}: folds (data.folds 'assigned'): {error}"]
+    return []
 
 
 def preprocessing(config: ml_collections.ConfigDict) -> dict:
@@ -136,14 +156,17 @@ def prepare_source(config: ml_collections.ConfigDict):
 
 
 def check_data(config: ml_collections.ConfigDict) -> list[str]:
-    """Every problem of a config's data set at once (manifest, leaks, files), without preprocessing.
+    """Every problem of a config's data set at once (manifest, folds, leaks, files), without preprocessing.
 
     The checks are those that training would meet one at a time; an empty list means none.
+    Folds are checked on the rows that can be read.
     """
+    path = manifest_path(config)
     try:
-        records, problems = scan_manifest(manifest_path(config))
+        records, problems = scan_manifest(path)
     except ManifestError as error:
         return error.problems
+    problems += _fold_problems(config, path, records)
     allow = parse_allow(config.data.allow)
     digests = _digests(config)
     problems += duplicate_problems(records, file_digests(records, digests), allow)
