@@ -9,6 +9,8 @@ A manifest may leave label and split empty; a folder follows docs/folders.md; a 
 converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
 Writes out_dir/predictions.csv and challenge.json (and saliency/ with --saliency). Lesions the
 model cannot take (another preprocessing, none of its sequences) are refused, naming each.
+--overwrite replaces an earlier run's outputs once the new run has succeeded, its saliency/
+also when the new run has none, so the folder never mixes two runs.
 """
 import os
 from pathlib import Path
@@ -27,7 +29,7 @@ flags.DEFINE_string("id_map", None, "With --dicom: instead of a salt, a CSV pati
 flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/predict).")
 flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in each sequence's native space.")
 flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
-flags.DEFINE_bool("overwrite", False, "Replace earlier predictions in --out_dir.")
+flags.DEFINE_bool("overwrite", False, "Replace earlier outputs in --out_dir (saliency/ too, even without --saliency).")
 FLAGS = flags.FLAGS
 
 

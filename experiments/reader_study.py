@@ -3,8 +3,10 @@
   python experiments/reader_study.py --workdir runs/demo --readers readers.csv
   python experiments/reader_study.py --workdir runs/demo            # simulated readers, a demo
 
-The readers CSV has columns reader_id, group, lesion_id, predicted_class (class name or 0-6).
-Writes workdir/reader_study.md, reader_study.json and figures/confusion_reader_*.png.
+The readers CSV has columns reader_id, group, lesion_id, predicted_class (class name or 0-6);
+reader ids that would share a figure's file name (e.g. 'R 1' and 'R_1', or 'model') are refused.
+Writes workdir/reader_study.md, reader_study.json and figures/confusion_reader_*.png, with
+intervals at the run's evaluation.confidence, as in its report.
 """
 from absl import app, flags
 

@@ -3,13 +3,15 @@
 A file is written to a temporary name in its own folder and renamed over the target only once
 it is complete, so a killed process leaves either the old file or the new one, never a
 truncated one. Temporary names start with '.' and end with the target's suffixes (nibabel and
-numpy pick the format from the suffix).
+numpy pick the format from the suffix). A folder of outputs is built the same way beside its
+target and swapped in whole (staged_folder).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary folder beside `path`; if the block succeeds, it replaces `path`
+    (left empty, it removes `path`), so that `path` never mixes files of two runs. If the block
+    fails, `path` stays as it was and the temporary folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = path.parent / f"{tmp.name}.old"
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        if any(tmp.iterdir()):
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -17,7 +17,8 @@ test metrics with that sequence hidden from every test lesion, without retrainin
 Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
 sequences, the predicted class and both heads' probabilities), challenge.json (the LLD-MMRI
 submission format, fll_jax/data/lld_mmri.py) and, with saliency, saliency/<lesion_id>/ (the
-integrated-gradients overlay, importance chart and a NIfTI map per sequence in its native grid).
+integrated-gradients overlay, importance chart and a NIfTI map per sequence in its native grid;
+the folder is fll_jax.saliency.explain.safe_name(lesion_id)).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from fll_jax.data.patchset import PatchSet
 from fll_jax.data.prepare import preprocessing
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
-from fll_jax.files import write_csv, write_json
+from fll_jax.files import staged_folder, write_csv, write_json
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import PREDICT_KEYS, predict, rng_settings
 from fll_jax.train.workdir import read_fingerprint
@@ -142,6 +143,9 @@ def predict_records(
 ) -> pd.DataFrame:
     """Preprocess new lesions, run the workdir's ensemble, write out_dir; returns predictions.csv's frame.
 
+    The saliency maps are made in a temporary folder; the outputs of an earlier run (overwrite)
+    are replaced only when this run has succeeded, an earlier saliency/ also without saliency.
+
     Raises:
         PredictionError: lesions the model cannot take (all listed), before anything is written.
         FileExistsError: out_dir holds earlier predictions and overwrite is False.
@@ -165,10 +169,12 @@ def predict_records(
     if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):
         print(f"warning: {lacking} lesion(s) lack sequences the model uses, which it never met in training "
               "(train.sequence_dropout 0, complete training data): their predictions are less reliable")
-    write_csv(frame, out_dir / "predictions.csv")
-    write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
-    if saliency:
-        write_saliency(ensemble, records, patches, out_dir / "saliency")
+    # An earlier run's maps must not stay beside these predictions, nor go before this run succeeds.
+    with staged_folder(out_dir / "saliency") as maps:
+        if saliency:
+            write_saliency(ensemble, records, patches, maps)
+        write_csv(frame, out_dir / "predictions.csv")
+        write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
     return frame
 
 

@@ -8,6 +8,7 @@ import pytest
 from fll_jax.constants import NUM_CLASSES, class_index, to_binary
 from fll_jax.evaluation.comparison import ComparisonError, Task, compare, load_points, write_comparison
 from fll_jax.evaluation.paired import mcnemar_exact
+from fll_jax.evaluation.predictions import PredictionsError
 
 N = 70  # lesions per split, ten of each class, two lesions per patient
 RESAMPLES = 300  # enough for the interval checks here, and quick
@@ -113,3 +114,41 @@ def test_points_on_other_lesions_are_refused(sweep, tmp_path):
     points, trained = load_points(tmp_path)
     with pytest.raises(ComparisonError, match="hold different test lesions"):
         compare(points, trained, resamples=RESAMPLES)
+
+
+def _write_points(root, calls: dict, edit) -> None:
+    """The named points' predictions, each passed through edit(frame) before it is written."""
+    for name, correct in calls.items():
+        (root / name).mkdir(parents=True)
+        edit(_frame(correct, seed=0)).to_csv(root / name / "predictions.csv", index=False)
+
+
+def test_without_patient_ids_lesions_are_resampled_and_the_outputs_say_so(sweep, tmp_path):
+    root, calls = sweep
+    points = {name: calls[name] for name in ("base", "sequences=all-lap")}
+    _write_points(tmp_path, points, lambda frame: frame.drop(columns="patient_id"))
+    paths = write_comparison(tmp_path, resamples=RESAMPLES)
+    worse = pd.read_csv(paths[1]).set_index(["split", "point"]).loc[("test", "sequences=all-lap")]
+    # One 'unknown' patient would make every resample the data itself: an interval of width zero.
+    assert worse["d_acc_lo"] < worse["d_acc"] < worse["d_acc_hi"] and worse["d_auc_lo"] < worse["d_auc_hi"]
+    text = paths[0].read_text()
+    assert "paired bootstrap over lesions" in text and "no patient_id in predictions.csv" in text
+    assert worse["bootstrap_unit"] == "lesions"
+    table = compare(*load_points(root), resamples=RESAMPLES).set_index(["split", "point"])
+    assert table.loc[("test", "sequences=all-lap"), "bootstrap_unit"] == "patients"
+
+
+def test_patient_ids_missing_on_some_rows_are_refused_naming_the_file_and_rows(sweep, tmp_path):
+    _, calls = sweep
+
+    def blank(frame):
+        frame.loc[[3, 7], "patient_id"] = np.nan
+        return frame
+
+    _write_points(tmp_path, {"base": calls["base"]}, blank)
+    with pytest.raises(PredictionsError, match=r"base/predictions.csv: rows 5, 9: patient_id is empty"):
+        load_points(tmp_path)
+    # Frames given to compare directly are checked too, naming the lesions.
+    frame = blank(_frame(calls["base"], seed=0))
+    with pytest.raises(ComparisonError, match="point 'seed=1': test lesions test3, test7 have no patient_id"):
+        compare({"base": frame, "seed=1": frame}, {}, resamples=RESAMPLES)

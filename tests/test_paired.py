@@ -82,3 +82,15 @@ def test_holm_adjusts_the_defined_p_values():
     assert holm([0.01, 0.04, None, 0.03]) == pytest.approx([0.03, 0.06, None, 0.06])
     assert holm([None]) == [None]
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_of_a_single_patient_is_undefined_not_of_zero_width():
+    values = np.random.default_rng(2).normal(0.1, 1.0, 40)
+
+    def mean(rows):
+        return float(np.mean(values[rows]))
+
+    # One cluster: every resample is the whole data, so the "interval" would be the estimate itself.
+    assert paired_bootstrap(mean, ["unknown"] * 40) == (None, None)
+    lower, upper = paired_bootstrap(mean, np.arange(40))
+    assert lower < values.mean() < upper

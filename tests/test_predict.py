@@ -101,3 +101,40 @@ def test_lesions_the_model_cannot_take_are_refused(trained, ensemble_models, tmp
     with pytest.raises(PredictionError, match=f"trained on patches of preprocessing {old}"):
         predict_records(other, records[:1], tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_leaves_only_the_new_runs_outputs(trained, ensemble_models, tmp_path):
+    from fll_jax.inference import predict_records
+    from fll_jax.saliency.explain import safe_name
+
+    _, _, _, workdir, records = trained
+    spaced = dataclasses.replace(records[0], lesion_id="a l1")  # once the same folder as 'a_l1'
+    predict_records(workdir, [records[0], spaced], tmp_path, saliency=True, workers=1)
+    folders = sorted(p.name for p in (tmp_path / "saliency").iterdir())
+    assert folders == sorted(["a_l1", safe_name("a l1")]) and folders[0] != folders[1]
+    assert all((tmp_path / "saliency" / f / "t2w_ig.nii.gz").is_file() for f in folders)
+    # A rerun without saliency: the earlier maps do not stay beside the new predictions.
+    predict_records(workdir, records[1:2], tmp_path, workers=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "predictions.csv"]
+    assert list(pd.read_csv(tmp_path / "predictions.csv")["lesion_id"]) == ["b_l1"]
+
+
+def test_a_failed_rerun_leaves_the_earlier_outputs(trained, ensemble_models, tmp_path, monkeypatch):
+    import fll_jax.inference as inference
+
+    _, _, _, workdir, records = trained
+    inference.predict_records(workdir, records[:1], tmp_path, workers=1)
+    (tmp_path / "saliency" / "a_l1").mkdir(parents=True)
+    (tmp_path / "saliency" / "a_l1" / "overlay.png").write_bytes(b"earlier")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def fail(ensemble, records, patches, folder):
+        (folder / "b_l1").mkdir()
+        raise RuntimeError("saliency failed half-way")
+
+    monkeypatch.setattr(inference, "write_saliency", fail)
+    with pytest.raises(RuntimeError, match="half-way"):
+        inference.predict_records(workdir, records[1:2], tmp_path, saliency=True, workers=1, overwrite=True)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "predictions.csv",
+                                                                              "saliency"]

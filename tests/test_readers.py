@@ -1,6 +1,7 @@
 """Reader study: which test gives the paper's p-values, McNemar, kappa, the example readers CSV."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_wo
 from fll_jax.evaluation.readers import (
     compare_paired, load_readers, parse_class, reader_study, simulate_readers, write_reader_study,
 )
+from fll_jax.evaluation.stats import modified_wilson
 
 EXAMPLE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "example_readers.csv"
 N, MODEL_CORRECT = 113, 90
@@ -141,3 +143,28 @@ def test_write_reader_study_with_simulated_readers(tmp_path):
     assert "Simulated readers" in text and "Table 4 layout" in text and "not evidence of clinical performance" in text
     for name in ["model", *study["readers"]]:
         assert (workdir / "figures" / f"confusion_reader_{name}.png").stat().st_size > 10_000
+
+
+def test_reader_ids_that_would_share_a_figure_are_refused(tmp_path):
+    bad = tmp_path / "readers.csv"
+    header = "reader_id,group,lesion_id,predicted_class\n"
+    bad.write_text(header + "R 1,residents,P0001_L1,cyst\nR_1,residents,P0001_L1,hcc\n")
+    with pytest.raises(ValueError, match=r"readers.csv: reader 'R_1' and reader 'R 1' would both write "
+                                         r"figures/confusion_reader_R_1.png"):
+        load_readers(bad)
+    bad.write_text(header + "model,general,P0001_L1,cyst\n")
+    with pytest.raises(ValueError, match="reader 'model' and the model would both write"):
+        load_readers(bad)
+
+
+def test_reader_study_intervals_follow_the_configured_confidence(tmp_path):
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    config = json.loads((workdir / "config.json").read_text())
+    config["evaluation"] = {"confidence": 0.9, "interval_rule": "bcd"}
+    (workdir / "config.json").write_text(json.dumps(config))
+    study = write_reader_study(workdir)
+    reader = study["readers"]["R1"]
+    correct = reader["vs_model"]["reader_correct"]
+    assert reader["accuracy_ci"] == pytest.approx(list(modified_wilson(correct, reader["n"], 0.9)[1:]))
+    text = (workdir / "reader_study.md").read_text()
+    assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI)" in text and "95%" not in text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -298,6 +299,17 @@ def test_importance_figure_names_the_map_it_shows(tmp_path):
     assert (tmp_path / "i.png").stat().st_size > 1000
 
 
+def test_lesion_folder_names_are_one_per_id():
+    from fll_jax.saliency.explain import safe_name
+
+    colliding = ["P01 L1", "P01_L1", "P01/L1", "P01:L1"]
+    names = [safe_name(i) for i in colliding]
+    assert len(set(names)) == len(colliding)  # once all 'P01_L1': one lesion's maps replaced another's
+    assert names[1] == "P01_L1" and all(n.startswith("P01_L1-") for n in names[:1] + names[2:])
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names)
+    assert safe_name("..") not in ("..", ".") and safe_name("P01/L1") == names[2]  # no parent folder; stable
+
+
 # --- scores ------------------------------------------------------------------------------------
 
 def test_top3_hit_rates_on_a_hand_made_table():
@@ -382,8 +394,9 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     out = run / "explain" / "test"
     assert summary["num_lesions"] == 2
     assert json.loads((out / "summary.json").read_text())["num_lesions"] == 2
-    for lesion in ("p0_l1", "p4_l1"):
-        folder = out / "lesions" / lesion
+    first = explain.safe_name("p0/l1")  # 'p0_l1' and a hash of the id: '/' is no file name character
+    for lesion in ("p0/l1", "p4/l1"):
+        folder = out / "lesions" / explain.safe_name(lesion)
         assert (folder / "overlay.png").is_file() and (folder / "importance.png").is_file()
         assert (folder / "overlay_gradcam.png").is_file()  # method ig: Grad-CAM beside it
         for s in USED:
@@ -395,7 +408,8 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     assert "Key-sequence hit rate" in (out / "scores.md").read_text()
     report = (run / "report.md").read_text()
     assert "## Saliency" in report and "explain/test/importance_by_class.png" in report
-    assert "(explain/test/lesions/p0_l1/overlay.png) | ![Grad-CAM: p0/l1](explain/test/lesions/p0_l1/overlay_gradcam.png) |" in report
+    assert (f"(explain/test/lesions/{first}/overlay.png) | ![Grad-CAM: p0/l1](explain/test/lesions/{first}/"
+            "overlay_gradcam.png) |") in report
 
     # Split 'val': the development lesion, by the one fold model that held it out.
     val = explain.explain_workdir(run, num_per_class=None, split="val", settings=settings)
@@ -406,7 +420,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     expected = alone.predict(explain.lesion_input(patch.image, patch.mask, config)).max()
     assert lesions["p_predicted"][0] == pytest.approx(expected, rel=1e-5)
     # The test run's files are still there, and other arguments do not replace them unasked.
-    assert (out / "lesions" / "p0_l1" / "overlay.png").is_file()
+    assert (out / "lesions" / first / "overlay.png").is_file()
     with pytest.raises(FileExistsError, match="other arguments"):
         explain.explain_workdir(run, num_per_class=1, score=True, settings=explain.Settings(steps=4, chunk=16))
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 8

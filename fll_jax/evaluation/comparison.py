@@ -4,8 +4,9 @@ For the test split (the fold models' ensemble) and the out-of-fold validation ro
 scored by the model that did not train on it), every point gets its accuracy (modified Wilson CI)
 and AUC (DeLong CI), and its difference from its reference: McNemar's exact test on the correct
 calls, DeLong's paired test on the AUCs, patient-level paired bootstrap intervals of both
-differences, and Holm's correction across the sweep's points. Points that differ only in the seed
-also get the spread over seeds.
+differences (lesion-level, and said so, where predictions.csv has no patient ids), and Holm's
+correction across the sweep's points. Points that differ only in the seed also get the spread
+over seeds.
 
 Two tasks: 'main' (seven-way accuracy, binary-head AUC: the paper's headline numbers) or a pair of
 classes such as hcc:fnh (accuracy of calling the larger of the two class probabilities on lesions
@@ -27,13 +28,17 @@ from fll_jax.ablation.runner import read_sweep
 from fll_jax.constants import CLASS_NAMES, CLASSES, class_index, to_binary
 from fll_jax.evaluation.discrimination import delong_auc, delong_paired
 from fll_jax.evaluation.paired import holm, mcnemar_exact, paired_bootstrap
-from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
+from fll_jax.evaluation.predictions import (
+    ENSEMBLE, check_patient_ids, load_predictions, missing_patient_ids, probabilities,
+)
 from fll_jax.evaluation.stats import modified_wilson
 from fll_jax.files import save_figure, write_csv, write_text
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
 RESAMPLES = 2000  # paired bootstrap resamples of the patients
+# What the bootstrap draws: a point's patients, or its lesions one by one when it has no patient ids.
+PATIENTS, LESIONS = "patients", "lesions"
 
 
 class ComparisonError(ValueError):
@@ -91,7 +96,8 @@ class Task:
 
 def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, str | None]]:
     """({name: predictions}, {name: trained point or None}) of a sweep's finished points: those
-    sweep.json lists as finished, else every subfolder holding predictions.csv."""
+    sweep.json lists as finished, else every subfolder holding predictions.csv. A file whose
+    patient ids are missing on some rows only is refused, naming them."""
     root = Path(root)
     rows = read_sweep(root)
     if rows:
@@ -100,7 +106,10 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
         names = {p.parent.name: None for p in sorted(root.glob("*/predictions.csv"))}
     if not names:
         raise ComparisonError(f"{root}: no finished point (no sweep.json entry done, no */predictions.csv)")
-    return {name: load_predictions(root / name / "predictions.csv") for name in names}, names
+    points = {name: load_predictions(root / name / "predictions.csv") for name in names}
+    for name, frame in points.items():
+        check_patient_ids(frame, root / name / "predictions.csv")
+    return points, names
 
 
 def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -124,7 +133,20 @@ def _point_metrics(frame: pd.DataFrame, task: Task) -> dict:
             "auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]}
 
 
-def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int) -> dict:
+def _clusters(frame: pd.DataFrame, name: str, split: str) -> tuple[np.ndarray, str]:
+    """Each lesion's bootstrap cluster and their kind: its patient or, when no lesion has a patient
+    id, the lesion itself (a single cluster would make every resample the data itself)."""
+    missing = missing_patient_ids(frame)
+    if missing.all():
+        return np.arange(len(frame)), LESIONS
+    if missing.any():
+        raise ComparisonError(f"point {name!r}: {split} lesions {', '.join(frame.index[missing][:5])} have no "
+                              "patient_id while others have one; give every lesion its patient, or none")
+    return frame["patient_id"].astype(str).to_numpy(), PATIENTS
+
+
+def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int,
+                clusters: tuple[np.ndarray, str]) -> dict:
     correct, truth, score = task.outcomes(frame)
     ref_correct, _, ref_score = task.outcomes(reference)
     mc = mcnemar_exact(correct, ref_correct)
@@ -138,13 +160,14 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
         b = delong_auc(truth[rows], ref_score[rows])["auc"]
         return math.nan if a is None or b is None else a - b
 
-    groups = frame["patient_id"].to_numpy()
+    groups, unit = clusters
     acc_ci = paired_bootstrap(d_acc, groups, resamples=resamples, seed=seed)
     auc_ci = paired_bootstrap(d_auc, groups, resamples=resamples, seed=seed)
     return {
         "d_acc": float(np.mean(correct) - np.mean(ref_correct)), "d_acc_lo": acc_ci[0], "d_acc_hi": acc_ci[1],
         "only_point": mc["a_only"], "only_reference": mc["b_only"], "mcnemar_p": mc["p"],
         "d_auc": dl["difference"], "d_auc_lo": auc_ci[0], "d_auc_hi": auc_ci[1], "delong_p": dl["p"],
+        "bootstrap_unit": unit,
     }
 
 
@@ -154,6 +177,8 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
 
     A point's reference is `reference` if given, else for an evaluate-only point its trained
     point, else 'base'. Holm's correction runs over the compared points of each split and test.
+    The bootstrap draws the point's patients, or its lesions where it has no patient ids
+    (column bootstrap_unit: 'patients' or 'lesions').
     """
     if reference is not None and reference not in points:
         raise ComparisonError(f"reference {reference!r} is not a finished point; finished: {', '.join(points)}")
@@ -166,9 +191,11 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
             if ref != name and ref in points:
                 ref_rows = task.rows(_split(points[ref], split))
                 _paired(rows, ref_rows, (name, ref), split)
-                record.update(_difference(rows, ref_rows, task, seed, resamples))
+                record.update(_difference(rows, ref_rows, task, seed, resamples, _clusters(rows, name, split)))
             records.append(record)
     table = pd.DataFrame.from_records(records)
+    if "bootstrap_unit" not in table:
+        table["bootstrap_unit"] = None
     for column in ("mcnemar_p", "delong_p"):
         if column not in table:
             table[column] = np.nan
@@ -209,14 +236,28 @@ def _p(row: pd.Series, key: str) -> str:
     return f"{_f(row[key])} ({_f(holm_p)}){mark}"
 
 
+def _bootstrap_note(table: pd.DataFrame, resamples: int) -> str:
+    """What the Δ intervals resampled: patients, or lesions one by one for points without patient ids."""
+    by_lesion = sorted(set(table.loc[table["bootstrap_unit"] == LESIONS, "point"]))
+    by_patient = set(table.loc[table["bootstrap_unit"] == PATIENTS, "point"])
+    caveat = ("no patient_id in predictions.csv, so lesions are resampled one by one as if each were its own "
+              "patient; where patients have several lesions these intervals are too narrow")
+    if not by_lesion:
+        return f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples)."
+    if not by_patient:
+        return f"Δ intervals by a paired bootstrap over lesions ({resamples:,} resamples): {caveat}."
+    points = ", ".join(f"`{name}`" for name in by_lesion)
+    return (f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples), except over lesions "
+            f"for {points}: {caveat}.")
+
+
 def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
                         resamples: int = RESAMPLES) -> str:
     acc, auc = task.metric_names
     lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
              "Each point against its reference on the same lesions. Intervals are 95 %: modified Wilson "
-             "for accuracy, DeLong for AUC; Δ intervals by a paired bootstrap over patients "
-             f"({resamples:,} resamples). p: McNemar's exact test (ACC) and DeLong's paired test (AUC), Holm-adjusted "
-             "over the sweep's points in brackets; * marks Holm p < 0.05.", ""]
+             f"for accuracy, DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
+             "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05.", ""]
     header = ["point", "ref.", "n", acc, f"Δ {acc}", "only point/ref. right", "McNemar p (Holm)", auc, f"Δ {auc}",
               "DeLong p (Holm)"]
     for split, title in SPLITS.items():
@@ -245,6 +286,7 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
     """Δ accuracy and Δ AUC of every compared point with their bootstrap intervals, test and out-of-fold."""
     compared = table[table["mcnemar_p"].notna()]
     names = list(dict.fromkeys(compared["point"]))
+    units = " or ".join(sorted(set(compared["bootstrap_unit"]), reverse=True))
     fig = Figure(figsize=(10, 1.4 + 0.38 * len(names)), layout="constrained")
     for i, (key, label) in enumerate(zip(("d_acc", "d_auc"), task.metric_names)):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -259,7 +301,7 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
         ax.axvline(0, color="0.5", lw=0.8, ls="--")
         ax.set_yticks(range(len(names)), names if i == 0 else [], fontsize=8)
         ax.invert_yaxis()
-        ax.set(xlabel=f"Δ {label} against the reference (95 % paired bootstrap CI)")
+        ax.set(xlabel=f"Δ {label} against the reference (95 % paired bootstrap CI over {units})")
         ax.xaxis.label.set_fontsize(8)
     fig.axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(task.title, fontsize=9)

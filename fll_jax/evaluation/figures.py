@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fll_jax.evaluation.discrimination import delong_auc, roc_points
+from fll_jax.evaluation.stats import ci_label
 from fll_jax.files import save_figure
 
 
@@ -15,21 +16,22 @@ def _save(fig: Figure, path: Path) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Path) -> Path:
-    """One ROC curve per entry {label: (truth bool, score)}, each labelled with its DeLong AUC CI."""
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Path, *, confidence: float) -> Path:
+    """One ROC curve per entry {label: (truth bool, score)}, each labelled with its DeLong AUC CI at
+    `confidence` (no default: the legend must show the level the report's tables use)."""
     fig = Figure(figsize=(5.2, 5.0), layout="constrained")
     ax = fig.add_subplot()
     for label, (truth, score) in curves.items():
         if np.all(truth) or not np.any(truth):
             continue
         fpr, tpr, _ = roc_points(truth, score)
-        auc = delong_auc(truth, score)
+        auc = delong_auc(truth, score, confidence)
         ci = "" if auc["lower"] is None else f" ({auc['lower']:.3f}-{auc['upper']:.3f})"
         ax.plot(fpr, tpr, lw=1.6, label=f"{label}: {auc['auc']:.3f}{ci}")
     ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize=7, title="AUC (95% CI, DeLong)", title_fontsize=7)
+    ax.legend(loc="lower right", fontsize=7, title=f"AUC ({ci_label(confidence)}, DeLong)", title_fontsize=7)
     return _save(fig, path)
 
 

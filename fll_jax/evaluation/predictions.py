@@ -13,10 +13,12 @@ from fll_jax.files import StateFileError
 META_COLUMNS: tuple[str, ...] = (
     "split", "fold", "patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm",
 )
+UNKNOWN_PATIENT = "unknown"
 # Metadata used only by the subgroup tables; absent columns are filled in rather than refused.
 OPTIONAL_DEFAULTS: dict[str, object] = {
-    "patient_id": "unknown", "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan, "missing": "",
+    "patient_id": UNKNOWN_PATIENT, "background": "unknown", "scanner": "unknown", "diameter_mm": np.nan, "missing": "",
 }
+SHOWN_ROWS = 10  # rows named in a message before the rest are counted
 ENSEMBLE = "ensemble"
 
 
@@ -35,6 +37,25 @@ def missing_sequences(text: str) -> list[str]:
     for name in names:
         sequence_index(name)
     return names
+
+
+def missing_patient_ids(frame: pd.DataFrame) -> np.ndarray:
+    """[N] bool: rows without a patient id (an empty cell, or 'unknown' as filled in for an absent column)."""
+    ids = frame["patient_id"]
+    return (ids.isna() | ids.astype(str).str.strip().isin(["", UNKNOWN_PATIENT])).to_numpy()
+
+
+def check_patient_ids(frame: pd.DataFrame, path: str | Path) -> None:
+    """PredictionsError naming the rows when some rows have a patient id and others none: lesions
+    could then be grouped by patient only in part. frame: as load_predictions read it from path,
+    so that row numbers are the file's lines."""
+    missing = missing_patient_ids(frame)
+    if missing.any() and not missing.all():
+        rows = [str(i + 2) for i in np.flatnonzero(missing)]
+        more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+        raise PredictionsError(f"{path}: rows {', '.join(rows[:SHOWN_ROWS])}{more}: patient_id is empty while "
+                               f"{int((~missing).sum())} rows have one; give every lesion its patient, or none "
+                               "(lesions are then resampled one by one)")
 
 
 def prob_columns(model: str) -> tuple[list[str], list[str]]:

@@ -26,11 +26,13 @@ from statsmodels.stats.inter_rater import cohens_kappa
 from fll_jax.constants import CLASS_NAMES, CLASSES, NUM_CLASSES
 from fll_jax.evaluation.figures import plot_confusion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
-from fll_jax.evaluation.stats import format_interval, modified_wilson
+from fll_jax.evaluation.report import evaluation_settings
+from fll_jax.evaluation.stats import ci_label, format_interval, modified_wilson
 from fll_jax.files import write_csv, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
 
 READER_COLUMNS: tuple[str, ...] = ("reader_id", "group", "lesion_id", "predicted_class")
+MODEL_FIGURE = "model"  # figures/confusion_reader_model.png is the model's, so no reader may map to it
 
 
 class ReadersError(ValueError):
@@ -48,6 +50,18 @@ COMMON_CONFUSION: tuple[int, ...] = (2, 4, 0, 6, 1, 6, 3)
 def _file_name(reader_id: str) -> str:
     """A reader id made safe for a file name."""
     return re.sub(r"[^\w.-]", "_", str(reader_id))
+
+
+def _check_file_names(reader_ids, path: Path) -> None:
+    """ReadersError when two readers, or a reader and the model, would write the same confusion figure."""
+    # Compared without case: on macOS and Windows 'R1' and 'r1' name one file.
+    taken = {MODEL_FIGURE.casefold(): "the model"}
+    for reader_id in sorted(reader_ids):
+        key = _file_name(reader_id).casefold()
+        if key in taken:
+            raise ReadersError(f"{path}: reader {reader_id!r} and {taken[key]} would both write "
+                               f"figures/confusion_reader_{_file_name(reader_id)}.png; rename the reader")
+        taken[key] = f"reader {reader_id!r}"
 
 
 def parse_class(value) -> int:
@@ -87,6 +101,7 @@ def load_readers(path: str | Path) -> pd.DataFrame:
     groups = frame.groupby("reader_id")["group"].nunique()
     if (groups > 1).any():
         raise ReadersError(f"{path}: reader {groups[groups > 1].index[0]} appears in more than one group")
+    _check_file_names(frame["reader_id"].unique(), path)
     return frame
 
 
@@ -129,7 +144,7 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
     unknown = sorted(set(readers["lesion_id"]) - set(test.index))
     if unknown:
         raise ReadersError(f"readers CSV names {len(unknown)} lesions not in the test split, e.g. {', '.join(unknown[:5])}")
-    out: dict = {"readers": {}, "groups": {}}
+    out: dict = {"confidence": confidence, "readers": {}, "groups": {}}
     for reader_id, rows in readers.groupby("reader_id", sort=True):
         lesions = test.loc[rows["lesion_id"]]
         truth, calls, model = lesions["label7"].to_numpy(int), rows["call"].to_numpy(int), lesions["model_call"].to_numpy(int)
@@ -218,6 +233,7 @@ def simulate_readers(predictions: pd.DataFrame, seed: int = 0, path: str | Path 
 def reader_markdown(study: dict, source_note: str) -> str:
     """reader_study.md: accuracy per reader and group, model comparisons, Table 4."""
     model = study["model"]
+    ci = ci_label(study["confidence"])
     lines = [
         "# Reader study", "", source_note, "",
         f"Model (test ensemble, argmax) on the {model['n']} lesions read: {model['correct']}/{model['n']} = "
@@ -225,7 +241,7 @@ def reader_markdown(study: dict, source_note: str) -> str:
         "## Readers", "",
         "McNemar: exact test on the paired calls (primary). Fisher (paper style): Fisher's exact test on the "
         "correct/incorrect counts as two independent samples, the test that reproduces the paper's p-values.", "",
-        "| reader | group | n | ACC (95% CI) | model ACC | model only right | reader only right | p McNemar exact | p Fisher (paper style) |",
+        f"| reader | group | n | ACC ({ci}) | model ACC | model only right | reader only right | p McNemar exact | p Fisher (paper style) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for reader_id, r in study["readers"].items():
@@ -237,7 +253,7 @@ def reader_markdown(study: dict, source_note: str) -> str:
         )
     lines += [
         "", "## Groups", "",
-        "| group | readers | correct (range) | mean ACC | pooled ACC (95% CI) | model correct | p Fisher, model vs mean reader (paper style) |",
+        f"| group | readers | correct (range) | mean ACC | pooled ACC ({ci}) | model correct | p Fisher, model vs mean reader (paper style) |",
         "|---|---|---|---|---|---|---|",
     ]
     for group, g in study["groups"].items():
@@ -253,7 +269,7 @@ def reader_markdown(study: dict, source_note: str) -> str:
             p = "< 0.001" if k["p"] < 0.001 else f"{k['p']:.3f}"
             lines.append(f"| {group} | {pair} | {k['n']} | {k['kappa']:.3f} | {k['z']:.3f} | {p} |")
     lines += ["", "## Confusion matrices", ""]
-    lines += [f"![{name}](figures/confusion_reader_{_file_name(name)}.png)" for name in ["model", *study["readers"]]]
+    lines += [f"![{name}](figures/confusion_reader_{_file_name(name)}.png)" for name in [MODEL_FIGURE, *study["readers"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -261,22 +277,24 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
     """Reader study of a workdir: reader_study.md, reader_study.json and figures/confusion_reader_*.png.
 
     Without readers_csv, simulated readers are written to workdir/simulated_readers.csv and used,
-    and the report says so.
+    and the report says so. Intervals are at the run's evaluation.confidence, as in its report.
     """
     workdir = Path(workdir)
     predictions = load_predictions(workdir / "predictions.csv")
+    config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
+    confidence, _ = evaluation_settings(config)
     if readers_csv is None:
         readers_csv = workdir / "simulated_readers.csv"
         simulate_readers(predictions, seed, readers_csv)
         note = f"> **Simulated readers** ({readers_csv.name}, seed {seed}): a demonstration of the analysis, not a reader study."
     else:
         note = f"Readers: `{readers_csv}`."
-    if (workdir / CONFIG_FILE).exists() and str((read_config(workdir).get("data") or {}).get("source", "")).lower() == "phantom":
+    if str((config.get("data") or {}).get("source", "")).lower() == "phantom":
         note += "\n\n> **Data: synthetic phantom.** These results are not evidence of clinical performance."
-    study = reader_study(predictions, load_readers(readers_csv))
+    study = reader_study(predictions, load_readers(readers_csv), confidence)
     names = [CLASS_NAMES[c] for c in CLASSES]
     figures = workdir / "figures"
-    plot_confusion(study["model"]["confusion"], names, "Model", figures / "confusion_reader_model.png")
+    plot_confusion(study["model"]["confusion"], names, "Model", figures / f"confusion_reader_{MODEL_FIGURE}.png")
     for reader_id, r in study["readers"].items():
         plot_confusion(r["confusion"], names, f"{reader_id} ({r['group']})", figures / f"confusion_reader_{_file_name(reader_id)}.png")
     write_json(workdir / "reader_study.json", study)

@@ -16,7 +16,7 @@ from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
-from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, format_interval
+from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
@@ -42,6 +42,12 @@ def data_description(config: dict) -> dict:
     if source == "manifest" or manifest:
         return {"source": "manifest", "phantom": False, "text": f"real data from manifest {manifest or '(path not recorded)'}"}
     return {"source": source or "unknown", "phantom": None, "text": "not recorded in config.json"}
+
+
+def evaluation_settings(config: dict) -> tuple[float, str]:
+    """(confidence, interval rule) from config['evaluation']; 0.95 and 'bcd' where the config has none."""
+    settings = config.get("evaluation") or {}
+    return float(settings.get("confidence", 0.95)), check_rule(settings.get("interval_rule", "bcd"))
 
 
 def run_description(config: dict, workdir: Path) -> dict:
@@ -229,16 +235,18 @@ def cohort_markdown(cohort: dict) -> list[str]:
     return ["## Table 2 layout: development against test", "", note, "", *_markdown_table(header, lines), ""]
 
 
-def table3_markdown(table: dict) -> list[str]:
+def table3_markdown(table: dict, confidence: float) -> list[str]:
     """The paper's Table 3 layout: rows ACC..NLR with CIs, the two-way column then seven classes."""
     header = ["", *(COLUMN_NAMES[c] for c in disc.TABLE3_COLUMNS)]
-    rows = [[f"{ROW_NAMES[k]} (95% CI)", *(format_interval(tuple(table[c][k])) for c in disc.TABLE3_COLUMNS)] for k in METRIC_KEYS]
+    rows = [[f"{ROW_NAMES[k]} ({ci_label(confidence)})", *(format_interval(tuple(table[c][k])) for c in disc.TABLE3_COLUMNS)] for k in METRIC_KEYS]
     rows.append(["TP/FP/FN/TN", *("/".join(str(table[c]["counts"][x]) for x in ("tp", "fp", "fn", "tn")) for c in disc.TABLE3_COLUMNS)])
     return _markdown_table(header, rows)
 
 
-def _summary_markdown(blocks: dict) -> list[str]:
-    header = ["model", "n", "ACC 7-way (95% CI)", "ACC 2-way (95% CI)", "AUC 2-way (95% CI)", "macro AUC", "macro F1", "kappa", "(F1+kappa)/2"]
+def _summary_markdown(blocks: dict, confidence: float) -> list[str]:
+    ci = ci_label(confidence)
+    header = ["model", "n", f"ACC 7-way ({ci})", f"ACC 2-way ({ci})", f"AUC 2-way ({ci})", "macro AUC", "macro F1", "kappa",
+              "(F1+kappa)/2"]
     rows = []
     for name, b in blocks.items():
         rows.append([
@@ -255,14 +263,15 @@ def _confusion_markdown(counts: list[list[int]], names: list[str]) -> list[str]:
     return _markdown_table(["true \\ predicted", *names], [[names[i], *map(str, row)] for i, row in enumerate(counts)])
 
 
-def _subgroup_markdown(sub: dict) -> list[str]:
+def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
+    ci = ci_label(confidence)
     lines = []
     for factor in FACTORS:
         seven, two = sub[factor]["seven_way"], sub[factor]["two_way"]
         lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way {_fmt(seven['overall_chi2_p'])}, "
                   f"two-way {_fmt(two['overall_chi2_p'])})", ""]
-        header = ["level", "n", "ACC 7-way (95% CI)", "rest", "p chi2 (Yates)", "p Fisher",
-                  "ACC 2-way (95% CI)", "rest", "p chi2 (Yates)", "p Fisher"]
+        header = ["level", "n", f"ACC 7-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher",
+                  f"ACC 2-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher"]
         rows = []
         for level, s in seven["levels"].items():
             t = two["levels"][level]
@@ -275,10 +284,10 @@ def _subgroup_markdown(sub: dict) -> list[str]:
     return lines
 
 
-def _auc_markdown(auc: dict) -> list[str]:
+def _auc_markdown(auc: dict, confidence: float) -> list[str]:
     rows = [[COLUMN_NAMES[c], format_interval((auc[c]["auc"], auc[c]["lower"], auc[c]["upper"]))] for c in disc.TABLE3_COLUMNS]
     rows.append(["macro mean (one-vs-rest)", _fmt(auc["macro_ovr"])])
-    return _markdown_table(["task", "AUC (95% CI, DeLong)"], rows)
+    return _markdown_table(["task", f"AUC ({ci_label(confidence)}, DeLong)"], rows)
 
 
 def overlays_markdown(lesions: pd.DataFrame, overlays: dict[str, str], split: str) -> list[str]:
@@ -331,6 +340,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
     section (saliency_markdown) and the missing-sequence section (missing_markdown)."""
     data, run = metrics["data"], metrics["run"]
     statistics = metrics.get("statistics", {"confidence": 0.95, "interval_rule": "bcd"})
+    confidence = statistics["confidence"]
     ens = metrics["test"][ENSEMBLE]
     lines = [f"# Evaluation report: {Path(run['workdir']).name}", ""]
     if data["phantom"]:
@@ -357,18 +367,18 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         "",
         "Test split:",
         "",
-        *_summary_markdown(metrics["test"]),
+        *_summary_markdown(metrics["test"], confidence),
         "",
         "Validation (out-of-fold):",
         "",
-        *(_summary_markdown(metrics["val"]) if metrics["val"] else ["(no validation rows in predictions.csv)"]),
+        *(_summary_markdown(metrics["val"], confidence) if metrics["val"] else ["(no validation rows in predictions.csv)"]),
         "",
         "## Table 3 layout: ensemble on the test split, argmax",
         "",
         f"Operating point: {ARGMAX_NOTE}. The seven one-vs-rest columns then come from one confusion "
         "matrix, so their false positives and false negatives both sum to the number of errors.",
         "",
-        *table3_markdown(ens["table3_argmax"]),
+        *table3_markdown(ens["table3_argmax"], confidence),
         "",
     ]
     thresholds = metrics["operating_points"]["validation_thresholds"]
@@ -383,13 +393,13 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
             "Table 3 looks like this kind of table: its seven columns imply 49 false positives but only 4 "
             "false negatives, which no single argmax confusion matrix can give.",
             "",
-            *table3_markdown(ens["table3_validation_thresholds"]),
+            *table3_markdown(ens["table3_validation_thresholds"], confidence),
             "",
         ]
     lines += [
         "## AUC (ensemble, test split)",
         "",
-        *_auc_markdown(ens["auc"]),
+        *_auc_markdown(ens["auc"], confidence),
         "",
         "## Confusion matrices (ensemble, test split, argmax)",
         "",
@@ -403,7 +413,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         "without cirrhosis or fatty liver. p chi2 (Yates) is Pearson's chi-square with continuity "
         "correction on the 2x2 table (this reproduces the paper's subgroup p-values); p Fisher is Fisher's "
         "exact test. Size bins follow the paper's cropping rule.",
-        *_subgroup_markdown(metrics["subgroups"]),
+        *_subgroup_markdown(metrics["subgroups"], confidence),
         "",
         "## Figures",
         "",
@@ -413,7 +423,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         *saliency,
         "## Methods",
         "",
-        f"Confidence level {statistics['confidence']:g}. Proportions (accuracy, sensitivity, specificity, "
+        f"Confidence level {confidence:g}. Proportions (accuracy, sensitivity, specificity, "
         "PPV, NPV): modified Wilson interval (Brown, Cai & DasGupta 2001; one-sided Poisson bound when the "
         "count or its complement is at most x*). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); "
         f"'-' marks an undefined bound. Table 3 follows {RULE_NAMES[statistics['interval_rule']]} "
@@ -427,14 +437,17 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
 
 
 def write_figures(frame: pd.DataFrame, metrics: dict, out_dir: Path) -> list[str]:
-    """ROC and confusion figures of the test ensemble (and the out-of-fold confusion)."""
+    """ROC and confusion figures of the test ensemble (and the out-of-fold confusion); the ROC legends'
+    AUC intervals at the metrics' confidence level, as in metrics.json."""
+    confidence = metrics["statistics"]["confidence"]
     test = frame[frame["split"] == "test"]
     p7, p2 = probabilities(test, ENSEMBLE)
     label7, label2 = test["label7"].to_numpy(int), test["label2"].to_numpy(int)
     paths = [
-        plot_roc({"benign vs malignant": (label2 == 1, p2[:, 1])}, "Two-way ROC (test, ensemble)", out_dir / "roc_test_binary.png"),
+        plot_roc({"benign vs malignant": (label2 == 1, p2[:, 1])}, "Two-way ROC (test, ensemble)",
+                 out_dir / "roc_test_binary.png", confidence=confidence),
         plot_roc({CLASS_NAMES[c]: (label7 == k, p7[:, k]) for k, c in enumerate(CLASSES)},
-                 "Seven-way one-vs-rest ROC (test, ensemble)", out_dir / "roc_test_7way.png"),
+                 "Seven-way one-vs-rest ROC (test, ensemble)", out_dir / "roc_test_7way.png", confidence=confidence),
         plot_confusion(metrics["test"][ENSEMBLE]["confusion_7way"]["counts"], DISPLAY_CLASSES, "Test", out_dir / "confusion_test_7way.png"),
         plot_confusion(metrics["test"][ENSEMBLE]["confusion_2way"]["counts"], list(BINARY_CLASSES), "Test", out_dir / "confusion_test_2way.png"),
     ]
@@ -456,8 +469,7 @@ def write_report(workdir: str | Path) -> dict:
     workdir = Path(workdir)
     frame = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
-    settings = config.get("evaluation") or {}
-    metrics = evaluate(frame, float(settings.get("confidence", 0.95)), check_rule(settings.get("interval_rule", "bcd")))
+    metrics = evaluate(frame, *evaluation_settings(config))
     metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")

@@ -125,3 +125,8 @@ def format_interval(interval: Interval, digits: int = 3) -> str:
 
     est, lo, hi = interval
     return f"{fmt(est)} ({fmt(lo)}, {fmt(hi)})"
+
+
+def ci_label(confidence: float) -> str:
+    """'95% CI' for confidence 0.95: how every table and figure names an interval of that level."""
+    return f"{100 * confidence:g}% CI"

@@ -11,6 +11,7 @@ a gradient-path map beside the feature-map view the paper draws. With score=True
 phantom scores (scoring.py). Layout under workdir/explain/<split>/:
 
   lesions/<lesion_id>/overlay.png, overlay_gradcam.png, importance.png, <seq>_<method>.nii.gz
+                         (safe_name(lesion_id): ids with other characters than letters, digits and _.- get a hash)
   lesions.csv            one row per lesion: model, classes, F, completeness, importance per sequence, folder
   importance_by_class.png  mean attribution share per true class and sequence (paper Fig. 6)
   summary.json           settings, median completeness, what each overlay shows, and the scores when asked for
@@ -22,6 +23,7 @@ that the completeness check measures the quadrature, not bf16 rounding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -174,8 +176,13 @@ def float32_model(config: ml_collections.ConfigDict):
 
 
 def safe_name(text: str) -> str:
-    """A lesion id as a file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+    """A lesion id as a folder name, one per id: the id itself when it is a plain name already
+    (letters, digits, '_', '.', '-', not starting with '.'), else its other characters replaced
+    by '_' and a hash of the id appended, so that 'P01 L1', 'P01/L1' and 'P01_L1' keep apart."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    if name == text and text and not text.startswith("."):
+        return text
+    return f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def _class_names(head: str) -> list[str]:
