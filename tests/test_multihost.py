@@ -1,4 +1,5 @@
-"""Two processes of two CPU devices each train exactly as one process of four devices."""
+"""Two processes of two CPU devices each run a cross-validation exactly as one process of four."""
+import json
 import os
 import socket
 import subprocess
@@ -7,8 +8,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pandas as pd
 
-from tests.multihost_worker import epoch
+from tests.multihost_worker import run
 
 REPO = Path(__file__).parent.parent
 
@@ -19,27 +21,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def _earlier_run(workdir: Path) -> None:
+    """Another run's outputs, for --restart to delete (two processes deleting them at once raced)."""
+    (workdir / "figures").mkdir(parents=True)
+    for k in range(40):
+        (workdir / "figures" / f"old{k}.png").write_bytes(b"png")
+    (workdir / "fold3").mkdir()
+    (workdir / "fold3" / "done.json").write_text("{}")
+    (workdir / "fingerprint.json").write_text('{"settings": {}, "data": {}}')
+
+
+def test_two_processes_run_cross_validation_like_one(tmp_path):
     port = _free_port()
+    shared = tmp_path / "two"
+    _earlier_run(shared)
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     # Output goes to files, not pipes: a worker blocked on a full pipe (while this process waits on
-    # the other worker) would hold both at the shutdown barrier until it timed out (300 s).
+    # the other worker) would hold both at a barrier until it timed out.
     logs = [tmp_path / f"process{k}.log" for k in range(2)]
     workers = []
     for k, log in enumerate(logs):
         with log.open("w") as out:  # the worker keeps its own copy of the file
             workers.append(subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(k), "2", str(port),
-                                             str(tmp_path / f"process{k}.npz")], cwd=REPO, env=env,
+                                             str(shared), str(tmp_path / f"read{k}.npy")], cwd=REPO, env=env,
                                             stdout=out, stderr=subprocess.STDOUT))
     assert jax.device_count() == 4 and jax.process_count() == 1
-    single = epoch()
+    single = tmp_path / "one"
+    read = run(str(single))
     for worker, log in zip(workers, logs):
         assert worker.wait(timeout=600) == 0, log.read_text()[-3000:]
-    shares = [np.load(tmp_path / f"process{k}.npz") for k in range(2)]
-    assert len(single["losses"]) == 4
-    for share in shares:
-        np.testing.assert_allclose(share["losses"], single["losses"], rtol=1e-5)
-        np.testing.assert_allclose(share["params"], single["params"], rtol=1e-4, atol=1e-6)
+    # The same training: the same epoch metrics and the same test and validation predictions.
+    histories = [json.loads((d / "fold0" / "done.json").read_text())["history"] for d in (shared, single)]
+    for part in ("train", "val"):
+        for key in ("loss", "accuracy_7way") if part == "train" else ("neg_loss", "accuracy_7way"):
+            np.testing.assert_allclose(histories[0][0][part][key], histories[1][0][part][key], rtol=1e-5)
+    two, one = (pd.read_csv(d / "predictions.csv") for d in (shared, single))
+    probabilities = [c for c in one.columns if "_p" in c]
+    assert two[["lesion_id", "split"]].equals(one[["lesion_id", "split"]]) and probabilities
+    np.testing.assert_allclose(two[probabilities], one[probabilities], atol=1e-5)
+    # --restart deleted the earlier run once; only process 0 wrote the logs: the event files of
+    # one process, of the same sizes (a record's length depends only on its tag and step).
+    assert not (shared / "fold3").exists() and sorted(p.name for p in (shared / "figures").iterdir()) == sorted(
+        p.name for p in (single / "figures").iterdir())
+    sizes = [sorted(p.stat().st_size for p in (d / "tensorboard").glob("events.*")) for d in (shared, single)]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 2  # the training scalars, the hparams writer's
     # Each process read only its half of every batch of 8: together, exactly what one process read.
-    first, second = (share["read"].reshape(-1, 4) for share in shares)
-    np.testing.assert_array_equal(np.concatenate([first, second], axis=1).ravel(), single["read"])
+    first, second = (np.load(tmp_path / f"read{k}.npy").reshape(-1, 4) for k in range(2))
+    np.testing.assert_array_equal(np.concatenate([first, second], axis=1).ravel(), read)

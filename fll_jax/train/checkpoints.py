@@ -51,6 +51,14 @@ def _on_host(tree):
     return jax.device_get(tree)
 
 
+def _options(name: str, **kwargs) -> ocp.CheckpointManagerOptions:
+    # Barriers named per manager: with several processes, latest/ and best/ saving the same epoch
+    # waited at one barrier name at once, which the coordination service refuses.
+    processes = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+    return ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True, multiprocessing_options=processes,
+                                        **kwargs)
+
+
 class FoldCheckpoints:
     """Two CheckpointManagers under one fold directory: latest/ keeps one step; best/ keeps the
     best epoch that latest/ names and any better epoch saved after it.
@@ -63,11 +71,9 @@ class FoldCheckpoints:
     def __init__(self, directory: Path, target: TrainState):
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
-        options = dict(create=True, cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(self.directory / "latest",
-                                            options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+        self.latest = ocp.CheckpointManager(self.directory / "latest", options=_options("latest", max_to_keep=1))
         # every step kept, and pruned here (wait): orbax's max_to_keep would drop the named best
-        self.best = ocp.CheckpointManager(self.directory / "best", options=ocp.CheckpointManagerOptions(**options))
+        self.best = ocp.CheckpointManager(self.directory / "best", options=_options("best"))
         self._named_best: int | None = None  # the best epoch named by the last latest/ saved or restored
 
     def remedy(self) -> str:

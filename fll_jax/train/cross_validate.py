@@ -14,13 +14,13 @@ from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.checks import problem_report
 from fll_jax.data.prepare import DataError
 from fll_jax.evaluation.predictions import missing_text
-from fll_jax.files import write_csv
+from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
 from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import best_variables
 from fll_jax.train.loop import Steps, run_predictions, train_fold
 from fll_jax.train.resident import ResidentData, compile_resident
-from fll_jax.train.sharding import make_mesh, replicate
+from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import check_finished, open_run, settings_fingerprint
 
@@ -143,18 +143,21 @@ def cross_validate(
         # the first fold to train compiles its programs while it initialises; a finished run trains none
         unfinished = [f for f in config.train.folds if not (workdir / f"fold{f}" / "done.json").exists()]
         steps.ahead = compile_ahead(config, steps, source, resident, unfinished[0]) if unfinished else None
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+        writer = SummaryWriter(str(workdir / "tensorboard")) if is_primary() else None
         try:
             for fold in config.train.folds:
                 train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end,
                            resident)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
         predictions = ensemble_predictions(config, source, steps, workdir)
-    write_csv(predictions, workdir / "predictions.csv")
-    metrics = write_report(workdir)
-    log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
-    return metrics
+    if is_primary():
+        write_csv(predictions, workdir / "predictions.csv")
+        metrics = write_report(workdir)
+        log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
+    sync_processes("report written")
+    return metrics if is_primary() else read_json(workdir / "metrics.json", "rerun the training command")
 
 
 def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> None:

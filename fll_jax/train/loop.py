@@ -18,7 +18,7 @@ from fll_jax.files import read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
-from fll_jax.train.sharding import process_share, put_local, shard_batch
+from fll_jax.train.sharding import is_primary, process_share, put_local, shard_batch, sync_processes
 from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, Schedule, TrainState
 
 if TYPE_CHECKING:
@@ -135,7 +135,9 @@ def train_fold(
                 return summary
             print(f"fold {fold}: {done} says it is finished, but its best checkpoint (epoch {summary.get('best_epoch')}) "
                   "is missing; training the fold again from scratch")
-            done.unlink()
+            sync_processes(f"fold {fold} checked")  # every process has read done.json before it goes
+            if is_primary():
+                done.unlink()
             ckpt.clear()
         return _train(config, fold, train_folds, source, steps, steps_per_epoch, ckpt, done, writer, on_epoch_end,
                       resident)
@@ -209,7 +211,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
                               f"{meta['best']['epoch']}; {ckpt.remedy()}")
     ckpt.restore_best()  # raises CheckpointError unless the best checkpoint verifies
     summary = {"fold": fold, "best_epoch": meta["best"]["epoch"], "best_val": meta["best"]["val"], "history": meta["history"]}
-    write_json(done, summary)
+    if is_primary():
+        write_json(done, summary)
     return summary
 
 

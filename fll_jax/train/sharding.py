@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 
@@ -51,6 +52,18 @@ def place(tree, shardings):
 def replicate(tree, mesh: Mesh):
     """Host arrays (the same in every process) replicated on every device of the mesh (see place)."""
     return place(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files: every process computes, process 0 writes
+    (the workdir is shared, and two writers of one file race)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Return once every process has called this with the same name (at once with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def process_share() -> tuple[int, int]:

@@ -18,6 +18,7 @@ import ml_collections
 
 from fll_jax.data.fingerprint import describe_changes
 from fll_jax.files import StateFileError, read_json, write_json
+from fll_jax.train.sharding import is_primary, sync_processes
 
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -98,15 +99,28 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
         WorkdirError: the folder holds another run (the message lists what changed), or run
             outputs without a fingerprint; nothing was changed.
         StateFileError: fingerprint.json is damaged.
+
+    With several processes each checks the folder, and process 0 alone changes it once all have.
     """
     workdir = Path(workdir)
     current = run_fingerprint(config, data)
-    if restart:
-        deleted = clear_run(workdir)
-        if deleted:
-            print(f"--restart: deleted {', '.join(p.name for p in deleted)} from {workdir}")
-    fingerprint = workdir / FINGERPRINT_FILE
-    if fingerprint.exists():
+    if not restart:
+        _check_run(workdir, current)
+    sync_processes("workdir checked")  # else a process could see process 0's new files as another run's
+    if is_primary():
+        if restart:
+            deleted = clear_run(workdir)
+            if deleted:
+                print(f"--restart: deleted {', '.join(p.name for p in deleted)} from {workdir}")
+        if not (workdir / FINGERPRINT_FILE).exists():
+            write_json(workdir / FINGERPRINT_FILE, current)
+        write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
+    sync_processes("workdir opened")
+
+
+def _check_run(workdir: Path, current: dict) -> None:
+    """WorkdirError unless `workdir` is empty of run outputs or holds the run `current` fingerprints."""
+    if (workdir / FINGERPRINT_FILE).exists():
         changes = fingerprint_changes(read_fingerprint(workdir), current)
         if changes:
             raise WorkdirError(f"{workdir} holds a run that differs from this one; nothing was changed. "
@@ -114,9 +128,6 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
     elif _outputs(workdir):
         raise WorkdirError(f"{workdir} holds run outputs ({', '.join(p.name for p in _outputs(workdir))}) but no "
                            f"{FINGERPRINT_FILE}, so what they were made from is unknown; {RESTART}.")
-    else:
-        write_json(fingerprint, current)
-    write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
 
 
 def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> bool:
