@@ -162,9 +162,18 @@ def test_small_split_with_a_missing_class_and_two_folds(tmp_path):
     assert "| ICC | - (-, -) |" in (workdir / "report.md").read_text()
 
 
-def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path):
+def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path, monkeypatch):
+    """The report's intervals, every label naming their level, and the ROC legends follow config.json."""
+    from fll_jax.evaluation import figures
     from fll_jax.evaluation.stats import binary_metrics
 
+    drawn, save = {}, figures._save
+
+    def keep(fig, path):  # the legend's text is only in the Figure, not in the PNG
+        drawn[path.stem] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
     workdir, metrics = run
     assert metrics["statistics"] == {"confidence": 0.95, "interval_rule": "bcd"}  # no evaluation settings: bcd
     paper = tmp_path / "paper"
@@ -180,32 +189,11 @@ def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path):
     assert column["plr"] != metrics["test"]["ensemble"]["table3_argmax"][BINARY_COLUMN]["plr"]
     text = (paper / "report.md").read_text()
     assert "Confidence level 0.9." in text and "Table 3 follows the paper's rule: modified Wilson with x* = 2" in text
-
-
-def test_every_interval_label_and_the_roc_legend_use_the_configured_level(run, tmp_path, monkeypatch):
-    from fll_jax.evaluation import figures
-
-    drawn, save = {}, figures._save
-
-    def keep(fig, path):  # the legend's text is only in the Figure, not in the PNG
-        drawn[path.stem] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(figures, "_save", keep)
-    workdir, _ = run
-    ninety = tmp_path / "ninety"
-    ninety.mkdir()
-    shutil.copy(workdir / "predictions.csv", ninety / "predictions.csv")
-    config = json.loads((workdir / "config.json").read_text())
-    config["evaluation"] = {"confidence": 0.9, "interval_rule": "bcd"}
-    (ninety / "config.json").write_text(json.dumps(config))
-    metrics = write_report(ninety)
-    text = (ninety / "report.md").read_text()
     assert "95%" not in text and "95 %" not in text
     assert text.count("| ACC (90% CI) |") == 2 and "AUC (90% CI, DeLong)" in text
     assert "ACC 7-way (90% CI)" in text.split("## Subgroups")[1]
     legend = drawn["roc_test_binary"].axes[0].get_legend()
-    auc, (lower, upper) = metrics["test"]["ensemble"]["auc_binary"], metrics["test"]["ensemble"]["auc_binary_ci"]
+    auc, (lower, upper) = ours["test"]["ensemble"]["auc_binary"], ours["test"]["ensemble"]["auc_binary_ci"]
     assert legend.get_title().get_text() == "AUC (90% CI, DeLong)"
     assert legend.get_texts()[0].get_text() == f"benign vs malignant: {auc:.3f} ({lower:.3f}-{upper:.3f})"
 
