@@ -128,7 +128,6 @@ def cross_validate(
     from tensorboardX import SummaryWriter
 
     from fll_jax.data.prepare import prepare_source
-    from fll_jax.evaluation.report import write_report
 
     workdir = Path(workdir).absolute()
     with rng_settings(config):
@@ -152,12 +151,23 @@ def cross_validate(
             if writer is not None:
                 writer.close()
         predictions = ensemble_predictions(config, source, steps, workdir)
+    metrics = write_results(workdir, predictions)
+    if is_primary():
+        log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
+    return metrics
+
+
+def write_results(workdir: Path, predictions: pd.DataFrame) -> dict:
+    """predictions.csv, metrics.json and the report, written by process 0 alone; every process
+    returns the metrics."""
+    from fll_jax.evaluation.report import write_report
+
+    metrics = None
     if is_primary():
         write_csv(predictions, workdir / "predictions.csv")
         metrics = write_report(workdir)
-        log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
-    sync_processes("report written")
-    return metrics if is_primary() else read_json(workdir / "metrics.json", "rerun the training command")
+    sync_processes("results written")
+    return metrics if metrics is not None else read_json(workdir / "metrics.json", "rerun the training command")
 
 
 def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> None:
@@ -189,7 +199,6 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
             holds another run; nothing was changed.
     """
     from fll_jax.data.prepare import prepare_source
-    from fll_jax.evaluation.report import write_report
 
     workdir, trained = Path(workdir).absolute(), Path(trained).absolute()
     with rng_settings(config):
@@ -200,5 +209,4 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         open_run(workdir, config, source.fingerprint)
         steps = build_steps(config, nominal_steps_per_epoch(config, source))
         predictions = ensemble_predictions(config, source, steps, trained)
-    write_csv(predictions, workdir / "predictions.csv")
-    return write_report(workdir)
+    return write_results(workdir, predictions)
