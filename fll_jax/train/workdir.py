@@ -18,7 +18,6 @@ import ml_collections
 
 from fll_jax.data.fingerprint import describe_changes
 from fll_jax.files import StateFileError, read_json, write_json
-from fll_jax.train.sharding import is_primary, sync_processes
 
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -102,6 +101,8 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
 
     With several processes each checks the folder, and process 0 alone changes it once all have.
     """
+    from fll_jax.train.sharding import is_primary, sync_processes  # JAX only here: the report reads this module
+
     workdir = Path(workdir)
     current = run_fingerprint(config, data)
     if not restart:
