@@ -64,10 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # stated before cropping, method not given; ours: 'volume' reads it as min-max of the whole
     # volume; 'patch' is the patch's own 0.5 and 99.5 percentiles (clipped).
     config.data.normalise = "volume"
-    # paper says nearest neighbour for the 1 mm resampling but bilinear for resizing the crop to
-    # 64^3 (Image processing); ours: one setting for the image in both steps (the code samples
-    # the cube directly), so 'nearest' follows the first step and departs from the second;
-    # 'linear' the reverse. Masks: always nearest (as the paper).
+    # paper: nearest neighbour for the 1 mm resampling, bilinear for resizing the crop to 64^3
+    # (Image processing); this setting is the first step's, and the image is always resized
+    # linearly (preprocess.py), so 'nearest' follows both steps. Masks: always nearest (as the paper).
     config.data.interpolation = "nearest"
 
     config.model = ml_collections.ConfigDict()
@@ -111,9 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment.rotate_deg = 15.0  # ours: up to +-15 degrees about each axis
     config.augment.flip = True  # paper lists flipping; ours: each axis with probability 1/2
     config.augment.shift = 0.08  # ours: up to +-8 % of the patch side per axis
-    # ours: isotropic zoom; zooming in also stands in for the paper's random dilation of large
-    # lesions' crops (not large-lesion specific, and only up to 1.15x, so it narrows the stored
-    # margin only partly).
+    # ours: isotropic zoom; with random_dilation (below) lesions of the dilated rule draw
+    # theirs from [1, zoom_max] instead.
     config.augment.scale_min = 0.85
     config.augment.scale_max = 1.15
     # paper: "the dilation size was randomly changed during the training phase" (Image processing);
