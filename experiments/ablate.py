@@ -7,7 +7,8 @@
 
 Points run one after another, each in a fresh process (output in WORKDIR/logs/<point>.log); a
 point finished earlier is skipped, a failed one is reported and the others go on; WORKDIR/sweep.json
-records each outcome. At the end experiments/compare.py's table and forest plot are written.
+records each outcome. At the end experiments/compare.py's table and forest plot are written
+(--collect does only that, after points run elsewhere, as the SLURM scripts' last job).
 --config.* overrides change the base config of every point. docs/ablations.md has the details.
 """
 import os
@@ -24,6 +25,8 @@ flags.DEFINE_bool("prepare_only", False, "Build the data of every point and exit
 flags.DEFINE_enum("emit", None, ["slurm"], "Write SLURM scripts into WORKDIR instead of running.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host).")
 flags.DEFINE_bool("compare", True, "Write the comparison (experiments/compare.py) at the end of the sweep.")
+flags.DEFINE_bool("collect", False, "Run no point: record in sweep.json which points finished (as after the SLURM "
+                  "arrays) and write the comparison.")
 flags.DEFINE_string("reference", None, "Point every other is compared with (default: 'base').")
 flags.DEFINE_integer("slurm_nodes", 1, "Nodes per point (processes of its multi-host job).")
 flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs per node.")
@@ -47,7 +50,8 @@ def _points():
 def _command() -> list[str]:
     """This command line as it would rerun, without the flags that pick a mode."""
     valued = ("--point", "--emit", *(f"--{name}" for name in FLAGS if name.startswith("slurm_")))
-    switches = ("--prepare_only", "--noprepare_only", "--distributed", "--nodistributed", "--compare", "--nocompare")
+    switches = ("--prepare_only", "--noprepare_only", "--distributed", "--nodistributed", "--compare", "--nocompare",
+                "--collect", "--nocollect")
     args, rest = [], iter(sys.argv[1:])
     for arg in rest:
         name = arg.split("=", 1)[0]
@@ -67,7 +71,7 @@ def main(argv):
 
         jax.distributed.initialize()
     from fll_jax.ablation.points import SweepError
-    from fll_jax.ablation.runner import data_sources, point_finished, run_point, run_sweep, subprocess_runner
+    from fll_jax.ablation.runner import data_sources, not_run, point_finished, run_point, run_sweep, subprocess_runner
     from fll_jax.errors import reported_as
 
     root = Path(FLAGS.workdir)
@@ -79,7 +83,7 @@ def main(argv):
             resources = Resources(FLAGS.slurm_nodes, FLAGS.slurm_gpus_per_node, FLAGS.slurm_cpus_per_task,
                                   FLAGS.slurm_mem, FLAGS.slurm_time, FLAGS.slurm_partition, FLAGS.slurm_account,
                                   FLAGS.slurm_parallel)
-            paths = write_slurm(points, root, ["python", *_command()], resources, Path.cwd())
+            paths = write_slurm(points, root, [sys.executable, *_command()], resources, Path.cwd(), FLAGS.compare)
             print(f"{len(points)} points; wrote {', '.join(map(str, paths))}\nsubmit with: bash {paths[-1]}")
             return
         sources = data_sources()
@@ -99,8 +103,8 @@ def main(argv):
                 run_point(point, root, source)
             return
         print(f"{len(points)} points: {', '.join(p.name for p in points)}")
-        rows = run_sweep(points, root, subprocess_runner(_command(), root),
-                         lambda config: sources(config).fingerprint)
+        run = not_run if FLAGS.collect else subprocess_runner(_command(), root)
+        rows = run_sweep(points, root, run, lambda config: sources(config).fingerprint)
     for row in rows:
         print(f"{row['status']:>16}  {row['seconds']:7.0f} s  {row['name']}" + (f"\n{row['error']}" if row["error"] else ""))
     failed = [row["name"] for row in rows if row["status"] == "failed"]

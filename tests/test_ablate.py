@@ -1,5 +1,6 @@
 """Sweeps: point names, running with skip-on-rerun and failure isolation, evaluate-only points, SLURM scripts."""
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,22 @@ def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran)
     assert "hidden from every lesion" in (root / "hide=dwi" / "report.md").read_text()
 
 
+def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_point(ran, tmp_path):
+    """What the SLURM comparison job does: no sweep.json (the array tasks write none), so without it
+    every point's trained point would be unknown and each compared with 'base'."""
+    from fll_jax.ablation.runner import not_run
+    from fll_jax.evaluation.comparison import load_points
+
+    root, points, *_ = ran
+    copy = tmp_path / "sweep"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("sweep.json"))
+    assert load_points(copy)[1] == {BASE: None, "hide=dwi": None}
+    rows = run_sweep(points, copy, not_run, lambda config: synthetic_source().fingerprint)
+    assert [row["status"] for row in rows] == ["finished earlier", "failed", "finished earlier"]
+    assert "not finished" in rows[1]["error"]
+    assert load_points(copy)[1] == {BASE: None, "hide=dwi": BASE}
+
+
 def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):
     point = collect_points(lambda add, arg: add(), None, base_config("quick"))[0]
     crash = ["-c", "import sys; print('step 1'); print('out of memory', file=sys.stderr); sys.exit(3)"]
@@ -119,7 +136,7 @@ def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):
 def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     points = collect_points(missing.sweep, "quick", base_config("quick"))
     command = ["python", "experiments/ablate.py", "--config=configs/ablations/missing.py:quick",
-               f"--workdir={tmp_path}"]
+               f"--workdir={tmp_path}", "--reference=sequence_dropout=0.3"]
     resources = Resources(nodes=2, gpus_per_node=8, time="02:00:00", partition="gpu", parallel=4)
     paths = write_slurm(points, tmp_path, command, resources, REPO)
     assert [p.name for p in paths] == [TRAIN_SCRIPT, EVAL_SCRIPT, SUBMIT_SCRIPT]
@@ -144,7 +161,13 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     order = [line for line in submit if "sbatch" in line]
     assert "--prepare_only" in order[0] and "afterok:$prepare" in order[1] and TRAIN_SCRIPT in order[1]
     assert "afterany:$last" in order[2] and EVAL_SCRIPT in order[2]
-    assert "experiments/compare.py" in order[3] and "afterany:$last" in order[3]
+    # The comparison runs ablate.py --collect: sweep.json then pairs every evaluate-only point with
+    # its trained point, and the sweep's own --reference holds.
+    compare = shlex.split(shlex.split(order[3])[-1].split("=", 1)[1])
+    assert "afterany:$last" in order[3] and compare == [*command, "--collect"]
+    assert not any("sbatch" in line and "ablate_compare" in line
+                   for line in write_slurm(points, tmp_path / "nocompare", command, resources, REPO, compare=False)[-1]
+                   .read_text().splitlines())
 
 
 def test_ablate_writes_slurm_scripts_from_the_command_line(tmp_path):

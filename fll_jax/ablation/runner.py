@@ -77,6 +77,12 @@ def subprocess_runner(command: Sequence[str], root: str | Path) -> Callable[[Poi
     return run
 
 
+def not_run(point: Point) -> None:
+    """run(point) for a sweep whose points ran elsewhere (SLURM array tasks): a point not found
+    finished is reported failed, so that sweep.json records what each task left."""
+    raise PointError("not finished: its task failed or did not run (see logs/)")
+
+
 def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], None],
               data: Callable[[ml_collections.ConfigDict], dict]) -> list[dict]:
     """Run every point not yet finished with run(point), in order, and record each outcome.

@@ -65,7 +65,7 @@ def _array_script(points: Sequence[Point], root: Path, command: Sequence[str], r
 
 
 def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str], resources: Resources,
-                repository: str | Path) -> list[Path]:
+                repository: str | Path, compare: bool = True) -> list[Path]:
     """Write the array scripts and submit.sh into root; returns their paths.
 
     Args:
@@ -75,6 +75,9 @@ def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str
             --config=..., --workdir=...].
         resources: what each task asks for.
         repository: the folder the commands run in.
+        compare: queue, after the arrays, `command --collect`: sweep.json records each point's
+            outcome (so evaluate-only points are compared with their trained points) and the
+            comparison is written with the command's own --reference.
     """
     root, repository = Path(root).absolute(), Path(repository).absolute()
     root.mkdir(parents=True, exist_ok=True)
@@ -97,12 +100,11 @@ def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str
         written[-1].write_text(_array_script(evaluated, root, command, resources, "ablate_evaluate", repository))
         # afterany: an evaluate-only point whose model failed reports that itself; the others still run.
         queue.append(f"last=$(sbatch --parsable --dependency=afterany:$last {shlex.quote(str(root / EVAL_SCRIPT))})")
-    compare = [command[0], "experiments/compare.py", f"--workdir={root}"]
-    queue += [
-        f"sbatch --dependency=afterany:$last --job-name=ablate_compare --output={shlex.quote(str(root / LOGS / 'compare.out'))} "
-        f"--wrap={shlex.quote(shlex.join(compare))}",
-        "",
-    ]
+    if compare:
+        queue.append(f"sbatch --dependency=afterany:$last --job-name=ablate_compare "
+                     f"--output={shlex.quote(str(root / LOGS / 'compare.out'))} "
+                     f"--wrap={shlex.quote(shlex.join([*command, '--collect']))}")
+    queue.append("")
     written.append(root / SUBMIT_SCRIPT)
     written[-1].write_text("\n".join(queue))
     written[-1].chmod(0o755)
