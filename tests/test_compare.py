@@ -152,3 +152,20 @@ def test_patient_ids_missing_on_some_rows_are_refused_naming_the_file_and_rows(s
     frame = blank(_frame(calls["base"], seed=0))
     with pytest.raises(ComparisonError, match="point 'seed=1': test lesions test3, test7 have no patient_id"):
         compare({"base": frame, "seed=1": frame}, {}, resamples=RESAMPLES)
+
+
+def test_intervals_are_at_the_points_confidence_and_mixed_levels_are_refused(sweep, tmp_path):
+    _, calls = sweep
+    _write_points(tmp_path, {name: calls[name] for name in ("base", "sequences=all-lap")}, lambda frame: frame)
+    for name in ("base", "sequences=all-lap"):
+        (tmp_path / name / "config.json").write_text(json.dumps({"evaluation": {"confidence": 0.8}}))
+    paths = write_comparison(tmp_path, resamples=RESAMPLES)
+    assert "Intervals are 80% CIs" in paths[0].read_text()
+    at_80 = pd.read_csv(paths[1]).set_index(["split", "point"])
+    at_95 = compare(*load_points(tmp_path), resamples=RESAMPLES).set_index(["split", "point"])
+    for key in ("acc", "auc", "d_acc", "d_auc"):
+        width = {level: (t[f"{key}_hi"] - t[f"{key}_lo"]).dropna() for level, t in (("80", at_80), ("95", at_95))}
+        assert len(width["80"]) >= 2 and (width["80"] < width["95"]).all(), key
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"evaluation": {"confidence": 0.9}}))
+    with pytest.raises(ComparisonError, match=r"different confidence levels \('base' 0.9, 'sequences=all-lap' 0.8\)"):
+        write_comparison(tmp_path, resamples=RESAMPLES)

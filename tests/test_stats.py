@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
 from fll_jax.constants import CLASSES
-from fll_jax.evaluation.discrimination import BINARY_COLUMN, TABLE3_COLUMNS, delong_auc
+from fll_jax.evaluation.discrimination import BINARY_COLUMN, TABLE3_COLUMNS, delong_auc, rank_auc
 from fll_jax.evaluation.stats import METRIC_KEYS, binary_metrics, default_x_star, likelihood_ratio, modified_wilson
 
 # Table 3 of the paper as printed (columns: two-way, then CLASSES in order).
@@ -171,6 +171,9 @@ def test_delong_matches_definition_and_sklearn_with_ties():
     assert result["se"] ** 2 == pytest.approx(brute_force_delong_variance(score[y], score[~y]))
     z = stats.norm.ppf(0.975)
     assert result["lower"] == pytest.approx(result["auc"] - z * result["se"])
+    # The bootstrap's one-ranking AUC is the same number, and undefined where one class is absent.
+    assert rank_auc(y, score) == pytest.approx(result["auc"], abs=1e-12)
+    assert rank_auc(y[y], score[y]) is None and rank_auc(y[~y], score[~y]) is None
 
 
 def test_delong_agrees_with_bootstrap():

@@ -6,7 +6,8 @@ and AUC (DeLong CI), and its difference from its reference: McNemar's exact test
 calls, DeLong's paired test on the AUCs, patient-level paired bootstrap intervals of both
 differences (lesion-level, and said so, where predictions.csv has no patient ids), and Holm's
 correction across the sweep's points. Points that differ only in the seed also get the spread
-over seeds.
+over seeds. Intervals are at the level the points' own reports use (evaluation.confidence in
+their config.json; 0.95 where none has one).
 
 Two tasks: 'main' (seven-way accuracy, binary-head AUC: the paper's headline numbers) or a pair of
 classes such as hcc:fnh (accuracy of calling the larger of the two class probabilities on lesions
@@ -26,13 +27,15 @@ from matplotlib.figure import Figure
 from fll_jax.ablation.points import BASE
 from fll_jax.ablation.runner import read_sweep
 from fll_jax.constants import CLASS_NAMES, CLASSES, class_index, to_binary
-from fll_jax.evaluation.discrimination import delong_auc, delong_paired
+from fll_jax.evaluation.discrimination import delong_auc, delong_paired, rank_auc
 from fll_jax.evaluation.paired import holm, mcnemar_exact, paired_bootstrap
 from fll_jax.evaluation.predictions import (
     ENSEMBLE, check_patient_ids, load_predictions, missing_patient_ids, probabilities,
 )
-from fll_jax.evaluation.stats import modified_wilson
+from fll_jax.evaluation.report import evaluation_settings
+from fll_jax.evaluation.stats import ci_label, modified_wilson
 from fll_jax.files import save_figure, write_csv, write_text
+from fll_jax.train.workdir import CONFIG_FILE, read_config
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
@@ -112,6 +115,18 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
     return points, names
 
 
+def sweep_confidence(root: str | Path, names) -> float:
+    """The level of the points' intervals: evaluation.confidence in their config.json, as their
+    reports use it; 0.95 where no point has a config.json. ComparisonError if points disagree."""
+    levels = {name: evaluation_settings(read_config(Path(root) / name).to_dict())[0]
+              for name in names if (Path(root) / name / CONFIG_FILE).exists()}
+    if len(set(levels.values())) > 1:
+        listed = ", ".join(f"{name!r} {level:g}" for name, level in levels.items())
+        raise ComparisonError(f"{root}: the points' reports use different confidence levels ({listed}); "
+                              "compare points of one evaluation.confidence")
+    return next(iter(levels.values()), 0.95)
+
+
 def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     return frame[frame["split"] == split].set_index("lesion_id").sort_index()
 
@@ -125,10 +140,10 @@ def _paired(point: pd.DataFrame, reference: pd.DataFrame, names: tuple[str, str]
         raise ComparisonError(f"points {names[0]!r} and {names[1]!r} disagree on {split} labels")
 
 
-def _point_metrics(frame: pd.DataFrame, task: Task) -> dict:
+def _point_metrics(frame: pd.DataFrame, task: Task, confidence: float) -> dict:
     correct, truth, score = task.outcomes(frame)
-    acc, acc_lo, acc_hi = modified_wilson(int(correct.sum()), len(correct))
-    auc = delong_auc(truth, score)
+    acc, acc_lo, acc_hi = modified_wilson(int(correct.sum()), len(correct), confidence)
+    auc = delong_auc(truth, score, confidence)
     return {"n": len(correct), "acc": acc, "acc_lo": acc_lo, "acc_hi": acc_hi,
             "auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]}
 
@@ -146,7 +161,7 @@ def _clusters(frame: pd.DataFrame, name: str, split: str) -> tuple[np.ndarray, s
 
 
 def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int,
-                clusters: tuple[np.ndarray, str]) -> dict:
+                clusters: tuple[np.ndarray, str], confidence: float) -> dict:
     correct, truth, score = task.outcomes(frame)
     ref_correct, _, ref_score = task.outcomes(reference)
     mc = mcnemar_exact(correct, ref_correct)
@@ -156,13 +171,13 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
         return float(np.mean(correct[rows]) - np.mean(ref_correct[rows]))
 
     def d_auc(rows: np.ndarray) -> float:
-        a = delong_auc(truth[rows], score[rows])["auc"]
-        b = delong_auc(truth[rows], ref_score[rows])["auc"]
+        a = rank_auc(truth[rows], score[rows])
+        b = rank_auc(truth[rows], ref_score[rows])
         return math.nan if a is None or b is None else a - b
 
     groups, unit = clusters
-    acc_ci = paired_bootstrap(d_acc, groups, resamples=resamples, seed=seed)
-    auc_ci = paired_bootstrap(d_auc, groups, resamples=resamples, seed=seed)
+    acc_ci = paired_bootstrap(d_acc, groups, confidence, resamples, seed)
+    auc_ci = paired_bootstrap(d_auc, groups, confidence, resamples, seed)
     return {
         "d_acc": float(np.mean(correct) - np.mean(ref_correct)), "d_acc_lo": acc_ci[0], "d_acc_hi": acc_ci[1],
         "only_point": mc["a_only"], "only_reference": mc["b_only"], "mcnemar_p": mc["p"],
@@ -172,13 +187,13 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
 
 
 def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], reference: str | None = None,
-            task: Task = Task(), seed: int = 0, resamples: int = RESAMPLES) -> pd.DataFrame:
+            task: Task = Task(), seed: int = 0, resamples: int = RESAMPLES, confidence: float = 0.95) -> pd.DataFrame:
     """One row per point and split: metrics, the paired comparison with its reference, Holm's p.
 
     A point's reference is `reference` if given, else for an evaluate-only point its trained
     point, else 'base'. Holm's correction runs over the compared points of each split and test.
     The bootstrap draws the point's patients, or its lesions where it has no patient ids
-    (column bootstrap_unit: 'patients' or 'lesions').
+    (column bootstrap_unit: 'patients' or 'lesions'). Intervals are at level `confidence`.
     """
     if reference is not None and reference not in points:
         raise ComparisonError(f"reference {reference!r} is not a finished point; finished: {', '.join(points)}")
@@ -187,11 +202,12 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
         for name, frame in points.items():
             ref = reference or trained.get(name) or BASE
             rows = task.rows(_split(frame, split))
-            record = {"split": split, "point": name, "reference": ref if ref != name else "", **_point_metrics(rows, task)}
+            record = {"split": split, "point": name, "reference": ref if ref != name else "", **_point_metrics(rows, task, confidence)}
             if ref != name and ref in points:
                 ref_rows = task.rows(_split(points[ref], split))
                 _paired(rows, ref_rows, (name, ref), split)
-                record.update(_difference(rows, ref_rows, task, seed, resamples, _clusters(rows, name, split)))
+                record.update(_difference(rows, ref_rows, task, seed, resamples, _clusters(rows, name, split),
+                                          confidence))
             records.append(record)
     table = pd.DataFrame.from_records(records)
     if "bootstrap_unit" not in table:
@@ -252,10 +268,11 @@ def _bootstrap_note(table: pd.DataFrame, resamples: int) -> str:
 
 
 def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
-                        resamples: int = RESAMPLES) -> str:
+                        resamples: int = RESAMPLES, confidence: float = 0.95) -> str:
     acc, auc = task.metric_names
     lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
-             "Each point against its reference on the same lesions. Intervals are 95 %: modified Wilson "
+             "Each point against its reference on the same lesions. Intervals are "
+             f"{ci_label(confidence)}s: modified Wilson "
              f"for accuracy, DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
              "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05.", ""]
     header = ["point", "ref.", "n", acc, f"Δ {acc}", "only point/ref. right", "McNemar p (Holm)", auc, f"Δ {auc}",
@@ -282,7 +299,7 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
     return "\n".join(lines)
 
 
-def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
+def plot_forest(table: pd.DataFrame, task: Task, path: Path, confidence: float = 0.95) -> Path:
     """Δ accuracy and Δ AUC of every compared point with their bootstrap intervals, test and out-of-fold."""
     compared = table[table["mcnemar_p"].notna()]
     names = list(dict.fromkeys(compared["point"]))
@@ -301,7 +318,7 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
         ax.axvline(0, color="0.5", lw=0.8, ls="--")
         ax.set_yticks(range(len(names)), names if i == 0 else [], fontsize=8)
         ax.invert_yaxis()
-        ax.set(xlabel=f"Δ {label} against the reference (95 % paired bootstrap CI over {units})")
+        ax.set(xlabel=f"Δ {label} against the reference ({ci_label(confidence)}, paired bootstrap over {units})")
         ax.xaxis.label.set_fontsize(8)
     fig.axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(task.title, fontsize=9)
@@ -310,14 +327,16 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path) -> Path:
 
 def write_comparison(root: str | Path, reference: str | None = None, task: Task = Task(),
                      resamples: int = RESAMPLES) -> list[Path]:
-    """comparison[_<pair>].md, .csv and forest[_<pair>].png in the sweep's folder; returns their paths."""
+    """comparison[_<pair>].md, .csv and forest[_<pair>].png in the sweep's folder, at the points'
+    confidence level (sweep_confidence); returns their paths."""
     root = Path(root)
     points, trained = load_points(root)
-    table = compare(points, trained, reference, task, resamples=resamples)
+    confidence = sweep_confidence(root, points)
+    table = compare(points, trained, reference, task, resamples=resamples, confidence=confidence)
     spread = seed_spread(table)
     suffix = "" if task.pair is None else f"_{task.name}"
-    paths = [write_text(root / f"comparison{suffix}.md", comparison_markdown(table, spread, task, root.name, resamples)),
-             write_csv(table, root / f"comparison{suffix}.csv")]
+    markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence)
+    paths = [write_text(root / f"comparison{suffix}.md", markdown), write_csv(table, root / f"comparison{suffix}.csv")]
     if table["mcnemar_p"].notna().any():
-        paths.append(plot_forest(table, task, root / f"forest{suffix}.png"))
+        paths.append(plot_forest(table, task, root / f"forest{suffix}.png", confidence))
     return paths

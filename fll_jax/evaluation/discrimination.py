@@ -34,6 +34,19 @@ def placements(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
     return v_pos, v_neg
 
 
+def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
+    """The AUC alone (None without both classes), from one ranking: the Mann-Whitney U of the
+    positives over m * n, ties counting 1/2. delong_auc's value, at a third of its rankings, for
+    statistics recomputed thousands of times (the sweep comparison's bootstrap)."""
+    y_true = np.asarray(y_true).astype(bool)
+    m = int(y_true.sum())
+    n = len(y_true) - m
+    if m == 0 or n == 0:
+        return None
+    ranks = stats.rankdata(np.asarray(score, dtype=np.float64))
+    return float((ranks[y_true].sum() - m * (m + 1) / 2) / (m * n))
+
+
 def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
                   confidence: float = 0.95) -> dict[str, float | None]:
     """DeLong's test of two correlated AUCs (two scores of the same cases; DeLong, DeLong &
