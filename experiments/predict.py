@@ -9,9 +9,13 @@ A manifest may leave label and split empty; a folder follows docs/folders.md; a 
 converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
 Writes out_dir/predictions.csv and challenge.json (and saliency/ with --saliency). Lesions the
 model cannot take (another preprocessing, none of its sequences) are refused, naming each.
---overwrite replaces an earlier run's outputs once the new run has succeeded, its saliency/
-also when the new run has none, so the folder never mixes two runs.
+An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there, or
+the nifti/ of a --dicom run) is refused before anything is converted or written. --overwrite
+replaces the outputs, and --folder's manifest.csv, once the new run has succeeded; saliency/ also
+when the new run has none; nifti/ keeps every study converted into it (a study converted again
+is replaced).
 """
+import contextlib
 import os
 from pathlib import Path
 
@@ -31,10 +35,13 @@ flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in ea
 flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
 flags.DEFINE_bool("overwrite", False, "Replace earlier outputs in --out_dir (saliency/ too, even without --saliency).")
 FLAGS = flags.FLAGS
+# What the inputs leave in --out_dir: --folder's manifest and --dicom's conversions.
+MANIFEST, NIFTI = "manifest.csv", "nifti"
 
 
-def _records(out_dir: Path) -> list:
-    """The new lesions as manifest records, from whichever input was given."""
+def _records(out_dir: Path, staged_manifest: Path | None) -> list:
+    """The new lesions as manifest records, from whichever input was given (--folder's manifest is
+    written to staged_manifest)."""
     from fll_jax.data.manifest import read_manifest
 
     given = [name for name in ("manifest", "folder", "dicom") if getattr(FLAGS, name)]
@@ -45,8 +52,7 @@ def _records(out_dir: Path) -> list:
     if FLAGS.folder:
         from fll_jax.data.folders import build_manifest
 
-        manifest = build_manifest(FLAGS.folder, out=out_dir / "manifest.csv", labelled=False,
-                                  overwrite=FLAGS.overwrite)
+        manifest = build_manifest(FLAGS.folder, out=staged_manifest, labelled=False, overwrite=True)
         return read_manifest(manifest, labelled=False)
     return [_dicom_record(out_dir)]
 
@@ -62,7 +68,7 @@ def _dicom_record(out_dir: Path):
     except ValueError as e:
         raise app.UsageError(f"--box_mm: {e}") from None
     salt = FLAGS.salt if FLAGS.salt or FLAGS.id_map else os.environ.get("FLL_DICOM_SALT")
-    record = dicom_record(FLAGS.dicom, out_dir / "nifti", box, salt=salt, id_map=FLAGS.id_map,
+    record = dicom_record(FLAGS.dicom, out_dir / NIFTI, box, salt=salt, id_map=FLAGS.id_map,
                           overwrite=FLAGS.overwrite)
     print(f"{record.patient_id}: " + ", ".join(f"{s} <- {p.name}" for s, p in record.images.items()))
     return record
@@ -71,11 +77,15 @@ def _dicom_record(out_dir: Path):
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
-    from fll_jax.inference import predict_records
+    from fll_jax.files import atomic_path
+    from fll_jax.inference import check_out_dir, predict_records
 
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
-    with reported_as("predict"):
-        frame = predict_records(FLAGS.workdir, _records(out_dir), out_dir, saliency=FLAGS.saliency,
+    with reported_as("predict"), contextlib.ExitStack() as stack:
+        check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else (NIFTI,) if FLAGS.dicom else ())
+        # --folder's manifest, under a temporary name until the run has succeeded
+        staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None
+        frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,
                                 workers=FLAGS.workers, overwrite=FLAGS.overwrite)
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
     labelled = frame[frame["label"] != ""]

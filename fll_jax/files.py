@@ -54,6 +54,8 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
         if any(tmp.iterdir()):
             os.replace(tmp, path)
     finally:
+        if old.exists() and not path.exists() and tmp.is_dir() and any(tmp.iterdir()):
+            os.replace(old, path)  # interrupted between the two renames: the earlier folder comes back
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
@@ -100,11 +102,17 @@ def save_figure(fig, path: str | Path, dpi: int) -> Path:
     return Path(path)
 
 
-def write_nifti(data, affine, path: str | Path, header=None) -> Path:
-    """A NIfTI image in scanner coordinates: qform and sform both `affine`, millimetres."""
+def write_nifti(data, affine, path: str | Path, header=None, scaling: tuple[float, float] | None = None) -> Path:
+    """A NIfTI image in scanner coordinates: qform and sform both `affine`, millimetres.
+
+    scaling: (slope, intercept) of stored values `data`, kept as they are (otherwise nibabel fits
+    a scaling of its own to the values, and stored integers can drift).
+    """
     import nibabel as nib
 
     image = nib.Nifti1Image(data, affine, header=header)
+    if scaling is not None:
+        image.header.set_slope_inter(*scaling)  # after the constructor, which clears them
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)

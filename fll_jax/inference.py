@@ -132,6 +132,14 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
     return frame
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool, also: Sequence[str] = ()) -> None:
+    """FileExistsError naming an earlier run's outputs (OUTPUTS and `also`) in out_dir, unless overwrite."""
+    existing = [Path(out_dir) / name for name in (*OUTPUTS, *also) if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); choose another output folder "
+                              "or pass --overwrite to replace them")
+
+
 def predict_records(
     workdir: str | Path,
     records: Sequence,
@@ -151,10 +159,7 @@ def predict_records(
         FileExistsError: out_dir holds earlier predictions and overwrite is False.
     """
     out_dir = Path(out_dir)
-    existing = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); choose another output folder "
-                              "or pass --overwrite to replace them")
+    check_out_dir(out_dir, overwrite)
     ensemble = load_ensemble(workdir)
     problems = compatibility_problems(ensemble, records)
     if problems:
@@ -172,14 +177,16 @@ def predict_records(
     # An earlier run's maps must not stay beside these predictions, nor go before this run succeeds.
     with staged_folder(out_dir / "saliency") as maps:
         if saliency:
-            write_saliency(ensemble, records, patches, maps)
+            write_saliency(ensemble, records, patches, maps, p7.argmax(1))
         write_csv(frame, out_dir / "predictions.csv")
         write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
     return frame
 
 
-def write_saliency(ensemble: Ensemble, records: Sequence, patches: PatchSet, folder: Path) -> None:
-    """Integrated gradients of the ensemble's predicted class for every lesion, as explain.py draws them."""
+def write_saliency(ensemble: Ensemble, records: Sequence, patches: PatchSet, folder: Path,
+                   predicted: np.ndarray) -> None:
+    """Integrated gradients of each lesion's predicted class (predictions.csv's: the maps' float32
+    model could break a near tie of a bfloat16 one the other way), as explain.py draws them."""
     from fll_jax.saliency.explain import (
         Settings, compute_map, float32_model, lesion_affines, lesion_input, safe_name, write_lesion_maps,
     )
@@ -190,7 +197,7 @@ def write_saliency(ensemble: Ensemble, records: Sequence, patches: PatchSet, fol
     with rng_settings(config):
         for i, record in enumerate(records):
             x = lesion_input(patches.image[i], patches.mask[i], config)
-            lesion = compute_map(score, x, config.sequences, settings)
+            lesion = compute_map(score, x, config.sequences, settings, predicted[i])
             affines = lesion_affines(patches.patch_affine[i], patches.size, config)
             title = f"{record.lesion_id}: predicted {CLASSES[lesion.index]} (p = {lesion.probs[lesion.index]:.2f})"
             write_lesion_maps(folder / safe_name(record.lesion_id), record, x, lesion, affines, config.sequences,

@@ -208,3 +208,21 @@ def test_series_table_takes_the_highest_b_value_and_refuses_ties(tmp_path):
     table(rows + [("7_t1c.nii.gz", "t1c", "")])
     with pytest.raises(DicomError, match="unknown sequence 't1c'"):
         read_series_table(tmp_path)
+
+
+def test_the_command_refuses_an_earlier_runs_folder_before_converting_anything(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _write_study(tmp_path / "study", tmp_path / "scratch", np.array([2.0, -40.0, 10.0]), 6.0, PATIENT)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("an earlier run's")
+    command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}", f"--dicom={tmp_path / 'study'}",
+               "--box_mm=-4 -46 4 8 -34 16", f"--out_dir={out}"]
+    result = subprocess.run(command, cwd=Path(__file__).parents[1], env={**os.environ, "FLL_DICOM_SALT": SALT},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "predictions.csv exist(s)" in result.stderr and "--overwrite" in result.stderr
+    # The study was not converted into the folder (its nifti/ would have sat beside the earlier predictions).
+    assert [p.name for p in out.iterdir()] == ["predictions.csv"]

@@ -26,7 +26,7 @@ from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source
 from fll_jax.data.preprocess import PreprocessError
 from fll_jax.evaluation.report import write_report
-from fll_jax.files import StateFileError, read_json
+from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.workdir import WorkdirError, open_run
@@ -94,7 +94,16 @@ def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run):
     with pytest.raises(WorkdirError, match=r"(?s)differs.*lesion 'D01_L1': split 'dev' -> 'test'.*--restart"):
         cross_validate(config, folder / "run")
     assert results(folder / "run") == before
+    # What commands run on the earlier models left goes with them; a file of the user's stays.
+    (folder / "run" / "predict").mkdir()
+    (folder / "run" / "predict" / "predictions.csv").write_text("the earlier models' predictions")
+    write_json(folder / "run" / "missing_at_inference.json", {"sequence_dropout": 0.0, "rows": [
+        {"hidden": "t2w", "n": 1, "accuracy_7way": 0.123, "accuracy_2way": 0.5, "auc_binary": None}]})
+    (folder / "run" / "notes.txt").write_text("mine")
     cross_validate(config, folder / "run", restart=True)
+    left = {p.name for p in (folder / "run").iterdir()}
+    assert "notes.txt" in left and not {"predict", "missing_at_inference.json"} & left
+    assert "0.123" not in (folder / "run" / "report.md").read_text()
     predictions = pd.read_csv(folder / "run" / "predictions.csv")
     assert predictions.loc[predictions.lesion_id == "D01_L1", "split"].tolist() == ["test"]
     assert read_json(folder / "run" / "fingerprint.json", "")["data"]["lesions"]["D01_L1"]["fold"] == -1
@@ -421,3 +430,39 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_text("half of the new")
             raise KeyboardInterrupt
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_a_staged_folder_replaces_the_old_one_whole_or_leaves_it(tmp_path, monkeypatch):
+    from fll_jax import files
+
+    def fill(folder: Path, name: str) -> None:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "map.nii.gz").write_text(name)
+
+    path = tmp_path / "lesions"
+    fill(path, "earlier")
+    real_replace, renames, interrupted = files.os.replace, [], []
+
+    def replace(src, dst):
+        renames.append(src)
+        if len(renames) in interrupted:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    for rename in (None, 2):  # in the block; between moving the old folder aside and the new one in
+        renames.clear()
+        interrupted[:] = [rename]
+        with pytest.raises(KeyboardInterrupt):
+            with files.staged_folder(path) as tmp:
+                fill(tmp, "new")
+                if rename is None:
+                    raise KeyboardInterrupt
+        assert [p.name for p in tmp_path.iterdir()] == ["lesions"] and [p.name for p in path.iterdir()] == ["earlier"]
+    monkeypatch.undo()
+    with files.staged_folder(path) as tmp:
+        fill(tmp, "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["lesions"] and [p.name for p in path.iterdir()] == ["new"]
+    with files.staged_folder(path):
+        pass  # left empty: the folder goes
+    assert list(tmp_path.iterdir()) == []

@@ -128,7 +128,7 @@ def test_a_failed_rerun_leaves_the_earlier_outputs(trained, ensemble_models, tmp
     (tmp_path / "saliency" / "a_l1" / "overlay.png").write_bytes(b"earlier")
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
-    def fail(ensemble, records, patches, folder):
+    def fail(ensemble, records, patches, folder, predicted):
         (folder / "b_l1").mkdir()
         raise RuntimeError("saliency failed half-way")
 

@@ -369,6 +369,16 @@ def _predictions_csv(path, rows) -> None:
     frame.to_csv(path, index=False)
 
 
+def test_bad_settings_are_named_before_any_model_is_loaded(tmp_path):
+    from fll_jax.saliency import explain
+
+    with pytest.raises(ValueError, match=r"unknown head 'three'.*; unknown baseline 'noise'.*; steps 1: ig needs at least 2"):
+        explain.Settings(head="three", baseline="noise", steps=1).check()
+    explain.Settings(quadrature="gauss_legendre", steps=1).check()  # one Gauss node is a rule
+    with pytest.raises(ValueError, match="num_per_class -1: must be at least 1"):
+        explain.explain_workdir(tmp_path / "no_run", num_per_class=-1)
+
+
 def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     from fll_jax.data import manifest as manifest_module
     from fll_jax.saliency import explain
@@ -424,7 +434,19 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     with pytest.raises(FileExistsError, match="other arguments"):
         explain.explain_workdir(run, num_per_class=1, score=True, settings=explain.Settings(steps=4, chunk=16))
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 8
-
+    # Asked to, a rerun replaces them whole: an earlier request's lesion folder and scores go.
+    (out / "lesions" / "earlier_lesion").mkdir()
+    explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), overwrite=True)
+    assert sorted(p.name for p in (out / "lesions").iterdir()) == sorted(map(explain.safe_name, ("p0/l1", "p4/l1")))
+    assert not (out / "scores.md").exists() and "Key-sequence hit rate" not in (run / "report.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 4
+    # A folder of another run's explanations, asked for alike, is not replaced unasked either.
+    shared = tmp_path / "shared"
+    (shared / "lesions").mkdir(parents=True)
+    request = json.loads((out / "summary.json").read_text())["request"]
+    write_json(shared / "summary.json", {"request": {**request, "run": "another"}, "workdir": "/elsewhere/run"})
+    with pytest.raises(FileExistsError, match="explanations of another run \\(/elsewhere/run\\)"):
+        explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), out_dir=shared)
 
     # Images changed since training: the run's models are not applied to them.
     from fll_jax.train.workdir import WorkdirError

@@ -42,12 +42,14 @@ from fll_jax.data.checks import parse_allow
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_lesion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions
 from fll_jax.evaluation.report import write_report
-from fll_jax.files import read_json, save_figure, write_csv, write_json, write_text
+from fll_jax.files import read_json, save_figure, staged_folder, write_csv, write_json, write_text
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import SequenceImportance, attribution_shares, sequence_importance, share_label
-from fll_jax.saliency.integrated_gradients import IGResult, integrated_gradients, make_baseline
+from fll_jax.saliency.integrated_gradients import (
+    BASELINES, QUADRATURES, IGResult, integrated_gradients, make_baseline,
+)
 from fll_jax.saliency.outputs import (
     axial_axis, importance_figure, input_grid_affine, lesion_figure, write_native_map,
 )
@@ -55,10 +57,10 @@ from fll_jax.saliency.scoring import (
     lesion_focus, lesion_region, randomisation_correlation, ranking_aucs, reinitialised_variables, top_k_hit_rates,
     voxel_spacing,
 )
-from fll_jax.saliency.target import ClassScore
+from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.step import rng_settings, seq_indices
-from fll_jax.train.workdir import check_same_data
+from fll_jax.train.workdir import FINGERPRINT_FILE, check_same_data
 
 # Each method's name in titles, legends and the report.
 MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
@@ -89,10 +91,19 @@ class Settings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.explained not in EXPLAINED:
-            raise ValueError(f"unknown explained class {self.explained!r}; known: {', '.join(EXPLAINED)}")
+        """ValueError naming each bad setting, before any model is loaded or lesion preprocessed."""
+        choices = {"method": METHODS, "explained": EXPLAINED, "head": tuple(HEADS), "output": OUTPUTS,
+                   "baseline": BASELINES, "quadrature": QUADRATURES}
+        problems = [f"unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}"
+                    for name, known in choices.items() if getattr(self, name) not in known]
+        # steps: IG's quadrature nodes (a trapezoid needs both ends) or SmoothGrad's samples
+        least = {"ig": 1 if self.quadrature == "gauss_legendre" else 2, "smoothgrad": 1}.get(self.method, 0)
+        if self.steps < least:
+            problems.append(f"steps {self.steps}: {self.method} needs at least {least}")
+        if self.chunk < 1:
+            problems.append(f"chunk {self.chunk}: must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -203,17 +214,20 @@ def explain_workdir(
 
     Needs a finished workdir (fold checkpoints, predictions.csv) and the config's manifest
     (fll_jax.data.prepare.manifest_path). An output folder holding explanations asked for
-    differently is refused unless overwrite=True. Returns summary.json's content.
+    differently is refused unless overwrite=True, which replaces them once this run has succeeded:
+    no lesion folder or scores.md of the earlier request stays. Returns summary.json's content.
     """
     # Looked up at call time: the training code owns it (and tests stand in for it).
     from fll_jax.train.checkpoints import load_fold_models
 
     settings = settings or Settings()
     settings.check()
+    if num_per_class is not None and num_per_class < 1:
+        raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
     out = Path(out_dir) if out_dir is not None else workdir / "explain" / split
-    request = json.loads(json.dumps(
-        {"split": split, "num_per_class": num_per_class, "score": score, "settings": vars(settings)}))
+    request = json.loads(json.dumps({"run": run_digest(workdir), "split": split, "num_per_class": num_per_class,
+                                     "score": score, "settings": vars(settings)}))
     _check_previous(out, request, overwrite)
     _, variables, config = load_fold_models(workdir)
     with rng_settings(config):
@@ -223,7 +237,6 @@ def explain_workdir(
         records = pick_lesions(records, num_per_class, set(models))
         if not records:
             raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
-        (out / "lesions").mkdir(parents=True, exist_ok=True)
         model = float32_model(config)
         ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
         scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
@@ -233,32 +246,50 @@ def explain_workdir(
             shape = (len(config.sequences),) + (config.input_size,) * 3 + (2,)
             fresh = reinitialised_variables(model, variables[0], np.zeros(shape, np.float32), seed=settings.seed + 1)
             random_score = ens.with_variables(fresh)
-        rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
-                                random_score, settings, out / "lesions")
-                for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
-        frame = pd.DataFrame(rows)
+        # An earlier request's lesion folders and scores must not stay beside these (overwrite), nor
+        # go before this run has succeeded.
+        with staged_folder(out / "lesions") as lesions:
+            rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
+                                    random_score, settings, lesions)
+                    for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
+            frame = pd.DataFrame(rows)
+            summary = {"request": request, "workdir": str(workdir.resolve())} | _summary(
+                frame, config, settings, config.sequences, split, score)
+            # Stopped from here on, the folder holds no summary: the report shows none, a rerun is not refused.
+            (out / "summary.json").unlink(missing_ok=True)
         write_csv(frame, out / "lesions.csv")
         class_importance_figure(frame, config.sequences, out / "importance_by_class.png", MAP_NAMES[settings.method])
-        summary = {"request": request} | _summary(frame, config, settings, config.sequences, split, score)
-        write_json(out / "summary.json", summary)
         if score:
             write_text(out / "scores.md", scores_markdown(summary))
+        else:
+            (out / "scores.md").unlink(missing_ok=True)
+        write_json(out / "summary.json", summary)  # last: it marks the folder complete
         if out_dir is None:
             write_report(workdir)  # report.md gains the saliency section
         return summary
 
 
+def run_digest(workdir: Path) -> str:
+    """The run's identity, from its fingerprint (settings and data): the same for a moved workdir."""
+    fingerprint = read_json(Path(workdir) / FINGERPRINT_FILE, f"{workdir} is not a finished cross-validation workdir")
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
-    """Refuse to replace explanations that were asked for with other arguments."""
+    """Refuse to replace explanations of another run, or asked for with other arguments."""
     path = out / "summary.json"
     if overwrite or not path.exists():
         return
-    previous = read_json(path, "pass overwrite=True (--overwrite) to replace it").get("request")
-    if previous != request:
-        raise FileExistsError(
-            f"{out} holds explanations made with other arguments ({previous}); pass overwrite=True "
-            "(--overwrite) to replace them, or another out_dir (--out_dir)"
-        )
+    summary = read_json(path, "pass overwrite=True (--overwrite) to replace it")
+    previous = summary.get("request") or {}
+    if previous.get("run") != request["run"]:
+        what = f"explanations of another run ({summary.get('workdir', 'made before runs were recorded')})"
+    elif previous != request:
+        what = f"explanations made with other arguments ({previous})"
+    else:
+        return
+    raise FileExistsError(f"{out} holds {what}; pass overwrite=True (--overwrite) to replace them, or another "
+                          "out_dir (--out_dir)")
 
 
 def _explain_record(record, config, model_name: str, model_score: ClassScore, random_score: ClassScore | None,
@@ -392,9 +423,10 @@ def scores_markdown(summary: dict) -> str:
     """The scores of summary.json as Markdown tables."""
     lines = [f"# Explanation scores ({summary['data']})", ""]
     s = summary["settings"]
-    lines.append(f"Method {s['method']} on the {s['head']} head ({s['output']}), baseline {s['baseline']}, "
-                 f"{s['steps']} steps ({s['quadrature']}); {summary['num_lesions']} {SPLIT_NAMES[summary['split']]}, "
-                 f"{summary['models']}; accuracy on them {summary['accuracy']:.2f}.")
+    how = {"ig": f", baseline {s['baseline']}, {s['steps']} steps ({s['quadrature']})",
+           "smoothgrad": f", {s['steps']} noisy samples"}.get(s["method"], "")
+    lines.append(f"Method {s['method']} on the {s['head']} head ({s['output']}){how}; {summary['num_lesions']} "
+                 f"{SPLIT_NAMES[summary['split']]}, {summary['models']}; accuracy on them {summary['accuracy']:.2f}.")
     if "completeness" in summary:
         lines.append(f"Median relative completeness delta: {summary['completeness']['median_relative_delta']:.2%}.")
     for measure, table in summary["hit_rates"].items():

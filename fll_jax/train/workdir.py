@@ -27,9 +27,11 @@ SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "trai
                "train.checkpoint_every", "train.eval_batch_size", "model.conv_impl")
 # The report's settings: it is rewritten from predictions.csv under any of them, so they change no model.
 REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
-# What a run writes into its folder; --restart deletes these and nothing else.
+# What a run and the commands run on it (explain, readers, missing_sequences, predict's default
+# folder) write into its folder; --restart deletes these and nothing else.
 RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
-               "tensorboard", "explain", "reader_study.json", "reader_study.md", "fold*")
+               "tensorboard", "explain", "reader_study.json", "reader_study.md", "simulated_readers.csv",
+               "missing_at_inference.json", "predict", "fold*")
 RESTART = "pass --restart to delete it and start over, or use another --workdir"
 
 
