@@ -6,10 +6,12 @@ r"""Converts a DICOM study folder to de-identified NIfTI volumes with JSON sidec
   python data_prep/dicom_to_nifti.py ... --mapping site_sequences.json   # a site's sequence rules
 
 Writes <out_dir>/<subject_id>/<series>.nii.gz and .json, and series.csv listing every volume with
-its sequence guess (edit that column before building a manifest). Series that cannot be stacked
-are listed as refused, with the reason, and the rest converted; exit status 1 (one message, no
-traceback) means the study could not be converted at all: no salt or id map, no DICOM images,
-a PatientID missing from the id map, or a patient converted before (--overwrite replaces it).
+its study and sequence guess (edit that column before building a manifest; a patient's studies
+share the folder, and one lesion's sequences must come from one study). Series that cannot be
+stacked are listed as refused, with the reason, and the rest converted; exit status 1 (one
+message, no traceback) means the study could not be converted at all: no salt or id map, no DICOM
+images, a PatientID missing from the id map, or a patient converted before (--overwrite replaces
+it).
 """
 import os
 

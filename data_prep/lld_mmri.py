@@ -7,7 +7,8 @@ r"""Turns the public LLD-MMRI 2023 release into a manifest (docs/lld_mmri.md).
 Writes out_dir/manifest.csv (labelled lesions with the official folds; --test_fold's fold is
 the held-out test split), out_dir/unlabelled.csv (the cases labelled -1, for prediction) and
 out_dir/images/ (copies of the mapped phases carrying the geometry of Annotation.json). A bad
-release is refused with every problem listed, before anything is written.
+release is refused with every problem listed, before anything is written. --overwrite replaces
+an earlier conversion's outputs whole, once the new ones are complete.
 """
 from absl import app, flags
 
@@ -22,7 +23,9 @@ _TEST_FOLD = flags.DEFINE_string(
 _PHASE_MAP = flags.DEFINE_string(
     "phase_map", "", "Phase=sequence pairs joined by ',' (default: "
     + ",".join(f"{p}={s}" for p, s in lld_mmri.DEFAULT_PHASE_MAP.items()) + ").")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier conversion in --out_dir.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an earlier conversion in --out_dir whole (its images/, manifest.csv and "
+    "unlabelled.csv; other files stay), once the new one has succeeded.")
 flags.mark_flags_as_required(["release", "out_dir"])
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
 from fll_jax.data import dicom
@@ -194,6 +195,35 @@ def test_uneven_spacing_and_duplicated_slices_are_refused(tmp_path, capsys):
     assert "refused" in capsys.readouterr().out
 
 
+def _bare(path: str | Path, implicit: bool, drop: tuple[str, ...] = ()) -> None:
+    """Rewrites a file as a bare dataset (no 128-byte preamble, 'DICM' prefix or file meta), less `drop`."""
+    ds = pydicom.dcmread(path)
+    for keyword in drop:
+        delattr(ds, keyword)
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(path, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["implicit_vr", "explicit_vr"])
+def test_a_file_without_preamble_or_file_meta_is_converted_like_the_others(tmp_path, capsys, implicit):
+    study = tmp_path / "study"
+    sources = _stack(MR_SMALL, study, 3, 2.0)
+    reference = shutil.copy(sources[1], tmp_path / "reference.dcm")
+    _bare(sources[1], implicit)
+    with pytest.raises(InvalidDicomError):
+        pydicom.dcmread(sources[1])
+    # A bare dataset that is not an image with slice geometry stays "not DICOM", as does a text file.
+    _bare(shutil.copy(sources[0], study / "no_geometry.dcm"), implicit, drop=("ImagePositionPatient",))
+    (study / "notes.txt").write_text("not an image")
+    [result] = _convert(study, tmp_path / "out")
+    assert result.status == "written", result.reason
+    assert result.metadata["num_slices"] == 3
+    _assert_matches_dicom(result.nifti, [sources[0], reference, sources[2]])
+    out = capsys.readouterr().out
+    assert "no_geometry.dcm: not DICOM; skipped" in out and "notes.txt: not DICOM; skipped" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
@@ -347,6 +377,61 @@ def test_b_value_from_a_real_siemens_private_header(name, b):
     with gzip.open(NIBABEL_DICOM / name) as f:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
     assert dicom.b_value(ds) == (b, "Siemens B_value (0019,100C)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several studies of one patient
+
+
+def _series_csv(subject_dir: Path) -> list[dict]:
+    with open(subject_dir / "series.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_series_csv(subject_dir: Path, rows: list[dict]) -> None:
+    with open(subject_dir / "series.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_two_studies_of_one_patient_are_told_apart_and_a_choice_spanning_both_is_refused(tmp_path, capsys):
+    study = tmp_path / "study"
+    uids = {"2020": generate_uid(), "2021": generate_uid()}
+    for year, uid in uids.items():  # each exam has a series 5 "T2 HASTE"; only the later one a DWI
+        _stack(MR_SMALL, study / year, 3, 2.0, prefix="t2_", SeriesNumber=5, SeriesDescription="T2 HASTE",
+               StudyInstanceUID=uid, SeriesInstanceUID=generate_uid(), StudyDate=f"{year}0301")
+    _stack(MR_SMALL, study / "2021", 3, 4.0, prefix="dwi_", SeriesNumber=7, SeriesDescription="ep2d_diff",
+           DiffusionBValue=800, StudyInstanceUID=uids["2021"], SeriesInstanceUID=generate_uid(), StudyDate="20210301")
+    results = _convert(study, tmp_path / "out")
+    labels = {year: "study-" + hashlib.sha256((SALT + uid).encode()).hexdigest()[:8] for year, uid in uids.items()}
+    assert f"2 studies of one patient ({labels['2020']}, {labels['2021']}, earliest first)" in capsys.readouterr().out
+    [subject] = {r.subject_id for r in results}
+    subject_dir = tmp_path / "out" / subject
+    rows = _series_csv(subject_dir)
+    by_file = {row["file"]: row["study"] for row in rows}
+    assert by_file == {"5_T2_HASTE.nii.gz": labels["2020"], "5_T2_HASTE_dup2.nii.gz": labels["2021"],
+                       "7_ep2d_diff.nii.gz": labels["2021"]}
+    assert all(json.loads(r.sidecar.read_text())["study"] == by_file[r.nifti.name] for r in results)
+    assert "0301" not in (subject_dir / "series.csv").read_text()  # the label holds no date
+
+    with pytest.raises(dicom.DicomError) as error:
+        dicom.read_series_table(subject_dir)
+    message = str(error.value)
+    assert (f"the volumes chosen for {subject} come from 2 studies ({labels['2020']}: 5_T2_HASTE.nii.gz; "
+            f"{labels['2021']}: 5_T2_HASTE_dup2.nii.gz, 7_ep2d_diff.nii.gz)") in message
+    assert "clear the sequence_guess of the other studies' rows" in message
+
+    # The remedy: keep one study's series.
+    _write_series_csv(subject_dir, [{**row, "sequence_guess": "" if row["study"] == labels["2020"] else
+                                     row["sequence_guess"]} for row in rows])
+    assert dicom.read_series_table(subject_dir) == {"t2w": subject_dir / "5_T2_HASTE_dup2.nii.gz",
+                                                    "dwi": subject_dir / "7_ep2d_diff.nii.gz"}
+    # A series.csv written before the study column existed is still read.
+    _write_series_csv(subject_dir, [{k: v for k, v in row.items() if k != "study"} for row in rows
+                                    if row["study"] == labels["2021"]])
+    assert dicom.read_series_table(subject_dir) == {"t2w": subject_dir / "5_T2_HASTE_dup2.nii.gz",
+                                                    "dwi": subject_dir / "7_ep2d_diff.nii.gz"}
 
 
 # ---------------------------------------------------------------------------------------------

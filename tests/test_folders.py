@@ -1,5 +1,6 @@
 """The folder layout: records written into it build back into the same manifest; bad folders are named."""
 import csv
+import hashlib
 import re
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 
 from fll_jax.constants import CLASSES, SEQUENCES
 from fll_jax.data.boxes import bounding_box
+from fll_jax.data.checks import duplicate_problems
+from fll_jax.data.fingerprint import file_digests
 from fll_jax.data.folders import FolderError, build_manifest, draw_test_split, read_folders, write_folders
 from fll_jax.data.manifest import UNLABELLED, ManifestError, read_manifest, write_manifest
 from fll_jax.data.preprocess import preprocess_lesion
@@ -276,6 +279,52 @@ def test_a_box_mm_lesion_beside_a_masked_one_is_refused_unless_exported_as_boxes
     labels = np.asarray(nib.load(masks["t2w"]).dataobj)
     assert not first.masks and first.boxes == {"t2w": bounding_box(labels == 1)}
     assert not second.masks and not second.boxes and second.box_mm == box_mm
+
+
+def _box_mm_study(root: Path, rows: list[dict]) -> Path:
+    """Patient P1: T2WI with a mask of two lesions (values 1 and 2), and DWI without a mask; returns the mask."""
+    _write_patient(root / "P1", lesions=2, sequences=["t2w", "dwi"])
+    (root / "P1" / "dwi_mask.nii.gz").unlink()
+    _write_labels(root / "labels.csv", [{"patient_id": "P1", "split": "dev", **row} for row in rows])
+    return root.resolve() / "P1" / "t2w_mask.nii.gz"
+
+
+BOX_MM = "12 12 8 20 20 16"  # around lesion 2 (CENTRES[1])
+
+
+def test_a_box_mm_lesion_without_mask_value_beside_a_mask_file_is_refused(tmp_path):
+    root = tmp_path / "study"
+    # L2 is meant to be found by its box, but the T2WI mask is read first: with the default
+    # mask_value 1 it would become L1's cyst labelled hcc.
+    mask = _box_mm_study(root, [
+        {"lesion_id": "L1", "label": "cyst", "mask_value": "", "box_mm": "", "dwi_box": "1 1 1 5 5 3"},
+        {"lesion_id": "L2", "label": "hcc", "mask_value": "", "box_mm": BOX_MM, "dwi_box": ""},
+    ])
+    with pytest.raises(FolderError) as caught:
+        build_manifest(root)
+    assert caught.value.problems == [
+        f"{root.resolve() / 'labels.csv'}:3: lesion 'L2': box_mm is given, but {mask} is read before box_mm and, "
+        "without mask_value, would give this lesion its voxels of value 1 (perhaps another lesion's); give "
+        "mask_value to use the mask, or, to use a box, give t2w_box or remove or rename t2w_mask.nii.gz"]
+    assert not (root / "manifest.csv").exists()
+
+
+def test_with_mask_value_a_box_mm_lesion_takes_the_mask_and_a_lesion_listed_twice_is_one(tmp_path):
+    root = tmp_path / "study"
+    mask = _box_mm_study(root, [
+        {"lesion_id": "L1", "label": "cyst", "mask_value": "1", "box_mm": "", "dwi_box": "1 1 1 5 5 3"},
+        {"lesion_id": "L2", "label": "hcc", "mask_value": "2", "box_mm": BOX_MM, "dwi_box": ""},
+        # L1 again: its box_mm finds it nowhere (the mask and dwi_box come first), so it is L1's lesion.
+        {"lesion_id": "L3", "label": "hcc", "mask_value": "1", "box_mm": BOX_MM, "dwi_box": "1 1 1 5 5 3"},
+    ])
+    records = read_manifest(build_manifest(root))
+    second = records[1]
+    # box_mm finds the lesion only where it has neither mask file nor box: here in DWI.
+    assert second.masks == {"t2w": mask} and second.mask_value == 2 and not second.boxes
+    assert set(second.images) == {"t2w", "dwi"} and second.box_mm == (12.0, 12.0, 8.0, 20.0, 20.0, 16.0)
+    digests = file_digests(records, lambda path: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    [problem] = duplicate_problems(records, digests, frozenset())
+    assert "'L1'" in problem and "'L3'" in problem and "'L2'" not in problem and "are one lesion" in problem
 
 
 def test_an_existing_manifest_is_replaced_only_when_asked(tmp_path):

@@ -242,6 +242,95 @@ def test_outputs_are_not_overwritten(release, tmp_path):
     assert manifest.read_bytes() == before
 
 
+def _snapshot(folder):
+    """Every file under folder (temporary ones included) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _later_release(tmp_path):
+    """The labelled cases again with other voxels, and without the unlabelled case MR4."""
+    cases = [dataclasses.replace(c, phases=_case(c.case, c.labels, c.fold, 10 + n).phases)
+             for n, c in enumerate(_cases()) if c.fold is not None]
+    write_release(tmp_path / "later", cases)
+    return tmp_path / "later", cases
+
+
+def test_an_overwrite_conversion_replaces_the_earlier_outputs_whole(release, tmp_path):
+    root, _ = release
+    out = tmp_path / "out"
+    convert_release(root, out)
+    (out / "notes.txt").write_text("the user's own file")
+    later, cases = _later_release(tmp_path)
+    phase_map = {p: s for p, s in lld_mmri.DEFAULT_PHASE_MAP.items() if p != "T2WI"}
+    result = convert_release(later, out, phase_map=phase_map, overwrite=True)
+    # No row or image of MR4, nor a copy of the phase no longer mapped, outlives its conversion.
+    assert result.unlabelled is None and not (out / "unlabelled.csv").exists()
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["MR1", "MR2", "MR3"]
+    assert not list(out.rglob("t2w.nii.gz"))
+    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv", "notes.txt"]
+    lap = next(p for p in cases[0].phases if p.phase == "C+A").image
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "images/MR1/lap.nii.gz").dataobj), lap)
+    # A release of unlabelled cases only takes the earlier manifest away as well.
+    write_release(tmp_path / "unlabelled", [_case("MR4", [None], None, 4)])
+    result = convert_release(tmp_path / "unlabelled", out, overwrite=True)
+    assert result.manifest is None and not (out / "manifest.csv").exists()
+    assert list(_rows(result.unlabelled)) == ["MR4"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["MR4"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_a_failed_overwrite_conversion_leaves_the_earlier_outputs(release, tmp_path, monkeypatch):
+    root, _ = release
+    out = tmp_path / "out"
+    convert_release(root, out)
+    before = _snapshot(out)
+    copy, calls = lld_mmri._copy_with_geometry, []
+
+    def copy_until_the_disk_is_full(*args):
+        calls.append(args)
+        if len(calls) > 4:
+            raise OSError(28, "No space left on device")
+        copy(*args)
+
+    monkeypatch.setattr(lld_mmri, "_copy_with_geometry", copy_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert_release(_later_release(tmp_path)[0], out, test_fold=None, overwrite=True)
+    assert len(calls) == 5
+    assert _snapshot(out) == before
+
+
+def test_fold_files_are_checked_against_the_cases_and_the_labels(release, tmp_path):
+    root, _ = release
+    folder = root / "classification_dataset" / "labels"
+    with open(folder / "val_fold1.txt", "a") as f:
+        f.write("MR9 6\n")  # no case of the annotation file
+    (folder / "val_fold5.txt").write_text("MR3 4\n")  # labels.txt: MR3 1
+    (folder / "labels.txt").write_text("MR1 6\nMR3 1\n")  # MR2 only in val_fold2.txt
+    with pytest.raises(ReleaseError) as error:
+        convert_release(root, tmp_path / "out")
+    assert error.value.problems == [
+        f"{folder / 'val_fold1.txt'}:2: MR9 is no case (nor '<case>_<lesion>') of the annotation file",
+        f"{folder / 'val_fold2.txt'}:1: MR2 has class 0 here but is in no labels file",
+        f"{folder / 'val_fold5.txt'}:1: MR3 has class 4 here but 1 in the labels files"]
+    assert f"{folder / 'val_fold1.txt'}:2: MR9" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scaled_source_keeps_its_stored_values_and_scaling(release, tmp_path):
+    root, _ = release
+    info = json.loads((root / "labels" / "Annotation.json").read_text())
+    entry = next(e for e in info["Annotation_info"]["MR1"] if e["phase"] == "C+A")
+    raw = np.random.default_rng(5).integers(-1000, 1000, SHAPE).astype(np.int16)
+    source = nib.Nifti1Image(raw, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    source.header.set_slope_inter(2.0, 10.0)
+    nib.save(source, root / "images" / "MR1" / entry["studyUID"] / f"{entry['seriesUID']}.nii.gz")
+    convert_release(root, tmp_path / "out")
+    copy = nib.load(tmp_path / "out" / "images/MR1/lap.nii.gz")
+    assert (copy.get_data_dtype(), copy.dataobj.slope, copy.dataobj.inter) == (np.int16, 2.0, 10.0)
+    np.testing.assert_array_equal(copy.dataobj.get_unscaled(), raw)
+    np.testing.assert_array_equal(np.asarray(copy.dataobj), raw * 2.0 + 10.0)
+
+
 def test_release_orientation_flips_without_moving_the_world():
     rng = np.random.default_rng(0)
     array = rng.normal(size=(4, 5, 6))

@@ -85,6 +85,21 @@ def lesion_extent_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow
     return []
 
 
+def _found_by(r, digests: Mapping[Path, Mapping]) -> tuple:
+    """Per present sequence: its image content and what finds the lesion there (mask content and value, or box)."""
+    found = []
+    for s in SEQUENCES:
+        if s not in r.images:
+            continue
+        # The order preprocessing reads them in (mask, box, box_mm): an unused box must not tell lesions apart.
+        if s in r.masks:
+            where = ("mask", digests[Path(r.masks[s])]["sha256"], r.mask_value)
+        else:
+            where = ("box", r.boxes[s]) if s in r.boxes else ("box_mm", r.box_mm)
+        found.append((s, digests[Path(r.images[s])]["sha256"], where))
+    return tuple(found)
+
+
 def duplicate_problems(records: Sequence, digests: Mapping[Path, Mapping], allow: frozenset[str]) -> list[str]:
     """Leaks the manifest's paths hide: one lesion listed twice, or one image under two patients.
 
@@ -96,14 +111,12 @@ def duplicate_problems(records: Sequence, digests: Mapping[Path, Mapping], allow
     problems = []
     lesions: dict[tuple, list] = defaultdict(list)
     for r in records:
-        masks = tuple(digests[Path(r.masks[s])]["sha256"] for s in SEQUENCES if s in r.masks)
-        images = tuple(digests[Path(r.images[s])]["sha256"] for s in SEQUENCES if s in r.images)
-        boxes = (tuple(sorted(r.boxes.items())), r.box_mm)
-        lesions[(images, masks, r.mask_value, boxes)].append(r)
+        lesions[_found_by(r, digests)].append(r)
     for same in lesions.values():
         if len(same) > 1:
             named = ", ".join(f"{r.lesion_id!r} (patient {r.patient_id!r}, label {r.label})" for r in same)
-            problems.append(f"lesions {named} are one lesion: the same image and mask content, mask_value and boxes")
+            problems.append(f"lesions {named} are one lesion: the same image content, and in each sequence the "
+                            "same mask content and mask_value, or the same box")
     if "shared_image" in allow:
         return problems
     owners: dict[str, dict[str, Path]] = defaultdict(dict)

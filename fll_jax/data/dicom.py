@@ -14,7 +14,12 @@ numbers (`_e2`), and several passes over the same slice positions (a dynamic ser
 its phases: `_t1`, `_t2`, ..., in order of temporal position, then acquisition time). A series
 that still cannot be stacked (uneven or duplicated slices, shear, undecodable pixel data,
 multi-frame or mosaic files) is refused with a reason naming a file; the rest of the study is
-still converted.
+still converted. A file without the 128-byte preamble and "DICM" prefix (a bare dataset) is read
+when it is an image with slice geometry.
+
+All studies of one patient go to one subject folder; series.csv's study column (_study_label)
+says which study each volume came from, and read_series_table refuses a choice of volumes from
+several studies, since a lesion's world box assumes one patient position.
 
 Affine convention. DICOM gives each slice's ImagePositionPatient (IPP, the centre of the pixel in
 row 0, column 0), ImageOrientationPatient (IOP: first the unit vector along which the column
@@ -55,6 +60,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from fll_jax.constants import SEQUENCES
 from fll_jax.files import write_json, write_nifti, write_text
@@ -72,7 +78,7 @@ MIN_SALT_LENGTH = 16
 SUBJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SERIES_CSV_COLUMNS: tuple[str, ...] = (
-    "file", "status", "series_number", "series_description", "split", "sequence_guess", "sequence_rule",
+    "file", "status", "study", "series_number", "series_description", "split", "sequence_guess", "sequence_rule",
     "b_value", "acquisition_time", "num_slices", "voxel_size_mm", "manufacturer", "magnetic_field_strength_t",
     "reason",
 )
@@ -140,6 +146,7 @@ class _Slice:
     path: Path
     name: str  # path relative to the study folder, for messages
     ds: Dataset  # header only; pixels are read per series
+    study: str = ""  # _study_label of its StudyInstanceUID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,13 +161,42 @@ class _Part:
 # Reading headers
 
 
+def _raw_dataset(path: Path, stop_before_pixels: bool) -> Dataset | None:
+    """A file without the 128-byte preamble and 'DICM' prefix (a bare dataset, as some exporters and PACS
+    caches write) that is an image with slice geometry, with the transfer syntax it was read in; else None."""
+    try:
+        # Values over 64 KB are read when used, so a large file that is not DICOM is not read whole.
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True, defer_size="64 KB")
+    except Exception:  # force reads any bytes as tags; other files fail in many ways
+        return None
+    if not (("SOPClassUID" in ds or "Modality" in ds) and all(k in ds for k in ("Rows", *_GEOMETRY))):
+        return None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # Without file meta pydicom guessed the encoding from the first element; pixel decoding needs it named.
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def _dcmread(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """A DICOM file, or a bare image dataset (_raw_dataset); InvalidDicomError for anything else."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        ds = _raw_dataset(path, stop_before_pixels)
+        if ds is None:
+            raise
+        return ds
+
+
 def _read_headers(study_dir: Path) -> tuple[list[_Slice], list[tuple[str, tuple[str, ...]]]]:
     """Every DICOM image header under study_dir, and a note (template, texts to scrub into it) per file skipped."""
     slices, notes, seen = [], [], {}
     for path in sorted(p for p in study_dir.rglob("*") if p.is_file()):
         name = str(path.relative_to(study_dir))
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = _dcmread(path, stop_before_pixels=True)
         except InvalidDicomError:
             notes.append(("note: {0}: not DICOM; skipped", (name,)))
             continue
@@ -357,6 +393,22 @@ def guess_sequence(description: str, rules: Sequence[Rule], protocol_name: str =
 def hashed_subject_id(patient_id: str, salt: str) -> str:
     """'sub-' and the first 12 hex digits of sha256(salt + patient_id)."""
     return "sub-" + hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()[:12]
+
+
+def _study_label(ds: Dataset, salt: str | None) -> str:
+    """'study-' and the first 8 hex digits of sha256(salt + StudyInstanceUID), unsalted with an id map: it tells
+    a patient's studies apart without writing a date or UID; '' for a file without StudyInstanceUID."""
+    uid = _text(ds, "StudyInstanceUID")
+    return "study-" + hashlib.sha256(((salt or "") + uid).encode("utf-8")).hexdigest()[:8] if uid else ""
+
+
+def _studies(slices: Sequence[_Slice]) -> list[str]:
+    """The study labels of one patient's slices, earliest study (StudyDate, StudyTime) first."""
+    first: dict[str, tuple[str, str]] = {}
+    for s in slices:
+        when = (_text(s.ds, "StudyDate"), _text(s.ds, "StudyTime"))
+        first[s.study] = min(first.get(s.study, when), when)
+    return sorted(first, key=first.__getitem__)
 
 
 def _read_id_map(path: Path) -> dict[str, str]:
@@ -587,7 +639,7 @@ def _stack(slices: Sequence[_Slice]) -> tuple[list[_Slice], np.ndarray]:
 def _slice_values(s: _Slice) -> np.ndarray:
     """Rescaled pixel values of one slice, indexed [row, column]."""
     try:
-        ds = pydicom.dcmread(s.path)
+        ds = _dcmread(s.path)
         pixels = ds.pixel_array
     except Exception as error:  # decoders raise RuntimeError, ValueError, NotImplementedError, ...
         syntax = getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -644,6 +696,7 @@ def _sidecar(part: _Part, ordered: Sequence[_Slice], affine: np.ndarray, shape: 
     time, time_source = _acquisition_time(ordered)
     voxel = np.linalg.norm(affine[:3, :3], axis=0)
     return {
+        "study": ordered[0].study,
         "series_number": part.number,
         "series_description": description,
         "protocol_name": protocol,
@@ -697,7 +750,7 @@ def _convert_part(part: _Part, subject_id: str, subject_dir: Path, rules: Sequen
         data = _compact(np.stack([_slice_values(s).T for s in ordered], axis=-1))
     except _Refusal as refusal:
         say(f"refused {subject_id}/{stem}: {refusal}")
-        metadata = {"series_number": part.number, "split": list(part.split),
+        metadata = {"study": part.slices[0].study, "series_number": part.number, "split": list(part.split),
                     "series_description": scrub(_text(part.slices[0].ds, "SeriesDescription"))}
         return SeriesResult(subject_id, stem, "refused", str(refusal), None, None, metadata)
     metadata = _sidecar(part, ordered, affine, data.shape, rules, scrub)
@@ -739,7 +792,7 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
     slices, notes = _read_headers(study_dir)
     scrub = _scrubber(_identifiers(slices))
     # File paths are scrubbed once here: every message naming a file takes them from the slices.
-    slices = [dataclasses.replace(s, name=scrub(s.name)) for s in slices]
+    slices = [dataclasses.replace(s, name=scrub(s.name), study=_study_label(s.ds, salt)) for s in slices]
     for template, names in notes:
         log(template.format(*map(scrub, names)))
     if not slices:
@@ -754,6 +807,11 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
     results = []
     for subject_id, members in sorted(subjects.items()):
         subject_dir, taken = out_dir / subject_id, set()
+        studies = [study or "no StudyInstanceUID" for study in _studies(members)]
+        if len(studies) > 1:
+            log(f"{subject_id}: {len(studies)} studies of one patient ({', '.join(studies)}, earliest first); the "
+                "study column of series.csv says which volume came from which, and a lesion's sequences are taken "
+                "from one study")
         subject_results = [_convert_part(part, subject_id, subject_dir, rules, scrub, taken, log)
                            for part in _series_parts(members, log)]
         _write_series_csv(subject_results, subject_dir / "series.csv")
@@ -761,16 +819,30 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
     return results
 
 
+def _one_study(rows: Sequence[dict], path: Path) -> None:
+    """Refuses volumes chosen from several studies (the study column; an older series.csv has none)."""
+    files: dict[str, list[str]] = {}
+    for row in rows:
+        files.setdefault((row.get("study") or "").strip(), []).append(row["file"])
+    if len(files) > 1:
+        listed = "; ".join(f"{study or 'no StudyInstanceUID'}: {', '.join(names)}" for study, names in files.items())
+        raise DicomError(f"{path}: the volumes chosen for {path.parent.name} come from {len(files)} studies "
+                         f"({listed}); a lesion's sequences must come from one study, as its world box assumes one "
+                         f"patient position: clear the sequence_guess of the other studies' rows in {path}, or convert "
+                         "each study's folder on its own into a separate out_dir")
+
+
 def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     """sequence -> NIfTI file of a converted patient, from its series.csv (after any hand edits).
 
     The sequence_guess column decides (edit it to correct a guess, or clear it to leave a series
-    out). Several written volumes for one sequence are refused, naming them, except DWI, where
-    the volume of the highest b-value is taken (the paper's DWI is b800 rather than b0) unless
-    several share it.
+    out). Volumes chosen from several studies (the study column) are refused, naming them. Several
+    written volumes for one sequence are refused, naming them, except DWI, where the volume of the
+    highest b-value is taken (the paper's DWI is b800 rather than b0) unless several share it.
 
     Raises:
-      DicomError: no series.csv, an unknown sequence name, or an ambiguous sequence.
+      DicomError: no series.csv, an unknown sequence name, volumes of several studies, or an
+        ambiguous sequence.
     """
     path = Path(subject_dir) / "series.csv"
     if not path.is_file():
@@ -783,6 +855,7 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
         if name not in SEQUENCES:
             raise DicomError(f"{path}: {row['file']}: unknown sequence {name!r}; known: {', '.join(SEQUENCES)}")
         candidates.setdefault(name, []).append(row)
+    _one_study(rows, path)
     chosen, problems = {}, []
     for name, found in candidates.items():
         if name == "dwi":

@@ -26,7 +26,9 @@ only in a prediction manifest) are required. Optional: ``mask_value`` (default 1
 manifest, and an empty cell is read as a manifest reads it. Any other column is an error.
 A lesion is found in a present image by, in order: its ``{s}_box`` cell (so one lesion of a
 patient may be boxed while the others are in the mask), the ``<seq>_mask`` file, ``box_mm``;
-an image with none of these is an error naming it.
+an image with none of these is an error naming it. A row with ``box_mm`` must give
+``mask_value`` if a mask file finds it in some sequence (one without its ``{s}_box``): the mask
+is read first, and the default 1 may be another lesion's voxels.
 
 Without a ``split`` column, the patients are divided into dev and test by a draw that keeps
 each patient whole, stratified by the class of its first lesion in lesion_id order where the
@@ -245,10 +247,19 @@ def _sequences(row: dict[str, str], patient: _Patient) -> tuple[dict, dict, dict
     return images, masks, boxes, problems
 
 
+def _box_mm_shadowed(row: dict[str, str], masks: dict[str, Path]) -> list[str]:
+    """A box_mm that mask files would override with the default mask_value 1, perhaps another lesion's voxels."""
+    if not row.get("box_mm") or row.get("mask_value"):
+        return []
+    return [f"box_mm is given, but {mask} is read before box_mm and, without mask_value, would give this lesion "
+            "its voxels of value 1 (perhaps another lesion's); give mask_value to use the mask, or, to use a box, "
+            f"give {s}_box or remove or rename {mask.name}" for s, mask in masks.items()]
+
+
 def _record(row: dict[str, str], patient: _Patient, labelled: bool) -> tuple[LesionRecord | None, list[str]]:
     values, problems = _values(row, labelled)
     images, masks, boxes, found = _sequences(row, patient)
-    problems += found
+    problems += found + _box_mm_shadowed(row, masks)
     if problems:
         return None, problems
     return LesionRecord(patient_id=row["patient_id"], lesion_id=row["lesion_id"], images=images, masks=masks,

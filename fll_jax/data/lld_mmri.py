@@ -25,6 +25,7 @@ unlabelled.csv (label -1 cases, for prediction), with NIfTI copies that carry th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -43,7 +44,7 @@ from fll_jax.data.boxes import VoxelBox as Box
 from fll_jax.data.boxes import format_box
 from fll_jax.data.manifest import UNLABELLED as MANIFEST_UNLABELLED
 from fll_jax.data.manifest import LesionRecord, ManifestError, write_manifest
-from fll_jax.files import write_json, write_nifti, write_text
+from fll_jax.files import atomic_path, staged_folder, write_json, write_nifti, write_text
 
 # Our class names in the challenge's label order 0..6.
 CHALLENGE_CLASSES: tuple[str, ...] = ("haemangioma", "icc", "abscess", "metastasis", "cyst", "fnh", "hcc")
@@ -239,8 +240,13 @@ def _write_unit_nifti(array: np.ndarray, path: Path) -> None:
     write_nifti(array, np.diag([-1.0, -1.0, 1.0, 1.0]), path)
 
 
+def _challenge_number(label: int | None) -> int:
+    """Our class (None: withheld) as the release's files write it."""
+    return UNLABELLED if label is None else to_challenge(label)
+
+
 def _label_lines(cases: Sequence[ReleaseCase]) -> str:
-    return "".join(f"{c.case} {UNLABELLED if c.labels[0] is None else to_challenge(c.labels[0])}\n" for c in cases)
+    return "".join(f"{c.case} {_challenge_number(c.labels[0])}\n" for c in cases)
 
 
 def write_release(release_dir: str | Path, cases: Sequence[ReleaseCase], overwrite: bool = False) -> Path:
@@ -340,9 +346,9 @@ def _read_annotations(paths: Sequence[Path]) -> tuple[dict[str, tuple[Path, list
     return cases, names, problems
 
 
-def _read_name_file(path: Path, names: Mapping[str, Any]) -> tuple[dict[str, int | None], list[str]]:
-    """'<name> <class>' lines -> {name: our class or None}, and problems naming file:line."""
-    values: dict[str, int | None] = {}
+def _read_name_file(path: Path, names: Mapping[str, Any]) -> tuple[dict[str, tuple[int | None, str]], list[str]]:
+    """'<name> <class>' lines -> {name: (our class or None, 'file:line')}, and problems naming file:line."""
+    values: dict[str, tuple[int | None, str]] = {}
     problems = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.split()
@@ -354,7 +360,7 @@ def _read_name_file(path: Path, names: Mapping[str, Any]) -> tuple[dict[str, int
             continue
         name = parts[0].rsplit("/", 1)[-1]  # the authors' predict.py allows a path before the name
         try:
-            values[name] = parse_category(parts[1], names)
+            values[name] = parse_category(parts[1], names), where
         except ValueError as e:
             problems.append(f"{where}: {name}: {e}")
     return values, problems
@@ -367,15 +373,19 @@ def _read_labels(paths: Sequence[Path], names: Mapping[str, Any]) -> tuple[dict[
     for path in paths:
         values, found = _read_name_file(path, names)
         problems += found
-        for name, label in values.items():
+        for name, (label, where) in values.items():
             if labels.setdefault(name, label) != label:
-                problems.append(f"{path}: {name} has label {label} here but {labels[name]} in another labels file")
+                problems.append(f"{where}: {name} has label {_challenge_number(label)} here but "
+                                f"{_challenge_number(labels[name])} in another labels file")
     return labels, problems
 
 
-def _read_folds(paths: Sequence[Path], names: Mapping[str, Any]) -> tuple[dict[str, int], list[str]]:
-    """name -> official fold k from val_fold{k}.txt; a name in two files is a problem."""
-    folds: dict[str, int] = {}
+FoldLine = tuple[int, int | None, str]  # (official fold, our class or None, 'file:line')
+
+
+def _read_folds(paths: Sequence[Path], names: Mapping[str, Any]) -> tuple[dict[str, FoldLine], list[str]]:
+    """name -> its line of val_fold{k}.txt; a name in two files is a problem."""
+    folds: dict[str, FoldLine] = {}
     problems = []
     for path in paths:
         match = re.fullmatch(r"val_fold(\d+)\.txt", path.name)
@@ -383,9 +393,9 @@ def _read_folds(paths: Sequence[Path], names: Mapping[str, Any]) -> tuple[dict[s
             continue
         values, found = _read_name_file(path, names)
         problems += found
-        for name in values:
-            if folds.setdefault(name, int(match[1])) != int(match[1]):
-                problems.append(f"{path}: {name} is also in val_fold{folds[name]}.txt")
+        for name, (label, where) in values.items():
+            if folds.setdefault(name, (int(match[1]), label, where))[0] != int(match[1]):
+                problems.append(f"{where}: {name} is also in val_fold{folds[name][0]}.txt")
     return folds, problems
 
 
@@ -584,13 +594,17 @@ def _far_apart(lesion: _Lesion, phases: Mapping[str, _Phase]) -> bool:
 
 
 def _copy_with_geometry(source: Path, target: Path, geometry: PhaseGeometry) -> None:
-    """The release's voxels, unchanged, under the header its JSON describes."""
+    """The release's stored voxels and their scaling, unchanged, under the header its JSON describes."""
     src = nib.load(str(source))
-    write_nifti(src.dataobj, geometry.affine(), target, header=src.header)
+    write_nifti(src.dataobj.get_unscaled(), geometry.affine(), target, header=src.header,
+                scaling=(src.dataobj.slope, src.dataobj.inter))
+
+
+_OUTPUTS = {"labelled": "manifest.csv", "unlabelled": "unlabelled.csv"}  # row kind -> file in out_dir
 
 
 def _check_targets(out_dir: Path, overwrite: bool) -> None:
-    existing = [p for p in (out_dir / "manifest.csv", out_dir / "unlabelled.csv", out_dir / "images") if p.exists()]
+    existing = [out_dir / n for n in (*_OUTPUTS.values(), "images") if (out_dir / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(map(str, existing))} already exist(s); choose another output folder "
                               "or allow replacing it (--overwrite)")
@@ -615,16 +629,25 @@ def _report(missing: Counter, disagreements: int, far: Sequence[str], skipped: i
 class _Tally:
     """What the cases add up to: manifest rows, files to copy, counts and problems."""
 
-    rows: dict[str, list[LesionRecord]] = dataclasses.field(
-        default_factory=lambda: {"labelled": [], "unlabelled": []})
-    copies: list[tuple[Path, _Phase]] = dataclasses.field(default_factory=list)
+    rows: dict[str, list[LesionRecord]] = dataclasses.field(default_factory=lambda: {kind: [] for kind in _OUTPUTS})
+    copies: list[tuple[Path, _Phase]] = dataclasses.field(default_factory=list)  # (path under images/, phase)
     missing: Counter = dataclasses.field(default_factory=Counter)
     disagreements: int = 0
     far: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def _listed_cases(labels: Mapping[str, int | None], folds: Mapping[str, int],
+def _fold_line_problems(name: str, label: int | None, labels: Mapping[str, int | None]) -> list[str]:
+    """How a fold file's class for `name` contradicts the labels files (the folds split that one list)."""
+    if name not in labels:
+        return [f"{name} has class {_challenge_number(label)} here but is in no labels file"]
+    if labels[name] != label:
+        return [f"{name} has class {_challenge_number(label)} here but "
+                f"{_challenge_number(labels[name])} in the labels files"]
+    return []
+
+
+def _listed_cases(labels: Mapping[str, int | None], folds: Mapping[str, FoldLine],
                   cases: Mapping[str, Any]) -> tuple[set[str], dict[str, int], list[str]]:
     """(the cases the labels files name, each case's official fold, problems)."""
     listed, case_folds, problems = set(), {}, []
@@ -634,14 +657,18 @@ def _listed_cases(labels: Mapping[str, int | None], folds: Mapping[str, int],
             problems.append(f"labels files: {name} is no case (nor '<case>_<lesion>') of the annotation file")
         else:
             listed.add(owner[0])
-    for name, k in folds.items():
+    for name, (k, label, where) in folds.items():
         owner = _case_of(name, cases)
-        if owner is not None and case_folds.setdefault(owner[0], k) != k:
+        if owner is None:
+            problems.append(f"{where}: {name} is no case (nor '<case>_<lesion>') of the annotation file")
+            continue
+        problems += [f"{where}: {p}" for p in _fold_line_problems(name, label, labels)]
+        if case_folds.setdefault(owner[0], k) != k:
             problems.append(f"val_fold files: case {owner[0]} is in folds {case_folds[owner[0]]} and {k}")
     return listed, case_folds, problems
 
 
-def _convert_case(release_dir: Path, out_dir: Path, case: str, annotation: tuple[Path, list],
+def _convert_case(release_dir: Path, case: str, annotation: tuple[Path, list],
                   labels: Mapping[str, int | None], names: Mapping[str, Any], phase_map: Mapping[str, str],
                   place: Place | None, tally: _Tally) -> None:
     """Adds one case's rows, copies and problems to the tally; `place` is its (split, fold)."""
@@ -661,8 +688,29 @@ def _convert_case(release_dir: Path, out_dir: Path, case: str, annotation: tuple
     if place is None and any(lesion.label is not None for lesion in lesions):
         problems.append("labelled, but in no val_fold*.txt (the official folds)")
     tally.problems += [f"{path}: case {case}: {p}" for p in problems]
-    tally.copies += [(out_dir / "images" / case / f"{s}.nii.gz", phases[p])
+    tally.copies += [(Path(case, f"{s}.nii.gz"), phases[p])
                      for p, s in phase_map.items() if p in phases]
+
+
+def _write_outputs(out_dir: Path, tally: _Tally) -> dict[str, Path | None]:
+    """Writes images/ and the manifests, kind -> path (None: no rows, so no file).
+
+    An earlier conversion's outputs are replaced whole and only once all the new ones are
+    complete: images/ is staged, the manifests written under temporary names, all swapped in
+    at the end; a manifest this conversion has no rows for is then removed, not left stale.
+    """
+    written = {kind: out_dir / name if tally.rows[kind] else None for kind, name in _OUTPUTS.items()}
+    with contextlib.ExitStack() as stack:
+        images = stack.enter_context(staged_folder(out_dir / "images"))
+        for target, phase in tally.copies:
+            _copy_with_geometry(phase.image, images / target, phase.geometry)
+        for kind, target in written.items():
+            if target is not None:
+                write_manifest(tally.rows[kind], stack.enter_context(atomic_path(target)))
+    for kind, name in _OUTPUTS.items():
+        if written[kind] is None:
+            (out_dir / name).unlink(missing_ok=True)
+    return written
 
 
 def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Mapping[str, str] | None = None,
@@ -672,15 +720,18 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
     Args:
       release_dir: the release folder (images/, labels/Annotation.json,
         classification_dataset/labels/ with labels*.txt and val_fold*.txt).
-      out_dir: receives images/<case>/<sequence>.nii.gz (the mapped phases, voxels unchanged,
-        geometry from the JSON), manifest.csv (one row per lesion of the labelled cases) and
-        unlabelled.csv (lesions of the -1 cases; label, split and fold empty).
+      out_dir: receives images/<case>/<sequence>.nii.gz (the mapped phases, stored voxel values
+        and their scaling unchanged, geometry from the JSON), manifest.csv (one row per lesion
+        of the labelled cases) and unlabelled.csv (lesions of the -1 cases; label, split and
+        fold empty).
       phase_map: phase -> sequence (DEFAULT_PHASE_MAP when None); other phases are not copied,
         and a lesion boxed only in them is a problem.
       test_fold: the official fold (val_fold{k}.txt) that becomes our test split; the others are
         dev with folds renumbered 0.. in order. None keeps every official fold as dev (folds
         0..4), so the manifest has no test split.
-      overwrite: replace earlier outputs in out_dir; otherwise FileExistsError.
+      overwrite: replace an earlier conversion's images/, manifest.csv and unlabelled.csv whole
+        (a file this conversion does not write is removed), only once the new ones are complete;
+        otherwise FileExistsError. Other files in out_dir are left alone.
 
     Returns:
       A Conversion with the written paths and counts.
@@ -698,7 +749,7 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
     plan, found_plan = _fold_plan(case_folds, test_fold)
     tally = _Tally(problems=problems + found + found_labels + found_folds + found_cases + found_plan)
     for case in sorted(listed):
-        _convert_case(release_dir, out_dir, case, cases[case], labels, names, phase_map,
+        _convert_case(release_dir, case, cases[case], labels, names, phase_map,
                       plan.get(case_folds.get(case, -1)), tally)
     if not listed and not tally.problems:
         tally.problems.append(f"{release_dir}: the labels files name no case")
@@ -707,13 +758,7 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
                            tally.problems)
 
     _check_targets(out_dir, overwrite)
-    for target, phase in tally.copies:
-        _copy_with_geometry(phase.image, target, phase.geometry)
-    written = {kind: out_dir / name if tally.rows[kind] else None
-               for kind, name in (("labelled", "manifest.csv"), ("unlabelled", "unlabelled.csv"))}
-    for kind, target in written.items():
-        if target is not None:
-            write_manifest(tally.rows[kind], target)
+    written = _write_outputs(out_dir, tally)
     _report(tally.missing, tally.disagreements, tally.far, len(set(cases) - listed))
     return Conversion(manifest=written["labelled"], unlabelled=written["unlabelled"],
                       lesions=len(tally.rows["labelled"]), unlabelled_lesions=len(tally.rows["unlabelled"]),
