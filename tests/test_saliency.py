@@ -355,16 +355,19 @@ def test_lesion_focus():
 # --- the whole explain job on a tiny workdir -----------------------------------------------------
 
 def _predictions_csv(path, rows) -> None:
-    """A predictions.csv with (lesion_id, split, fold, label7) rows and uniform probabilities."""
-    frame = pd.DataFrame(rows, columns=["lesion_id", "split", "fold", "label7"])
+    """A predictions.csv with (lesion_id, split, fold, label7, predicted class) rows: every model
+    (the ensemble, folds 0 and 1) gives the predicted class 0.4 and the others 0.1."""
+    frame = pd.DataFrame(rows, columns=["lesion_id", "split", "fold", "label7", "predicted"])
     frame["patient_id"] = frame["lesion_id"].str.split("/").str[0]
     frame["label2"] = to_binary(frame["label7"].to_numpy())
     for column in ("background", "scanner", "diameter_mm"):
         frame[column] = "unknown" if column != "diameter_mm" else 10.0
-    for k in range(2):
-        frame[f"ensemble_p2_{k}"] = 0.5
-    for k in range(NUM_CLASSES):
-        frame[f"ensemble_p7_{k}"] = 1 / NUM_CLASSES
+    for model in ("ensemble", "fold0", "fold1"):
+        for k in range(NUM_CLASSES):
+            frame[f"{model}_p7_{k}"] = np.where(frame["predicted"] == k, 0.4, 0.1)
+        frame[f"{model}_p2_1"] = np.where(to_binary(frame["predicted"].to_numpy()) == 1, 0.7, 0.3)
+        frame[f"{model}_p2_0"] = 1 - frame[f"{model}_p2_1"]
+    frame = frame.drop(columns="predicted")
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, index=False)
 
@@ -396,8 +399,9 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config), raising=False)
     monkeypatch.setattr(prepare, "manifest_path", lambda config: manifest)
     run = tmp_path / "run"
-    _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0), ("p4/l1", "test", -1, 4),
-                                               ("p6/l1", "val", 1, 6)])
+    # The run called p4/l1 a haemangioma (class 2) and p6/l1 an abscess (class 3).
+    _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 2),
+                                               ("p6/l1", "val", 1, 6, 3)])
     write_json(run / "fingerprint.json", run_fingerprint(config, prepare.describe_data(config)[2]))
     settings = explain.Settings(steps=8, chunk=16)
     summary = explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
@@ -415,6 +419,9 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     assert set(summary["hit_rates"]) == {"attribution_share", "lesion_attribution_share", "occlusion"}
     assert set(summary["hit_rates"]["lesion_attribution_share"]) == {"cyst", "hcc"}
     assert -1 <= summary["randomisation"]["median_spearman"] <= 1
+    # The maps explain the class the run predicted (predictions.csv), whatever the float32 model's argmax.
+    table = pd.read_csv(out / "lesions.csv").set_index("lesion_id")
+    assert table.loc["p4/l1", "predicted"] == table.loc["p4/l1", "explained"] == "Haemangioma"
     assert "Key-sequence hit rate" in (out / "scores.md").read_text()
     report = (run / "report.md").read_text()
     assert "## Saliency" in report and "explain/test/importance_by_class.png" in report
@@ -427,7 +434,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     assert val["num_lesions"] == 1 and list(lesions["model"]) == ["fold1"]
     patch = preprocess_lesion(records[2])
     alone = ClassScore.from_model(model, variables[1], chunk=16)
-    expected = alone.predict(explain.lesion_input(patch.image, patch.mask, config)).max()
+    expected = alone.predict(explain.lesion_input(patch.image, patch.mask, config))[3]
     assert lesions["p_predicted"][0] == pytest.approx(expected, rel=1e-5)
     # The test run's files are still there, and other arguments do not replace them unasked.
     assert (out / "lesions" / first / "overlay.png").is_file()

@@ -40,7 +40,7 @@ from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAM
 from fll_jax.data import prepare
 from fll_jax.data.checks import parse_allow
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_lesion
-from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions
+from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import read_json, save_figure, staged_folder, write_csv, write_json, write_text
 from fll_jax.models import build_model
@@ -164,19 +164,26 @@ def pick_lesions(records: Sequence, num_per_class: int | None, lesion_ids: set[s
     return picked
 
 
-def lesion_models(workdir: Path, split: str, folds: Sequence[int]) -> dict[str, str]:
-    """lesion_id -> 'ensemble' (split 'test') or 'fold<k>' that held it out (split 'val').
+def lesion_models(workdir: Path, split: str, folds: Sequence[int], head: str = "seven") -> dict[str, tuple[str, int]]:
+    """lesion_id -> (model, the class of `head` it predicted): 'ensemble' (split 'test') or 'fold<k>'
+    that held it out (split 'val').
 
-    Read from predictions.csv, so the lesions and folds are those the training job used.
+    Read from predictions.csv, so the lesions, folds and predicted classes are those the training
+    job reported (the maps' float32 model could break a near tie of a bfloat16 one the other way).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     frame = load_predictions(workdir / "predictions.csv")
     rows = frame[frame["split"] == split]
-    if split == "test":
-        return {lesion: ENSEMBLE for lesion in rows["lesion_id"]}
-    rows = rows[rows["fold"].astype(int).isin(list(folds))]
-    return {lesion: f"fold{int(fold)}" for lesion, fold in zip(rows["lesion_id"], rows["fold"])}
+    if split != "test":
+        rows = rows[rows["fold"].astype(int).isin(list(folds))]
+    models = [ENSEMBLE if split == "test" else f"fold{int(fold)}" for fold in rows["fold"]]
+    predicted = {}
+    for model in set(models):
+        p7, p2 = probabilities(rows, model)
+        predicted[model] = (p2 if head == "binary" else p7).argmax(1)
+    return {lesion: (model, int(predicted[model][i]))
+            for i, (lesion, model) in enumerate(zip(rows["lesion_id"], models))}
 
 
 def float32_model(config: ml_collections.ConfigDict):
@@ -233,7 +240,7 @@ def explain_workdir(
     with rng_settings(config):
         records, _, data = prepare.describe_data(config)
         check_same_data(workdir, data)
-        models = lesion_models(workdir, split, config.train.folds)
+        models = lesion_models(workdir, split, config.train.folds, settings.head)
         records = pick_lesions(records, num_per_class, set(models))
         if not records:
             raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
@@ -249,7 +256,7 @@ def explain_workdir(
         # An earlier request's lesion folders and scores must not stay beside these (overwrite), nor
         # go before this run has succeeded.
         with staged_folder(out / "lesions") as lesions:
-            rows = [_explain_record(record, config, models[record.lesion_id], scores[models[record.lesion_id]],
+            rows = [_explain_record(record, config, *models[record.lesion_id], scores[models[record.lesion_id][0]],
                                     random_score, settings, lesions)
                     for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
             frame = pd.DataFrame(rows)
@@ -292,17 +299,17 @@ def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
                           "out_dir (--out_dir)")
 
 
-def _explain_record(record, config, model_name: str, model_score: ClassScore, random_score: ClassScore | None,
-                    settings: Settings, folder: Path) -> dict:
-    """One lesion by one model (or the ensemble): map, importance, (scores), files; its lesions.csv row."""
+def _explain_record(record, config, model_name: str, pred: int, model_score: ClassScore,
+                    random_score: ClassScore | None, settings: Settings, folder: Path) -> dict:
+    """One lesion by one model (or the ensemble) that predicted class `pred`: map, importance,
+    (scores), files; its lesions.csv row."""
     sequences = tuple(config.sequences)
     names = _class_names(settings.head)
     options = PreprocessOptions.from_config(config.data)
     patch = preprocess_lesion(record, allow=parse_allow(config.data.allow), options=options)
     x = lesion_input(patch.image, patch.mask, config)
     true = int(record.label) if settings.head == "seven" else int(to_binary(record.label))
-    lesion = compute_map(model_score, x, sequences, settings, true if settings.explained == "true" else None)
-    pred = int(np.argmax(lesion.probs))
+    lesion = compute_map(model_score, x, sequences, settings, true if settings.explained == "true" else pred)
     affines = lesion_affines(patch.patch_affine, patch.image.shape[-1], config)
     row = {
         "lesion_id": record.lesion_id, "patient_id": record.patient_id, "model": model_name,
