@@ -331,6 +331,13 @@ def test_top3_hit_rates_on_a_hand_made_table():
     sub = scoring.top_k_hit_rates(np.array([[0.1, 0.2, 0.3, 0.4]]), [CLASSES.index("metastasis")], used)
     assert sub["metastasis"]["hits"] == {"dwi": 1.0, "lap": 1.0}
     assert sub["metastasis"]["chance"] == 0.75
+    # A lesion without a top 3 (an all-zero map: equal shares; a tie across the cut) is left out,
+    # not given T2WI, DWI and ADC, the first sequences in order; a tie below the cut is no matter.
+    tied = [[1 / 7] * 7, [0.5, 0.2, 0.1, 0.1, 0.1, 0.0, 0.0], [0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.0]]
+    table = scoring.top_k_hit_rates(np.array(tied), [CLASSES.index("cyst")] * 3, seq)["cyst"]
+    assert table["n"] == 1 and table["hits"] == {"t2w": 0.0, "adc": 0.0, "pvp": 1.0}
+    alone = scoring.top_k_hit_rates(np.array(tied[:1]), [CLASSES.index("cyst")], seq)["cyst"]
+    assert alone["n"] == 0 and alone["hits"] == {} and np.isnan(alone["mean"]) and np.isnan(alone["p_above_chance"])
 
 
 def test_lesion_focus():

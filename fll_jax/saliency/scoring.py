@@ -48,21 +48,26 @@ def top_k_hit_rates(
     Returns {class: {"n", "chance", "hits": {seq: rate}, "mean", "p_above_chance"}} for every
     class with lesions; key sequences the model does not use are left out of "hits". The p
     value is a one-sided binomial test of the class's (lesion, key sequence) hits against
-    chance.
+    chance. A lesion without a top k (a non-finite value, or a tie between its k-th and
+    (k+1)-th: an all-zero map has every share equal) is left out of n.
     """
     importance = np.asarray(importance, np.float64)
     labels = np.asarray(labels)
     if importance.shape != (len(labels), len(sequences)):
         raise ValueError(f"importance {importance.shape} does not match {len(labels)} lesions x {len(sequences)} sequences")
-    # Stable sort on the negated values: ties go to the earlier sequence, deterministically.
-    order = np.argsort(-importance, axis=1, kind="stable")[:, :k]
+    order = np.argsort(-importance, axis=1)[:, :k]
     top = [{sequences[j] for j in row} for row in order]
+    # Where the k-th and (k+1)-th values tie, a sort would pick the earlier sequences in order.
+    ranked = -np.sort(-importance, axis=1)
+    decided = np.isfinite(importance).all(axis=1)
+    if len(sequences) > k:
+        decided &= ranked[:, k - 1] > ranked[:, k]
     result = {}
     for label, name in enumerate(CLASSES):
-        rows = np.flatnonzero(labels == label)
-        if len(rows) == 0:
+        if not np.any(labels == label):
             continue
-        keys = [s for s in KEY_SEQUENCES[name] if s in sequences]
+        rows = np.flatnonzero((labels == label) & decided)
+        keys = [s for s in KEY_SEQUENCES[name] if s in sequences] if len(rows) else []
         hits = {s: float(np.mean([s in top[r] for r in rows])) for s in keys}
         chance = min(k, len(sequences)) / len(sequences)
         count = sum(s in top[r] for r in rows for s in keys)
