@@ -29,6 +29,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
             caller hands the data over itself).
     """
     from fll_jax.data.checks import parse_allow
+    from fll_jax.data.phantom import SCALES
     from fll_jax.data.prepare import BACKENDS, FOLD_SOURCES, SOURCES
     from fll_jax.data.preprocess import PreprocessOptions
     from fll_jax.evaluation.stats import RULES
@@ -51,8 +52,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         need(ok, path, f"must be a finite number {'>' if strict else '>='} {low:g}")
 
     for path in ("train.epochs", "train.batch_size", "train.eval_batch_size", "train.checkpoint_every",
-                 "train.log_every", "model.width", "input_size", "data.workers"):
+                 "train.log_every", "model.width", "model.stem_kernel", "model.stem_stride", "input_size",
+                 "data.workers"):
         positive_int(path)
+    kernel = config.model.stem_kernel
+    need(not isinstance(kernel, int) or kernel % 2 == 1, "model.stem_kernel", "must be odd (a centred 'same' stem)")
     for path in ("optim.learning_rate", "optim.grad_clip", "augment.scale_min", "augment.scale_max"):
         finite(path, strict=True)
     for path in ("optim.weight_decay", "optim.warmup_epochs", "loss.binary_weight", "loss.multiclass_weight",
@@ -92,6 +96,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         need(config.data.backend in BACKENDS, "data.backend", f"must be one of {', '.join(BACKENDS)}")
         need(config.data.source != "manifest" or bool(config.data.manifest), "data.manifest", "must name a manifest.csv")
         need(config.data.folds in FOLD_SOURCES, "data.folds", f"must be one of {', '.join(FOLD_SOURCES)}")
+        need(config.data.source != "phantom" or config.data.scale in SCALES, "data.scale",
+             f"must be one of {', '.join(SCALES)}")
     for path in ("train.batch_size", "train.eval_batch_size"):
         value = _get(config, path)
         need(not isinstance(value, int) or value < 1 or value % num_devices == 0, path,

@@ -307,12 +307,17 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     folder, _ = finished
     config = _config(folder, "folds=-1,epochs=0,batch_size=0,width=0,sequence_dropout=1")
     config.data.folds, config.evaluation.interval_rule = "official", "wald"
+    config.model.stem_kernel, config.model.stem_stride = 4, 0
     with pytest.raises(ConfigError) as error:
         cross_validate(config, tmp_path / "new")
     for field in ("train.epochs = 0", "train.batch_size = 0", "model.width = 0", "train.folds = (-1,)",
                   "train.sequence_dropout = 1.0: must be < 1", "data.folds = 'official'",
-                  "evaluation.interval_rule = 'wald'"):
+                  "evaluation.interval_rule = 'wald'", "model.stem_kernel = 4: must be odd",
+                  "model.stem_stride = 0: must be an integer >= 1"):
         assert field in str(error.value)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match="data.scale = 'medium': must be one of quick, paper"):
+        cross_validate(tiny_config("scale=medium"), tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
 
@@ -419,6 +424,18 @@ def test_checksums_are_the_sums_checkpoints_were_written_with():
     expected = {f"['{k}']": device_sums(v) for k, v in tree.items()}
     assert integrity.checksums(tree) == expected == integrity.checksums(jax.device_get(tree))
     assert len({tuple(v) for v in expected.values()}) == len(tree)
+
+
+def test_changes_between_file_and_in_memory_fingerprints_are_described():
+    from fll_jax.data.fingerprint import describe_changes
+
+    on_disk = {"L1": {"label": 0, "files": {"t2w_image": {"path": "/data/L1_t2w.nii.gz", "size": 9, "sha256": "ab"}}}}
+    in_memory = {"L1": {"label": 0, "patch_sha256": "cd"}}
+    # A rerun from a notebook's NumpySource over a run made from files (it raised KeyError 'files').
+    lines = describe_changes(on_disk, in_memory)
+    assert "lesion 'L1': t2w_image content changed (/data/L1_t2w.nii.gz)" in lines
+    assert "lesion 'L1': patch_sha256 None -> 'cd'" in lines
+    assert "lesion 'L1': patch_sha256 'cd' -> None" in describe_changes(in_memory, on_disk)
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -223,6 +223,28 @@ def test_shared_fusion_has_one_branch_of_weights(classifier_runs):
     assert not np.allclose(features[:, 0], features[:, 1])
 
 
+def test_shared_backbone_normalises_alike_in_training_and_evaluation():
+    # Sequences of different intensity ranges through one backbone: once the running averages
+    # have settled on a batch, evaluation gives the features training gives (a call per sequence
+    # had normalised each by its own batch statistics in training, by their mixture after).
+    model = build_model(_tiny_config(fusion="shared"), ("t1w", "lap", "pvp"))
+    x = np.random.default_rng(5).uniform(size=(4, 3, 16, 16, 16, 2)).astype(np.float32)
+    x[..., 0] *= np.array([1.0, 5.0, 20.0])[None, :, None, None, None]
+    variables = _random_variables(model, x)
+
+    @jax.jit
+    def settle(variables):
+        def update(variables, _):
+            outputs, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            return {**variables, "batch_stats": state["batch_stats"]}, outputs["features"]
+
+        variables, features = jax.lax.scan(update, variables, None, length=200)  # momentum 0.9: 0.9^200
+        return model.apply(variables, x, train=False)["features"], features[-1]
+
+    evaluated, trained = settle(variables)
+    assert _max_rel_err(trained, evaluated) < 1e-3
+
+
 def test_late_fusion_averages_per_sequence_heads(classifier_runs):
     _, _, variables, outputs, _ = classifier_runs["late", ("t2w", "adc", "dp")]
     heads = variables["params"]["fusion"]

@@ -68,3 +68,17 @@ def test_two_processes_run_cross_validation_like_one(tmp_path):
     # Each process read only its half of every batch of 8: together, exactly what one process read.
     first, second = (np.load(tmp_path / f"read{k}.npy").reshape(-1, 4) for k in range(2))
     np.testing.assert_array_equal(np.concatenate([first, second], axis=1).ravel(), read)
+
+
+def test_process_0_prepares_the_data_before_the_others_check_it(monkeypatch):
+    import fll_jax.data.prepare as prepare
+    import fll_jax.train.cross_validate as cv
+
+    for primary in (True, False):
+        events = []
+        monkeypatch.setattr(cv, "is_primary", lambda: primary)
+        monkeypatch.setattr(cv, "sync_processes", lambda name: events.append(name))
+        monkeypatch.setattr(prepare, "prepare_source", lambda config: events.append("prepare") or "source")
+        assert cv.prepared_in_turn(None) == "source"
+        # All at once, each process built the same patch cache and records over the others'.
+        assert events == (["prepare", "data prepared"] if primary else ["data prepared", "prepare"])

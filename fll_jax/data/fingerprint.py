@@ -92,9 +92,11 @@ def describe_changes(old: Mapping[str, dict], new: Mapping[str, dict]) -> list[s
         a, b = _content(old[lesion]) | _placement(old[lesion]), _content(new[lesion]) | _placement(new[lesion])
         for key in (k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)):
             if key == "files":
-                for column in sorted(set(a.get(key, {})) | set(b.get(key, {}))):
-                    if a[key].get(column) != b[key].get(column):
-                        path = new[lesion]["files"].get(column, old[lesion]["files"].get(column, {})).get("path")
+                # One side may have no files: patches given in memory are fingerprinted by their content.
+                old_files, new_files = old[lesion].get("files", {}), new[lesion].get("files", {})
+                for column in sorted(set(old_files) | set(new_files)):
+                    if a.get(key, {}).get(column) != b.get(key, {}).get(column):
+                        path = new_files.get(column, old_files.get(column, {})).get("path")
                         lines.append(f"lesion {lesion!r}: {column} content changed ({path})")
             else:
                 lines.append(f"lesion {lesion!r}: {key} {a.get(key)!r} -> {b.get(key)!r}")

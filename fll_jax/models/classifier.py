@@ -16,13 +16,14 @@ from fll_jax.models.resnet3d import BACKBONES, DTYPES, SHORTCUTS, STAGE_SIZES
 
 
 class Branch(nn.Module):
-    """One sequence's path: backbone feature map (sown for Grad-CAM), then global average pool."""
+    """One sequence's path: backbone feature map (sown for Grad-CAM), then global average pool.
+    With backbone None, x is that feature map already (a shared backbone computed it)."""
 
-    backbone: nn.Module
+    backbone: nn.Module | None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        fmap = self.backbone(x, train)
+        fmap = self.backbone(x, train) if self.backbone is not None else x
         self.sow("intermediates", "stage4", fmap)
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2, 3))
 
@@ -38,7 +39,8 @@ class MultiSequenceClassifier(nn.Module):
     absent sequences), present [B, S] bool, and sequence_weights [B, S] for the fusions that
     compute them. The branches are a Python loop of
     submodules named branch_<seq> (nn.vmap turns them into grouped convolutions, 5x slower on
-    an H100); with a shared-backbone fusion they all call one module named 'backbone'.
+    an H100); with a shared-backbone fusion one module named 'backbone' runs on all sequences'
+    images at once, and each branch pools its part.
     """
 
     sequences: tuple[str, ...]
@@ -75,12 +77,18 @@ class MultiSequenceClassifier(nn.Module):
                 f"got shape {x.shape}"
             )
         fusion = lookup(FUSIONS, self.fusion, "fusion")
-        shared = self._backbone(name="backbone") if fusion.shared_backbone else None
-        feats = []
-        for i, seq in enumerate(self.sequences):
+        if fusion.shared_backbone:
+            # One call on every sequence's images: batch norm's batch statistics are then those of
+            # all sequences, as are the running averages every sequence updates (a call per
+            # sequence normalised each by its own statistics in training, by their mixture after).
+            b, s = x.shape[:2]
+            fmaps = self._backbone(name="backbone")(x.reshape((b * s,) + x.shape[2:]), train)
+            fmaps = fmaps.reshape((b, s) + fmaps.shape[1:])
+            feats = [Branch(None, name=f"branch_{seq}")(fmaps[:, i], train) for i, seq in enumerate(self.sequences)]
+        else:
             # parent=None: an unbound backbone, adopted by its branch (params under branch_<seq>).
-            net = shared if shared is not None else self._backbone(parent=None)
-            feats.append(Branch(net, name=f"branch_{seq}")(x[:, i], train))
+            feats = [Branch(self._backbone(parent=None), name=f"branch_{seq}")(x[:, i], train)
+                     for i, seq in enumerate(self.sequences)]
         present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
         feats = jnp.where(present[..., None], jnp.stack(feats, axis=1), 0.0)
         outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, present, train)

@@ -55,6 +55,17 @@ def check_source(config: ml_collections.ConfigDict, source) -> None:
         raise DataError(problem_report("the data does not fit the config:", problems))
 
 
+def prepared_in_turn(config: ml_collections.ConfigDict):
+    """prepare_source in process 0 first; the others then find the data built and only check it.
+    (All at once, each process would build the same cache files and take another's half-built
+    records for damaged ones.)"""
+    from fll_jax.data.prepare import prepare_source
+
+    source = prepare_source(config) if is_primary() else None
+    sync_processes("data prepared")
+    return source if source is not None else prepare_source(config)
+
+
 def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices=None) -> Steps:
     mesh = make_mesh(devices)
     for size in (config.train.batch_size, config.train.eval_batch_size):
@@ -127,12 +138,11 @@ def cross_validate(
     """
     from tensorboardX import SummaryWriter
 
-    from fll_jax.data.prepare import prepare_source
 
     workdir = Path(workdir).absolute()
     with rng_settings(config):
         check_config(config, jax.device_count(), data_source=source is None)
-        source = source if source is not None else prepare_source(config)
+        source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
         open_run(workdir, config, source.fingerprint, restart)
         steps_per_epoch = nominal_steps_per_epoch(config, source)
@@ -198,12 +208,11 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         WorkdirError: `trained` holds no finished run of these settings and data, or `workdir`
             holds another run; nothing was changed.
     """
-    from fll_jax.data.prepare import prepare_source
 
     workdir, trained = Path(workdir).absolute(), Path(trained).absolute()
     with rng_settings(config):
         check_config(config, jax.device_count(), data_source=source is None)
-        source = source if source is not None else prepare_source(config)
+        source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
         check_finished(trained, trained_config(config), source.fingerprint)
         open_run(workdir, config, source.fingerprint)
