@@ -23,12 +23,21 @@ _KEYS = {
 }
 
 
+def _sequence_names(key: str, text: str) -> tuple[str, ...]:
+    """'t2w+dwi' as sequence names in SEQUENCES order; unknown or repeated names fail."""
+    names = tuple(s for s in text.split("+") if s)
+    for name in names:
+        sequence_index(name)
+    # A repeat would otherwise pass as a point of its own that repeats another (hide=lap+lap).
+    repeated = sorted({s for s in names if names.count(s) > 1}, key=SEQUENCES.index)
+    if repeated:
+        raise ValueError(f"{key}={text} names {', '.join(repeated)} more than once")
+    return tuple(sorted(names, key=SEQUENCES.index))
+
+
 def _parse_value(key: str, text: str):
     if key in ("sequences", "hide"):
-        names = tuple(s for s in text.split("+") if s)
-        for name in names:
-            sequence_index(name)
-        return tuple(sorted(names, key=SEQUENCES.index))
+        return _sequence_names(key, text)
     if key in ("folds", "fold"):
         return tuple(int(f) for f in text.split("+"))
     if key in ("depth", "width", "epochs", "batch_size", "seed"):

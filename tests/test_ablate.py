@@ -1,4 +1,5 @@
 """Sweeps: point names, running with skip-on-rerun and failure isolation, evaluate-only points, SLURM scripts."""
+import os
 import shlex
 import shutil
 import subprocess
@@ -8,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from configs.ablations import base_config, fusions, loso, missing, sequences_and_fusions
+from configs.ablations import base_config, fusions, loso, missing, sequences_and_fusions, single, subsets
 from fll_jax.ablation.points import BASE, SweepError, collect_points, load_sweep
 from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
+from fll_jax.config_string import apply_config_string
 from fll_jax.constants import SEQUENCES
 from tests.helpers import TRAINED, synthetic_source, tiny_config
 
@@ -45,6 +47,32 @@ def test_evaluate_only_points_follow_the_points_whose_models_they_use():
     # A hidden point whose trained point the sweep forgot gets it added.
     alone = collect_points(lambda add, arg: add(hide="adc"), None, base_config("quick"))
     assert [(p.name, p.trained) for p in alone] == [(BASE, None), ("hide=adc", BASE)]
+
+
+def test_sequence_sweeps_vary_the_sequences_of_the_base():
+    """A base without ADC (LLD-MMRI's six sequences): no point puts ADC back or hides it."""
+    base = base_config("quick")
+    base.sequences = tuple(s for s in SEQUENCES if s != "adc")
+    for sweep in (loso, missing, single, subsets, sequences_and_fusions):
+        for point in collect_points(sweep.sweep, "quick", base):
+            assert set(point.config.sequences) <= set(base.sequences), (sweep.__name__, point.name)
+    left_out = collect_points(loso.sweep, "quick", base)
+    assert [set(base.sequences) - set(p.config.sequences) for p in left_out] == [set()] + [{s} for s in base.sequences]
+    # Names say which of all seven a point used, whatever the base.
+    assert [p.name for p in left_out][1:3] == ["sequences=all-t2w-adc", "sequences=all-dwi-adc"]
+    hidden = [p.config.evaluation.hidden_sequences for p in collect_points(missing.sweep, "quick", base) if p.trained]
+    assert hidden == [(s,) for s in base.sequences] * 2
+    # A base of one sequence has none to leave out or hide.
+    base.sequences = ("dwi",)
+    assert [p.name for p in collect_points(loso.sweep, "quick", base)] == [BASE]
+    assert [p.name for p in collect_points(missing.sweep, "quick", base)] == [BASE, "sequence_dropout=0.3"]
+
+
+def test_a_sequence_named_twice_is_refused():
+    with pytest.raises(ValueError, match=r"hide=lap\+lap names lap more than once"):
+        collect_points(lambda add, arg: add(hide=("lap", "lap")), None, base_config("quick"))
+    with pytest.raises(ValueError, match=r"sequences=t2w\+dwi\+t2w\+dwi names t2w, dwi more than once"):
+        apply_config_string(base_config("quick"), "sequences=t2w+dwi+t2w+dwi")
 
 
 def test_a_bad_ablation_config_is_named(tmp_path):
@@ -165,6 +193,21 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     # its trained point, and the sweep's own --reference holds.
     compare = shlex.split(shlex.split(order[3])[-1].split("=", 1)[1])
     assert "afterany:$last" in order[3] and compare == [*command, "--collect"]
+    # submit.sh with a stand-in sbatch that logs its arguments and answers job ids 1, 2, 3, 4.
+    fake, log = tmp_path / "bin", tmp_path / "sbatch.log"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\nprintf "%q " "$@" >> "$SBATCH_LOG"\necho >> "$SBATCH_LOG"\n'
+                                 'wc -l < "$SBATCH_LOG"\n')
+    (fake / "sbatch").chmod(0o755)
+    subprocess.run(["bash", str(paths[2])], check=True,
+                   env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SBATCH_LOG": str(log)})
+    prepare, training, evaluation, comparison = [shlex.split(line) for line in log.read_text().splitlines()]
+    # A failed preparation cancels both arrays instead of leaving them and the comparison pending forever...
+    assert {"--kill-on-invalid-dep=yes", "--dependency=afterok:1"} <= set(training)
+    assert {"--kill-on-invalid-dep=yes", "--dependency=afterany:2,afterok:1"} <= set(evaluation)
+    # ...and the comparison, after them whatever their end, records it in sweep.json.
+    assert [a for a in comparison if a.startswith("--dependency")] == ["--dependency=afterany:3"]
+    assert not any(a.startswith("--dependency") for a in prepare)
     assert not any("sbatch" in line and "ablate_compare" in line
                    for line in write_slurm(points, tmp_path / "nocompare", command, resources, REPO, compare=False)[-1]
                    .read_text().splitlines())

@@ -1,4 +1,4 @@
-"""Every fusion strategy of fll_jax/models/fusion.py on all seven sequences."""
+"""Every fusion strategy of fll_jax/models/fusion.py on the base's sequences (all seven by default)."""
 from configs.ablations import base_config
 from fll_jax.models.fusion import FUSIONS
 

@@ -1,7 +1,6 @@
 """Sequence groups: unenhanced only (T2WI, DWI, ADC, T1WI), dynamic only (LAP, PVP, DP), and
-without the late phases (PVP, DP), against the full model."""
-from configs.ablations import base_config
-from fll_jax.constants import SEQUENCES
+without the late phases (PVP, DP), against the full model; each group as far as the base has it."""
+from configs.ablations import add_sequences, base_config
 
 get_config = base_config  # the base config, as --config FILE:arg loads it
 
@@ -13,6 +12,6 @@ LATE = ("pvp", "dp")
 def sweep(add, arg=None):
     del arg
     add()
-    add(sequences=UNENHANCED)
-    add(sequences=DYNAMIC)
-    add(sequences=[s for s in SEQUENCES if s not in LATE])
+    add_sequences(add, UNENHANCED)
+    add_sequences(add, DYNAMIC)
+    add_sequences(add, [s for s in add.sequences if s not in LATE])

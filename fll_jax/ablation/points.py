@@ -45,6 +45,7 @@ def load_sweep(path: str | Path) -> Callable:
 
 def _sequences_text(names) -> str:
     """'all', 'all-lap-pvp' (all but those) or 't2w+dwi' (only those), whichever is shorter."""
+    # Of all seven, not of the base's: a point's name says which sequences it used on any base.
     missing = [s for s in SEQUENCES if s not in names]
     if not missing:
         return "all"
@@ -72,21 +73,36 @@ def _setting_text(value) -> str:
     return "+".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
+class PointAdder:
+    """The `add` of sweep(add, arg): add(**settings) adds a point; add.sequences are the base's
+    sequences, the ones a sweep leaves out, keeps or hides (not all seven: on a base without ADC,
+    a point that put ADC back would feed its branch only zeros)."""
+
+    def __init__(self, base: ml_collections.ConfigDict):
+        self.base = base
+        self.configs: dict[str, ml_collections.ConfigDict] = {}
+
+    @property
+    def sequences(self) -> tuple[str, ...]:
+        return tuple(self.base.sequences)
+
+    def __call__(self, **settings) -> None:
+        text = ",".join(f"{key}={_setting_text(value)}" for key, value in settings.items())
+        config = apply_config_string(self.base.copy_and_resolve_references(), text)
+        self.configs.setdefault(point_name(config, self.base), config)
+
+
 def collect_points(sweep: Callable, arg: str | None, base: ml_collections.ConfigDict) -> list[Point]:
     """The points of sweep(add, arg) over `base`: training points first, in the order added, then
     the evaluate-only ones (each after adding its trained point if the sweep did not).
 
     add(**settings) takes config-string keys (fll_jax/config_string.py): add() is the base,
-    add(sequences=("t2w", "dwi")), add(fusion="attention", seed=1), add(hide="lap").
+    add(sequences=("t2w", "dwi")), add(fusion="attention", seed=1), add(hide="lap"); add.sequences
+    are the base's sequences (PointAdder).
     """
-    configs: dict[str, ml_collections.ConfigDict] = {}
-
-    def add(**settings) -> None:
-        text = ",".join(f"{key}={_setting_text(value)}" for key, value in settings.items())
-        config = apply_config_string(base.copy_and_resolve_references(), text)
-        configs.setdefault(point_name(config, base), config)
-
+    add = PointAdder(base)
     sweep(add, arg)
+    configs = add.configs
     trained, evaluated = [], []
     for name, config in configs.items():
         if config.evaluation.hidden_sequences:

@@ -80,7 +80,8 @@ def subprocess_runner(command: Sequence[str], root: str | Path) -> Callable[[Poi
 def not_run(point: Point) -> None:
     """run(point) for a sweep whose points ran elsewhere (SLURM array tasks): a point not found
     finished is reported failed, so that sweep.json records what each task left."""
-    raise PointError("not finished: its task failed or did not run (see logs/)")
+    raise PointError("not finished: its task failed or did not run (see logs/; a failed data preparation, "
+                     "logs/prepare.out, cancels every task)")
 
 
 def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], None],

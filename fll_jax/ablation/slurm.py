@@ -3,7 +3,9 @@
 The array runs `ablate.py ... --point=<name> --distributed` on every node of the task (srun starts
 one process per node; jax.distributed.initialize() reads the SLURM environment). submit.sh queues
 the data preparation, the training array, the evaluate-only array (after the models it
-evaluates) and the comparison, each waiting on the one before through SLURM dependencies.
+evaluates) and the comparison, each waiting on the one before through SLURM dependencies. A failed
+preparation cancels both arrays; the comparison job then still runs and records in sweep.json
+why no point finished.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from fll_jax.ablation.runner import LOGS
 TRAIN_SCRIPT = "ablate_train.slurm"
 EVAL_SCRIPT = "ablate_evaluate.slurm"
 SUBMIT_SCRIPT = "submit.sh"
+# SLURM cancels a job whose dependency can no longer be met, instead of leaving it pending.
+KILL_ON_INVALID_DEP = "--kill-on-invalid-dep=yes"
 
 
 @dataclass(frozen=True)
@@ -89,18 +93,24 @@ def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str
     queue = [
         "#!/bin/bash",
         "# Queue the sweep: data, training array, evaluate-only array, comparison (each after the one before).",
+        "# A failed data preparation cancels both arrays; the comparison still runs and records it in sweep.json.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(repository))}",
         f"prepare=$(sbatch --parsable --job-name=ablate_prepare --output={shlex.quote(str(root / LOGS / 'prepare.out'))} "
         f"--wrap={shlex.quote(shlex.join([*command, '--prepare_only']))})",
-        f"last=$(sbatch --parsable --dependency=afterok:$prepare {shlex.quote(str(root / TRAIN_SCRIPT))})",
+        # A failed preparation cancels the array (without the flag it would wait forever).
+        f"last=$(sbatch --parsable {KILL_ON_INVALID_DEP} --dependency=afterok:$prepare "
+        f"{shlex.quote(str(root / TRAIN_SCRIPT))})",
     ]
     if evaluated:
         written.append(root / EVAL_SCRIPT)
         written[-1].write_text(_array_script(evaluated, root, command, resources, "ablate_evaluate", repository))
         # afterany: an evaluate-only point whose model failed reports that itself; the others still run.
-        queue.append(f"last=$(sbatch --parsable --dependency=afterany:$last {shlex.quote(str(root / EVAL_SCRIPT))})")
+        # afterok on the preparation: after a failed one, cancelled too, not a task per point redoing it.
+        queue.append(f"last=$(sbatch --parsable {KILL_ON_INVALID_DEP} --dependency=afterany:$last,afterok:$prepare "
+                     f"{shlex.quote(str(root / EVAL_SCRIPT))})")
     if compare:
+        # afterany is met by an array that was cancelled too: --collect then still records each point.
         queue.append(f"sbatch --dependency=afterany:$last --job-name=ablate_compare "
                      f"--output={shlex.quote(str(root / LOGS / 'compare.out'))} "
                      f"--wrap={shlex.quote(shlex.join([*command, '--collect']))}")
