@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -211,10 +214,6 @@ def test_series_table_takes_the_highest_b_value_and_refuses_ties(tmp_path):
 
 
 def test_the_command_refuses_an_earlier_runs_folder_before_converting_anything(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     _write_study(tmp_path / "study", tmp_path / "scratch", np.array([2.0, -40.0, 10.0]), 6.0, PATIENT)
     out = tmp_path / "out"
     out.mkdir()
