@@ -55,10 +55,10 @@ def top_k_hit_rates(
     labels = np.asarray(labels)
     if importance.shape != (len(labels), len(sequences)):
         raise ValueError(f"importance {importance.shape} does not match {len(labels)} lesions x {len(sequences)} sequences")
-    order = np.argsort(-importance, axis=1)[:, :k]
-    top = [{sequences[j] for j in row} for row in order]
+    order = np.argsort(-importance, axis=1)
+    top = [{sequences[j] for j in row[:k]} for row in order]
     # Where the k-th and (k+1)-th values tie, a sort would pick the earlier sequences in order.
-    ranked = -np.sort(-importance, axis=1)
+    ranked = np.take_along_axis(importance, order, axis=1)
     decided = np.isfinite(importance).all(axis=1)
     if len(sequences) > k:
         decided &= ranked[:, k - 1] > ranked[:, k]
