@@ -11,7 +11,7 @@ a gradient-path map beside the feature-map view the paper draws. With score=True
 phantom scores (scoring.py). Layout under workdir/explain/<split>/:
 
   lesions/<lesion_id>/overlay.png, overlay_gradcam.png, importance.png, <seq>_<method>.nii.gz
-                         (safe_name(lesion_id): ids with other characters than letters, digits and _.- get a hash)
+                         (safe_name(lesion_id): ids with other characters than lower-case letters, digits and _.- get a hash)
   lesions.csv            one row per lesion: model, classes, F, completeness, importance per sequence, folder
   importance_by_class.png  mean attribution share per true class and sequence (paper Fig. 6)
   summary.json           settings, median completeness, what each overlay shows, and the scores when asked for
@@ -195,10 +195,11 @@ def float32_model(config: ml_collections.ConfigDict):
 
 def safe_name(text: str) -> str:
     """A lesion id as a folder name, one per id: the id itself when it is a plain name already
-    (letters, digits, '_', '.', '-', not starting with '.'), else its other characters replaced
-    by '_' and a hash of the id appended, so that 'P01 L1', 'P01/L1' and 'P01_L1' keep apart."""
+    (lower-case letters, digits, '_', '.', '-', not starting with '.'), else its other characters
+    replaced by '_' and a hash of the id appended, so that 'P01 L1', 'P01/L1' and 'P01_L1' keep
+    apart, as do 'P01_L1' and 'p01_l1' on file systems that ignore case (macOS, Windows)."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
-    if name == text and text and not text.startswith("."):
+    if name == text and text and not text.startswith(".") and text == text.lower():
         return text
     return f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
