@@ -245,6 +245,43 @@ def test_shared_backbone_normalises_alike_in_training_and_evaluation():
     assert _max_rel_err(trained, evaluated) < 1e-3
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _train_apply(model, variables, x):
+    outputs, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return outputs["features"], state["batch_stats"]
+
+
+@pytest.mark.parametrize("fusion", ["concat", "shared"])
+def test_absent_images_stay_out_of_the_training_batch_statistics(fusion):
+    """Lesion 0 lacks t2w (zeroed, as the data and sequence dropout leave it): whatever that
+    image holds, the other images' training features and the running statistics are the same,
+    and a separate t2w branch normalises as on a batch without lesion 0."""
+    sequences = ("t2w", "dwi")
+    model = build_model(_tiny_config(fusion=fusion), sequences)
+    x = np.random.default_rng(6).uniform(size=(3, 2, 16, 16, 16, 2)).astype(np.float32)
+    variables = _random_variables(model, x)
+    absent = x.copy()
+    absent[0, 0] = 0.0
+    scrambled = absent.copy()
+    scrambled[0, 0, ..., 0] = 5.0
+    features, stats = _train_apply(model, variables, absent)
+    features_scrambled, stats_scrambled = _train_apply(model, variables, scrambled)
+    assert not np.any(features[0, 0])
+    np.testing.assert_allclose(features[1:], features_scrambled[1:], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_scrambled)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if fusion == "concat":
+        features_without, stats_without = _train_apply(model, variables, absent[1:])
+        np.testing.assert_allclose(features[1:, 0], features_without[:, 0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(stats["branch_t2w"]), jax.tree.leaves(stats_without["branch_t2w"])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # A batch where no lesion has t2w: statistics of its zeros, not 0/0.
+    none = absent.copy()
+    none[:, 0] = 0.0
+    features_none, stats_none = _train_apply(model, variables, none)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((features_none, stats_none)))
+
+
 def test_late_fusion_averages_per_sequence_heads(classifier_runs):
     _, _, variables, outputs, _ = classifier_runs["late", ("t2w", "adc", "dp")]
     heads = variables["params"]["fusion"]

@@ -22,10 +22,17 @@ class Branch(nn.Module):
     backbone: nn.Module | None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        fmap = self.backbone(x, train) if self.backbone is not None else x
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        fmap = self.backbone(x, train, mask) if self.backbone is not None else x
         self.sow("intermediates", "stage4", fmap)
         return jnp.mean(fmap.astype(jnp.float32), axis=(1, 2, 3))
+
+
+def _statistics_mask(present: jax.Array) -> jax.Array:
+    """The samples batch norm's training statistics come from: the present images, so that the
+    zeros standing in for absent sequences (missing data, sequence dropout) do not shift them;
+    all of them when none is present (their statistics are then those of zeros, not 0/0)."""
+    return present | ~jnp.any(present)
 
 
 class MultiSequenceClassifier(nn.Module):
@@ -33,7 +40,8 @@ class MultiSequenceClassifier(nn.Module):
 
     A lesion lacks a sequence when that sequence's mask channel (the last) is zero everywhere
     (a present lesion always has its blurred mask in the patch): the branch's features are then
-    zero and the fusion is told which sequences are present.
+    zero, its batch norm statistics in training come from the lesions that have it, and the
+    fusion is told which sequences are present.
 
     Outputs: logits2 [B, 2] and logits7 [B, 7] (float32), features [B, S, F] (float32, zero for
     absent sequences), present [B, S] bool, and sequence_weights [B, S] for the fusions that
@@ -77,19 +85,21 @@ class MultiSequenceClassifier(nn.Module):
                 f"got shape {x.shape}"
             )
         fusion = lookup(FUSIONS, self.fusion, "fusion")
+        present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
         if fusion.shared_backbone:
             # One call on every sequence's images: batch norm's batch statistics are then those of
             # all sequences, as are the running averages every sequence updates (a call per
             # sequence normalised each by its own statistics in training, by their mixture after).
             b, s = x.shape[:2]
-            fmaps = self._backbone(name="backbone")(x.reshape((b * s,) + x.shape[2:]), train)
+            fmaps = self._backbone(name="backbone")(
+                x.reshape((b * s,) + x.shape[2:]), train, _statistics_mask(present.reshape(b * s)))
             fmaps = fmaps.reshape((b, s) + fmaps.shape[1:])
             feats = [Branch(None, name=f"branch_{seq}")(fmaps[:, i], train) for i, seq in enumerate(self.sequences)]
         else:
             # parent=None: an unbound backbone, adopted by its branch (params under branch_<seq>).
-            feats = [Branch(self._backbone(parent=None), name=f"branch_{seq}")(x[:, i], train)
+            feats = [Branch(self._backbone(parent=None), name=f"branch_{seq}")(
+                         x[:, i], train, _statistics_mask(present[:, i]))
                      for i, seq in enumerate(self.sequences)]
-        present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
         feats = jnp.where(present[..., None], jnp.stack(feats, axis=1), 0.0)
         outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, present, train)
         return dict(outputs, features=feats, present=present)

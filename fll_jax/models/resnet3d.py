@@ -23,6 +23,11 @@ def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
     )
 
 
+def _sample_mask(mask: jax.Array | None, ndim: int) -> jax.Array | None:
+    """[B] bool -> broadcastable over [B, D, H, W, C]; None keeps every sample in the statistics."""
+    return None if mask is None else mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
 class BasicBlock(nn.Module):
     """Two 3^3 convolutions with batch norm and a residual connection.
 
@@ -44,18 +49,20 @@ class BasicBlock(nn.Module):
     fold_depth: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """mask: [B] bool, the samples batch norm's training statistics come from (None: all)."""
         conv = functools.partial(Conv3D, space_to_depth=self.space_to_depth, dtype=self.dtype,
                                  fold_depth=self.fold_depth)
+        mask = _sample_mask(mask, x.ndim)
         y = conv(self.features, 3, self.stride, name="conv1")(x)
-        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y, mask=mask))
         y = conv(self.features, 3, 1, name="conv2")(y)
-        y = _batch_norm(train, self.dtype, "bn2")(y)
+        y = _batch_norm(train, self.dtype, "bn2")(y, mask=mask)
         residual = x.astype(self.dtype)
         if self.stride != 1 or x.shape[-1] != self.features:
             if self.shortcut == "B":
                 residual = conv(self.features, 1, self.stride, name="shortcut_conv")(x)
-                residual = _batch_norm(train, self.dtype, "shortcut_bn")(residual)
+                residual = _batch_norm(train, self.dtype, "shortcut_bn")(residual, mask=mask)
             else:
                 s = self.stride
                 residual = residual[:, ::s, ::s, ::s]
@@ -67,7 +74,8 @@ class BasicBlock(nn.Module):
 class ResNet3D(nn.Module):
     """3D ResNet: stem convolution, BN, ReLU, 3^3 max-pool, four stages of basic blocks.
 
-    Returns the last stage's feature map [B, d, h, w, 8 * width] in the compute dtype.
+    Returns the last stage's feature map [B, d, h, w, 8 * width] in the compute dtype. In
+    training, batch norm's statistics come from the samples of `mask` ([B] bool) when given.
 
     Attributes:
       depth: 10, 18 or 34.
@@ -91,28 +99,30 @@ class ResNet3D(nn.Module):
     fold_depth: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
         stages = lookup(STAGE_SIZES, self.depth, "ResNet depth")
         lookup({s: s for s in SHORTCUTS}, self.shortcut, "shortcut type")
         dtype = lookup(DTYPES, self.dtype, "dtype")
-        x = stem(x, self.width, self.stem_kernel, self.stem_stride, self.space_to_depth, dtype, train, self.fold_depth)
+        x = stem(x, self.width, self.stem_kernel, self.stem_stride, self.space_to_depth, dtype, train, self.fold_depth,
+                 mask)
         for index, blocks in enumerate(stages):
-            x = stage(x, index, blocks, self.width, self.shortcut, self.space_to_depth, dtype, train, self.fold_depth)
+            x = stage(x, index, blocks, self.width, self.shortcut, self.space_to_depth, dtype, train, self.fold_depth,
+                      mask)
         return x
 
 
 # The two parts of ResNet3D, as functions that create their layers in the calling module (so
 # experiments/profile_step.py can time each alone under the same parameter names).
 def stem(x: jax.Array, width: int, kernel: int, stride: int, space_to_depth: bool, dtype: Any, train: bool,
-         fold_depth: bool = False) -> jax.Array:
+         fold_depth: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Stem convolution, BN, ReLU and the 3^3 stride-2 max-pool."""
     x = Conv3D(width, kernel, stride, space_to_depth, dtype, fold_depth, name="stem_conv")(x)
-    x = nn.relu(_batch_norm(train, dtype, "stem_bn")(x))
+    x = nn.relu(_batch_norm(train, dtype, "stem_bn")(x, mask=_sample_mask(mask, x.ndim)))
     return nn.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding=((1, 1),) * 3)
 
 
 def stage(x: jax.Array, index: int, blocks: int, width: int, shortcut: str, space_to_depth: bool, dtype: Any,
-          train: bool, fold_depth: bool = False) -> jax.Array:
+          train: bool, fold_depth: bool = False, mask: jax.Array | None = None) -> jax.Array:
     """Stage `index` (0-3): `blocks` basic blocks of width * 2**index channels, the first strided after stage 0."""
     for block in range(blocks):
         x = BasicBlock(
@@ -123,10 +133,11 @@ def stage(x: jax.Array, index: int, blocks: int, width: int, shortcut: str, spac
             dtype=dtype,
             fold_depth=fold_depth,
             name=f"stage{index + 1}_block{block + 1}",
-        )(x, train)
+        )(x, train, mask)
     return x
 
 
 # Backbones by name: each factory takes the model config's backbone keys and returns an
-# unbound module mapping [B, D, H, W, C] to a feature map [B, d, h, w, F].
+# unbound module called as (x [B, D, H, W, C], train, mask [B] bool or None) that returns a
+# feature map [B, d, h, w, F], its training batch norm statistics from the masked samples only.
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet": ResNet3D}
