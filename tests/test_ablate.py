@@ -153,6 +153,31 @@ def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_poin
     assert load_points(copy)[1] == {BASE: None, "hide=dwi": BASE}
 
 
+def test_an_evaluate_only_point_is_evaluated_again_once_its_trained_models_change(ran, tmp_path):
+    """The trained point's models changed under the same settings (a fold trained again after a
+    lost checkpoint, a --restart): its predictions differ, so the evaluate-only point's results
+    are another model's and the sweep evaluates it again instead of reporting it finished."""
+    root, points, *_ = ran
+    copy = tmp_path / "sweep"
+    shutil.copytree(root, copy)
+    source = synthetic_source()
+    predictions = pd.read_csv(copy / BASE / "predictions.csv")
+    column = next(c for c in predictions.columns if c.startswith("ensemble_p7_"))
+    predictions[column] = predictions[column] * 0.5  # stands in for the retrained models' outputs
+    predictions.to_csv(copy / BASE / "predictions.csv", index=False)
+    hidden = copy / "hide=dwi"
+    evaluated_before = (hidden / "evaluated_models.json").read_text()
+
+    def run(point):
+        run_point(point, copy, source)
+
+    rows = run_sweep(points, copy, run, lambda config: source.fingerprint)
+    assert [row["status"] for row in rows] == ["finished earlier", "failed", "done"]
+    assert (hidden / "evaluated_models.json").read_text() != evaluated_before
+    again = run_sweep(points, copy, run, lambda config: source.fingerprint)
+    assert [row["status"] for row in again] == ["finished earlier", "failed", "finished earlier"]
+
+
 def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):
     point = collect_points(lambda add, arg: add(), None, base_config("quick"))[0]
     crash = ["-c", "import sys; print('step 1'); print('out of memory', file=sys.stderr); sys.exit(3)"]

@@ -461,8 +461,13 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     (shared / "lesions").mkdir(parents=True)
     request = json.loads((out / "summary.json").read_text())["request"]
     write_json(shared / "summary.json", {"request": {**request, "run": "another"}, "workdir": "/elsewhere/run"})
-    with pytest.raises(FileExistsError, match="explanations of another run \\(/elsewhere/run\\)"):
+    with pytest.raises(FileExistsError, match="explanations of other fold models \\(/elsewhere/run:"):
         explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), out_dir=shared)
+    # Nor are this run's, once it was trained again under the same settings (its predictions changed).
+    _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 4),
+                                               ("p6/l1", "val", 1, 6, 3)])
+    with pytest.raises(FileExistsError, match="this one before it was trained again"):
+        explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16))
 
     # Images changed since training: the run's models are not applied to them.
     from fll_jax.train.workdir import WorkdirError

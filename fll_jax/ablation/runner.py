@@ -12,7 +12,7 @@ import ml_collections
 
 from fll_jax.ablation.points import Point
 from fll_jax.files import read_json, write_json
-from fll_jax.train.workdir import is_finished
+from fll_jax.train.workdir import evaluated_current, is_finished
 
 SWEEP_FILE = "sweep.json"
 LOGS = "logs"
@@ -34,8 +34,12 @@ def run_point(point: Point, root: str | Path, source=None) -> dict:
 
 
 def point_finished(point: Point, root: str | Path, data: dict) -> bool:
-    """Whether root/<name> holds the point's completed run on data of this fingerprint."""
-    return is_finished(Path(root) / point.name, point.config, data)
+    """Whether root/<name> holds the point's completed run on data of this fingerprint (for an
+    evaluate-only point, of the fold models its trained point holds now)."""
+    workdir = Path(root) / point.name
+    if point.trained is not None and not evaluated_current(workdir, Path(root) / point.trained):
+        return False
+    return is_finished(workdir, point.config, data)
 
 
 def data_sources() -> Callable[[ml_collections.ConfigDict], object]:

@@ -60,7 +60,7 @@ from fll_jax.saliency.scoring import (
 from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.step import rng_settings, seq_indices
-from fll_jax.train.workdir import FINGERPRINT_FILE, check_same_data
+from fll_jax.train.workdir import check_same_data, models_digest
 
 # Each method's name in titles, legends and the report.
 MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
@@ -234,7 +234,7 @@ def explain_workdir(
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
     out = Path(out_dir) if out_dir is not None else workdir / "explain" / split
-    request = json.loads(json.dumps({"run": run_digest(workdir), "split": split, "num_per_class": num_per_class,
+    request = json.loads(json.dumps({"run": models_digest(workdir), "split": split, "num_per_class": num_per_class,
                                      "score": score, "settings": vars(settings)}))
     _check_previous(out, request, overwrite)
     _, variables, config = load_fold_models(workdir)
@@ -277,12 +277,6 @@ def explain_workdir(
         return summary
 
 
-def run_digest(workdir: Path) -> str:
-    """The run's identity, from its fingerprint (settings and data): the same for a moved workdir."""
-    fingerprint = read_json(Path(workdir) / FINGERPRINT_FILE, f"{workdir} is not a finished cross-validation workdir")
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
     """Refuse to replace explanations of another run, or asked for with other arguments."""
     path = out / "summary.json"
@@ -291,7 +285,8 @@ def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
     summary = read_json(path, "pass overwrite=True (--overwrite) to replace it")
     previous = summary.get("request") or {}
     if previous.get("run") != request["run"]:
-        what = f"explanations of another run ({summary.get('workdir', 'made before runs were recorded')})"
+        what = (f"explanations of other fold models ({summary.get('workdir', 'made before runs were recorded')}: "
+                "another run, or this one before it was trained again)")
     elif previous != request:
         what = f"explanations made with other arguments ({previous})"
     else:

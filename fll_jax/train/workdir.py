@@ -9,6 +9,7 @@ config of the latest command that ran in the folder, for tools that read a finis
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,11 +17,14 @@ from typing import Any
 
 import ml_collections
 
+from fll_jax.data.digests import sha256_of
 from fll_jax.data.fingerprint import describe_changes
 from fll_jax.files import StateFileError, read_json, write_json
 
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
+# An evaluate-only run's record of the trained run whose fold models it evaluated.
+EVALUATED_FILE = "evaluated_models.json"
 # Settings that change speed or where files are, never results (the data is fingerprinted by content;
 # model.conv_impl changes only how the same sums are ordered, as another machine would).
 SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
@@ -29,7 +33,7 @@ SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "trai
 REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
 # What a run and the commands run on it (explain, readers, missing_sequences, predict's default
 # folder) write into its folder; --restart deletes these and nothing else.
-RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
+RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, EVALUATED_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
                "tensorboard", "explain", "reader_study.json", "reader_study.md", "simulated_readers.csv",
                "missing_at_inference.json", "predict", "fold*")
 RESTART = "pass --restart to delete it and start over, or use another --workdir"
@@ -152,6 +156,35 @@ def check_finished(workdir: str | Path, config: ml_collections.ConfigDict, data:
         raise WorkdirError(f"{workdir} holds a run of other settings or data. What differs:\n  " + "\n  ".join(changes))
     if not (workdir / "metrics.json").exists():
         raise WorkdirError(f"{workdir} holds an unfinished run (no metrics.json); rerun its training command first")
+
+
+def models_digest(workdir: str | Path) -> str:
+    """The identity of a finished run's fold models: its fingerprint (settings and data) and the
+    predictions.csv they made, so that a fold trained again under the same settings (a lost
+    checkpoint, --restart) gives another; a moved workdir keeps it."""
+    workdir = Path(workdir)
+    predictions = workdir / "predictions.csv"
+    if not ((workdir / FINGERPRINT_FILE).exists() and predictions.exists()):
+        raise WorkdirError(f"{workdir} holds no finished cross-validation run (no {FINGERPRINT_FILE} and "
+                           "predictions.csv); run or finish its training command first")
+    digest = hashlib.sha256(json.dumps(read_fingerprint(workdir), sort_keys=True).encode())
+    digest.update(sha256_of(predictions).encode())
+    return digest.hexdigest()[:16]
+
+
+def record_evaluated(workdir: str | Path, trained: str | Path, models: str) -> None:
+    """Record in an evaluate-only run's folder, once its results are written, the fold models
+    (`trained`'s models_digest when they were loaded) they come from."""
+    write_json(Path(workdir) / EVALUATED_FILE, {"trained": str(trained), "models": models})
+
+
+def evaluated_current(workdir: str | Path, trained: str | Path) -> bool:
+    """Whether the evaluate-only run in `workdir` evaluated the fold models `trained` holds now."""
+    path = Path(workdir) / EVALUATED_FILE
+    if not path.exists() or not (Path(trained) / FINGERPRINT_FILE).exists():
+        return False
+    recorded = read_json(path, "delete it and rerun the sweep: the point is evaluated again").get("models")
+    return (Path(trained) / "predictions.csv").exists() and recorded == models_digest(trained)
 
 
 def check_same_data(workdir: str | Path, data: dict) -> None:
