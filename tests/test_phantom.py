@@ -211,3 +211,24 @@ def test_generate_phantom_writes_a_valid_manifest(tmp_path):
         phantom.generate_phantom(tmp_path / "a", scale=tiny, seed=4, workers=1)
     phantom.generate_phantom(tmp_path / "a", scale=tiny, seed=4, workers=1, overwrite=True)
     assert manifest.read_text() != serial.read_text()
+    # phantom.json tells which phantom a folder holds.
+    assert phantom.phantom_differences(tmp_path / "a", tiny, seed=4) == []
+    assert phantom.phantom_differences(tmp_path / "a", tiny, seed=3) == ["seed: 4, wanted 3"]
+    assert [d.split(":")[0] for d in phantom.phantom_differences(tmp_path / "a", "quick", seed=4)] == ["scale"]
+    (tmp_path / "b" / phantom.SETTINGS_NAME).unlink()
+    assert "older than version" in phantom.phantom_differences(tmp_path / "b", tiny, seed=3)[0]
+
+
+def test_a_folder_holding_another_phantom_is_refused_not_reused(tmp_path):
+    """A config reads data/phantom_<scale>_seed<k>: a folder of that name holding a phantom of
+    other settings (renamed, or made with other flags) must not be taken for it."""
+    from configs import quick
+    from fll_jax.data.prepare import DataError, manifest_path
+
+    tiny = phantom.Scale(lesions=(1,) * 7, patients=7, fov_mm=(80.0, 80.0, 60.0), max_diameter_mm=24.0)
+    config = quick.get_config()
+    config.data.root = str(tmp_path)
+    config.data.phantom_seed = 2
+    phantom.generate_phantom(tmp_path / "phantom_quick_seed2", scale=tiny, seed=2, workers=1)
+    with pytest.raises(DataError, match=r"(?s)phantom_quick_seed2 holds another phantom.*scale: .*Move or delete"):
+        manifest_path(config)

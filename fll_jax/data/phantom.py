@@ -25,6 +25,7 @@ which sequences were made atypical and after which class.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import multiprocessing
 import pathlib
@@ -35,11 +36,15 @@ from scipy import ndimage
 
 from fll_jax.constants import CLASSES, SEQUENCES
 from fll_jax.data.manifest import LesionRecord, write_manifest
-from fll_jax.files import write_json, write_nifti
+from fll_jax.files import read_json, write_json, write_nifti
 
 BACKGROUNDS: tuple[str, ...] = ("normal", "cirrhotic", "fatty")
 MANIFEST_NAME = "manifest.csv"
 TRUTH_NAME = "phantom_truth.json"
+SETTINGS_NAME = "phantom.json"
+# Raised whenever the generator writes other images for the same settings, so that a phantom made
+# before is not taken for this one.
+GENERATOR_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- scanners
@@ -664,9 +669,29 @@ def generate_patient(spec: PatientSpec, out_dir: str | pathlib.Path) -> tuple[li
     return records, truth
 
 
+def phantom_settings(scale: str | Scale = "quick", seed: int = 0, atypical_rate: float = 0.1) -> dict:
+    """What a phantom's bytes depend on (phantom.json): the generator version, the scale's values, seed, atypical rate."""
+    sc = SCALES[scale] if isinstance(scale, str) else scale
+    settings = {"generator_version": GENERATOR_VERSION, "scale": dataclasses.asdict(sc), "seed": seed,
+                "atypical_rate": atypical_rate}
+    return json.loads(json.dumps(settings))  # tuples as lists, as read back
+
+
+def phantom_differences(out_dir: str | pathlib.Path, scale: str | Scale = "quick", seed: int = 0,
+                        atypical_rate: float = 0.1) -> list[str]:
+    """How the phantom in out_dir differs from the one these settings make ([]: it is that one)."""
+    path = pathlib.Path(out_dir) / SETTINGS_NAME
+    if not path.exists():
+        return [f"no {SETTINGS_NAME}: made by a generator older than version {GENERATOR_VERSION}, or not a phantom"]
+    stored = read_json(path, "delete the phantom's folder to have it made again")
+    wanted = phantom_settings(scale, seed, atypical_rate)
+    return [f"{key}: {stored.get(key)!r}, wanted {value!r}" for key, value in wanted.items() if stored.get(key) != value]
+
+
 def generate_phantom(out_dir: str | pathlib.Path, scale: str | Scale = "quick", seed: int = 0,
                      atypical_rate: float = 0.1, workers: int = 2, overwrite: bool = False) -> pathlib.Path:
-    """Writes a phantom cohort: patients/<id>/<seq>[_mask].nii.gz, manifest.csv, phantom_truth.json.
+    """Writes a phantom cohort: patients/<id>/<seq>[_mask].nii.gz, manifest.csv, phantom_truth.json
+    and phantom.json (its settings).
 
     Args:
       out_dir: output folder.
@@ -696,6 +721,7 @@ def generate_phantom(out_dir: str | pathlib.Path, scale: str | Scale = "quick", 
     records = [r for rs, _ in results for r in rs]
     truth = [t for _, ts in results for t in ts]
     write_json(out_dir / TRUTH_NAME, truth)
+    write_json(out_dir / SETTINGS_NAME, phantom_settings(scale, seed, atypical_rate))
     # Written last: a manifest means a complete phantom.
     write_manifest(records, manifest)
     return manifest

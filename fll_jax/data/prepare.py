@@ -53,13 +53,19 @@ def manifest_path(config: ml_collections.ConfigDict) -> Path:
         return path
     if data.source != "phantom":
         raise ValueError(f"unknown config.data.source {data.source!r}; known: {', '.join(SOURCES)}")
-    out_dir = phantom_dir(config)
-    path = out_dir / "manifest.csv"
-    if not path.is_file():
-        from fll_jax.data.phantom import generate_phantom
+    from fll_jax.data.phantom import MANIFEST_NAME, generate_phantom, phantom_differences
 
+    out_dir = phantom_dir(config)
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
         print(f"making the {data.scale} phantom in {out_dir}")
         generate_phantom(out_dir, scale=data.scale, seed=data.phantom_seed, workers=data.workers)
+    differences = phantom_differences(out_dir, data.scale, data.phantom_seed)
+    if differences:
+        raise DataError(f"{out_dir} holds another phantom than config.data's (scale {data.scale!r}, phantom_seed "
+                        f"{data.phantom_seed}):\n  " + "\n  ".join(differences) + "\nMove or delete that folder to "
+                        "have this one made there (runs made from it keep their fingerprints and refuse other data), "
+                        "or read it as data.source='manifest' with data.manifest pointing at its manifest.csv.")
     return path
 
 
