@@ -35,6 +35,19 @@ def run(workdir: str) -> np.ndarray:
     return np.array(read)
 
 
+def interleaved_rows() -> np.ndarray:
+    """An evaluation batch (rows 0..7) put on a mesh whose devices alternate between processes,
+    as every process sees it gathered back: its rows must stay in host order."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from fll_jax.train.sharding import make_mesh, shard_batch
+
+    devices = sorted(jax.devices(), key=lambda d: (jax.local_devices(d.process_index).index(d), d.process_index))
+    batch = {"x": np.arange(8, dtype=np.float32)}
+    return np.asarray(multihost_utils.process_allgather(shard_batch(batch, make_mesh(devices), ["x"])["x"], tiled=True))
+
+
 def main(process_id: int, num_processes: int, port: int, workdir: str, out: str) -> None:
     from tests.xla_flags import QUICK_COMPILE
 
@@ -47,6 +60,7 @@ def main(process_id: int, num_processes: int, port: int, workdir: str, out: str)
                                process_id=process_id)
     assert jax.device_count() == 2 * num_processes and jax.local_device_count() == 2
     np.save(out, run(workdir))
+    np.save(out.replace(".npy", "_rows.npy"), interleaved_rows())
     jax.distributed.shutdown()
 
 

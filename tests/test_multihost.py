@@ -68,6 +68,9 @@ def test_two_processes_run_cross_validation_like_one(tmp_path):
     # Each process read only its half of every batch of 8: together, exactly what one process read.
     first, second = (np.load(tmp_path / f"read{k}.npy").reshape(-1, 4) for k in range(2))
     np.testing.assert_array_equal(np.concatenate([first, second], axis=1).ravel(), read)
+    # On a mesh that alternates the processes' devices, an evaluation batch keeps its row order.
+    for k in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"read{k}_rows.npy"), np.arange(8))
 
 
 def test_process_0_prepares_the_data_before_the_others_check_it(monkeypatch):

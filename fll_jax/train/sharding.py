@@ -81,14 +81,15 @@ def put_local(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
 def shard_batch(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
     """Put the numeric arrays of a global host batch onto the mesh, split along the batch axis.
 
-    Every process holds the same global batch and contributes its own slice (evaluation, where
-    every process keeps every prediction); training reads only its share (put_local).
+    Every process holds the same global batch and fills its own devices' rows (evaluation, where
+    every process keeps every prediction): row i of the global array is row i of the host batch
+    whatever the mesh's device order (a process's slice, put_local's way, had permuted the rows
+    when the mesh interleaves processes' devices). Training reads only its share (put_local).
     """
-    index, count = process_share()
+    sharding = data_sharding(mesh)
 
-    def local(x):
+    def put(x):
         x = np.asarray(x)
-        per = len(x) // count
-        return x[index * per:(index + 1) * per]
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return put_local({k: local(batch[k]) for k in keys}, mesh, keys)
+    return {k: put(batch[k]) for k in keys}
