@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # sigma; ours: sigma 2 voxels of the 64^3 patch).
     # paper: crop chosen by lesion "diameter" (Image processing), the measure not defined; ours:
     # 'longest', the longest diameter in 3D (radiological convention, Table 2's "lesion
-    # diameter" presumably), or 'equivalent' (equivalent-sphere diameter).
+    # diameter" presumably), or 'equivalent' (equivalent-sphere diameter). A manifest's diameter_mm
+    # (a report's measurement; the phantom writes its nominal one) takes precedence over either.
     config.data.lesion_size = "longest"
     # paper: "normalised the intensity of MRI images to the range of [0, 1]" (Image processing),
     # stated before cropping, method not given; ours: 'volume' reads it as min-max of the whole

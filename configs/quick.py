@@ -15,7 +15,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.scale = "quick"  # ours, speed: 98 lesions (14 per class) instead of the paper's 557
     # ours, not speed: the demo keeps the preprocessing its figures were measured with
     # (docs/performance.md); paper.py's values are the closer reading of the paper.
-    config.data.lesion_size = "equivalent"  # ours: equivalent-sphere diameter, as the demo was measured
+    # ours: equivalent-sphere diameter; it sizes only lesions whose manifest has no diameter_mm (the
+    # phantom's gives each lesion's nominal diameter, as a radiologist's report would).
+    config.data.lesion_size = "equivalent"
     config.data.normalise = "patch"  # ours: patch percentiles, as the demo was measured
     config.data.interpolation = "linear"  # ours: linear image sampling, as the demo was measured
     config.model.width = 8  # ours, speed: 8-channel first stage instead of 64 (far fewer FLOPs on the CPU)
