@@ -84,6 +84,13 @@ def test_another_reference_and_a_class_pair(sweep):
     labels = np.arange(N) % NUM_CLASSES
     rows = np.isin(labels, [class_index("hcc"), class_index("fnh")])
     assert pair.loc[("test", "base"), "n"] == rows.sum() == 20
+    # A split without lesions of the pair: nothing to compare there, not a crash.
+    without = {name: frame[~((frame["split"] == "test") & frame["label7"].isin(labels[rows]))]
+               for name, frame in points.items()}
+    empty = compare(without, trained, task=Task.parse("hcc:fnh"), resamples=RESAMPLES).set_index(["split", "point"])
+    test, val = empty.loc[("test", "seed=1")], empty.loc[("val", "seed=1")]
+    assert test["n"] == 0 and pd.isna(test["mcnemar_p"]) and pd.isna(test["d_acc_lo"])
+    assert val["n"] == 20 and val["mcnemar_p"] == pair.loc[("val", "seed=1"), "mcnemar_p"]
     with pytest.raises(ComparisonError, match="not a finished point"):
         compare(points, trained, reference="fusion=late")
     with pytest.raises(ComparisonError, match="unknown class"):

@@ -39,6 +39,11 @@ def test_paired_delong_of_identical_and_of_separated_scores():
     better = delong_paired(truth, truth + rng.normal(0, 0.3, 200), noisy)
     assert better["difference"] > 0.2 and better["p"] < 1e-6
     assert all(v is None for v in delong_paired(np.ones(5, bool), noisy[:5], noisy[:5]).values())
+    # Both scores' placements constant (one separates, one ties everything): the variance is 0, so
+    # the asymptotic test does not apply; not z = inf and p = 0, which Holm would have starred.
+    flat = delong_paired([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2], [0.5] * 4)
+    assert flat["difference"] == 0.5 and flat["se"] == 0
+    assert flat["z"] is None and flat["p"] is None and flat["lower"] is None
 
 
 def test_mcnemar_exact_counts_only_the_discordant_lesions():
@@ -92,5 +97,6 @@ def test_bootstrap_of_a_single_patient_is_undefined_not_of_zero_width():
 
     # One cluster: every resample is the whole data, so the "interval" would be the estimate itself.
     assert paired_bootstrap(mean, ["unknown"] * 40) == (None, None)
+    assert paired_bootstrap(mean, []) == (None, None)  # a split without lesions of the compared classes
     lower, upper = paired_bootstrap(mean, np.arange(40))
     assert lower < values.mean() < upper

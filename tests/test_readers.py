@@ -145,6 +145,28 @@ def test_write_reader_study_with_simulated_readers(tmp_path):
         assert (workdir / "figures" / f"confusion_reader_{name}.png").stat().st_size > 10_000
 
 
+def test_readers_of_part_of_the_split_and_undefined_agreement(tmp_path):
+    """A perfect reader who read no metastasis has macro F1 1 (over the classes in the reads, as
+    the model's), not 6/7; two readers calling the same single class have no kappa (0/0): '-' in
+    the report and null in strict JSON, not NaN."""
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    test = synthetic_predictions(0).query("split == 'test'")
+    read = test[test["label7"] < 6]
+    cysts = test[test["label7"] == 0]["lesion_id"][:3]
+    names = ["cyst", "fnh", "haemangioma", "abscess", "hcc", "icc", "metastasis"]
+    readers = pd.concat([
+        pd.DataFrame({"reader_id": "R1", "group": "perfect", "lesion_id": read["lesion_id"],
+                      "predicted_class": [names[k] for k in read["label7"]]}),
+        *(pd.DataFrame({"reader_id": r, "group": "agree", "lesion_id": cysts, "predicted_class": "cyst"})
+          for r in ("R2", "R3"))])
+    readers.to_csv(tmp_path / "readers.csv", index=False)
+    study = write_reader_study(workdir, tmp_path / "readers.csv")
+    assert study["readers"]["R1"]["accuracy"] == 1.0 and study["readers"]["R1"]["macro_f1"] == 1.0
+    assert study["groups"]["agree"]["agreement"]["R2 vs R3"] == {"n": 3, "kappa": None, "z": None, "p": None}
+    json.loads((workdir / "reader_study.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert "| agree | R2 vs R3 | 3 | - | - | - |" in (workdir / "reader_study.md").read_text()
+
+
 def test_reader_ids_that_would_share_a_figure_are_refused(tmp_path):
     bad = tmp_path / "readers.csv"
     header = "reader_id,group,lesion_id,predicted_class\n"

@@ -144,6 +144,8 @@ def test_modified_wilson_rule():
 def test_likelihood_ratio_edge_cases():
     assert likelihood_ratio(0, 10, 5, 20) == (0.0, 0.0, None)  # NLR with fn = 0, printed '0.000 (0.000, -)'
     assert likelihood_ratio(8, 10, 0, 20) == (None, None, None)  # PLR with no false positive
+    # A column never called positive: NLR = 1 whose log-method SE is 0, so no bounds (not (1, 1)).
+    assert likelihood_ratio(10, 10, 5, 5) == (1.0, None, None)
     se = math.sqrt(1 / 8 - 1 / 10 + 1 / 4 - 1 / 20)
     # The paper's rule takes z = 1.96; otherwise z comes from the confidence level.
     for rule, confidence, z in (("paper", 0.95, 1.96), ("bcd", 0.95, 1.959964), ("bcd", 0.90, 1.644854)):

@@ -164,6 +164,9 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
                 clusters: tuple[np.ndarray, str], confidence: float) -> dict:
     correct, truth, score = task.outcomes(frame)
     ref_correct, _, ref_score = task.outcomes(reference)
+    if not len(correct):  # no lesion of the task in this split: nothing to test, nor to count in Holm's correction
+        return {k: None for k in ("d_acc", "d_acc_lo", "d_acc_hi", "only_point", "only_reference", "mcnemar_p",
+                                  "d_auc", "d_auc_lo", "d_auc_hi", "delong_p")} | {"bootstrap_unit": clusters[1]}
     mc = mcnemar_exact(correct, ref_correct)
     dl = delong_paired(truth, score, ref_score)
 
@@ -171,6 +174,10 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
         return float(np.mean(correct[rows]) - np.mean(ref_correct[rows]))
 
     def d_auc(rows: np.ndarray) -> float:
+        # Defined where DeLong's difference is: at least two lesions of each class.
+        positives = int(np.sum(truth[rows]))
+        if min(positives, len(rows) - positives) < 2:
+            return math.nan
         a = rank_auc(truth[rows], score[rows])
         b = rank_auc(truth[rows], ref_score[rows])
         return math.nan if a is None or b is None else a - b

@@ -52,7 +52,8 @@ def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
     """DeLong's test of two correlated AUCs (two scores of the same cases; DeLong, DeLong &
     Clarke-Pearson 1988): AUC a, AUC b, their difference a - b with its standard error, Wald
     interval, z and two-sided p. Undefined (None) without both classes or fewer than two of
-    either; identical ROC curves give z = 0, p = 1."""
+    either; identical ROC curves give z = 0, p = 1, and a difference with zero variance (the
+    placement values constant in both scores) no interval, z or p: the asymptotic test does not apply."""
     a, b = placements(y_true, score_a), placements(y_true, score_b)
     if a is None or min(len(a[0]), len(a[1])) < 2:
         return {k: None for k in ("auc_a", "auc_b", "difference", "se", "lower", "upper", "z", "p")}
@@ -63,11 +64,11 @@ def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
     difference = auc_a - auc_b
     variance = max(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), 0.0)
     se = math.sqrt(variance)
-    if se == 0.0:
-        z, p = (0.0, 1.0) if difference == 0 else (math.copysign(math.inf, difference), 0.0)
-    else:
-        z = difference / se
-        p = float(2 * stats.norm.sf(abs(z)))
+    if se == 0.0 and difference != 0:
+        return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se,
+                "lower": None, "upper": None, "z": None, "p": None}
+    z = difference / se if se else 0.0
+    p = float(2 * stats.norm.sf(abs(z)))
     half = stats.norm.ppf(0.5 + confidence / 2) * se
     return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se,
             "lower": float(difference - half), "upper": float(difference + half), "z": z, "p": p}

@@ -32,7 +32,7 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence,
     together (scipy.stats.bootstrap draws single observations, which would treat a patient's
     lesions as independent). Resamples where the statistic is undefined (nan, e.g. an AUC without
     both classes) are left out; (None, None) when fewer than half of them are defined, and with
-    a single patient, whose every resample is the data itself (an interval of width zero).
+    a single patient, whose every resample is the data itself (an interval of width zero), or none.
 
     Args:
         statistic: rows (indices into the lesions, with repeats) -> the value, e.g. a difference.
@@ -40,7 +40,7 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence,
             give each its own, e.g. np.arange(n).
     """
     codes = np.unique(np.asarray(groups), return_inverse=True)[1]
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)] if len(codes) else []
     if len(members) < 2:
         return (None, None)
     rng = np.random.default_rng(seed)

@@ -27,7 +27,7 @@ from fll_jax.constants import CLASS_NAMES, CLASSES, NUM_CLASSES
 from fll_jax.evaluation.figures import plot_confusion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import evaluation_settings
-from fll_jax.evaluation.stats import ci_label, format_interval, modified_wilson
+from fll_jax.evaluation.stats import ci_label, format_interval, format_value, modified_wilson
 from fll_jax.files import write_csv, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
 
@@ -131,11 +131,15 @@ def compare_paired(truth: np.ndarray, model: np.ndarray, reader: np.ndarray) -> 
 
 
 def agreement(calls_a: np.ndarray, calls_b: np.ndarray) -> dict:
-    """Cohen's kappa between two readers, with the z score and p under kappa = 0 (Table 4)."""
-    kappa = float(cohen_kappa_score(calls_a, calls_b))
-    table = confusion_matrix(calls_a, calls_b, labels=list(range(NUM_CLASSES)))
-    result = cohens_kappa(table)
-    return {"n": int(len(calls_a)), "kappa": kappa, "z": float(result.z_value), "p": float(result.pvalue_two_sided)}
+    """Cohen's kappa between two readers, with the z score and p under kappa = 0 (Table 4); each
+    None where undefined (both readers calling one and the same class throughout: 0/0)."""
+    n = int(len(calls_a))
+    if len(np.unique(np.r_[calls_a, calls_b])) < 2:
+        return {"n": n, "kappa": None, "z": None, "p": None}
+    result = cohens_kappa(confusion_matrix(calls_a, calls_b, labels=list(range(NUM_CLASSES))))
+    z, p = float(result.z_value), float(result.pvalue_two_sided)
+    return {"n": n, "kappa": float(cohen_kappa_score(calls_a, calls_b)),
+            "z": z if np.isfinite(z) else None, "p": p if np.isfinite(p) else None}
 
 
 def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: float = 0.95) -> dict:
@@ -155,7 +159,9 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
             "n": len(truth),
             "accuracy": est, "accuracy_ci": [lo, hi],
             "model_accuracy": m_est, "model_accuracy_ci": [m_lo, m_hi],
-            "macro_f1": float(f1_score(truth, calls, labels=list(range(NUM_CLASSES)), average="macro", zero_division=0)),
+            # Over the classes in the reader's lesions or calls, as the model's macro F1.
+            "macro_f1": float(f1_score(truth, calls, labels=np.unique(np.r_[truth, calls]), average="macro",
+                                       zero_division=0)),
             "confusion": confusion_matrix(truth, calls, labels=list(range(NUM_CLASSES))).tolist(),
             "vs_model": compare_paired(truth, model, calls),
         }
@@ -266,8 +272,8 @@ def reader_markdown(study: dict, source_note: str) -> str:
               "| group | readers | n | kappa | Z score | p value |", "|---|---|---|---|---|---|"]
     for group, g in study["groups"].items():
         for pair, k in g["agreement"].items():
-            p = "< 0.001" if k["p"] < 0.001 else f"{k['p']:.3f}"
-            lines.append(f"| {group} | {pair} | {k['n']} | {k['kappa']:.3f} | {k['z']:.3f} | {p} |")
+            p = "< 0.001" if k["p"] is not None and k["p"] < 0.001 else format_value(k["p"])
+            lines.append(f"| {group} | {pair} | {k['n']} | {format_value(k['kappa'])} | {format_value(k['z'])} | {p} |")
     lines += ["", "## Confusion matrices", ""]
     lines += [f"![{name}](figures/confusion_reader_{_file_name(name)}.png)" for name in [MODEL_FIGURE, *study["readers"]]]
     return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
-from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval
+from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
@@ -149,8 +149,8 @@ def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
         lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference, "
                   f"no retraining (trained with sequence dropout {result['sequence_dropout']:g}; "
                   "experiments/missing_sequences.py):", ""]
-        rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), _fmt(r["accuracy_7way"]),
-                 _fmt(r["accuracy_2way"]), _fmt(r["auc_binary"])] for r in result["rows"]]
+        rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), format_value(r["accuracy_7way"]),
+                 format_value(r["accuracy_2way"]), format_value(r["auc_binary"])] for r in result["rows"]]
         lines += [*_markdown_table(["hidden", "n", "ACC 7-way", "ACC 2-way", "AUC 2-way"], rows), ""]
     return lines
 
@@ -171,10 +171,6 @@ def json_safe(value):
 # ---------------------------------------------------------------- markdown
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
-
-
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -187,7 +183,7 @@ def _median_iqr(summary: dict) -> str:
 
 
 def _continuous_cells(label: str, row: dict) -> list[str]:
-    return [label, *(_median_iqr(row["summary"][c]) for c in COHORT_COLUMNS), _fmt(row["p"]), row["test"] or "-"]
+    return [label, *(_median_iqr(row["summary"][c]) for c in COHORT_COLUMNS), format_value(row["p"]), row["test"] or "-"]
 
 
 def _level_cells(name: str, entry: dict) -> list[str]:
@@ -197,7 +193,7 @@ def _level_cells(name: str, entry: dict) -> list[str]:
 
 def _categorical_rows(label: str, row: dict) -> list[list[str]]:
     """A header line with the row's test, then one line per level."""
-    return [[label, "", "", "", _fmt(row["p"]), row["test"] or "-"],
+    return [[label, "", "", "", format_value(row["p"]), row["test"] or "-"],
             *(_level_cells(level, entry) for level, entry in row["levels"].items())]
 
 
@@ -254,7 +250,7 @@ def _summary_markdown(blocks: dict, confidence: float) -> list[str]:
             f"{b['correct_7way']}/{b['n']} = " + format_interval((b["accuracy_7way"], *b["accuracy_7way_ci"])),
             format_interval((b["accuracy_2way"], *b["accuracy_2way_ci"])),
             format_interval((b["auc_binary"], *b["auc_binary_ci"])),
-            _fmt(b["auc_macro_ovr"]), _fmt(b["macro_f1"]), _fmt(b["cohen_kappa"]), _fmt(b["challenge_score"]),
+            format_value(b["auc_macro_ovr"]), format_value(b["macro_f1"]), format_value(b["cohen_kappa"]), format_value(b["challenge_score"]),
         ])
     return _markdown_table(header, rows)
 
@@ -268,8 +264,8 @@ def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
     lines = []
     for factor in FACTORS:
         seven, two = sub[factor]["seven_way"], sub[factor]["two_way"]
-        lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way {_fmt(seven['overall_chi2_p'])}, "
-                  f"two-way {_fmt(two['overall_chi2_p'])})", ""]
+        lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way {format_value(seven['overall_chi2_p'])}, "
+                  f"two-way {format_value(two['overall_chi2_p'])})", ""]
         header = ["level", "n", f"ACC 7-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher",
                   f"ACC 2-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher"]
         rows = []
@@ -277,8 +273,8 @@ def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
             t = two["levels"][level]
             rows.append([
                 level, str(s["n"]),
-                format_interval((s["accuracy"], *s["accuracy_ci"])), _fmt(s["rest_accuracy"]), _fmt(s["chi2_yates_p"]), _fmt(s["fisher_p"]),
-                format_interval((t["accuracy"], *t["accuracy_ci"])), _fmt(t["rest_accuracy"]), _fmt(t["chi2_yates_p"]), _fmt(t["fisher_p"]),
+                format_interval((s["accuracy"], *s["accuracy_ci"])), format_value(s["rest_accuracy"]), format_value(s["chi2_yates_p"]), format_value(s["fisher_p"]),
+                format_interval((t["accuracy"], *t["accuracy_ci"])), format_value(t["rest_accuracy"]), format_value(t["chi2_yates_p"]), format_value(t["fisher_p"]),
             ])
         lines += _markdown_table(header, rows)
     return lines
@@ -286,7 +282,7 @@ def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
 
 def _auc_markdown(auc: dict, confidence: float) -> list[str]:
     rows = [[COLUMN_NAMES[c], format_interval((auc[c]["auc"], auc[c]["lower"], auc[c]["upper"]))] for c in disc.TABLE3_COLUMNS]
-    rows.append(["macro mean (one-vs-rest)", _fmt(auc["macro_ovr"])])
+    rows.append(["macro mean (one-vs-rest)", format_value(auc["macro_ovr"])])
     return _markdown_table(["task", f"AUC ({ci_label(confidence)}, DeLong)"], rows)
 
 
@@ -383,7 +379,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
     ]
     thresholds = metrics["operating_points"]["validation_thresholds"]
     if "table3_validation_thresholds" in ens:
-        shown = ", ".join(f"{COLUMN_NAMES[c]} {_fmt(t)}" for c, t in thresholds.items())
+        shown = ", ".join(f"{COLUMN_NAMES[c]} {format_value(t)}" for c, t in thresholds.items())
         lines += [
             "## Table 3 layout: ensemble on the test split, validation thresholds",
             "",

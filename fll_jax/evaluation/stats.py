@@ -68,7 +68,9 @@ def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.9
 
     PLR = likelihood_ratio(tp, tp+fn, fp, fp+tn); NLR = likelihood_ratio(fn, tp+fn, tn, fp+tn).
     A zero numerator gives (0, 0, None), as the paper prints NLR when fn = 0; a zero
-    denominator gives an undefined ratio. The normal quantile comes from the confidence level;
+    denominator gives an undefined ratio; a = n_a with b = n_b (a column never or always
+    called positive) gives the ratio 1 without bounds, where the log method's standard error
+    is zero. The normal quantile comes from the confidence level;
     the 'paper' rule rounds it to two decimals (1.96 at 95 %), as Simel et al. write the
     formula and the paper's Table 3 needs.
     """
@@ -77,6 +79,8 @@ def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.9
     if a == 0:
         return (0.0, 0.0, None)
     ratio = (a / n_a) / (b / n_b)
+    if a == n_a and b == n_b:
+        return (ratio, None, None)
     se = math.sqrt(1 / a - 1 / n_a + 1 / b - 1 / n_b)
     z = float(stats.norm.ppf(0.5 + confidence / 2))
     if check_rule(rule) == "paper":
@@ -117,14 +121,15 @@ def binary_metrics(
     }
 
 
+def format_value(value: float | None, digits: int = 3) -> str:
+    """'0.903', or '-' for an undefined value (None, nan, infinite), as in the paper's Table 3."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def format_interval(interval: Interval, digits: int = 3) -> str:
     """'0.903 (0.834, 0.945)' with '-' for an undefined value, as in the paper's Table 3."""
-
-    def fmt(v: float | None) -> str:
-        return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
     est, lo, hi = interval
-    return f"{fmt(est)} ({fmt(lo)}, {fmt(hi)})"
+    return f"{format_value(est, digits)} ({format_value(lo, digits)}, {format_value(hi, digits)})"
 
 
 def ci_label(confidence: float) -> str:
