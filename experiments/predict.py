@@ -13,7 +13,8 @@ An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run 
 the nifti/ of a --dicom run) is refused before anything is converted or written. --overwrite
 replaces the outputs, and --folder's manifest.csv, once the new run has succeeded; saliency/ also
 when the new run has none; nifti/ keeps every study converted into it (a study converted again
-is replaced).
+is replaced). An out_dir holding a cross-validation run, or inside --folder, is always refused;
+so is a workdir whose run is unfinished or evaluate-only (it has no models of its own).
 """
 import contextlib
 import os
@@ -81,6 +82,9 @@ def main(argv):
     from fll_jax.inference import check_out_dir, predict_records
 
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
+    if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
+        # It would be read as one more patient's folder, and stay one after the run.
+        raise app.UsageError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
     with reported_as("predict"), contextlib.ExitStack() as stack:
         check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else (NIFTI,) if FLAGS.dicom else ())
         # --folder's manifest, under a temporary name until the run has succeeded

@@ -3,7 +3,8 @@
 New lesions arrive as manifest records (from a manifest, a folder of fll_jax/data/folders.py,
 or a DICOM study converted by fll_jax/data/dicom.py) and are preprocessed exactly as the
 training data were (fll_jax/data/preprocess.py, with the run's data checks). The ensemble is
-the mean of the fold models' probabilities, as on the test split in cross-validation.
+the mean of the fold models' probabilities, as on the test split in cross-validation (with
+the run's evaluation.hidden_sequences hidden from every lesion, as there).
 
 Refused, naming the difference, before any output is written: patches from another
 preprocessing version or patch size than the model's, and lesions that lack every sequence
@@ -44,7 +45,7 @@ from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import staged_folder, write_csv, write_json
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import PREDICT_KEYS, predict, rng_settings
-from fll_jax.train.workdir import read_fingerprint
+from fll_jax.train.workdir import FINGERPRINT_FILE, read_fingerprint
 
 OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
 
@@ -108,10 +109,10 @@ def compatibility_problems(ensemble: Ensemble, records: Sequence) -> list[str]:
 
 
 def absent_in_training(ensemble: Ensemble) -> int:
-    """Training lesions that lacked a sequence the model uses (from the run's data fingerprint;
+    """Development lesions that lacked a sequence the model uses (from the run's data fingerprint;
     entries of in-memory data list no files and count as complete)."""
     lesions = read_fingerprint(ensemble.workdir).get("data", {}).get("lesions", {})
-    files = [entry["files"] for entry in lesions.values() if "files" in entry]
+    files = [entry["files"] for entry in lesions.values() if "files" in entry and entry.get("split") == "dev"]
     return sum(any(f"{s}_image" not in f for s in ensemble.config.sequences) for f in files)
 
 
@@ -133,7 +134,11 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool, also: Sequence[str] = ()) -> None:
-    """FileExistsError naming an earlier run's outputs (OUTPUTS and `also`) in out_dir, unless overwrite."""
+    """FileExistsError naming an earlier run's outputs (OUTPUTS and `also`) in out_dir, unless
+    overwrite; always for a folder that holds a cross-validation run (its predictions.csv is the run's)."""
+    if (Path(out_dir) / FINGERPRINT_FILE).exists():
+        raise FileExistsError(f"{out_dir} holds a cross-validation run, whose predictions.csv predictions must not "
+                              "replace; choose another output folder (by default WORKDIR/predict)")
     existing = [Path(out_dir) / name for name in (*OUTPUTS, *also) if (Path(out_dir) / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); choose another output folder "
@@ -167,6 +172,11 @@ def predict_records(
     config = ensemble.config
     patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow),
                                   options=PreprocessOptions.from_config(config.data))
+    hidden = list((config.get("evaluation") or {}).get("hidden_sequences") or ())
+    if hidden:
+        # As the run was evaluated: its metrics describe the ensemble without these sequences.
+        print(f"{', '.join(hidden)} hidden from every lesion, as in the run's evaluation (evaluation.hidden_sequences)")
+        patches = dataclasses.replace(patches, present=hide_sequences({"present": patches.present}, hidden)["present"])
     p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
     frame = prediction_frame(records, patches, p2, p7)
     used = [SEQUENCES.index(s) for s in config.sequences]

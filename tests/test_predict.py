@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import nibabel as nib
@@ -138,3 +141,71 @@ def test_a_failed_rerun_leaves_the_earlier_outputs(trained, ensemble_models, tmp
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "predictions.csv",
                                                                               "saliency"]
+
+
+def test_the_runs_hidden_sequences_are_hidden_from_new_lesions(trained, monkeypatch, tmp_path):
+    """A run evaluated with LAP hidden (its metrics are those of the ensemble without LAP) predicts
+    new lesions without LAP too, and says so in `missing`."""
+    import fll_jax.train.checkpoints as checkpoints
+    from fll_jax.constants import SEQUENCES
+    from fll_jax.inference import predict_records
+
+    config, model, variables, workdir, records = trained
+    hiding = config.copy_and_resolve_references()
+    hiding.evaluation.hidden_sequences = ("lap",)
+    monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, hiding))
+    frame = predict_records(workdir, records[:1], tmp_path, workers=1)
+    assert list(frame["missing"]) == ["lap"]
+    patch = preprocess_lesion(records[0])
+    image, mask = patch.image.copy(), patch.mask.copy()
+    image[SEQUENCES.index("lap")] = mask[SEQUENCES.index("lap")] = 0
+    x = lesion_input(image, mask, config)[None]
+    expected = np.mean([jax.nn.softmax(model.apply(v, x, train=False)["logits7"])[0] for v in variables], axis=0)
+    np.testing.assert_allclose(frame.loc[0, [f"p_{c}" for c in CLASSES]].to_numpy(float), expected, rtol=1e-5)
+
+
+def test_a_runs_own_folder_is_never_the_output_folder(trained, ensemble_models):
+    from fll_jax.inference import predict_records
+
+    _, _, _, workdir, records = trained
+    # Its predictions.csv is the run's: --overwrite does not replace it.
+    (workdir / "predictions.csv").write_text("the run's")
+    with pytest.raises(FileExistsError, match="holds a cross-validation run"):
+        predict_records(workdir, records[:1], workdir, workers=1, overwrite=True)
+    assert (workdir / "predictions.csv").read_text() == "the run's"
+
+
+def test_only_a_finished_run_with_models_of_its_own_predicts(trained, tmp_path):
+    from fll_jax.inference import absent_in_training
+    from fll_jax.train.checkpoints import load_fold_models
+    from fll_jax.train.workdir import EVALUATED_FILE, WorkdirError
+
+    config = trained[0]
+    run = tmp_path / "run"
+    write_json(run / "config.json", json.loads(config.to_json()))
+    write_json(run / "fold0" / "done.json", {})
+    # An unfinished run's checkpoints are its best so far; an evaluate-only run has none.
+    with pytest.raises(WorkdirError, match=r"unfinished run \(fold\(s\) 1 not finished\)"):
+        load_fold_models(run)
+    write_json(run / EVALUATED_FILE, {"trained": "/sweep/base", "models": "x"})
+    with pytest.raises(WorkdirError, match="evaluate-only run, which has no models of its own; they are in /sweep/base"):
+        load_fold_models(run)
+    # Only development lesions tell whether the model met an absent sequence in training.
+    lesions = {"dev1": {"split": "dev", "files": {"t2w_image": {}, "lap_image": {}}},
+               "test1": {"split": "test", "files": {"t2w_image": {}}}}
+    write_json(run / "fingerprint.json", {"settings": {}, "data": {"lesions": lesions}})
+    ensemble = type("Ensemble", (), {"workdir": run, "config": config})()
+    assert absent_in_training(ensemble) == 0
+    lesions["dev1"]["files"].pop("lap_image")
+    write_json(run / "fingerprint.json", {"settings": {}, "data": {"lesions": lesions}})
+    assert absent_in_training(ensemble) == 1
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
+    """It would be read as one more patient's folder, and stay one after the run."""
+    (tmp_path / "cases").mkdir()
+    command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}",
+               f"--folder={tmp_path / 'cases'}", f"--out_dir={tmp_path / 'cases' / 'predict'}"]
+    result = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert result.returncode != 0 and "lies inside --folder" in result.stderr
+    assert list((tmp_path / "cases").iterdir()) == []

@@ -187,6 +187,21 @@ def evaluated_current(workdir: str | Path, trained: str | Path) -> bool:
     return (Path(trained) / "predictions.csv").exists() and recorded == models_digest(trained)
 
 
+def check_has_models(workdir: str | Path, folds) -> None:
+    """WorkdirError unless `workdir` holds the fold models of a finished run: an evaluate-only run
+    has none, and an unfinished one only its folds' best checkpoints so far."""
+    workdir = Path(workdir)
+    if (workdir / EVALUATED_FILE).exists():
+        trained = read_json(workdir / EVALUATED_FILE, "delete it and rerun the sweep: the point is evaluated again")
+        raise WorkdirError(f"{workdir} holds an evaluate-only run, which has no models of its own; they are in "
+                           f"{trained.get('trained')}")
+    unfinished = [str(f) for f in folds if not (workdir / f"fold{f}" / "done.json").exists()]
+    if unfinished or not (workdir / "metrics.json").exists():
+        what = f"fold(s) {', '.join(unfinished)} not finished" if unfinished else "no metrics.json"
+        raise WorkdirError(f"{workdir} holds an unfinished run ({what}): its checkpoints are the best so far, not "
+                           "its models; rerun its training command to finish it")
+
+
 def check_same_data(workdir: str | Path, data: dict) -> None:
     """WorkdirError unless `data` (a data fingerprint) is the data the run in workdir was made from."""
     stored = read_fingerprint(Path(workdir)).get("data", {})
