@@ -137,8 +137,8 @@ def check_out_dir(out_dir: str | Path, overwrite: bool, also: Sequence[str] = ()
     """FileExistsError naming an earlier run's outputs (OUTPUTS and `also`) in out_dir, unless
     overwrite; always for a folder that holds a cross-validation run (its predictions.csv is the run's)."""
     if (Path(out_dir) / FINGERPRINT_FILE).exists():
-        raise FileExistsError(f"{out_dir} holds a cross-validation run, whose predictions.csv predictions must not "
-                              "replace; choose another output folder (by default WORKDIR/predict)")
+        raise FileExistsError(f"{out_dir} holds a cross-validation run: its predictions.csv is the run's and is "
+                              "never replaced by new lesions'; choose another output folder (by default WORKDIR/predict)")
     existing = [Path(out_dir) / name for name in (*OUTPUTS, *also) if (Path(out_dir) / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(map(str, existing))} exist(s); choose another output folder "

@@ -670,7 +670,7 @@ def generate_patient(spec: PatientSpec, out_dir: str | pathlib.Path) -> tuple[li
 
 
 def phantom_settings(scale: str | Scale = "quick", seed: int = 0, atypical_rate: float = 0.1) -> dict:
-    """What a phantom's bytes depend on (phantom.json): the generator version, the scale's values, seed, atypical rate."""
+    """What a phantom's bytes depend on (phantom.json): generator version, scale values, seed, atypical rate."""
     sc = SCALES[scale] if isinstance(scale, str) else scale
     settings = {"generator_version": GENERATOR_VERSION, "scale": dataclasses.asdict(sc), "seed": seed,
                 "atypical_rate": atypical_rate}
@@ -685,7 +685,8 @@ def phantom_differences(out_dir: str | pathlib.Path, scale: str | Scale = "quick
         return [f"no {SETTINGS_NAME}: made by a generator older than version {GENERATOR_VERSION}, or not a phantom"]
     stored = read_json(path, "delete the phantom's folder to have it made again")
     wanted = phantom_settings(scale, seed, atypical_rate)
-    return [f"{key}: {stored.get(key)!r}, wanted {value!r}" for key, value in wanted.items() if stored.get(key) != value]
+    return [f"{key}: {stored.get(key)!r}, wanted {value!r}"
+            for key, value in wanted.items() if stored.get(key) != value]
 
 
 def generate_phantom(out_dir: str | pathlib.Path, scale: str | Scale = "quick", seed: int = 0,

@@ -183,7 +183,8 @@ def _median_iqr(summary: dict) -> str:
 
 
 def _continuous_cells(label: str, row: dict) -> list[str]:
-    return [label, *(_median_iqr(row["summary"][c]) for c in COHORT_COLUMNS), format_value(row["p"]), row["test"] or "-"]
+    return [label, *(_median_iqr(row["summary"][c]) for c in COHORT_COLUMNS), format_value(row["p"]),
+            row["test"] or "-"]
 
 
 def _level_cells(name: str, entry: dict) -> list[str]:
@@ -250,7 +251,7 @@ def _summary_markdown(blocks: dict, confidence: float) -> list[str]:
             f"{b['correct_7way']}/{b['n']} = " + format_interval((b["accuracy_7way"], *b["accuracy_7way_ci"])),
             format_interval((b["accuracy_2way"], *b["accuracy_2way_ci"])),
             format_interval((b["auc_binary"], *b["auc_binary_ci"])),
-            format_value(b["auc_macro_ovr"]), format_value(b["macro_f1"]), format_value(b["cohen_kappa"]), format_value(b["challenge_score"]),
+            *(format_value(b[k]) for k in ("auc_macro_ovr", "macro_f1", "cohen_kappa", "challenge_score")),
         ])
     return _markdown_table(header, rows)
 
@@ -264,8 +265,8 @@ def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
     lines = []
     for factor in FACTORS:
         seven, two = sub[factor]["seven_way"], sub[factor]["two_way"]
-        lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way {format_value(seven['overall_chi2_p'])}, "
-                  f"two-way {format_value(two['overall_chi2_p'])})", ""]
+        lines += ["", f"**{factor.replace('_', ' ')}** (overall chi-square p: seven-way "
+                  f"{format_value(seven['overall_chi2_p'])}, two-way {format_value(two['overall_chi2_p'])})", ""]
         header = ["level", "n", f"ACC 7-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher",
                   f"ACC 2-way ({ci})", "rest", "p chi2 (Yates)", "p Fisher"]
         rows = []
@@ -273,8 +274,10 @@ def _subgroup_markdown(sub: dict, confidence: float) -> list[str]:
             t = two["levels"][level]
             rows.append([
                 level, str(s["n"]),
-                format_interval((s["accuracy"], *s["accuracy_ci"])), format_value(s["rest_accuracy"]), format_value(s["chi2_yates_p"]), format_value(s["fisher_p"]),
-                format_interval((t["accuracy"], *t["accuracy_ci"])), format_value(t["rest_accuracy"]), format_value(t["chi2_yates_p"]), format_value(t["fisher_p"]),
+                format_interval((s["accuracy"], *s["accuracy_ci"])),
+                *(format_value(s[k]) for k in ("rest_accuracy", "chi2_yates_p", "fisher_p")),
+                format_interval((t["accuracy"], *t["accuracy_ci"])),
+                *(format_value(t[k]) for k in ("rest_accuracy", "chi2_yates_p", "fisher_p")),
             ])
         lines += _markdown_table(header, rows)
     return lines

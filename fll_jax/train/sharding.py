@@ -83,8 +83,8 @@ def shard_batch(batch: dict, mesh: Mesh, keys: Sequence[str]) -> dict:
 
     Every process holds the same global batch and fills its own devices' rows (evaluation, where
     every process keeps every prediction): row i of the global array is row i of the host batch
-    whatever the mesh's device order (a process's slice, put_local's way, had permuted the rows
-    when the mesh interleaves processes' devices). Training reads only its share (put_local).
+    whatever the mesh's device order, even one that alternates the processes' devices (where
+    put_local's contiguous shares would be reordered). Training reads only its share (put_local).
     """
     sharding = data_sharding(mesh)
 
