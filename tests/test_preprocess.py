@@ -325,3 +325,54 @@ def test_the_papers_intensity_and_interpolation(tmp_path):
     patch = preprocess_lesion(record(images, masks), size=SIZE, options=paper)
     levels = np.rint(np.array([0.0, 300.0, 700.0]) / 700 * 255)
     assert np.isin(np.unique(patch.image[0]), levels).all()
+
+
+def _ball(diameter: float, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """A ball's mask on a grid of the given spacing (centred off the voxel centres), and its affine."""
+    spacing = np.asarray(spacing, float)
+    shape = (np.ceil(diameter / spacing) + 6).astype(int)
+    centre = (shape - 1) / 2 * spacing + np.array([0.3, 0.2, 0.4]) * spacing
+    points = np.indices(shape).reshape(3, -1).T * spacing
+    return (np.linalg.norm(points - centre, axis=1) <= diameter / 2).reshape(shape), np.diag([*spacing, 1.0])
+
+
+def test_the_longest_diameter_is_taken_as_calipers_take_it():
+    """Corner to corner of the extreme voxels, a 15 mm ball had measured 16.5 mm (and a 12 mm
+    one in 6 mm slices 16.5 mm): the 64 mm crop of lesions from 16 mm up instead of 32 mm."""
+    from fll_jax.data.preprocess import longest_diameter_mm
+
+    for diameter, spacing in ((15.0, (1.0, 1.0, 1.0)), (12.0, (0.7, 0.7, 6.0))):
+        assert diameter - 1.0 < longest_diameter_mm(*_ball(diameter, spacing)) < 16.0
+    assert longest_diameter_mm(*_ball(30.0, (0.8, 0.8, 1.0))) == pytest.approx(30.0, abs=1.0)
+
+
+def test_a_lesion_in_an_edge_slice_keeps_all_of_it_and_beyond_the_scan_is_black(tmp_path):
+    """The volume reaches the outer face of its last 7 mm slice: the lesion there is sampled whole
+    (as in mid-volume), and beyond the scan the image is 0 even for a volume with negative values
+    (sampled as 0 before normalising, it had become 0.25 of the range)."""
+    from fll_jax.data.preprocess import PreprocessOptions
+
+    affine = np.diag([1.0, 1.0, 7.0, 1.0])
+    options = PreprocessOptions(lesion_size="equivalent", normalise="volume", interpolation="nearest")
+
+    def image_fn(world):
+        return np.where(world[0] < 1.0, -100.0, 100.0)  # one column below zero: the volume's minimum
+
+    patches = {}
+    for name, slices in (("edge", 4), ("middle", 9)):
+        centre = voxel_to_world(affine, (20, 20, slices - 1 if name == "edge" else 4))
+        images, masks = write_patient(tmp_path / name, (40, 40, slices), affine, [(centre, 5.0, 1)], image_fn)
+        patches[name] = preprocess_lesion(record(images, masks, diameter_mm=10.0), size=SIZE, options=options)
+    edge, middle = patches["edge"], patches["middle"]
+    assert edge.mask[0].sum() == middle.mask[0].sum() > 0
+    # The patch's upper half lies beyond the last slice's outer face (3.5 mm above the lesion's centre).
+    above = np.arange(SIZE) * side_mm(edge.patch_affine[0]) / SIZE > side_mm(edge.patch_affine[0]) / 2 + 4
+    assert not edge.image[0][:, :, above].any() and edge.image[0][:, :, ~above].any()
+
+
+def test_a_lesion_the_sampling_grid_misses_is_an_error_not_an_absent_sequence(tmp_path):
+    affine = np.diag([0.3, 0.3, 0.3, 1.0])
+    centre = voxel_to_world(affine, (10, 10, 10))  # one 0.3 mm voxel, between the 1 mm grid's points
+    images, masks = write_patient(tmp_path, (21, 21, 21), affine, [(centre, 0.1, 1)])
+    with pytest.raises(PreprocessError, match="no voxel of its lesion reaches the patch's 1 mm sampling grid"):
+        preprocess_lesion(record(images, masks, diameter_mm=5.0), size=SIZE)

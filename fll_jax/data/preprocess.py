@@ -8,8 +8,9 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    faces: fll_jax/data/checks.py). Every problem of every lesion is reported at once.
 2. Measure the lesion in world millimetres from the mask (voxel centres through the affine).
    Its size (options.lesion_size) is either the longest diameter ('longest', as radiologists
-   measure lesions: the largest distance between two points of the mask's voxels, in 3D, so
-   an oblique or through-plane axis counts; for a box, its longest side) or the
+   measure lesions: the distance between the mask's two farthest voxel centres plus one
+   voxel's width along it, in 3D, so an oblique or through-plane axis counts; for a box, its
+   longest side) or the
    equivalent-sphere diameter ('equivalent': (6 V / pi)^(1/3), V = voxel count x voxel
    volume; for a box, the same measure of its inscribed ellipsoid, from the box's sides). The
    lesion's size is the median over its sequences. A diameter_mm given in the manifest takes
@@ -30,7 +31,9 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    patch axis 0/1/2 = +x/+y/+z. World points go through the inverse affine into the native
    voxel grid (scipy.ndimage.map_coordinates: options.interpolation, linear or nearest (the
    paper's resampling to 1 mm), for the image, nearest for the mask;
-   outside the scanned volume the image is 0). Rotated, flipped or oblique grids need nothing
+   the volume reaches the outer faces of its edge voxels; beyond it the image takes the
+   volume's minimum, 0 once normalised). A lesion none of whose voxels the grid meets is an
+   error, not an absent sequence. Rotated, flipped or oblique grids need nothing
    special. A cube wider than S mm is sampled directly at its final spacing (side / S mm)
    instead: a 1 mm grid there would only be shrunk again by step 5, at up to (side / S)^3
    times the cost.
@@ -62,7 +65,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist
 
 from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
@@ -76,7 +78,7 @@ MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5
 
 LESION_SIZES = ("longest", "equivalent")
 NORMALISATIONS = ("volume", "patch")
@@ -357,13 +359,26 @@ def _lesion_size(lesion: _Lesion, equivalent_mm: float, lesion_size: str) -> flo
 
 
 def longest_diameter_mm(mask: np.ndarray, affine: np.ndarray) -> float:
-    """The largest distance in mm between two points of a mask's voxels (each a box around its centre)."""
+    """The lesion's longest extent in mm, as calipers take it: the distance between its two
+    farthest voxel centres plus one voxel's width along that direction (a 15 mm ball on a 1 mm
+    grid measures 15.9-16.0 mm; corner to corner, 16.5, a voxel diagonal too many). Across
+    thick slices the measure stays uncertain by up to a slice's thickness."""
     edge = mask.astype(bool) & ~ndimage.binary_erosion(mask.astype(bool))
-    corners = np.argwhere(edge)[:, None, :] + (np.indices((2, 2, 2)).reshape(3, -1).T - 0.5)[None]
-    world = corners.reshape(-1, 3) @ affine[:3, :3].T
-    # The farthest pair lies on the convex hull: a few dozen vertices instead of every corner.
-    hull = world[ConvexHull(world).vertices] if len(world) > 8 else world
-    return float(pdist(hull).max())
+    centres = np.argwhere(edge).astype(float)
+    axes = affine[:3, :3]
+    if len(centres) > 1:
+        # The extreme voxels own the convex hull's corners (always a solid, unlike their centres).
+        corners = centres[:, None, :] + (np.indices((2, 2, 2)).reshape(3, -1).T - 0.5)[None]
+        centres = np.unique(centres[ConvexHull(corners.reshape(-1, 3)).vertices // 8], axis=0)
+    world = centres @ axes.T
+    if len(world) == 1:
+        return float(np.linalg.norm(axes, axis=0).max())
+    pairs = world[:, None, :] - world[None, :, :]
+    distance = np.linalg.norm(pairs, axis=-1)
+    far = np.unravel_index(np.argmax(distance), distance.shape)
+    direction = pairs[far] / distance[far]
+    # One voxel's width along u, its root-mean-square projection: h along an axis of spacing h.
+    return float(distance[far] + np.linalg.norm(direction @ axes))
 
 
 def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: PreprocessOptions) -> LesionPatch:
@@ -383,8 +398,12 @@ def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: 
             continue
         volume, centre = lesions[seq].volume, geometry[seq][0]
         coords = _cube_coords(volume.affine, centre, side, size)
-        img = _resize(_sample(volume.image, coords, order=options.order), size, order=1)
+        # Beyond the scan: the volume's minimum, 0 once normalised.
+        img = _resize(_sample(volume.image, coords, order=options.order, outside=volume.value_range[0]), size, order=1)
         msk = _resize(_sample(lesions[seq].mask, coords, order=0), size, order=0)
+        if not msk.any():  # else the model would take the sequence for absent
+            raise PreprocessError(f"lesion {record.lesion_id!r}: {seq}: no voxel of its lesion reaches the patch's "
+                                  f"{side / size:.2g} mm sampling grid (a lesion thinner than that spacing)")
         image[s] = _to_uint8(_normalise(img, volume.value_range if options.normalise == "volume" else None))
         mask[s] = _to_uint8(ndimage.gaussian_filter(msk.astype(np.float32), sigma, mode="constant"))
         patch_affine[s] = _patch_affine(centre, side, size)
@@ -464,9 +483,12 @@ def _cube_coords(affine: np.ndarray, centre: np.ndarray, side: float, size: int)
     )
 
 
-def _sample(volume: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
-    """Values at native voxel coordinates (linear or nearest), 0 outside the volume."""
-    return ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=0, prefilter=False)
+def _sample(volume: np.ndarray, coords: np.ndarray, order: int, outside: float = 0.0) -> np.ndarray:
+    """Values at native voxel coordinates (linear or nearest), `outside` beyond the volume. The
+    volume reaches the outer faces of its edge voxels ('grid-constant'; 'constant' would cut the
+    outer half of each: 3.5 mm of a 7 mm slice)."""
+    return ndimage.map_coordinates(volume, coords, order=order, mode="grid-constant", cval=outside,
+                                   prefilter=False)
 
 
 def _resize(cube: np.ndarray, size: int, order: int) -> np.ndarray:
