@@ -483,3 +483,17 @@ def test_a_staged_folder_replaces_the_old_one_whole_or_leaves_it(tmp_path, monke
     with files.staged_folder(path):
         pass  # left empty: the folder goes
     assert list(tmp_path.iterdir()) == []
+
+
+def test_restart_deletes_the_runs_fold_folders_not_a_users_files_named_fold(tmp_path):
+    from fll_jax.train.workdir import clear_run, open_run
+
+    (tmp_path / "fold0").mkdir()
+    for name in ("folds.csv", "fold_notes.md", "fingerprint.json"):
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in clear_run(tmp_path)) == ["fingerprint.json", "fold0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold_notes.md", "folds.csv"]
+    # Nor is a folder holding only such files taken for one holding another run's outputs.
+    config = tiny_config(TRAINED)
+    open_run(tmp_path, config, {"lesions": {}})
+    assert (tmp_path / "fingerprint.json").exists() and (tmp_path / "folds.csv").read_text() == "x"

@@ -10,9 +10,12 @@ import pytest
 
 from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import FoldCheckpoints
-from fll_jax.train.cross_validate import build_steps, nominal_steps_per_epoch
-from fll_jax.train.loop import NonFiniteLossError, Steps, _is_better, train_fold, validation_metrics
+from fll_jax.train.cross_validate import build_steps
+from fll_jax.train.loop import (
+    NonFiniteLossError, Steps, _is_better, fold_steps_per_epoch, train_fold, validation_metrics,
+)
 from fll_jax.train.resident import ResidentData
+from fll_jax.train.step import learning_rate_schedule
 from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
 
 
@@ -40,7 +43,7 @@ def setup():
     # Saves the latest state at epochs 1 and 3.
     config.train.epochs, config.train.checkpoint_every = 4, 2
     source = synthetic_source()
-    spe = nominal_steps_per_epoch(config, source)
+    spe = fold_steps_per_epoch(config, source, 1)
     return config, source, spe, build_steps(config, spe)
 
 
@@ -48,7 +51,7 @@ def setup():
 def straight(setup, tmp_path_factory):
     """Fold 1 trained without interruption."""
     config, source, spe, steps = setup
-    return train_fold(config, 1, source, steps, spe, tmp_path_factory.mktemp("straight"))
+    return train_fold(config, 1, source, steps, tmp_path_factory.mktemp("straight"))
 
 
 def _kill_after(setup, fold_dir, last_epoch: int) -> None:
@@ -60,7 +63,7 @@ def _kill_after(setup, fold_dir, last_epoch: int) -> None:
             raise Killed
 
     with pytest.raises(Killed):
-        train_fold(config, 1, source, steps, spe, fold_dir, on_epoch_end=kill)
+        train_fold(config, 1, source, steps, fold_dir, on_epoch_end=kill)
 
 
 def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path):
@@ -69,7 +72,7 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_pa
     _kill_after(setup, tmp_path / "killed", 2)
     assert not (tmp_path / "killed" / "done.json").exists()
     counting = CountingSource(source)
-    resumed = train_fold(config, 1, counting, steps, spe, tmp_path / "killed")
+    resumed = train_fold(config, 1, counting, steps, tmp_path / "killed")
     assert len(resumed["history"]) == config.train.epochs
     # Epochs 2 and 3 validated on the held-out fold, which was read once.
     assert counting.eval_reads == 1
@@ -81,7 +84,7 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_pa
                 ), (part, key)
     assert straight["best_epoch"] == resumed["best_epoch"]
     # A finished fold is not trained again.
-    assert train_fold(config, 1, source, steps, spe, tmp_path / "killed") == resumed
+    assert train_fold(config, 1, source, steps, tmp_path / "killed") == resumed
 
 
 def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_path):
@@ -100,7 +103,7 @@ def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_pa
     try:
         with recorded_compiles() as compiles:
             steps.ahead = compile_ahead(config, steps, source, resident, 1)  # as cross_validate starts it
-            on_device = train_fold(config, 1, source, steps, spe, tmp_path / "resident", resident=resident)
+            on_device = train_fold(config, 1, source, steps, tmp_path / "resident", resident=resident)
     finally:
         steps.ahead = None  # the module's other tests share these steps
     for program in ("jit(train_epoch)", "jit(predict_rows)"):
@@ -136,6 +139,35 @@ def _restored(steps, fold_dir):
         ckpt.close()
 
 
+def test_each_fold_decays_its_learning_rate_over_its_own_steps(setup, tmp_path, monkeypatch):
+    """Patient-level folds differ in size: a schedule sized for the average fold had reached 0
+    epochs early in the larger folds (frozen weights, drifting batch statistics) and never
+    reached it in the smaller ones."""
+    import fll_jax.train.loop as loop
+    from fll_jax.data.numpy_source import NumpySource
+
+    config, source, _, steps = setup
+    config = config.copy_and_resolve_references()
+    config.train.epochs = 1
+    # Four of fold 1's lesions moved to fold 0: 28 training lesions without fold 0, 36 without fold 1.
+    fold_of = dict(zip(source.patches.lesion_id.tolist(), source.fold.tolist()))
+    for lesion in [k for k, f in fold_of.items() if f == 1][:4]:
+        fold_of[lesion] = 0
+    source = NumpySource(source.patches, fold_of)
+    sized = []
+    monkeypatch.setattr(loop, "learning_rate_schedule",
+                        lambda config, steps_per_epoch: sized.append(steps_per_epoch) or learning_rate_schedule(
+                            config, steps_per_epoch))
+    ran = {}
+    for fold in (0, 1):
+        counting = CountingSource(source)
+        batches = counting.train_batches
+        counting.train_batches = lambda *args, **kwargs: (ran.setdefault(fold, []).append(b) or b
+                                                           for b in batches(*args, **kwargs))
+        train_fold(config, fold, counting, steps, tmp_path / f"fold{fold}")
+    assert sized == [len(ran[0]), len(ran[1])] and len(ran[0]) != len(ran[1])
+
+
 def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpoint(setup, tmp_path):
     config, source, spe, steps = setup
     config = config.copy_and_resolve_references()
@@ -143,7 +175,8 @@ def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpo
     # Epochs 0 and 1 train normally; the weights go NaN in epoch 2 (whose reported loss is finite).
     with pytest.raises(NonFiniteLossError, match=r"fold 2, epoch 2: the loss or the weights became NaN.*"
                                                  r"last good checkpoint \(epoch 1\)"):
-        train_fold(config, 2, source, _poisoned(steps, 2 * spe + spe - 1), spe, tmp_path)
+        spe = fold_steps_per_epoch(config, source, 2)
+        train_fold(config, 2, source, _poisoned(steps, 2 * spe + spe - 1), tmp_path)
     (state, meta), best_step, best = _restored(steps, tmp_path)
     assert meta["epoch"] == 1 and best_step <= 1
     for tree in (state.params, best):
@@ -156,7 +189,7 @@ def test_nan_before_any_save_says_so_and_saves_nothing(setup, tmp_path):
     config = config.copy_and_resolve_references()
     config.train.checkpoint_every = 5
     with pytest.raises(NonFiniteLossError, match="fold 2, epoch 0: .*no checkpoint of this fold had been saved yet"):
-        train_fold(config, 2, source, _poisoned(steps, spe - 1), spe, tmp_path)
+        train_fold(config, 2, source, _poisoned(steps, fold_steps_per_epoch(config, source, 2) - 1), tmp_path)
     assert _restored(steps, tmp_path)[:2] == (None, None)
 
 
@@ -164,7 +197,7 @@ def test_best_checkpoint_deleted_mid_run_retrains_the_fold(setup, straight, tmp_
     config, source, spe, steps = setup
     _kill_after(setup, tmp_path / "run", 1)
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "best")
-    resumed = train_fold(config, 1, source, steps, spe, tmp_path / "run")
+    resumed = train_fold(config, 1, source, steps, tmp_path / "run")
     out = capsys.readouterr().out
     assert "fold 1: " in out and "is missing; training the fold again from scratch" in out
     assert resumed["best_epoch"] == straight["best_epoch"]

@@ -18,7 +18,7 @@ from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
 from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import best_variables
-from fll_jax.train.loop import Steps, run_predictions, train_fold
+from fll_jax.train.loop import Steps, fold_steps_per_epoch, run_predictions, train_fold
 from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
@@ -26,13 +26,6 @@ from fll_jax.train.workdir import check_finished, models_digest, open_run, recor
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
 META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
-
-
-def nominal_steps_per_epoch(config: ml_collections.ConfigDict, source) -> int:
-    """Steps per epoch used by the learning-rate schedule, the same for every fold."""
-    dev = source.num_examples(list(range(config.data.num_folds)))
-    per_fold_train = dev * (config.data.num_folds - 1) // config.data.num_folds
-    return max(1, per_fold_train // config.train.batch_size)
 
 
 def check_source(config: ml_collections.ConfigDict, source) -> None:
@@ -145,8 +138,7 @@ def cross_validate(
         source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
         open_run(workdir, config, source.fingerprint, restart)
-        steps_per_epoch = nominal_steps_per_epoch(config, source)
-        steps = build_steps(config, steps_per_epoch)
+        steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
                                              steps.mesh) if config.train.resident_data else None)
         # the first fold to train compiles its programs while it initialises; a finished run trains none
@@ -155,8 +147,7 @@ def cross_validate(
         writer = SummaryWriter(str(workdir / "tensorboard")) if is_primary() else None
         try:
             for fold in config.train.folds:
-                train_fold(config, fold, source, steps, steps_per_epoch, workdir / f"fold{fold}", writer, on_epoch_end,
-                           resident)
+                train_fold(config, fold, source, steps, workdir / f"fold{fold}", writer, on_epoch_end, resident)
         finally:
             if writer is not None:
                 writer.close()
@@ -217,7 +208,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         check_finished(trained, trained_config(config), source.fingerprint)
         models = models_digest(trained)
         open_run(workdir, config, source.fingerprint)
-        steps = build_steps(config, nominal_steps_per_epoch(config, source))
+        steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         predictions = ensemble_predictions(config, source, steps, trained)
     metrics = write_results(workdir, predictions)
     if is_primary():

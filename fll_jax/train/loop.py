@@ -18,8 +18,8 @@ from fll_jax.files import read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
-from fll_jax.train.sharding import is_primary, process_share, put_local, shard_batch, sync_processes
-from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, Schedule, TrainState
+from fll_jax.train.sharding import is_primary, process_share, put_local, replicate, shard_batch, sync_processes
+from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, Schedule, TrainState, learning_rate_schedule
 
 if TYPE_CHECKING:
     from fll_jax.train.ahead import CompileAhead
@@ -42,7 +42,9 @@ class Steps:
     train: Callable
     predict: Callable
     mesh: jax.sharding.Mesh
-    schedule: Schedule  # on the devices: the train steps' argument, and step -> learning rate for the logs
+    # On the devices: a learning-rate schedule for compiling ahead and benchmarks (train_fold feeds
+    # the train steps each fold's own).
+    schedule: Schedule
     state_target: TrainState  # the state's shapes, dtypes and shardings: what checkpoints restore into
     train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
@@ -99,12 +101,17 @@ def _is_better(new: dict, best: dict | None, metric: str) -> bool:
     return key(new) > key(best)
 
 
+def fold_steps_per_epoch(config: ml_collections.ConfigDict, source, fold: int) -> int:
+    """Steps per epoch when `fold` is held out: the other folds' full batches."""
+    train_folds = [f for f in range(config.data.num_folds) if f != fold]
+    return max(1, source.num_examples(train_folds) // config.train.batch_size)
+
+
 def train_fold(
     config: ml_collections.ConfigDict,
     fold: int,
     source,
     steps: Steps,
-    steps_per_epoch: int,
     fold_dir: Path,
     writer=None,
     on_epoch_end: Callable[[int, int], None] | None = None,
@@ -117,7 +124,9 @@ def train_fold(
 
     A fold is finished when done.json exists and its best checkpoint is there; done.json is
     written only once that checkpoint verifies. A fold whose best checkpoint is gone is trained
-    again from scratch. Returns the fold's summary (best epoch and its validation metrics).
+    again from scratch. The learning-rate schedule spans this fold's own steps (its warm-up and
+    decay by its epochs: patient-level folds differ in size). Returns the fold's summary (best
+    epoch and its validation metrics).
 
     Raises:
         NonFiniteLossError: the loss or the weights became NaN or infinite; nothing non-finite
@@ -139,15 +148,16 @@ def train_fold(
             if is_primary():
                 done.unlink()
             ckpt.clear()
-        return _train(config, fold, train_folds, source, steps, steps_per_epoch, ckpt, done, writer, on_epoch_end,
-                      resident)
+        return _train(config, fold, train_folds, source, steps, ckpt, done, writer, on_epoch_end, resident)
     finally:
         ckpt.wait()
         ckpt.close()
 
 
-def _train(config, fold: int, train_folds: list[int], source, steps: Steps, steps_per_epoch: int,
-           ckpt: FoldCheckpoints, done: Path, writer, on_epoch_end, resident: ResidentData | None) -> dict:
+def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt: FoldCheckpoints, done: Path,
+           writer, on_epoch_end, resident: ResidentData | None) -> dict:
+    steps_per_epoch = fold_steps_per_epoch(config, source, fold)
+    schedule = replicate(learning_rate_schedule(config, steps_per_epoch), steps.mesh)
     try:
         restored = ckpt.restore_latest()
     except LostBestError as error:
@@ -172,10 +182,11 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
-                state, train_metrics, throughput = _train_epoch(config, fold, epoch, train_folds, source, steps, state,
-                                                                steps_per_epoch, bar)
+                state, train_metrics, throughput = _train_epoch(config, fold, epoch, train_folds, source, steps,
+                                                                schedule, state, steps_per_epoch, bar)
             else:
-                state, train_metrics, throughput = _resident_epoch(config, fold, epoch, train_folds, resident, steps, state)
+                state, train_metrics, throughput = _resident_epoch(config, fold, epoch, train_folds, resident, steps,
+                                                                   schedule, state)
             if not (all(math.isfinite(v) for v in train_metrics.values()) and bool(all_finite(variables_of(state)))):
                 ckpt.wait()
                 good = ckpt.latest.latest_step()
@@ -197,7 +208,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
             if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
                 ckpt.save_latest(epoch, state, meta)
             step = int(jax.device_get(state.step))
-            _log(writer, fold, step, epoch, float(steps.schedule(step)), {**train_metrics, **throughput}, val)
+            # The rate of the epoch's last update, beside the metrics of its updates.
+            _log(writer, fold, step, epoch, float(schedule(step - 1)), {**train_metrics, **throughput}, val)
             bar.update(1)
             bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", val_acc7=f"{val['accuracy_7way']:.2f}")
             if on_epoch_end is not None:
@@ -216,7 +228,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, step
     return summary
 
 
-def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], source, steps: Steps,
+def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], source, steps: Steps, schedule: Schedule,
                  state: TrainState, steps_per_epoch: int, bar) -> tuple[TrainState, dict, dict]:
     """One pass over the training folds: the state, its metrics averaged over its steps on the
     host, and its throughput (steps and lesions per second, reading the data included; kept out
@@ -226,7 +238,7 @@ def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], sour
     batches = source.train_batches(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch,
                                    share=process_share())
     for i, batch in enumerate(batches):
-        state, metrics = steps.train(state, put_local(batch, steps.mesh, DEVICE_KEYS), steps.schedule)
+        state, metrics = steps.train(state, put_local(batch, steps.mesh, DEVICE_KEYS), schedule)
         collected.append(metrics)
         if i % config.train.log_every == 0:
             bar.set_postfix(step=f"{i + 1}/{steps_per_epoch}", loss=f"{float(metrics['loss']):.3f}")
@@ -238,11 +250,11 @@ def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], sour
 
 
 def _resident_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], resident: ResidentData,
-                    steps: Steps, state: TrainState) -> tuple[TrainState, dict, dict]:
+                    steps: Steps, schedule: Schedule, state: TrainState) -> tuple[TrainState, dict, dict]:
     """_train_epoch's results from one device call over the resident data."""
     start = time.perf_counter()
     indices = resident.epoch_indices(train_folds, config.train.batch_size, seed=config.seed * 1000 + fold, epoch=epoch)
-    state, stacked = steps.train_epoch(state, resident.arrays, put_indices(indices, steps.mesh), steps.schedule)
+    state, stacked = steps.train_epoch(state, resident.arrays, put_indices(indices, steps.mesh), schedule)
     host = jax.device_get(stacked)
     seconds = time.perf_counter() - start
     metrics = {k: float(np.mean(v)) for k, v in host.items()}

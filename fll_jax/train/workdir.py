@@ -80,7 +80,9 @@ def read_fingerprint(workdir: Path) -> dict:
 
 
 def _outputs(workdir: Path) -> list[Path]:
-    return sorted({p for pattern in RUN_OUTPUTS for p in workdir.glob(pattern)})
+    # 'fold*' names the folds' folders (fold0, fold1, ...), not a user's folds.csv beside them.
+    return sorted({p for pattern in RUN_OUTPUTS for p in workdir.glob(pattern)
+                   if not pattern.startswith("fold") or (p.is_dir() and p.name[4:].isdigit())})
 
 
 def clear_run(workdir: str | Path) -> list[Path]:
