@@ -158,14 +158,27 @@ def test_each_fold_decays_its_learning_rate_over_its_own_steps(setup, tmp_path, 
     monkeypatch.setattr(loop, "learning_rate_schedule",
                         lambda config, steps_per_epoch: sized.append(steps_per_epoch) or learning_rate_schedule(
                             config, steps_per_epoch))
-    ran = {}
+    ran, logged = {}, {}
+
+    class Writer:  # TensorBoard's add_scalar and flush
+        def add_scalar(self, tag, value, step):
+            logged[tag] = value
+
+        def flush(self):
+            pass
+
     for fold in (0, 1):
         counting = CountingSource(source)
         batches = counting.train_batches
         counting.train_batches = lambda *args, **kwargs: (ran.setdefault(fold, []).append(b) or b
                                                            for b in batches(*args, **kwargs))
-        train_fold(config, fold, counting, steps, tmp_path / f"fold{fold}")
+        train_fold(config, fold, counting, steps, tmp_path / f"fold{fold}", writer=Writer())
     assert sized == [len(ran[0]), len(ran[1])] and len(ran[0]) != len(ran[1])
+    # One epoch is the whole schedule: the logged rate is its last update's, just above 0 (the
+    # next step's, logged before, was 0).
+    for fold in (0, 1):
+        last = float(learning_rate_schedule(config, len(ran[fold]))(len(ran[fold]) - 1))
+        assert logged[f"fold{fold}/train/learning_rate"] == pytest.approx(last) and last > 0
 
 
 def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpoint(setup, tmp_path):
