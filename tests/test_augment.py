@@ -21,6 +21,18 @@ def test_evaluation_halving_is_a_2x2x2_mean():
     np.testing.assert_allclose(x[..., 0], expected, atol=1e-5)
 
 
+def test_evaluation_quartering_is_a_4x4x4_mean_not_every_fourth_pair():
+    """Trilinear samples alone read the central 2^3 of each 4^3 block: stripes of 255, 0, 0, 255
+    (block mean 0.5) had come out 0 everywhere at a quarter of the stored size."""
+    batch = _batch(size=32)
+    batch["image"][..., 1::4] = batch["image"][..., 2::4] = 0
+    batch["image"][..., 0::4] = batch["image"][..., 3::4] = 255
+    x = np.asarray(prepare_inputs(batch, (0, 3, 6), 8))
+    expected = batch["mask"][:, [0, 3, 6]].astype(np.float32).reshape(2, 3, 8, 4, 8, 4, 8, 4).mean((3, 5, 7)) / 255
+    np.testing.assert_allclose(x[..., 0], 0.5, atol=1e-5)
+    np.testing.assert_allclose(x[..., 1], expected, atol=1e-5)
+
+
 def test_resampling_is_scipys_trilinear_interpolation_with_clamped_edges():
     from scipy import ndimage
 

@@ -3,7 +3,9 @@
 Every lesion's volumes are resampled once through one affine map from the output grid
 (input_size^3) into the stored patch (64^3): identity for evaluation (centre-aligned, so
 64 -> 32 is an exact 2x2x2 mean), and a random rotation, flip, shift and scale in training,
-shared by all sequences and by each image and its mask. Lighting change (gain and offset per
+shared by all sequences and by each image and its mask. An input at most half the stored size
+samples the stored patch averaged over blocks first (64 -> 16: 2^3 blocks, so the identity is
+an exact 4x4x4 mean), as trilinear samples alone would read 1 stored voxel in 8 and alias. Lighting change (gain and offset per
 sequence) and Gaussian noise then touch the image channel only.
 """
 from __future__ import annotations
@@ -75,6 +77,21 @@ def _resample(volumes: jax.Array, coords: jax.Array) -> jax.Array:
     return total
 
 
+def _block_sums(volumes: jax.Array, block: int) -> jax.Array:
+    """[C, N, N, N] uint8 -> [C, N/b, N/b, N/b] integer sums of b^3 blocks (no float copy of the
+    whole patch). Strided slices added axis by axis: 6x faster on XLA:CPU than a reshaped sum."""
+    x = volumes.astype(jnp.uint16 if 255 * block**3 < 2**16 else jnp.uint32)
+    for axis in (1, 2, 3):
+        x = sum(jax.lax.slice_in_dim(x, k, None, block, axis) for k in range(block))
+    return x
+
+
+def _pool_block(stored: int, out: int) -> int:
+    """Side of the blocks averaged before sampling: half the stored-to-input ratio where it divides."""
+    block = stored // (2 * out)
+    return block if block > 1 and stored % (2 * out) == 0 else 1
+
+
 def _lesion_inputs(image, mask, zoom_max, rng, cfg, out: int, train: bool):
     """[S, N, N, N] uint8 image and mask -> [S, out, out, out, 2] floats (voxels / 255)."""
     stored = image.shape[-1]
@@ -84,8 +101,11 @@ def _lesion_inputs(image, mask, zoom_max, rng, cfg, out: int, train: bool):
     else:
         matrix, offset = jnp.eye(3), jnp.zeros(3)
     if train or out != stored:
-        coords = _source_coords(matrix, offset, stored, out)
-        image, mask = _resample(image, coords), _resample(mask, coords)
+        block = _pool_block(stored, out)
+        if block > 1:
+            image, mask = _block_sums(image, block), _block_sums(mask, block)
+        coords = _source_coords(matrix, offset, stored // block, out)
+        image, mask = (_resample(v, coords) / block**3 for v in (image, mask))
     image, mask = image.astype(jnp.float32) / 255.0, mask.astype(jnp.float32) / 255.0
     if train:
         num_seq = image.shape[0]
