@@ -119,8 +119,9 @@ def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
     # Against the global step: one point per epoch, at the end of the epoch.
     rate = dict(scalars["fold0/train/learning_rate"])
     assert sorted(rate) == [steps_per_epoch * (e + 1) for e in range(config.train.epochs)]
+    # The fold's own schedule, at the epoch's last update.
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    assert rate[steps_per_epoch] == pytest.approx(float(schedule(steps_per_epoch)), rel=1e-5)
+    assert rate[steps_per_epoch] == pytest.approx(float(schedule(steps_per_epoch - 1)), rel=1e-5)
     for tag in ("grad_norm", "param_norm", "steps_per_s", "lesions_per_s", "loss"):
         values = [v for _, v in scalars[f"fold1/train/{tag}"]]
         assert len(values) == config.train.epochs and all(v > 0 for v in values), tag
