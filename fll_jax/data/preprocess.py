@@ -399,7 +399,8 @@ def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: 
         volume, centre = lesions[seq].volume, geometry[seq][0]
         coords = _cube_coords(volume.affine, centre, side, size)
         # Beyond the scan: the volume's minimum, 0 once normalised.
-        img = _resize(_sample(volume.image, coords, order=options.order, outside=volume.value_range[0]), size, order=1)
+        img = _sample(volume.image, coords, order=options.order, outside=volume.value_range[0])
+        img = _resize(img, size, order=1)
         msk = _resize(_sample(lesions[seq].mask, coords, order=0), size, order=0)
         if not msk.any():  # else the model would take the sequence for absent
             raise PreprocessError(f"lesion {record.lesion_id!r}: {seq}: no voxel of its lesion reaches the patch's "

@@ -3,10 +3,11 @@
 Every lesion's volumes are resampled once through one affine map from the output grid
 (input_size^3) into the stored patch (64^3): identity for evaluation (centre-aligned, so
 64 -> 32 is an exact 2x2x2 mean), and a random rotation, flip, shift and scale in training,
-shared by all sequences and by each image and its mask. An input at most half the stored size
-samples the stored patch averaged over blocks first (64 -> 16: 2^3 blocks, so the identity is
-an exact 4x4x4 mean), as trilinear samples alone would read 1 stored voxel in 8 and alias. Lighting change (gain and offset per
-sequence) and Gaussian noise then touch the image channel only.
+shared by all sequences and by each image and its mask. An input at most a quarter of the
+stored size samples the stored patch averaged over blocks first (64 -> 16: 2^3 blocks, so the
+identity is an exact 4x4x4 mean), as trilinear samples alone would read 1 stored voxel in 8
+and alias. Lighting change (gain and offset per sequence) and Gaussian noise then touch the
+image channel only.
 """
 from __future__ import annotations
 
