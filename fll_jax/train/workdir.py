@@ -180,13 +180,18 @@ def record_evaluated(workdir: str | Path, trained: str | Path, models: str) -> N
     write_json(Path(workdir) / EVALUATED_FILE, {"trained": str(trained), "models": models})
 
 
+def _read_evaluated(workdir: Path) -> dict:
+    return read_json(workdir / EVALUATED_FILE, "delete it and rerun the sweep: the point is evaluated again")
+
+
 def evaluated_current(workdir: str | Path, trained: str | Path) -> bool:
     """Whether the evaluate-only run in `workdir` evaluated the fold models `trained` holds now."""
-    path = Path(workdir) / EVALUATED_FILE
-    if not path.exists() or not (Path(trained) / FINGERPRINT_FILE).exists():
+    if not (Path(workdir) / EVALUATED_FILE).exists():
         return False
-    recorded = read_json(path, "delete it and rerun the sweep: the point is evaluated again").get("models")
-    return (Path(trained) / "predictions.csv").exists() and recorded == models_digest(trained)
+    try:
+        return _read_evaluated(Path(workdir)).get("models") == models_digest(trained)
+    except WorkdirError:  # the trained run is gone or unfinished
+        return False
 
 
 def check_has_models(workdir: str | Path, folds) -> None:
@@ -194,9 +199,8 @@ def check_has_models(workdir: str | Path, folds) -> None:
     has none, and an unfinished one only its folds' best checkpoints so far."""
     workdir = Path(workdir)
     if (workdir / EVALUATED_FILE).exists():
-        trained = read_json(workdir / EVALUATED_FILE, "delete it and rerun the sweep: the point is evaluated again")
         raise WorkdirError(f"{workdir} holds an evaluate-only run, which has no models of its own; they are in "
-                           f"{trained.get('trained')}")
+                           f"{_read_evaluated(workdir).get('trained')}")
     unfinished = [str(f) for f in folds if not (workdir / f"fold{f}" / "done.json").exists()]
     if unfinished or not (workdir / "metrics.json").exists():
         what = f"fold(s) {', '.join(unfinished)} not finished" if unfinished else "no metrics.json"
