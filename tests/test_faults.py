@@ -136,7 +136,7 @@ def test_damaged_best_checkpoint_is_refused_with_its_path_and_remedy(run):
 
 # 3. A stale patch cache.
 
-def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch):
+def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch, capsys):
     folder, config = run
     old = prepare_source(config)
     image = Path(old.fingerprint["lesions"]["D00_L1"]["files"]["t2w_image"]["path"])
@@ -144,8 +144,11 @@ def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch):
     nifti = nib.load(image)
     nib.save(nib.Nifti1Image(np.asarray(nifti.dataobj) * 2.0 + 50.0, nifti.affine), image)
     os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))  # as `cp -p` or rsync would leave it
+    capsys.readouterr()
     new = prepare_source(config)
     assert new.fingerprint["patches"] != old.fingerprint["patches"]
+    # Only the two lesions in that image (patient D00's) were preprocessed; the others' patches were reused.
+    assert "reused the patches of 23 of 25 lesions" in capsys.readouterr().out
     rows = {k: i for i, k in enumerate(new.patches.lesion_id)}
     assert not np.array_equal(new.patches.image[rows["D00_L1"], 0], old.patches.image[rows["D00_L1"], 0])
     np.testing.assert_array_equal(new.patches.image[rows["D11_L1"]], old.patches.image[rows["D11_L1"]])
@@ -158,6 +161,31 @@ def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch):
     config.data.manifest = str(folder / "moved" / "manifest.csv")
     monkeypatch.setattr(prepare, "preprocess_manifest", lambda *a, **k: pytest.fail("preprocessed again"))
     assert prepare_source(config).fingerprint["patches"] == new.fingerprint["patches"]
+
+
+def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_only_the_fixed_one(run, capsys):
+    folder, config = run
+    old = prepare_source(config)
+    _edit_manifest(config, lambda rs: [dataclasses.replace(r, label=3) if r.lesion_id == "D00_L1" else r for r in rs])
+    capsys.readouterr()
+    relabelled = prepare_source(config)
+    assert "reused the patches of 25 of 25 lesions" in capsys.readouterr().out
+    row = list(relabelled.patches.lesion_id).index("D00_L1")
+    assert relabelled.patches.label7[row] == 3 and old.patches.label7[row] == 0
+    np.testing.assert_array_equal(relabelled.patches.image, old.patches.image)
+    # In a new data folder one bad lesion fails the build, but the others' patches are kept.
+    config.data.root = str(folder / "other_data")
+    image = folder / "cohort" / "patients" / "D31" / "t1w.nii.gz"
+    intact = image.read_bytes()
+    _rewrite_nifti(image, lambda a: np.zeros_like(a))
+    with pytest.raises(PreprocessError, match="D31/t1w.nii.gz: image is constant"):
+        prepare_source(config)
+    assert len(list((folder / "other_data" / "lesion_patches").glob("*.npz"))) == 24
+    image.write_bytes(intact)
+    capsys.readouterr()
+    fixed = prepare_source(config)
+    assert "reused the patches of 24 of 25 lesions" in capsys.readouterr().out
+    np.testing.assert_array_equal(fixed.patches.image, relabelled.patches.image)
 
 
 # 4. Leaks the manifest's paths hide.

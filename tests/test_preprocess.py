@@ -187,6 +187,32 @@ def test_patchset_npz_round_trip(tmp_path, valid_patient):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(patches, name))
 
 
+def test_a_lesion_cache_reuses_intact_patches_and_preprocesses_damaged_ones_again(tmp_path, valid_patient,
+                                                                                  monkeypatch, capsys):
+    from fll_jax.data import preprocess
+    from fll_jax.data.lesion_cache import LesionCache
+
+    images, masks = valid_patient
+    records = [record(images, masks, patient_id=f"P{i}", lesion_id=f"L{i}", label=i) for i in range(3)]
+    cache = LesionCache(tmp_path / "cache", {f"L{i}": f"key{i}" for i in range(3)})
+    first = preprocess_manifest(records, size=8, workers=1, cache=cache)
+    damaged = tmp_path / "cache" / "key1.npz"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    made = []
+    real = preprocess._preprocess
+    monkeypatch.setattr(preprocess, "_preprocess", lambda record, *a: made.append(record.lesion_id) or real(record, *a))
+    capsys.readouterr()
+    again = preprocess_manifest(records, size=8, workers=1, cache=cache)
+    out = capsys.readouterr().out
+    assert made == ["L1"] and f"preprocessing lesion 'L1' again: {damaged}: damaged" in out
+    assert "reused the patches of 2 of 3 lesions" in out
+    for name in ("image", "mask", "patch_affine", "diameter_mm", "present", "zoom_max"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    # Patches of another size under the same key are not taken for these.
+    assert cache.load("L0", 16) is None and "image is uint8 (7, 8, 8, 8), not uint8 (7, 16, 16, 16)" in (
+        capsys.readouterr().out)
+
+
 def test_preprocessing_needs_neither_tensorflow_nor_jax():
     # TensorFlow blocked: preprocessing, folds and the numpy source still import and run.
     code = (

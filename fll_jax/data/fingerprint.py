@@ -19,6 +19,8 @@ from fll_jax.data.folds import TEST_FOLD
 
 # Entry fields that place a lesion in the protocol rather than describe its data.
 PLACEMENT = ("split", "fold")
+# Entry fields that describe a lesion but that preprocessing never reads.
+DESCRIPTIVE = ("patient_id", "label", "scanner", "background", "field_strength")
 _SHOWN = 12
 
 
@@ -82,6 +84,13 @@ def content_key(lesions: Mapping[str, dict], *extra) -> str:
     """16 hex digits naming the lesions' content (not split or fold) and `extra` settings."""
     payload = json.dumps([[[k, _content(v)] for k, v in lesions.items()], list(extra)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def patch_key(entry: Mapping, *extra) -> str:
+    """16 hex digits naming what one lesion's patches are made from: the bytes of its files, its
+    mask value, boxes and given diameter, and `extra` settings (not its id, label or metadata)."""
+    made_from = {k: v for k, v in _content(entry).items() if k not in DESCRIPTIVE}
+    return hashlib.sha256(json.dumps([made_from, list(extra)], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def describe_changes(old: Mapping[str, dict], new: Mapping[str, dict]) -> list[str]:

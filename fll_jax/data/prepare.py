@@ -5,6 +5,9 @@ Layout under config.data.root (default data/):
   file_digests.json          size and sha256 of every input file, cached by size and times
   records/<key>/             TFDS records (backend 'tfds')
   patches/<key>.npz          the same patches for the numpy backend (no TensorFlow needed)
+  lesion_patches/<k>.npz     each lesion's patches, named after what they are made from
+                             (fll_jax.data.lesion_cache), so that a changed data set
+                             preprocesses only its changed lesions
 
 <key> names the lesions' content (labels, mask values, metadata and the bytes of every image
 and mask file), the patch size and the preprocessing version, so changed images are always
@@ -21,8 +24,9 @@ import ml_collections
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
-from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints
+from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints, patch_key
 from fll_jax.data.folds import FoldError, assign_folds, given_fold_problems, given_folds
+from fll_jax.data.lesion_cache import LesionCache
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
@@ -140,12 +144,15 @@ def prepare_source(config: ml_collections.ConfigDict):
     key = fingerprint["patches"]
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
+    settings = fingerprint["preprocessing"].values()
+    cache = LesionCache(Path(data.root) / "lesion_patches",
+                        {lesion: patch_key(entry, *settings) for lesion, entry in fingerprint["lesions"].items()})
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
 
         path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow,
-                             options=options)
+                             options=options, cache=cache)
         digests.save()
         return TFDSSource(path, fold_of, fingerprint)
     npz = Path(data.root) / "patches" / f"{key}.npz"
@@ -156,7 +163,7 @@ def prepare_source(config: ml_collections.ConfigDict):
         except StateFileError as error:
             print(f"rebuilding the patch cache: {error}")
     if patches is None:
-        patches = preprocess_manifest(records, workers=data.workers, allow=allow, options=options)
+        patches = preprocess_manifest(records, workers=data.workers, allow=allow, options=options, cache=cache)
         patches.save_npz(npz)
     return NumpySource(patches, fold_of, fingerprint)
 

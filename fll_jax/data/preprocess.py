@@ -60,6 +60,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -70,6 +71,9 @@ from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
 from fll_jax.data.checks import image_problems, lesion_extent_problems, mask_value_problems, problem_report
 from fll_jax.data.patchset import PatchSet
+
+if TYPE_CHECKING:
+    from fll_jax.data.lesion_cache import LesionCache
 
 SMALL_MM, MEDIUM_MM = 16.0, 32.0  # diameter thresholds of the paper's crop rule
 SMALL_BOX_MM, MEDIUM_BOX_MM = 32.0, 64.0
@@ -202,7 +206,7 @@ def preprocess_lesion(record, size: int = PATCH_SIZE, allow: frozenset[str] = fr
 
 def preprocess_manifest(
     records: Sequence, size: int = PATCH_SIZE, workers: int = 2, allow: frozenset[str] = frozenset(),
-    options: PreprocessOptions = PreprocessOptions(),
+    options: PreprocessOptions = PreprocessOptions(), cache: LesionCache | None = None,
 ) -> PatchSet:
     """Preprocess every lesion in a process pool; the PatchSet keeps the records' order.
 
@@ -213,6 +217,9 @@ def preprocess_manifest(
             guard); a patient's lesions go to one process, which reads its files once.
         allow: data checks switched off by name.
         options: the lesion size measure, normalisation and interpolation.
+        cache: where each lesion's patches are kept (fll_jax.data.lesion_cache): the lesions
+            found there are not preprocessed again, and the others are stored there, even when
+            some lesion fails, so that a rerun after a fix preprocesses only what was fixed.
 
     Raises:
         PreprocessError: listing the problems of every lesion that cannot be preprocessed.
@@ -220,10 +227,23 @@ def preprocess_manifest(
     records = list(records)
     if not records:
         raise ValueError("no lesions to preprocess")
-    by_patient = _by_patient(records)
-    results = _map_patients([([records[i] for i in rows], size, allow, options) for rows in by_patient.values()],
+    patches = [None if cache is None else cache.load(r.lesion_id, size) for r in records]
+    todo = [i for i, patch in enumerate(patches) if patch is None]
+    by_patient = _by_patient([records[i] for i in todo])
+    results = _map_patients([([records[todo[i]] for i in rows], size, allow, options) for rows in by_patient.values()],
                             workers)
-    _raise_problems([r for patches in results for r in patches if isinstance(r, str)])
+    problems = []
+    for rows, lesions in zip(by_patient.values(), results):
+        for i, lesion in zip(rows, lesions):
+            if isinstance(lesion, LesionPatch):
+                patches[todo[i]] = lesion
+                if cache is not None:
+                    cache.save(records[todo[i]].lesion_id, lesion)
+            else:
+                problems += lesion
+    if cache is not None and len(todo) < len(records):
+        print(f"reused the patches of {len(records) - len(todo)} of {len(records)} lesions from {cache.folder}")
+    _raise_problems(problems)
 
     n = len(records)
     image = np.empty((n, len(SEQUENCES), size, size, size), np.uint8)
@@ -232,10 +252,9 @@ def preprocess_manifest(
     zoom_max = np.empty(n, np.float32)
     patch_affine = np.empty((n, len(SEQUENCES), 4, 4), np.float64)
     present = np.empty((n, len(SEQUENCES)), bool)
-    for rows, patches in zip(by_patient.values(), results):
-        for i, patch in zip(rows, patches):
-            image[i], mask[i], present[i] = patch.image, patch.mask, patch.present
-            diameter[i], patch_affine[i], zoom_max[i] = patch.diameter_mm, patch.patch_affine, patch.zoom_max
+    for i, patch in enumerate(patches):
+        image[i], mask[i], present[i] = patch.image, patch.mask, patch.present
+        diameter[i], patch_affine[i], zoom_max[i] = patch.diameter_mm, patch.patch_affine, patch.zoom_max
     label7 = np.array([r.label for r in records], np.int32)
     return PatchSet(
         image=image,
@@ -257,7 +276,7 @@ def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] =
     """Every problem preprocessing would meet in these lesions' files, without making patches."""
     by_patient = _by_patient(list(records))
     jobs = [([records[i] for i in rows], None, allow, PreprocessOptions()) for rows in by_patient.values()]
-    return _unique([p for problems in _map_patients(jobs, workers) for p in problems])
+    return _unique([p for lesions in _map_patients(jobs, workers) for problems in lesions for p in problems])
 
 
 def _by_patient(records: list) -> dict[str, list[int]]:
@@ -291,20 +310,21 @@ def _raise_problems(problems: list[str]) -> None:
         raise PreprocessError(problem_report("cannot preprocess:", problems))
 
 
-def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions]) -> list[LesionPatch | str]:
-    """All lesions of one patient, reading each file once: their patches, or with size None only
-    their checks; a bad lesion's problems (text lines) in place of its patch."""
+def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions]) -> list[LesionPatch | list[str]]:
+    """All lesions of one patient, reading each file once: per lesion its patch, or with size
+    None only its checks (an empty list); a bad lesion's problems (text lines) in place of its patch."""
     records, size, allow, options = job
-    cache: dict = {}
-    out = []
+    volumes: dict = {}
+    out: list[LesionPatch | list[str]] = []
     for record in records:
         try:
             if size is None:
-                _lesion_volumes(record, cache, allow)
+                _lesion_volumes(record, volumes, allow)
+                out.append([])
             else:
-                out.append(_preprocess(record, size, cache, allow, options))
+                out.append(_preprocess(record, size, volumes, allow, options))
         except PreprocessError as error:
-            out += str(error).splitlines()
+            out.append(str(error).splitlines())
     return out
 
 

@@ -32,6 +32,7 @@ _hide_gpus()
 import tensorflow_datasets as tfds  # noqa: E402  (after the GPUs are hidden)
 
 from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES  # noqa: E402
+from fll_jax.data.lesion_cache import LesionCache  # noqa: E402
 from fll_jax.data.patchset import PatchSet  # noqa: E402
 from fll_jax.data.preprocess import PreprocessOptions  # noqa: E402
 from fll_jax.files import StateFileError, read_json, write_json  # noqa: E402
@@ -59,11 +60,12 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
         workers: int = 2,
         allow: frozenset[str] = frozenset(),
         options: PreprocessOptions = PreprocessOptions(),
+        cache: LesionCache | None = None,
         **kwargs,
     ):
         # Set before the base class, which calls _info().
         self._records, self._size, self._workers, self._allow = records, size, workers, allow
-        self._options = options
+        self._options, self._cache = options, cache
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -95,7 +97,7 @@ class FllPatches(tfds.core.GeneratorBasedBuilder):
         if self._records is None:
             raise ValueError("FllPatches needs the manifest records to build the dataset")
         patches = preprocess_manifest(self._records, self._size, self._workers, allow=self._allow,
-                                      options=self._options)
+                                      options=self._options, cache=self._cache)
         return {SPLIT: self._generate_examples(patches)}
 
     def _generate_examples(self, patches: PatchSet):
@@ -145,6 +147,7 @@ def build_records(
     workers: int = 2,
     allow: frozenset[str] = frozenset(),
     options: PreprocessOptions = PreprocessOptions(),
+    cache: LesionCache | None = None,
 ) -> Path:
     """Preprocess the lesions into TFRecords under records_dir, once; rebuild a damaged build.
 
@@ -156,6 +159,7 @@ def build_records(
         workers: preprocessing processes.
         allow: data checks switched off by name.
         options: the preprocessing choices (part of the folder's name through the caller's key).
+        cache: each lesion's patches, reused and kept (fll_jax.data.lesion_cache).
 
     Returns:
         The dataset directory, for TFDSSource.
@@ -168,7 +172,7 @@ def build_records(
         print(f"rebuilding the records: {problem}")
         shutil.rmtree(records_dir)
     builder = FllPatches(data_dir=str(records_dir), records=records, size=size, workers=workers, allow=allow,
-                         options=options)
+                         options=options, cache=cache)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )
