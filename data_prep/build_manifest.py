@@ -16,7 +16,7 @@ from absl import app, flags
 from fll_jax.constants import SEQUENCES
 from fll_jax.data.folders import build_manifest, split_counts
 from fll_jax.data.manifest import read_manifest
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 _ROOT = flags.DEFINE_string("root", None, "The study folder: labels.csv and one folder per patient.")
 _OUT = flags.DEFINE_string("out", "", "The manifest to write (default: <root>/manifest.csv).")
@@ -41,7 +41,7 @@ def _summary(records) -> list[str]:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     with reported_as("build_manifest"):
         path = build_manifest(_ROOT.value, _OUT.value or None, test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
                               labelled=not _UNLABELLED.value, ignore_unknown_files=_IGNORE_UNKNOWN.value,

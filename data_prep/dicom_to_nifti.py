@@ -18,7 +18,7 @@ import os
 from absl import app, flags
 
 from fll_jax.data import dicom
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 PROGRAM = "dicom_to_nifti"
 _STUDY = flags.DEFINE_string("study", None, "Folder holding the study's DICOM files (searched recursively).")
@@ -35,7 +35,7 @@ flags.mark_flags_as_required(["study", "out_dir"])
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     salt = _SALT.value
     if salt is None and _ID_MAP.value is None:
         salt = os.environ.get("FLL_DICOM_SALT")

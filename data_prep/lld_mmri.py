@@ -13,7 +13,7 @@ an earlier conversion's outputs whole, once the new ones are complete.
 from absl import app, flags
 
 from fll_jax.data import lld_mmri
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 _RELEASE = flags.DEFINE_string("release", None, "The release folder (images/, labels/, classification_dataset/).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for manifest.csv, unlabelled.csv and images/.")
@@ -38,7 +38,7 @@ def _test_fold(text: str) -> int | None:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     try:
         phase_map = lld_mmri.parse_phase_map(_PHASE_MAP.value) if _PHASE_MAP.value else None
     except ValueError as e:

@@ -9,6 +9,7 @@ with --overwrite.
 from absl import app, flags
 
 from fll_jax.data import phantom
+from fll_jax.errors import no_stray_arguments
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for patients/, manifest.csv, phantom_truth.json.")
 _SCALE = flags.DEFINE_enum("scale", "quick", list(phantom.SCALES), "Cohort size (see fll_jax.data.phantom.SCALES).")
@@ -21,7 +22,7 @@ flags.mark_flag_as_required("out_dir")
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     if not 0.0 <= _ATYPICAL_RATE.value <= 1.0:
         raise app.UsageError(f"--atypical_rate must lie in [0, 1], got {_ATYPICAL_RATE.value}")
     try:

@@ -22,7 +22,7 @@ from absl import app, flags
 from fll_jax.constants import SEQUENCES, sequence_index
 from fll_jax.data.folders import write_folders
 from fll_jax.data.manifest import LesionRecord, read_manifest
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 _MANIFEST = flags.DEFINE_string("manifest", "data/phantom_quick_seed0/manifest.csv", "The phantom's manifest.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "data/phantom_folders", "New (or empty) folder for the layout.")
@@ -65,7 +65,7 @@ def _without(record: LesionRecord, sequences: set[str]) -> LesionRecord:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     dropped = _dropped(_DROP.value)
     with reported_as("phantom_to_folders"):
         records = [_without(r, dropped) for r in read_manifest(_MANIFEST.value, check_masks=False)]

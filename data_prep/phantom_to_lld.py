@@ -25,7 +25,7 @@ from fll_jax.data.folds import assign_folds
 from fll_jax.data.boxes import bounding_box
 from fll_jax.data.lld_mmri import ReleaseCase, ReleasePhase, release_oriented, write_release
 from fll_jax.data.manifest import read_manifest
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 _MANIFEST = flags.DEFINE_string("manifest", "data/phantom_quick_seed0/manifest.csv", "The phantom's manifest.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "data/lld_phantom_quick_seed0", "Folder for the release layout.")
@@ -71,7 +71,7 @@ def _unlabelled_patients(records, count: int, seed: int) -> set[str]:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     with reported_as("phantom_to_lld"):
         records = read_manifest(_MANIFEST.value, check_masks=False)
         unlabelled = _unlabelled_patients(records, _UNLABELLED.value, _SEED.value)

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fll_jax.data.prepare import check_data, prepare_source
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, folds, leaks, "
@@ -27,7 +27,7 @@ flags.DEFINE_bool("check", False, "Check the whole data set and list every probl
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)
     config = flags.FLAGS.config
     start = time.perf_counter()

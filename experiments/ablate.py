@@ -63,7 +63,9 @@ def _command() -> list[str]:
 
 
 def main(argv):
-    del argv
+    from fll_jax.errors import no_stray_arguments, reported_as
+
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if FLAGS.distributed:
@@ -72,7 +74,6 @@ def main(argv):
         jax.distributed.initialize()
     from fll_jax.ablation.points import SweepError
     from fll_jax.ablation.runner import data_sources, not_run, point_finished, run_point, run_sweep, subprocess_runner
-    from fll_jax.errors import reported_as
 
     root = Path(FLAGS.workdir)
     with reported_as("ablate"):

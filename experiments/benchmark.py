@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.random_batch import random_batch
+from fll_jax.errors import no_stray_arguments
 from fll_jax.models.conv import folds_depth
 from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
@@ -162,7 +163,7 @@ def run_variant(config, variant: str) -> dict:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     with rng_settings(FLAGS.config):
         results = [run_variant(FLAGS.config, v) for v in FLAGS.variants]
     for r in results:

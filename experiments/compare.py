@@ -19,9 +19,10 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
+    from fll_jax.errors import no_stray_arguments, reported_as
+
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)
-    from fll_jax.errors import reported_as
     from fll_jax.evaluation.comparison import Task, write_comparison
 
     with reported_as("compare"):

@@ -29,7 +29,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
+    from fll_jax.errors import no_stray_arguments, reported_as
+
+    no_stray_arguments(argv)
     # Keep the progress bar readable: library INFO logs (orbax, TFDS, TF) only on request.
     logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -44,7 +46,6 @@ def main(argv):
         print(f"{count_params(config.model, config.sequences, config.input_size):,} parameters "
               f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
         return
-    from fll_jax.errors import reported_as
     from fll_jax.train.cross_validate import cross_validate
 
     with reported_as("cross_validate"):

@@ -10,7 +10,7 @@ import json
 
 from absl import app, flags, logging
 
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 from fll_jax.saliency.explain import EXPLAINED, METHODS, SPLITS, Settings, explain_workdir, scores_markdown
 from fll_jax.saliency.integrated_gradients import BASELINES, QUADRATURES
 from fll_jax.saliency.target import HEADS, OUTPUTS
@@ -35,7 +35,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines would bury the progress bar
     settings = Settings(
         method=FLAGS.method, head=FLAGS.head, output=FLAGS.output, baseline=FLAGS.baseline, steps=FLAGS.steps,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from fll_jax.errors import no_stray_arguments
+
 flags.DEFINE_string("out", None, "Folder for the logs and figures.json.", required=True)
 flags.DEFINE_enum("scale", "paper", ["paper", "tiny"], "paper: the paper's shapes and data; tiny: test sizes.")
 flags.DEFINE_string("peer", None, "Path of the PyTorch peer's benchmark script (run with --variants torch_eager); "
@@ -81,7 +83,7 @@ def _commands(out: Path) -> dict[str, list[str]]:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     unknown = sorted(set(FLAGS.parts) - set(PARTS))
     if unknown:
         raise app.UsageError(f"--parts: unknown {', '.join(unknown)}; the parts are {', '.join(PARTS)}")

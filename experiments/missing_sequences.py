@@ -8,14 +8,14 @@ workdir/missing_at_inference.json and adds the table to report.md (fll_jax/infer
 """
 from absl import app, flags, logging
 
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 flags.DEFINE_string("workdir", "runs/demo", "A finished cross-validation workdir.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
     from fll_jax.evaluation.report import write_report
     from fll_jax.inference import missing_at_inference

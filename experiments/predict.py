@@ -22,7 +22,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from fll_jax.errors import reported_as
+from fll_jax.errors import no_stray_arguments, reported_as
 
 flags.DEFINE_string("workdir", "runs/demo", "A finished cross-validation workdir.")
 flags.DEFINE_string("manifest", None, "A manifest of the new lesions (label and split may be empty).")
@@ -76,7 +76,7 @@ def _dicom_record(out_dir: Path):
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
     from fll_jax.files import atomic_path
     from fll_jax.inference import check_out_dir, predict_records

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.random_batch import random_batch
+from fll_jax.errors import no_stray_arguments
 from fll_jax.models.conv import Conv3D, folds_depth
 from fll_jax.models.resnet3d import DTYPES, STAGE_SIZES, stage, stem
 from fll_jax.train.augment import prepare_inputs
@@ -158,7 +159,7 @@ def profile_step(config) -> list[dict]:
 
 
 def main(argv):
-    del argv
+    no_stray_arguments(argv)
     with rng_settings(FLAGS.config):
         rows = profile_stages(FLAGS.config) + profile_step(FLAGS.config)
     for row in rows:

@@ -17,8 +17,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
-    from fll_jax.errors import reported_as
+    from fll_jax.errors import no_stray_arguments, reported_as
+
+    no_stray_arguments(argv)
     from fll_jax.evaluation.readers import write_reader_study
 
     with reported_as("reader_study"):

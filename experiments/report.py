@@ -13,8 +13,9 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    del argv
-    from fll_jax.errors import reported_as
+    from fll_jax.errors import no_stray_arguments, reported_as
+
+    no_stray_arguments(argv)
     from fll_jax.evaluation.report import write_report
 
     with reported_as("report"):

@@ -49,3 +49,13 @@ def reported_as(program: str) -> Iterator[None]:
         # "Event loop is closed" noise below the message as their threads are torn down.
         sys.unraisablehook = lambda unraisable: None
         raise SystemExit(f"{program}: {error}") from None
+
+
+def no_stray_arguments(argv: list[str]) -> None:
+    """Refuse words left after the flags: absl reads `--restart False` as --restart and a stray
+    'False', so a boolean flag would silently mean true."""
+    if len(argv) > 1:
+        from absl import app
+
+        raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])} (a boolean flag is set as --flag=false or "
+                             "--noflag, not with a separate word)")

@@ -389,6 +389,17 @@ def test_entry_point_prints_the_problem_without_a_traceback(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "new").exists()
 
 
+def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
+    # absl reads `--restart False` as --restart plus a stray word: the finished run would be deleted.
+    folder, _ = run
+    before = results(folder / "run")
+    command = [sys.executable, "experiments/cross_validate.py", "--config", "configs/quick.py", "--workdir",
+               str(folder / "run"), "--restart", "False"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "unexpected argument(s): False" in done.stderr
+    assert results(folder / "run") == before
+
+
 # No hidden state.
 
 def test_fold_settings_reuse_the_patches_and_the_phantom_has_its_own_seed(run, monkeypatch):
