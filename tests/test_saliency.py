@@ -213,6 +213,34 @@ def test_randomisation_helpers(tiny):
     m = np.random.default_rng(0).standard_normal((3, 4, 4, 4))
     assert scoring.randomisation_correlation(m, 2 * m) == pytest.approx(1.0)
     assert abs(scoring.randomisation_correlation(m, np.random.default_rng(1).standard_normal(m.shape))) < 0.2
+    # A sequence the input lacks is zero in both maps: ranked, its ties would pass for agreement.
+    a, b = m.copy(), np.random.default_rng(1).standard_normal(m.shape)
+    a[1:], b[1:] = 0.0, 0.0
+    assert scoring.randomisation_correlation(a, b) > 0.5
+    assert abs(scoring.randomisation_correlation(a, b, present=np.array([True, False, False]))) < 0.3
+
+
+def test_a_class_index_outside_the_head_is_refused(tiny):
+    model, variables, x, _ = tiny
+    binary = ClassScore.from_model(model, variables[0], head="binary")
+    with pytest.raises(ValueError, match="class index 2: the binary head's classes are 0 to 1"):
+        integrated_gradients(binary, x, index=2, steps=2)
+    with pytest.raises(ValueError, match="class index 7: the seven head's classes are 0 to 6"):
+        grad_cam(ClassScore.from_model(model, variables[0]), x, USED, index=7)
+
+
+def test_a_runs_hidden_sequences_are_hidden_from_the_explained_input():
+    from fll_jax.saliency.explain import input_present, lesion_input
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 255, (len(SEQUENCES), SIZE, SIZE, SIZE), dtype=np.uint8)
+    mask = np.zeros_like(image)
+    mask[:, 4:12, 4:12, 4:12] = 255
+    config = tiny_config("sequences=t2w+lap", size=SIZE)
+    assert input_present(lesion_input(image, mask, config)).tolist() == [True, True]
+    config.evaluation.hidden_sequences = ("lap",)
+    x = lesion_input(image, mask, config)
+    assert input_present(x).tolist() == [True, False] and not x[1].any() and x[0, ..., 0].any()
 
 
 # --- outputs -----------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, sequence_index, to_binary
+from fll_jax.constants import (
+    BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, SEQUENCES, sequence_index, to_binary,
+)
 from fll_jax.data import prepare
 from fll_jax.data.checks import parse_allow
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_lesion
@@ -59,6 +61,7 @@ from fll_jax.saliency.scoring import (
 )
 from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
+from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import rng_settings, seq_indices
 from fll_jax.train.workdir import check_same_data, models_digest
 
@@ -118,9 +121,17 @@ class LesionMap:
 
 
 def lesion_input(image: np.ndarray, mask: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-    """Network input [S_used, M, M, M, 2] from one lesion's stored uint8 patches [7, N, N, N]."""
-    batch = {"image": np.asarray(image)[None], "mask": np.asarray(mask)[None]}
+    """Network input [S_used, M, M, M, 2] from one lesion's stored uint8 patches [7, N, N, N], with
+    the run's evaluation.hidden_sequences hidden (zeros), as its predictions were made."""
+    hidden = (config.get("evaluation") or {}).get("hidden_sequences") or ()
+    batch = hide_sequences({"image": np.asarray(image)[None], "mask": np.asarray(mask)[None],
+                            "present": np.ones((1, len(SEQUENCES)), bool)}, hidden)
     return np.asarray(prepare_inputs(batch, seq_indices(config), config.input_size))[0]
+
+
+def input_present(x: np.ndarray) -> np.ndarray:
+    """bool [S]: the sequences of a network input [S, D, H, W, 2] that it holds (a lesion mask)."""
+    return np.asarray(x)[..., 1].reshape(len(x), -1).max(axis=1) > 0
 
 
 def attribution_map(
@@ -324,7 +335,8 @@ def _explain_record(record, config, model_name: str, pred: int, model_score: Cla
         row[f"occlusion_{r['sequence']}"] = r["occlusion_drop"]
     if random_score is not None:
         random_map = attribution_map(random_score, x, sequences, settings, lesion.index)[0]
-        row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map)
+        row["randomisation_spearman"] = randomisation_correlation(lesion.attributions, random_map,
+                                                                  present=input_present(x))
         row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, region)
     caption = f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} (p = {row['p_predicted']:.2f})"
     gradcam = None if settings.method == "gradcam" else grad_cam(model_score, x, sequences, index=lesion.index)
@@ -349,7 +361,7 @@ def write_lesion_maps(folder: Path, record, x: np.ndarray, lesion: LesionMap, af
     gradcam: a Grad-CAM map [S, D, H, W] drawn as overlay_gradcam.png on the overlay's slice.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    present = [i for i, s in enumerate(sequences) if s in record.images]
+    present = np.flatnonzero(input_present(x)).tolist()  # not the lesion's absent or the run's hidden sequences
     axis = axial_axis(affines[present[0]])
     shown = lesion_figure(x[..., 0], x[..., 1], lesion.attributions, sequences, folder / OVERLAY, title=title, axis=axis)
     if gradcam is not None:

@@ -272,8 +272,15 @@ def lesion_focus(attributions: np.ndarray, region: np.ndarray) -> tuple[float, f
     return (float(attributions[region].sum() / total) if total > 0 else float("nan")), float(region.mean())
 
 
-def randomisation_correlation(trained: np.ndarray, randomised: np.ndarray, *, absolute: bool = True) -> float:
-    """Spearman rank correlation of two maps (absolute values by default, as Adebayo et al.)."""
+def randomisation_correlation(trained: np.ndarray, randomised: np.ndarray, *, absolute: bool = True,
+                              present: np.ndarray | None = None) -> float:
+    """Spearman rank correlation of two maps [S, ...] (absolute values by default, as Adebayo et al.).
+
+    present: bool [S], the sequences to rank (default all): a sequence the input lacks is zero in
+    both maps, and its block of tied zeros would pull the correlation towards 1.
+    """
+    if present is not None:
+        trained, randomised = np.asarray(trained)[present], np.asarray(randomised)[present]
     a, b = np.ravel(trained), np.ravel(randomised)
     if absolute:
         a, b = np.abs(a), np.abs(b)

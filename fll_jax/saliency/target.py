@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fll_jax.constants import BINARY_CLASSES, NUM_CLASSES
+
 HEADS = {"binary": "logits2", "seven": "logits7"}
 OUTPUTS = ("prob", "logit")
 
@@ -202,5 +204,8 @@ class ClassScore:
     def resolve_index(self, x: np.ndarray, index: int | None) -> int:
         """The explained class: the given one, or the (ensemble's) predicted one."""
         if index is not None:
+            classes = NUM_CLASSES if self.head == "seven" else len(BINARY_CLASSES)
+            if not 0 <= int(index) < classes:
+                raise ValueError(f"class index {index}: the {self.head} head's classes are 0 to {classes - 1}")
             return int(index)
         return int(np.argmax(self.predict(x)))
