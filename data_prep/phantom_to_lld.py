@@ -65,6 +65,8 @@ def _official_folds(records, unlabelled: set[str], seed: int) -> dict[str, int |
 
 def _unlabelled_patients(records, count: int, seed: int) -> set[str]:
     test = sorted({r.patient_id for r in records if r.split == "test"})
+    if count < 0:
+        raise app.UsageError(f"--unlabelled {count}: must be 0 or more")
     if count > len(test) - 1:
         raise app.UsageError(f"--unlabelled {count}: the phantom has {len(test)} test patients and fold 5 needs one")
     return set(np.random.default_rng(seed).permutation(test)[:count].tolist())

@@ -164,6 +164,8 @@ def run_variant(config, variant: str) -> dict:
 
 def main(argv):
     no_stray_arguments(argv)
+    for variant in FLAGS.variants:  # all checked before any is measured
+        apply_variant(FLAGS.config, variant)
     with rng_settings(FLAGS.config):
         results = [run_variant(FLAGS.config, v) for v in FLAGS.variants]
     for r in results:

@@ -36,6 +36,9 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     config = FLAGS.config
+    given = [f"--{name}" for name in ("coordinator", "num_processes", "process_id") if FLAGS[name].present]
+    if given and not FLAGS.distributed:  # else every host would run the whole job into one workdir
+        raise app.UsageError(f"{', '.join(given)} take effect only with --distributed")
     if FLAGS.distributed:
         import jax
 

@@ -67,8 +67,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         need(config.augment.scale_min <= config.augment.scale_max, "augment.scale_min", "must be <= augment.scale_max")
         need(config.loss.binary_weight + config.loss.multiclass_weight > 0, "loss.binary_weight",
              "and loss.multiclass_weight cannot both be 0")
-        need(config.loss.label_smoothing < 1 and config.model.dropout < 1, "loss.label_smoothing",
-             "and model.dropout must be < 1")
+        for path in ("loss.label_smoothing", "model.dropout"):
+            need(_get(config, path) < 1, path, "must be < 1")
     for path in ("augment.random_dilation", "train.resident_data"):
         need(isinstance(_get(config, path), bool), path, "must be true or false")
     rule, confidence = config.evaluation.interval_rule, config.evaluation.confidence
@@ -81,8 +81,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     need(set(hidden) <= set(config.sequences) and len(set(hidden)) < len(config.sequences),
          "evaluation.hidden_sequences", "must name sequences of the config's sequences, and not all of them")
     weights = tuple(config.loss.class_weights)
-    need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)),
-         "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0")
+    need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)
+                         and sum(weights) > 0),
+         "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0, not all 0")
 
     num_folds = config.data.num_folds
     need(isinstance(num_folds, int) and num_folds >= 2, "data.num_folds", "must be an integer >= 2")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fll_jax.config_check import ConfigError
+from fll_jax.config_check import ConfigError, check_config
 from fll_jax.data import prepare
 from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source
@@ -347,6 +347,13 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     with pytest.raises(ConfigError, match="data.scale = 'medium': must be one of quick, paper"):
         cross_validate(tiny_config("scale=medium"), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    bad = tiny_config()
+    bad.model.dropout, bad.loss.class_weights = 1.0, (0.0,) * 7  # weights of 0 would leave the 7-way head untrained
+    with pytest.raises(ConfigError) as error:
+        check_config(bad)
+    assert "model.dropout = 1.0: must be < 1" in str(error.value) and "label_smoothing" not in str(error.value)
+    assert "loss.class_weights = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0): must be empty or 7 finite weights >= 0, not all 0" in (
+        str(error.value))
 
 
 def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):
@@ -398,6 +405,9 @@ def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and "unexpected argument(s): False" in done.stderr
     assert results(folder / "run") == before
+    # Likewise a process's place in a multi-process run without --distributed.
+    done = subprocess.run([*command[:5], "--count_params", "--process_id", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "--process_id take effect only with --distributed" in done.stderr
 
 
 # No hidden state.
