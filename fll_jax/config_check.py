@@ -5,7 +5,7 @@ import math
 
 import ml_collections
 
-from fll_jax.constants import NUM_CLASSES
+from fll_jax.constants import NUM_CLASSES, SEQUENCES
 
 
 class ConfigError(ValueError):
@@ -77,6 +77,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     dropout = config.train.sequence_dropout
     need(not isinstance(dropout, (int, float)) or dropout < 1, "train.sequence_dropout",
          "must be < 1 (a lesion always keeps one sequence)")
+    used = tuple(config.sequences)
+    canonical = tuple(s for s in SEQUENCES if s in used)
+    # One order per subset: a sweep would otherwise train ('dwi', 't2w') beside ('t2w', 'dwi').
+    need(len(canonical) != len(used) or used == canonical, "sequences", f"must be in the order {', '.join(canonical)}")
     hidden = tuple(config.evaluation.hidden_sequences)
     need(set(hidden) <= set(config.sequences) and len(set(hidden)) < len(config.sequences),
          "evaluation.hidden_sequences", "must name sequences of the config's sequences, and not all of them")

@@ -349,11 +349,13 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     assert not (tmp_path / "new").exists()
     bad = tiny_config()
     bad.model.dropout, bad.loss.class_weights = 1.0, (0.0,) * 7  # weights of 0 would leave the 7-way head untrained
+    bad.sequences = ("dwi", "t2w", "lap")
     with pytest.raises(ConfigError) as error:
         check_config(bad)
     assert "model.dropout = 1.0: must be < 1" in str(error.value) and "label_smoothing" not in str(error.value)
     assert "loss.class_weights = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0): must be empty or 7 finite weights >= 0, not all 0" in (
         str(error.value))
+    assert "sequences = ('dwi', 't2w', 'lap'): must be in the order t2w, dwi, lap" in str(error.value)
 
 
 def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):
