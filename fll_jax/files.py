@@ -85,6 +85,29 @@ def read_json(path: str | Path, remedy: str) -> Any:
         raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error}); {remedy}") from None
 
 
+def write_npz(path: str | Path, arrays: dict) -> Path:
+    """Named arrays in one uncompressed .npz (patches compress poorly), atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
+    return Path(path)
+
+
+def read_npz(path: str | Path) -> dict:
+    """Every array of an .npz; StateFileError naming the file when it is damaged (the zip format's
+    CRC-32 finds flipped bytes as well as truncation)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error})") from None
+
+
 def write_csv(frame, path: str | Path) -> Path:
     """A pandas DataFrame as CSV, without its index."""
     with atomic_path(path) as tmp:

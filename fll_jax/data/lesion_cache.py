@@ -8,7 +8,6 @@ A damaged or mismatched file is reported and its lesion preprocessed again.
 """
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from fll_jax.constants import SEQUENCES
 from fll_jax.data.preprocess import LesionPatch
-from fll_jax.files import StateFileError, atomic_path
+from fll_jax.files import StateFileError, read_npz, write_npz
 
 _ARRAYS = ("image", "mask", "patch_affine", "present")
 _SCALARS = ("diameter_mm", "zoom_max")
@@ -45,8 +44,7 @@ class LesionCache:
         """Store the lesion's patches under its key, atomically."""
         path = self._path(lesion_id)
         if path is not None:
-            with atomic_path(path) as tmp:
-                np.savez(tmp, **{name: getattr(patch, name) for name in _ARRAYS + _SCALARS})
+            write_npz(path, {name: getattr(patch, name) for name in _ARRAYS + _SCALARS})
 
     def _path(self, lesion_id: str) -> Path | None:
         key = self._keys.get(lesion_id)
@@ -55,11 +53,10 @@ class LesionCache:
 
 def _read(path: Path, size: int) -> LesionPatch:
     """A LesionPatch written by LesionCache.save; StateFileError naming the file if it is not one."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            fields = {name: data[name] for name in _ARRAYS + _SCALARS}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error})") from None
+    fields = read_npz(path)
+    missing = [name for name in _ARRAYS + _SCALARS if name not in fields]
+    if missing:
+        raise StateFileError(f"{path}: not a lesion's patches, missing {', '.join(missing)}")
     volume = (len(SEQUENCES),) + (size,) * 3
     expected = {"image": (volume, np.uint8), "mask": (volume, np.uint8),
                 "patch_affine": ((len(SEQUENCES), 4, 4), np.float64), "present": ((len(SEQUENCES),), np.bool_)}

@@ -6,12 +6,11 @@ sources assign folds when they are made, so other fold settings reuse the same p
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from fll_jax.files import StateFileError, atomic_path
+from fll_jax.files import StateFileError, read_npz, write_npz
 
 # Array fields in a fixed order; strings are numpy unicode arrays so npz needs no pickle.
 _FIELDS = (
@@ -68,23 +67,14 @@ class PatchSet:
         return {name: getattr(self, name)[rows] for name in _FIELDS}
 
     def save_npz(self, path: str | Path) -> Path:
-        """Write all fields to one uncompressed .npz, atomically (fast to load; patches compress poorly)."""
-        with atomic_path(path) as tmp:
-            np.savez(tmp, **{name: getattr(self, name) for name in _FIELDS})
-        return Path(path)
+        """Write all fields to one uncompressed .npz, atomically."""
+        return write_npz(path, {name: getattr(self, name) for name in _FIELDS})
 
     @classmethod
     def load_npz(cls, path: str | Path) -> "PatchSet":
-        """Read a PatchSet written by save_npz; a damaged file raises StateFileError naming it.
-
-        The zip format checks every array's CRC-32, so flipped bytes are found as well as truncation.
-        """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in _FIELDS if name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise StateFileError(f"{path}: damaged ({type(error).__name__}: {error})") from None
+        """Read a PatchSet written by save_npz; a damaged file raises StateFileError naming it."""
+        arrays = read_npz(path)
         missing = [name for name in _FIELDS if name not in arrays]
         if missing:
             raise StateFileError(f"{path}: not a PatchSet file, missing {', '.join(missing)}")
-        return cls(**arrays)
+        return cls(**{name: arrays[name] for name in _FIELDS})
