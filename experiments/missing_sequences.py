@@ -3,7 +3,8 @@
   python experiments/missing_sequences.py --workdir runs/demo
 
 For the config's sequences one by one, every test lesion loses that sequence (zero features and
-a presence flag, as a lesion without it would be seen); no retraining. Writes
+a presence flag, as a lesion without it would be seen); no retraining. Sequences the run's
+evaluation hides (evaluation.hidden_sequences) stay hidden in every row. Writes
 workdir/missing_at_inference.json and adds the table to report.md (fll_jax/inference.py).
 """
 from absl import app, flags, logging
@@ -24,6 +25,8 @@ def main(argv):
         result = missing_at_inference(FLAGS.workdir)
         write_report(FLAGS.workdir)
     print(f"trained with sequence dropout {result['sequence_dropout']:g}")
+    if result["hidden_by_run"]:
+        print(f"{', '.join(result['hidden_by_run'])} hidden in every row, as in the run's evaluation")
     for row in result["rows"]:
         auc = "-" if row["auc_binary"] is None else f"{row['auc_binary']:.3f}"
         print(f"hidden {row['hidden']:>5}: n {row['n']}, ACC 7-way {row['accuracy_7way']:.3f}, "

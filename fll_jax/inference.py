@@ -13,7 +13,8 @@ plus presence flags, as in training); the output's `missing` column says which, 
 notes when the model never saw an absent sequence in training.
 
 missing_at_inference(workdir) measures what each sequence is worth to a trained ensemble: its
-test metrics with that sequence hidden from every test lesion, without retraining.
+test metrics with that sequence hidden from every test lesion (besides the run's own hidden
+ones), without retraining.
 
 Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
 sequences, the predicted class and both heads' probabilities), challenge.json (the LLD-MMRI
@@ -214,11 +215,13 @@ def write_saliency(ensemble: Ensemble, records: Sequence, patches: PatchSet, fol
                               settings.method, title, f"{record.lesion_id}: {CLASSES[lesion.index]} (ig)")
 
 
-def missing_at_inference(workdir: str | Path) -> dict:
-    """The ensemble's test metrics with all sequences, then with each used sequence hidden from
-    every test lesion (no retraining); written to workdir/missing_at_inference.json.
+def missing_at_inference(workdir: str | Path, source=None) -> dict:
+    """The ensemble's test metrics as the run was evaluated, then with each further used sequence
+    hidden from every test lesion (no retraining); written to workdir/missing_at_inference.json.
 
-    The data must be those the run was trained on (checked against its fingerprint).
+    The run's own evaluation.hidden_sequences stay hidden in every row (the "none" row is the
+    run's report), and get no row of their own. The data must be those the run was trained on
+    (checked against its fingerprint); `source` defaults to the run config's data.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -228,13 +231,14 @@ def missing_at_inference(workdir: str | Path) -> dict:
     workdir = Path(workdir)
     ensemble = load_ensemble(workdir)
     config = ensemble.config
-    source = prepare_source(config)
+    source = source or prepare_source(config)
     check_same_data(workdir, source.fingerprint)
+    by_run = list((config.get("evaluation") or {}).get("hidden_sequences") or ())
     rows = []
-    for hidden in (None, *config.sequences):
+    for hidden in (None, *(s for s in config.sequences if s not in by_run)):
         p2, p7, label7 = [], [], []
         for batch in source.eval_batches("test", config.train.eval_batch_size):
-            q2, q7 = ensemble.batch_probabilities(hide_sequences(batch, [hidden] if hidden else []))
+            q2, q7 = ensemble.batch_probabilities(hide_sequences(batch, by_run + ([hidden] if hidden else [])))
             p2.append(q2)
             p7.append(q7)
             label7.append(batch["label7"][batch["valid"]])
@@ -246,7 +250,7 @@ def missing_at_inference(workdir: str | Path) -> dict:
             "accuracy_2way": float(np.mean(p2.argmax(1) == label2)),
             "auc_binary": float(roc_auc_score(label2, p2[:, 1])) if len(set(label2)) == 2 else None,
         })
-    result = {"sequence_dropout": float(config.train.sequence_dropout), "rows": rows}
+    result = {"sequence_dropout": float(config.train.sequence_dropout), "hidden_by_run": by_run, "rows": rows}
     write_json(workdir / "missing_at_inference.json", result)
     return result
 

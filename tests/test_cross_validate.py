@@ -130,3 +130,28 @@ def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
     assert "fold0/val/accuracy_7way" in scalars
     # The settings as hparams, with the test scores beside them.
     assert "test/accuracy_7way" in scalars and list((workdir / "tensorboard" / "hparams").glob("events.*"))
+
+
+def test_hiding_each_sequence_keeps_the_runs_own_hidden_sequences_hidden(run, tmp_path):
+    """missing_sequences.py on a run evaluated without LAP: every row also lacks LAP, so its
+    "none" row is the run's report, not the ensemble with LAP."""
+    import shutil
+
+    from fll_jax.evaluation.report import write_report
+    from fll_jax.inference import missing_at_inference
+
+    config, workdir, source, _, _ = run
+    full = {row["hidden"]: row for row in missing_at_inference(workdir, source)["rows"]}
+    assert list(full) == ["none", *config.sequences]
+    hiding = tmp_path / "hiding"
+    shutil.copytree(workdir, hiding)
+    stored = json.loads((hiding / "config.json").read_text())
+    stored["evaluation"]["hidden_sequences"] = ["lap"]
+    (hiding / "config.json").write_text(json.dumps(stored))
+    result = missing_at_inference(hiding, source)
+    rows = {row["hidden"]: row for row in result["rows"]}
+    assert result["hidden_by_run"] == ["lap"] and list(rows) == ["none", *(s for s in config.sequences if s != "lap")]
+    assert rows["none"] == {**full["lap"], "hidden": "none"}
+    assert rows["none"] != {**full["none"], "hidden": "none"}
+    write_report(hiding)
+    assert "besides LAP (hidden in every row" in (hiding / "report.md").read_text()

@@ -146,7 +146,9 @@ def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
     path = workdir / "missing_at_inference.json"
     if path.exists():
         result = read_json(path, "rerun experiments/missing_sequences.py")
-        lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference, "
+        by_run = [SEQUENCE_NAMES[s] for s in result.get("hidden_by_run", [])]
+        also = f" besides {', '.join(by_run)} (hidden in every row, as in this run's evaluation)" if by_run else ""
+        lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference{also}, "
                   f"no retraining (trained with sequence dropout {result['sequence_dropout']:g}; "
                   "experiments/missing_sequences.py):", ""]
         rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), format_value(r["accuracy_7way"]),
