@@ -6,13 +6,15 @@
 The readers CSV has columns reader_id, group, lesion_id, predicted_class (class name or 0-6);
 reader ids that would share a figure's file name (e.g. 'R 1' and 'R_1', or 'model') are refused.
 Writes workdir/reader_study.md, reader_study.json and figures/confusion_reader_*.png, with
-intervals at the run's evaluation.confidence, as in its report.
+intervals at the run's evaluation.confidence, as in its report; an earlier study's reader figures
+go. Simulated readers do not replace a study of real readers without --overwrite.
 """
 from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "Run directory holding predictions.csv.", required=True)
 flags.DEFINE_string("readers", None, "Readers CSV; without it, simulated readers are written and used.")
 flags.DEFINE_integer("seed", 0, "Seed of the simulated readers.")
+flags.DEFINE_bool("overwrite", False, "Let simulated readers replace a study of real readers.")
 FLAGS = flags.FLAGS
 
 
@@ -23,7 +25,7 @@ def main(argv):
     from fll_jax.evaluation.readers import write_reader_study
 
     with reported_as("reader_study"):
-        study = write_reader_study(FLAGS.workdir, FLAGS.readers, FLAGS.seed)
+        study = write_reader_study(FLAGS.workdir, FLAGS.readers, FLAGS.seed, FLAGS.overwrite)
     for group, g in study["groups"].items():
         print(f"{group}: mean accuracy {g['mean_accuracy']:.3f}, model {g['model_correct']}/{g['n_lesions']}, "
               f"McNemar exact p {', '.join(f'{p:.3f}' for p in g['mcnemar_exact_p'].values())}")

@@ -190,3 +190,23 @@ def test_reader_study_intervals_follow_the_configured_confidence(tmp_path):
     assert reader["accuracy_ci"] == pytest.approx(list(modified_wilson(correct, reader["n"], 0.9)[1:]))
     text = (workdir / "reader_study.md").read_text()
     assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI)" in text and "95%" not in text
+
+
+def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study(tmp_path):
+    """Readers R1-R6 simulated, then a real study of one reader: only its figure and the model's
+    stay. Simulated readers then do not replace the real study unless asked to."""
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    write_reader_study(workdir)
+    assert len(list((workdir / "figures").glob("confusion_reader_*.png"))) == 7
+    test = synthetic_predictions(0).query("split == 'test'")
+    pd.DataFrame({"reader_id": "Dr_A", "group": "academic", "lesion_id": test["lesion_id"],
+                  "predicted_class": test["label7"]}).to_csv(tmp_path / "readers.csv", index=False)
+    write_reader_study(workdir, tmp_path / "readers.csv")
+    figures = sorted(p.name for p in (workdir / "figures").glob("confusion_reader_*.png"))
+    assert figures == ["confusion_reader_Dr_A.png", "confusion_reader_model.png"]
+    real = {name: (workdir / name).read_bytes() for name in ("reader_study.json", "reader_study.md")}
+    with pytest.raises(FileExistsError, match=f"study of the readers in {tmp_path}/readers.csv; simulated readers "
+                                              "would replace it"):
+        write_reader_study(workdir)
+    assert {name: (workdir / name).read_bytes() for name in real} == real
+    assert write_reader_study(workdir, overwrite=True)["readers_csv"] is None

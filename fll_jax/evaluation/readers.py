@@ -28,7 +28,7 @@ from fll_jax.evaluation.figures import plot_confusion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, format_interval, format_value, modified_wilson
-from fll_jax.files import write_csv, write_json, write_text
+from fll_jax.files import read_json, write_csv, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, read_config
 
 READER_COLUMNS: tuple[str, ...] = ("reader_id", "group", "lesion_id", "predicted_class")
@@ -279,30 +279,45 @@ def reader_markdown(study: dict, source_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = None, seed: int = 0) -> dict:
+def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = None, seed: int = 0,
+                       overwrite: bool = False) -> dict:
     """Reader study of a workdir: reader_study.md, reader_study.json and figures/confusion_reader_*.png.
 
     Without readers_csv, simulated readers are written to workdir/simulated_readers.csv and used,
     and the report says so. Intervals are at the run's evaluation.confidence, as in its report.
+    The figures of an earlier study's readers go; its files are replaced only after this study
+    has been computed.
+
+    Raises:
+        FileExistsError: simulated readers would replace a study of real readers (unless overwrite).
     """
     workdir = Path(workdir)
     predictions = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
     confidence, _ = evaluation_settings(config)
+    earlier = workdir / "reader_study.json"
     if readers_csv is None:
+        real = read_json(earlier, "delete it to make a new study").get("readers_csv") if earlier.exists() else None
+        if real and not overwrite:
+            raise FileExistsError(f"{earlier} is a study of the readers in {real}; simulated readers would replace "
+                                  f"it. Give --readers {real} to redo it, or --overwrite to replace it")
         readers_csv = workdir / "simulated_readers.csv"
         simulate_readers(predictions, seed, readers_csv)
         note = f"> **Simulated readers** ({readers_csv.name}, seed {seed}): a demonstration of the analysis, not a reader study."
+        source = {"readers_csv": None, "simulated_seed": seed}
     else:
         note = f"Readers: `{readers_csv}`."
+        source = {"readers_csv": str(readers_csv)}
     if str((config.get("data") or {}).get("source", "")).lower() == "phantom":
         note += "\n\n> **Data: synthetic phantom.** These results are not evidence of clinical performance."
-    study = reader_study(predictions, load_readers(readers_csv), confidence)
+    study = {**reader_study(predictions, load_readers(readers_csv), confidence), **source}
     names = [CLASS_NAMES[c] for c in CLASSES]
     figures = workdir / "figures"
+    for stale in figures.glob("confusion_reader_*.png"):  # an earlier study's readers must not pass for this one's
+        stale.unlink()
     plot_confusion(study["model"]["confusion"], names, "Model", figures / f"confusion_reader_{MODEL_FIGURE}.png")
     for reader_id, r in study["readers"].items():
         plot_confusion(r["confusion"], names, f"{reader_id} ({r['group']})", figures / f"confusion_reader_{_file_name(reader_id)}.png")
-    write_json(workdir / "reader_study.json", study)
+    write_json(earlier, study)
     write_text(workdir / "reader_study.md", reader_markdown(study, note))
     return study
