@@ -8,7 +8,8 @@
 Points run one after another, each in a fresh process (output in WORKDIR/logs/<point>.log); a
 point finished earlier is skipped, a failed one is reported and the others go on; WORKDIR/sweep.json
 records each outcome. At the end experiments/compare.py's table and forest plot are written
-(--collect does only that, after points run elsewhere, as the SLURM scripts' last job).
+(--collect does only that, after points run elsewhere, as the SLURM scripts' last job). SLURM
+scripts are written only when every point's config passes its check on the job's GPUs.
 --config.* overrides change the base config of every point. docs/ablations.md has the details.
 """
 import os
@@ -79,8 +80,10 @@ def main(argv):
     with reported_as("ablate"):
         points = _points()
         if FLAGS.emit == "slurm":
+            from fll_jax.ablation.points import check_points
             from fll_jax.ablation.slurm import Resources, write_slurm
 
+            check_points(points, FLAGS.slurm_nodes * FLAGS.slurm_gpus_per_node)
             resources = Resources(FLAGS.slurm_nodes, FLAGS.slurm_gpus_per_node, FLAGS.slurm_cpus_per_task,
                                   FLAGS.slurm_mem, FLAGS.slurm_time, FLAGS.slurm_partition, FLAGS.slurm_account,
                                   FLAGS.slurm_parallel)

@@ -16,7 +16,7 @@ from fll_jax.saliency.integrated_gradients import BASELINES, QUADRATURES
 from fll_jax.saliency.target import HEADS, OUTPUTS
 
 flags.DEFINE_string("workdir", "runs/demo", "A cross-validation workdir (config.json and fold checkpoints).")
-flags.DEFINE_integer("num_per_class", 2, "Lesions explained per class (0: all of the split).")
+flags.DEFINE_integer("num_per_class", 2, "Lesions explained per class (0: all of the split).", lower_bound=0)
 flags.DEFINE_enum("split", "test", SPLITS, "test: the fold ensemble on test lesions; val: each development "
                   "lesion by the fold model that held it out.")
 flags.DEFINE_integer("steps", 64, "Integration steps (IG) or noise samples (SmoothGrad).")
@@ -41,6 +41,10 @@ def main(argv):
         method=FLAGS.method, head=FLAGS.head, output=FLAGS.output, baseline=FLAGS.baseline, steps=FLAGS.steps,
         quadrature=FLAGS.quadrature, chunk=FLAGS.chunk, explained=FLAGS.explain,
     )
+    try:
+        settings.check()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     with reported_as("explain"):
         summary = explain_workdir(
             FLAGS.workdir, num_per_class=FLAGS.num_per_class or None, split=FLAGS.split, score=FLAGS.score,

@@ -78,14 +78,14 @@ def _dicom_record(out_dir: Path):
 def main(argv):
     no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
-    from fll_jax.files import atomic_path
+    from fll_jax.files import atomic_path, no_empty_folder_left
     from fll_jax.inference import check_out_dir, predict_records
 
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
     if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
         # It would be read as one more patient's folder, and stay one after the run.
         raise app.UsageError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
-    with reported_as("predict"), contextlib.ExitStack() as stack:
+    with reported_as("predict"), no_empty_folder_left(out_dir), contextlib.ExitStack() as stack:
         check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else (NIFTI,) if FLAGS.dicom else ())
         # --folder's manifest, under a temporary name until the run has succeeded
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None

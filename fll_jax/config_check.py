@@ -88,6 +88,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
     need(not weights or (len(weights) == NUM_CLASSES and all(math.isfinite(w) and w >= 0 for w in weights)
                          and sum(weights) > 0),
          "loss.class_weights", f"must be empty or {NUM_CLASSES} finite weights >= 0, not all 0")
+    for path in ("seed", "data.fold_seed", "data.phantom_seed"):
+        value = _get(config, path)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, path, "must be an integer >= 0")
 
     num_folds = config.data.num_folds
     need(isinstance(num_folds, int) and num_folds >= 2, "data.num_folds", "must be an integer >= 2")

@@ -35,16 +35,29 @@ def _sequence_names(key: str, text: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=SEQUENCES.index))
 
 
+# The config-string keys that hold numbers: how each is read, and what it must be.
+_NUMBERS = {
+    "folds": (lambda text: tuple(int(f) for f in text.split("+")), "fold indices joined by +"),
+    "depth": (int, "an integer"),
+    "width": (int, "an integer"),
+    "epochs": (int, "an integer"),
+    "batch_size": (int, "an integer"),
+    "seed": (int, "an integer"),
+    "sequence_dropout": (float, "a number"),
+}
+_NUMBERS["fold"] = _NUMBERS["folds"]
+
+
 def _parse_value(key: str, text: str):
     if key in ("sequences", "hide"):
         return _sequence_names(key, text)
-    if key in ("folds", "fold"):
-        return tuple(int(f) for f in text.split("+"))
-    if key in ("depth", "width", "epochs", "batch_size", "seed"):
-        return int(text)
-    if key == "sequence_dropout":
-        return float(text)
-    return text
+    if key not in _NUMBERS:
+        return text
+    parse, expected = _NUMBERS[key]
+    try:
+        return parse(text)
+    except ValueError:
+        raise ValueError(f"config string item {key}={text}: {key} must be {expected}") from None
 
 
 def key_path(key: str) -> str:

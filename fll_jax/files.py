@@ -60,6 +60,19 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def no_empty_folder_left(path: str | Path) -> Iterator[Path]:
+    """Yields `path`; a folder the block made there and left empty (it failed early) is removed,
+    so that a failed command leaves no trace of itself."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield path
+    finally:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

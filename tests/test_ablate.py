@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from configs.ablations import base_config, fusions, loso, missing, sequences_and_fusions, single, subsets
-from fll_jax.ablation.points import BASE, SweepError, collect_points, load_sweep
+from fll_jax.ablation.points import BASE, SweepError, check_points, collect_points, load_sweep
 from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
 from fll_jax.config_string import apply_config_string
@@ -68,11 +68,16 @@ def test_sequence_sweeps_vary_the_sequences_of_the_base():
     assert [p.name for p in collect_points(missing.sweep, "quick", base)] == [BASE, "sequence_dropout=0.3"]
 
 
-def test_a_sequence_named_twice_is_refused():
+def test_a_sequence_named_twice_or_a_bad_number_is_refused():
     with pytest.raises(ValueError, match=r"hide=lap\+lap names lap more than once"):
         collect_points(lambda add, arg: add(hide=("lap", "lap")), None, base_config("quick"))
     with pytest.raises(ValueError, match=r"sequences=t2w\+dwi\+t2w\+dwi names t2w, dwi more than once"):
         apply_config_string(base_config("quick"), "sequences=t2w+dwi+t2w+dwi")
+    # A number that is not one is named by its item, not by int()'s message.
+    with pytest.raises(ValueError, match=r"^config string item seed=x: seed must be an integer$"):
+        apply_config_string(base_config("quick"), "seed=x")
+    with pytest.raises(ValueError, match=r"^config string item folds=0\+a: folds must be fold indices joined by \+$"):
+        apply_config_string(base_config("quick"), "folds=0+a")
 
 
 def test_a_bad_ablation_config_is_named(tmp_path):
@@ -236,6 +241,17 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     assert not any("sbatch" in line and "ablate_compare" in line
                    for line in write_slurm(points, tmp_path / "nocompare", command, resources, REPO, compare=False)[-1]
                    .read_text().splitlines())
+
+
+def test_slurm_points_are_checked_on_the_jobs_devices_before_any_script_is_written():
+    points = collect_points(loso.sweep, "paper", base_config("paper"))
+    check_points(points, num_devices=16)
+    # Batches of 32 do not split over 3 GPUs: every point would fail after its queue wait.
+    with pytest.raises(SweepError) as error:
+        check_points(points, num_devices=3)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "point base: invalid config:" and len([x for x in lines if x.startswith("point ")]) == len(points)
+    assert "train.batch_size = 32: must divide evenly over the 3 devices" in lines
 
 
 def test_ablate_writes_slurm_scripts_from_the_command_line(tmp_path):

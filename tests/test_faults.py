@@ -347,15 +347,29 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     with pytest.raises(ConfigError, match="data.scale = 'medium': must be one of quick, paper"):
         cross_validate(tiny_config("scale=medium"), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    # data_prep/preprocess.py's paths check the config too, before any phantom or patch is made.
+    medium = tiny_config("scale=medium")
+    medium.data.root = str(tmp_path / "data")
+    for prepare_data in (prepare_source, check_data):
+        with pytest.raises(ConfigError, match="data.scale = 'medium': must be one of quick, paper"):
+            prepare_data(medium)
+    # --check does not make a phantom to check it.
+    absent = tiny_config()
+    absent.data.root = str(tmp_path / "data")
+    assert check_data(absent) == [f"{tmp_path}/data/phantom_quick_seed0: no phantom made yet, so nothing to check "
+                                  "(the phantom is generated, not read: preprocess without --check makes it)"]
+    assert not (tmp_path / "data").exists()
     bad = tiny_config()
     bad.model.dropout, bad.loss.class_weights = 1.0, (0.0,) * 7  # weights of 0 would leave the 7-way head untrained
     bad.sequences = ("dwi", "t2w", "lap")
+    bad.data.fold_seed, bad.seed = -1, True
     with pytest.raises(ConfigError) as error:
         check_config(bad)
     assert "model.dropout = 1.0: must be < 1" in str(error.value) and "label_smoothing" not in str(error.value)
     assert "loss.class_weights = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0): must be empty or 7 finite weights >= 0, not all 0" in (
         str(error.value))
     assert "sequences = ('dwi', 't2w', 'lap'): must be in the order t2w, dwi, lap" in str(error.value)
+    assert "data.fold_seed = -1: must be an integer >= 0" in str(error.value) and "seed = True" in str(error.value)
 
 
 def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):
@@ -396,6 +410,10 @@ def test_entry_point_prints_the_problem_without_a_traceback(tmp_path):
     assert done.returncode == 1
     assert "cross_validate: invalid config:\ntrain.epochs = 0: must be an integer >= 1" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "new").exists()
+    # A saliency setting that cannot work is a usage error, named before any model is read.
+    done = subprocess.run([sys.executable, "experiments/explain.py", "--workdir", str(tmp_path / "none"), "--steps", "1"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "steps 1: ig needs at least 2" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):

@@ -95,14 +95,14 @@ def _dataset(folder, config):
 def test_the_data_check_lists_the_fold_problems_training_would_meet(tmp_path):
     config = quick.get_config()
     path = _dataset(tmp_path, config)
-    config.data.folds, config.data.num_folds = "manifest", 2
+    config.data.folds, config.data.num_folds, config.train.folds = "manifest", 2, (0, 1)
     assert check_data(config) == [f"{path}: fold column: lesion 'P{p}_L1' (patient 'P{p}'): a dev lesion with no fold"
                                   for p in range(3)]
     with pytest.raises(DataError, match="lesion 'P0_L1'"):
         describe_data(config)
-    config.data.folds, config.data.num_folds = "assigned", 4
+    config.data.folds, config.data.num_folds, config.train.folds = "assigned", 4, (0, 1, 2, 3)
     assert check_data(config) == [f"{path}: folds (data.folds 'assigned'): the dev split has 3 patient(s), "
                                   "fewer than num_folds=4"]
-    config.data.num_folds = 3
+    config.data.num_folds, config.train.folds = 3, (0, 1, 2)
     with pytest.warns(UserWarning, match="not stratified"):
         assert check_data(config) == []

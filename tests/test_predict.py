@@ -202,10 +202,15 @@ def test_only_a_finished_run_with_models_of_its_own_predicts(trained, tmp_path):
 
 
 def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
-    """It would be read as one more patient's folder, and stay one after the run."""
+    """It would be read as one more patient's folder, and stay one after the run. A failed run
+    leaves no output folder."""
     (tmp_path / "cases").mkdir()
     command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}",
                f"--folder={tmp_path / 'cases'}", f"--out_dir={tmp_path / 'cases' / 'predict'}"]
     result = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert result.returncode != 0 and "lies inside --folder" in result.stderr
     assert list((tmp_path / "cases").iterdir()) == []
+    # A run that fails (here: no labels.csv) leaves no empty output folder behind.
+    result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}"], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "no labels.csv" in result.stderr and not (tmp_path / "out").exists()

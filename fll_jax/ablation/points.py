@@ -114,3 +114,18 @@ def collect_points(sweep: Callable, arg: str | None, base: ml_collections.Config
         else:
             trained.append(Point(name, config))
     return trained + evaluated
+
+
+def check_points(points: list[Point], num_devices: int = 1) -> None:
+    """SweepError naming every point whose config would fail its check on `num_devices` devices
+    (for scripts written now and run later, where a failure costs a queue wait)."""
+    from fll_jax.config_check import ConfigError, check_config
+
+    problems = []
+    for point in points:
+        try:
+            check_config(point.config, num_devices)
+        except ConfigError as error:
+            problems.append(f"point {point.name}: {error}")
+    if problems:
+        raise SweepError("\n".join(problems))

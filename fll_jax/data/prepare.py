@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ml_collections
 
+from fll_jax.config_check import check_config
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
@@ -134,7 +135,12 @@ def preprocessing(config: ml_collections.ConfigDict) -> dict:
 
 
 def prepare_source(config: ml_collections.ConfigDict):
-    """The training/evaluation source of a config (TFDSSource or NumpySource), with its `fingerprint`."""
+    """The training/evaluation source of a config (TFDSSource or NumpySource), with its `fingerprint`.
+
+    Raises:
+        ConfigError: the config cannot run (every bad field listed), before anything is made.
+    """
+    check_config(config)
     data = config.data
     if data.backend not in BACKENDS:
         raise ValueError(f"unknown config.data.backend {data.backend!r}; known: {', '.join(BACKENDS)}")
@@ -172,8 +178,15 @@ def check_data(config: ml_collections.ConfigDict) -> list[str]:
     """Every problem of a config's data set at once (manifest, folds, leaks, files), without preprocessing.
 
     The checks are those that training would meet one at a time; an empty list means none.
-    Folds are checked on the rows that can be read.
+    Folds are checked on the rows that can be read. A phantom not made yet is not made here.
     """
+    check_config(config)
+    if config.data.source == "phantom":
+        from fll_jax.data.phantom import MANIFEST_NAME
+
+        if not (phantom_dir(config) / MANIFEST_NAME).is_file():
+            return [f"{phantom_dir(config)}: no phantom made yet, so nothing to check (the phantom is generated, "
+                    "not read: preprocess without --check makes it)"]
     path = manifest_path(config)
     try:
         records, problems = scan_manifest(path)
