@@ -280,3 +280,26 @@ def test_an_evaluate_only_point_needs_its_finished_trained_point(ran, tmp_path):
     with pytest.raises(WorkdirError, match=r"(?s)other settings.*train.epochs: 1 -> 3"):
         run_point(type(hidden)(hidden.name, other, hidden.trained), root, source)
     assert not (tmp_path / hidden.name).exists()
+    # A trained point whose fold is being trained again (its done.json not written yet) lends no models.
+    copy = shutil.copytree(root, tmp_path / "copy")
+    (copy / BASE / "fold0" / "done.json").unlink()
+    with pytest.raises(WorkdirError, match=r"unfinished run \(fold\(s\) 0 not finished\)"):
+        run_point(hidden, copy, source)
+
+
+def test_a_point_without_its_fold_models_or_with_other_report_settings_is_not_finished(ran, tmp_path):
+    """A damaged checkpoint's remedy (delete the fold folder, rerun) trains the fold again; new
+    interval settings rewrite the point's report instead of keeping the earlier one."""
+    from fll_jax.ablation.runner import point_finished
+
+    root, points, *_ = ran
+    fingerprint = synthetic_source().fingerprint
+    copy = shutil.copytree(root, tmp_path / "copy")
+    base, hidden = points[0], points[-1]
+    assert point_finished(base, copy, fingerprint) and point_finished(hidden, copy, fingerprint)
+    at_90 = base.config.copy_and_resolve_references()
+    at_90.evaluation.confidence = 0.9
+    assert not point_finished(type(base)(base.name, at_90), copy, fingerprint)
+    shutil.rmtree(copy / BASE / "fold0")
+    assert not point_finished(base, copy, fingerprint)
+    assert point_finished(hidden, copy, fingerprint)  # an evaluate-only point has no fold folders of its own

@@ -1,5 +1,6 @@
 """The sweep comparison on constructed predictions whose differences are known."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -176,3 +177,13 @@ def test_intervals_are_at_the_points_confidence_and_mixed_levels_are_refused(swe
     (tmp_path / "base" / "config.json").write_text(json.dumps({"evaluation": {"confidence": 0.9}}))
     with pytest.raises(ComparisonError, match=r"different confidence levels \('base' 0.9, 'sequences=all-lap' 0.8\)"):
         write_comparison(tmp_path, resamples=RESAMPLES)
+
+
+def test_a_comparison_without_pairs_removes_the_earlier_forest_plot(sweep, tmp_path):
+    _, calls = sweep
+    _write_points(tmp_path, {name: calls[name] for name in ("base", "sequences=all-lap")}, lambda frame: frame)
+    assert (tmp_path / "forest.png") in write_comparison(tmp_path, resamples=RESAMPLES)
+    # The reference failed on the sweep's rerun: nothing is paired, so no plot of the earlier differences stays.
+    shutil.rmtree(tmp_path / "base")
+    paths = write_comparison(tmp_path, resamples=RESAMPLES)
+    assert [p.name for p in paths] == ["comparison.md", "comparison.csv"] and not (tmp_path / "forest.png").exists()

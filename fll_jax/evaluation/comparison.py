@@ -335,7 +335,8 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path, confidence: float =
 def write_comparison(root: str | Path, reference: str | None = None, task: Task = Task(),
                      resamples: int = RESAMPLES) -> list[Path]:
     """comparison[_<pair>].md, .csv and forest[_<pair>].png in the sweep's folder, at the points'
-    confidence level (sweep_confidence); returns their paths."""
+    confidence level (sweep_confidence); returns their paths. The forest plot is left out (and an
+    earlier one removed) when no point was paired with its reference."""
     root = Path(root)
     points, trained = load_points(root)
     confidence = sweep_confidence(root, points)
@@ -344,6 +345,9 @@ def write_comparison(root: str | Path, reference: str | None = None, task: Task 
     suffix = "" if task.pair is None else f"_{task.name}"
     markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence)
     paths = [write_text(root / f"comparison{suffix}.md", markdown), write_csv(table, root / f"comparison{suffix}.csv")]
+    forest = root / f"forest{suffix}.png"
     if table["mcnemar_p"].notna().any():
-        paths.append(plot_forest(table, task, root / f"forest{suffix}.png", confidence))
+        paths.append(plot_forest(table, task, forest, confidence))
+    else:  # no point paired with its reference: an earlier comparison's plot must not pass for this one's
+        forest.unlink(missing_ok=True)
     return paths

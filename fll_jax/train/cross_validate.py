@@ -22,7 +22,9 @@ from fll_jax.train.loop import Steps, fold_steps_per_epoch, run_predictions, tra
 from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
-from fll_jax.train.workdir import check_finished, models_digest, open_run, record_evaluated, settings_fingerprint
+from fll_jax.train.workdir import (
+    check_finished, check_has_models, models_digest, open_run, record_evaluated, settings_fingerprint,
+)
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
 META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "scanner", "diameter_mm")
@@ -206,6 +208,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
         check_finished(trained, trained_config(config), source.fingerprint)
+        check_has_models(trained, config.train.folds)  # not a fold being trained again
         models = models_digest(trained)
         open_run(workdir, config, source.fingerprint)
         steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))

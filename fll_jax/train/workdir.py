@@ -140,11 +140,24 @@ def _check_run(workdir: Path, current: dict) -> None:
 
 
 def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> bool:
-    """Whether `workdir` holds a completed run (metrics.json written) of exactly this config and data."""
+    """Whether `workdir` holds a completed run (metrics.json written) of exactly this config and
+    data: with its own fold models (unless it is evaluate-only), and its report made under this
+    config's report settings."""
     workdir = Path(workdir)
     if not ((workdir / FINGERPRINT_FILE).exists() and (workdir / "metrics.json").exists()
-            and (workdir / "predictions.csv").exists()):
+            and (workdir / "predictions.csv").exists() and (workdir / CONFIG_FILE).exists()):
         return False
+    # A damaged checkpoint's remedy deletes its fold folder: that fold is to be trained again.
+    if not (workdir / EVALUATED_FILE).exists() and not all(
+            (workdir / f"fold{f}" / "done.json").exists() for f in config.train.folds):
+        return False
+    try:
+        reported = _flatten(read_config(workdir).to_dict())
+    except StateFileError:
+        return False  # a damaged config.json: the rerun writes it again
+    wanted = _flatten(json.loads(config.to_json()))
+    if any(reported.get(key) != wanted.get(key) for key in REPORT_SETTINGS):
+        return False  # rerunning rewrites the report under the new settings, without training
     return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
 
 
