@@ -226,7 +226,7 @@ def missing_at_inference(workdir: str | Path, source=None) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from fll_jax.data.prepare import prepare_source
-    from fll_jax.train.workdir import check_same_data
+    from fll_jax.train.workdir import check_same_data, models_digest
 
     workdir = Path(workdir)
     ensemble = load_ensemble(workdir)
@@ -250,7 +250,8 @@ def missing_at_inference(workdir: str | Path, source=None) -> dict:
             "accuracy_2way": float(np.mean(p2.argmax(1) == label2)),
             "auc_binary": float(roc_auc_score(label2, p2[:, 1])) if len(set(label2)) == 2 else None,
         })
-    result = {"sequence_dropout": float(config.train.sequence_dropout), "hidden_by_run": by_run, "rows": rows}
+    result = {"sequence_dropout": float(config.train.sequence_dropout), "hidden_by_run": by_run, "rows": rows,
+              "models": models_digest(workdir)}
     write_json(workdir / "missing_at_inference.json", result)
     return result
 

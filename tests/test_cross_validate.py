@@ -155,3 +155,9 @@ def test_hiding_each_sequence_keeps_the_runs_own_hidden_sequences_hidden(run, tm
     assert rows["none"] != {**full["none"], "hidden": "none"}
     write_report(hiding)
     assert "besides LAP (hidden in every row" in (hiding / "report.md").read_text()
+    # Once the run's models change (a fold trained again), the table is no longer shown as theirs.
+    predictions = (hiding / "predictions.csv").read_text()
+    (hiding / "predictions.csv").write_text(predictions.replace("0.", "0.0", 1))
+    write_report(hiding)
+    report = (hiding / "report.md").read_text()
+    assert "was not made with this run's fold models" in report and "besides LAP" not in report

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCES, to_binary
 from fll_jax.data.preprocess import preprocess_lesion
+from fll_jax.evaluation.report import write_report
 from fll_jax.files import write_json
 from fll_jax.saliency import outputs, scoring
 from fll_jax.saliency.gradcam import grad_cam
@@ -496,6 +497,10 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
                                                ("p6/l1", "val", 1, 6, 3)])
     with pytest.raises(FileExistsError, match="this one before it was trained again"):
         explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16))
+    # The report no longer shows them as this run's maps.
+    write_report(run)
+    report = (run / "report.md").read_text()
+    assert "`explain/test/` was made with other fold models" in report and "importance_by_class.png" not in report
 
     # Images changed since training: the run's models are not applied to them.
     from fll_jax.train.workdir import WorkdirError

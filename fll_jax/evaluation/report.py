@@ -19,7 +19,7 @@ from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_s
 from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
-from fll_jax.train.workdir import CONFIG_FILE, read_config
+from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, models_digest, read_config
 
 ROW_NAMES = {
     "accuracy": "ACC", "sensitivity": "Sensitivity", "specificity": "Specificity",
@@ -144,17 +144,20 @@ def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
         lines += ["Lesions lacking each sequence (one the model uses enters as zero features and a presence flag):", "",
                   *_markdown_table(header, rows), ""]
     path = workdir / "missing_at_inference.json"
-    if path.exists():
-        result = read_json(path, "rerun experiments/missing_sequences.py")
-        by_run = [SEQUENCE_NAMES[s] for s in result.get("hidden_by_run", [])]
-        also = f" besides {', '.join(by_run)} (hidden in every row, as in this run's evaluation)" if by_run else ""
-        lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference{also}, "
-                  f"no retraining (trained with sequence dropout {result['sequence_dropout']:g}; "
-                  "experiments/missing_sequences.py):", ""]
-        rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), format_value(r["accuracy_7way"]),
-                 format_value(r["accuracy_2way"]), format_value(r["auc_binary"])] for r in result["rows"]]
-        lines += [*_markdown_table(["hidden", "n", "ACC 7-way", "ACC 2-way", "AUC 2-way"], rows), ""]
-    return lines
+    if not path.exists():
+        return lines
+    result = read_json(path, "rerun experiments/missing_sequences.py")
+    if result.get("models") != current_models(workdir):
+        return lines + [f"`{path.name}` was not made with this run's fold models (made before a fold was trained "
+                        "again, or by an earlier version); rerun experiments/missing_sequences.py for its table.", ""]
+    by_run = [SEQUENCE_NAMES[s] for s in result.get("hidden_by_run", [])]
+    also = f" besides {', '.join(by_run)} (hidden in every row, as in this run's evaluation)" if by_run else ""
+    lines += [f"Ensemble on the test split with one sequence hidden from every test lesion at inference{also}, "
+              f"no retraining (trained with sequence dropout {result['sequence_dropout']:g}; "
+              "experiments/missing_sequences.py):", ""]
+    rows = [[SEQUENCE_NAMES.get(r["hidden"], r["hidden"]), str(r["n"]), format_value(r["accuracy_7way"]),
+             format_value(r["accuracy_2way"]), format_value(r["auc_binary"])] for r in result["rows"]]
+    return lines + [*_markdown_table(["hidden", "n", "ACC 7-way", "ACC 2-way", "AUC 2-way"], rows), ""]
 
 
 def json_safe(value):
@@ -307,6 +310,14 @@ def overlays_markdown(lesions: pd.DataFrame, overlays: dict[str, str], split: st
             *_markdown_table(header, rows)]
 
 
+def current_models(workdir: Path) -> str | None:
+    """The identity of the workdir's fold models (models_digest), None when it holds no finished run."""
+    try:
+        return models_digest(workdir)
+    except WorkdirError:
+        return None
+
+
 def saliency_markdown(workdir: Path) -> list[str]:
     """The explain job's results (workdir/explain/<split>/), for each split it was run on."""
     lines = []
@@ -315,6 +326,10 @@ def saliency_markdown(workdir: Path) -> list[str]:
         if not (folder / "summary.json").exists():
             continue
         summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
+        if (summary.get("request") or {}).get("run") != current_models(workdir):
+            lines += ["", f"### {what}", "", f"`explain/{split}/` was made with other fold models (this run before a "
+                      f"fold was trained again); rerun experiments/explain.py --split {split} --overwrite for its maps."]
+            continue
         overlays = summary.get("overlays", {"overlay.png": summary["settings"]["method"]})
         lines += ["", f"### {what}", "",
                   f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: {', '.join(overlays)}, "
