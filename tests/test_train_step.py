@@ -34,6 +34,26 @@ def test_four_devices_match_one_device_and_compile_once():
     assert int(four_state.step) == 3
 
 
+def test_a_branch_whose_sequence_no_lesion_had_keeps_its_running_averages():
+    """Batch norm's statistics of a batch without any DWI image are those of zeros: DWI's
+    running averages stay as they were, while the other branches' move."""
+    from fll_jax.constants import SEQUENCES
+
+    config = tiny_config(TRAINED)
+    config.train.sequence_dropout = 0.0  # the other branches see their images
+    batch = random_batch()
+    k = SEQUENCES.index("dwi")
+    batch["image"][:, k] = batch["mask"][:, k] = 0
+    batch["present"][:, k] = False
+    steps = build_steps(config, steps_per_epoch=10, devices=jax.devices()[:1])
+    before = jax.device_get(steps.init(jax.random.PRNGKey(0)).batch_stats)
+    _, state, _ = _run(config, jax.devices()[:1], batch, 1)
+    after = jax.device_get(state.batch_stats)
+    jax.tree.map(np.testing.assert_array_equal, after["branch_dwi"], before["branch_dwi"])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after["branch_t2w"], before["branch_t2w"])
+    assert all(jax.tree.leaves(moved))
+
+
 @pytest.mark.parametrize(
     "arg",
     [

@@ -31,7 +31,8 @@ class Branch(nn.Module):
 def _statistics_mask(present: jax.Array) -> jax.Array:
     """The samples batch norm's training statistics come from: the present images, so that the
     zeros standing in for absent sequences (missing data, sequence dropout) do not shift them;
-    all of them when none is present (their statistics are then those of zeros, not 0/0)."""
+    all of them when none is present (their statistics are then those of zeros, not 0/0, and the
+    train step keeps that branch's running averages: fll_jax.train.step.keep_unseen_statistics)."""
     return present | ~jnp.any(present)
 
 

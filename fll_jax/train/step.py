@@ -146,6 +146,19 @@ def _loss_kwargs(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def keep_unseen_statistics(old: dict, new: dict, present: jax.Array, sequences) -> dict:
+    """The updated batch-norm running averages, except a branch's whose sequence no lesion of the
+    batch had: its statistics were those of zeros, which would pull its averages away from the
+    images it normalises at inference."""
+    seen = jnp.any(present, axis=0)
+    kept = dict(new)
+    for i, seq in enumerate(sequences):
+        name = f"branch_{seq}"
+        if name in new:
+            kept[name] = jax.tree.map(lambda n, o: jnp.where(seen[i], n, o), new[name], old[name])
+    return kept
+
+
 def train_step(state: TrainState, batch: dict, schedule: Schedule, *, model: nn.Module, tx,
                config) -> tuple[TrainState, dict]:
     """One optimisation step on a global batch: augment, forward, multitask loss, AdamW at the
@@ -166,7 +179,9 @@ def train_step(state: TrainState, batch: dict, schedule: Schedule, *, model: nn.
         )
         loss, parts = multitask_loss(outputs, batch["label7"], valid=batch["valid"], **_loss_kwargs(config))
         correct = (jnp.argmax(outputs["logits7"], -1) == batch["label7"]).astype(jnp.float32)
-        return loss, (updates["batch_stats"], dict(parts, loss=loss, accuracy_7way=correct.mean()))
+        batch_stats = keep_unseen_statistics(state.batch_stats, updates["batch_stats"], outputs["present"],
+                                             config.sequences)
+        return loss, (batch_stats, dict(parts, loss=loss, accuracy_7way=correct.mean()))
 
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, schedule=schedule)
