@@ -240,6 +240,12 @@ def test_outputs_are_not_overwritten(release, tmp_path):
     with pytest.raises(FileExistsError, match="manifest.csv"):
         convert_release(root, tmp_path / "out", test_fold=None)
     assert manifest.read_bytes() == before
+    # Into the release itself, or among its images, not even with overwrite: its images/ would be replaced.
+    before = _snapshot(root)
+    for out in (root, root / "images" / "converted"):
+        with pytest.raises(ReleaseError, match="overlaps the release"):
+            convert_release(root, out, overwrite=True)
+    assert _snapshot(root) == before
 
 
 def _snapshot(folder):

@@ -247,3 +247,22 @@ def test_a_patient_in_two_given_folds(good):
     rows[0]["fold"], rows[1]["fold"], rows[2]["fold"] = "0", "1", "0"
     _rewrite(path, rows)
     _check_manifest_error(path, f"{path}:3: lesion 'A_L2'", "patient 'A' is in fold 1 here but 0 on line 2")
+
+
+def test_a_flat_image_or_a_damaged_affine_is_named_not_a_traceback(good, tmp_path):
+    """A 2-D image located by a voxel box, and an image whose affine holds NaN, each give the
+    file and the problem (the first had been an IndexError, the second blamed on the lesion)."""
+    path, _ = good
+    flat, damaged = tmp_path / "flat.nii.gz", tmp_path / "damaged.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((40, 40), 100, np.int16), np.eye(4)), flat)
+    affine = AFFINE.copy()
+    affine[0, 3] = np.nan
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), 100, np.int16), affine), damaged)
+    rows = _rows(path)
+    rows[1].update({"t2w_image": str(flat), "t2w_mask": "", "t2w_box": "10 10 0 20 20 0"})
+    rows[2].update({"adc_image": str(damaged), "adc_mask": "", "adc_box": "1 2 0 3 4 2"})
+    _rewrite(path, rows)
+    with pytest.raises(mf.ManifestError) as error:
+        mf.read_manifest(path)
+    assert f"{flat}: shape (40, 40) is not a 3-D volume" in str(error.value)
+    assert f"{damaged}: its affine holds non-finite values (a damaged header)" in str(error.value)

@@ -142,6 +142,11 @@ def _shift_affine(data, affine):
     return data, affine
 
 
+def _nan_origin(data, affine):
+    affine[0, 3] = np.nan  # a damaged header: it had been blamed on the lesion's size
+    return data, affine
+
+
 @pytest.mark.parametrize("case, which, damage, message", [
     ("missing", "images", lambda p: p.unlink(), "not found"),
     ("corrupt", "images", lambda p: p.write_bytes(b"not a nifti file"), "cannot read"),
@@ -149,6 +154,7 @@ def _shift_affine(data, affine):
     ("4d", "images", lambda p: _resave(p, lambda d, a: (np.stack([d, d], -1), a)), "expected a 3D"),
     ("shape", "masks", lambda p: _resave(p, lambda d, a: (d[:, :, :4], a)), "shape"),
     ("affine", "masks", lambda p: _resave(p, _shift_affine), "affine"),
+    ("nan_affine", "images", lambda p: _resave(p, _nan_origin), "affine holds non-finite values"),
     ("empty", "masks", lambda p: _resave(p, lambda d, a: (np.zeros_like(d), a)), "absent"),
 ])
 def test_bad_inputs_raise_errors_naming_the_file(valid_patient, case, which, damage, message):

@@ -720,7 +720,8 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
     Args:
       release_dir: the release folder (images/, labels/Annotation.json,
         classification_dataset/labels/ with labels*.txt and val_fold*.txt).
-      out_dir: receives images/<case>/<sequence>.nii.gz (the mapped phases, stored voxel values
+      out_dir: not release_dir, nor a folder in its images/ or one whose images/ holds it;
+        receives images/<case>/<sequence>.nii.gz (the mapped phases, stored voxel values
         and their scaling unchanged, geometry from the JSON), manifest.csv (one row per lesion
         of the labelled cases) and unlabelled.csv (lesions of the -1 cases; label, split and
         fold empty).
@@ -737,9 +738,15 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
       A Conversion with the written paths and counts.
 
     Raises:
-      ReleaseError: listing every problem (file, case, phase, lesion) before anything is written.
+      ReleaseError: listing every problem (file, case, phase, lesion) before anything is written;
+        out_dir overlapping release_dir.
     """
     release_dir, out_dir = Path(release_dir), Path(out_dir)
+    release, out = release_dir.resolve(), out_dir.resolve()
+    if out == release or out.is_relative_to(release / "images") or release.is_relative_to(out / "images"):
+        # The converted images/ would replace (or hold) the release's own images.
+        raise ReleaseError(f"the output folder {out_dir} overlaps the release {release_dir}'s images; write the "
+                           "conversion elsewhere (--overwrite does not change this)")
     phase_map = dict(DEFAULT_PHASE_MAP if phase_map is None else phase_map)
     annotation_paths, label_paths, fold_paths, problems = _release_files(release_dir)
     cases, names, found = _read_annotations(annotation_paths)

@@ -177,8 +177,9 @@ def _check_header(header: Sequence[str] | None, path: pathlib.Path) -> None:
         raise ManifestError(f"{path}:1: bad header: " + "; ".join(problems))
 
 
-class _MaskValueError(ValueError):
-    """A mask whose values are not integers."""
+class _FileProblem(ValueError):
+    """A readable file that cannot be used (not a 3-D volume, a damaged affine, a mask whose
+    values are not integers); the message names it."""
 
 
 class _MaskCache:
@@ -194,17 +195,25 @@ class _MaskCache:
         return self._images[path]
 
     def grid(self, path: pathlib.Path) -> tuple[tuple[int, ...], np.ndarray]:
+        """The volume's shape (trailing singleton dimensions dropped, as preprocessing does) and affine."""
         img = self._load(path)
-        return tuple(img.shape[:3]), img.affine
+        shape = tuple(img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != 3:
+            raise _FileProblem(f"{path}: shape {tuple(img.shape)} is not a 3-D volume")
+        if not np.isfinite(img.affine).all():
+            raise _FileProblem(f"{path}: its affine holds non-finite values (a damaged header): {img.affine.tolist()}")
+        return shape, img.affine
 
     def values(self, path: pathlib.Path) -> set[int]:
-        """The mask's values; _MaskValueError for non-integer ones (a soft or resampled mask)."""
+        """The mask's values; _FileProblem for non-integer ones (a soft or resampled mask)."""
         if path not in self._values:
             data = np.asarray(self._load(path).dataobj)
             problems = mask_value_problems(data, path)
             self._values[path] = problems[0] if problems else {int(v) for v in np.unique(data)}
         if isinstance(self._values[path], str):
-            raise _MaskValueError(self._values[path])
+            raise _FileProblem(self._values[path])
         return self._values[path]
 
 
@@ -215,7 +224,7 @@ def _check_mask(cache: _MaskCache, image: pathlib.Path, mask: pathlib.Path,
         image_shape, image_affine = cache.grid(image)
         mask_shape, mask_affine = cache.grid(mask)
         values = cache.values(mask)
-    except _MaskValueError as e:
+    except _FileProblem as e:
         return str(e)
     except Exception as e:  # nibabel raises several types for unreadable files
         return f"cannot read {image} or {mask}: {e}"
@@ -232,6 +241,8 @@ def _check_box(cache: _MaskCache, image: pathlib.Path, box: VoxelBox) -> str | N
     """Problem with one sequence's box for this lesion, or None."""
     try:
         shape, _ = cache.grid(image)
+    except _FileProblem as e:
+        return str(e)
     except Exception as e:  # nibabel raises several types for unreadable files
         return f"cannot read {image}: {e}"
     return voxel_box_problem(box, shape)

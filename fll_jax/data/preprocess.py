@@ -448,7 +448,9 @@ def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]
             problems.append(f"{mask_path}: mask affine differs from that of image {image_path}: "
                             f"{mask_affine.tolist()} vs {affine.tolist()}")
         labels = labels.astype(np.int32)
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+    if not np.isfinite(affine).all():
+        problems.append(f"{image_path}: its affine holds non-finite values (a damaged header): {affine.tolist()}")
+    elif abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         problems.append(f"{image_path}: singular affine {affine.tolist()}")
     if problems:
         raise PreprocessError("\n".join(problems))
