@@ -18,7 +18,8 @@ ones), without retraining.
 
 Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
 sequences, the predicted class and both heads' probabilities), challenge.json (the LLD-MMRI
-submission format, fll_jax/data/lld_mmri.py) and, with saliency, saliency/<lesion_id>/ (the
+submission format, fll_jax/data/lld_mmri.py: one entry per case, a release case's other
+lesions left out) and, with saliency, saliency/<lesion_id>/ (the
 integrated-gradients overlay, importance chart and a NIfTI map per sequence in its native grid;
 the folder is fll_jax.saliency.explain.safe_name(lesion_id)).
 """
@@ -36,7 +37,7 @@ import pandas as pd
 
 from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.checks import parse_allow, problem_report
-from fll_jax.data.lld_mmri import write_predictions_json
+from fll_jax.data.lld_mmri import case_rows, write_predictions_json
 from fll_jax.data.manifest import UNLABELLED
 from fll_jax.data.numpy_source import pad_batch
 from fll_jax.data.patchset import PatchSet
@@ -190,7 +191,8 @@ def predict_records(
         if saliency:
             write_saliency(ensemble, records, patches, maps, p7.argmax(1))
         write_csv(frame, out_dir / "predictions.csv")
-        write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].tolist(), p7)
+        cases = case_rows(frame["patient_id"].tolist(), frame["lesion_id"].tolist())
+        write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].iloc[cases].tolist(), p7[cases])
     return frame
 
 

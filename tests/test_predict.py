@@ -164,6 +164,18 @@ def test_the_runs_hidden_sequences_are_hidden_from_new_lesions(trained, monkeypa
     np.testing.assert_allclose(frame.loc[0, [f"p_{c}" for c in CLASSES]].to_numpy(float), expected, rtol=1e-5)
 
 
+def test_challenge_json_holds_one_entry_per_release_case(trained, ensemble_models, tmp_path):
+    """An LLD-MMRI case's lesion 0 is named after the case and its lesion k '<case>_<k>': the
+    submission lists cases, so lesion 'a_1' is in predictions.csv but not in challenge.json."""
+    from fll_jax.inference import predict_records
+
+    _, _, _, workdir, records = trained
+    named = [dataclasses.replace(records[0], lesion_id="a"), records[1], dataclasses.replace(records[2], lesion_id="a_1")]
+    frame = predict_records(workdir, named, tmp_path, workers=1)
+    challenge = json.loads((tmp_path / "challenge.json").read_text())
+    assert list(frame["lesion_id"]) == ["a", "b_l1", "a_1"] and [c["image_id"] for c in challenge] == ["a", "b_l1"]
+
+
 def test_a_runs_own_folder_is_never_the_output_folder(trained, ensemble_models):
     from fll_jax.inference import predict_records
 

@@ -775,6 +775,14 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
 # ----------------------------------------------------------------------------- predictions
 
 
+def case_rows(patient_ids: Sequence[str], lesion_ids: Sequence[str]) -> list[int]:
+    """The rows a submission holds: one per case. A release's case is a patient whose lesion 0 is
+    named after it (_lesion_id); its other lesions ('<case>_<k>') are not cases and are left out.
+    A patient with no lesion of its own name (a manifest of ours) keeps every lesion."""
+    named = {p for p, lesion in zip(patient_ids, lesion_ids) if lesion == p}
+    return [i for i, (p, lesion) in enumerate(zip(patient_ids, lesion_ids)) if p not in named or lesion == p]
+
+
 def write_predictions_json(path: str | Path, image_ids: Sequence[str], p7: Any) -> Path:
     """The challenge's submission file from our seven-class probabilities.
 
