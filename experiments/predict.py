@@ -9,11 +9,12 @@ A manifest may leave label and split empty; a folder follows docs/folders.md; a 
 converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
 Writes out_dir/predictions.csv and challenge.json (and saliency/ with --saliency). Lesions the
 model cannot take (another preprocessing, none of its sequences) are refused, naming each.
-An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there, or
-the nifti/ of a --dicom run) is refused before anything is converted or written. --overwrite
-replaces the outputs, and --folder's manifest.csv, once the new run has succeeded; saliency/ also
-when the new run has none; nifti/ keeps every study converted into it (a study converted again
-is replaced). An out_dir holding a cross-validation run, or inside --folder, is always refused;
+An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there) is
+refused before anything is converted or written. --overwrite replaces the outputs, and --folder's
+manifest.csv, once the new run has succeeded; saliency/ also when the new run has none. nifti/
+keeps every study converted into it: a patient converted there before is taken from its
+series.csv, with your edits (to pick one of two volumes guessed the same sequence, say), unless
+--reconvert. An out_dir holding a cross-validation run, or inside --folder, is always refused;
 so is a workdir whose run is unfinished or evaluate-only (it has no models of its own).
 """
 import contextlib
@@ -31,6 +32,9 @@ flags.DEFINE_string("dicom", None, "A DICOM study folder of one patient (needs -
 flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm (RAS+).")
 flags.DEFINE_string("salt", None, "With --dicom: the de-identification salt (default: $FLL_DICOM_SALT).")
 flags.DEFINE_string("id_map", None, "With --dicom: instead of a salt, a CSV patient_id,subject_id.")
+flags.DEFINE_string("mapping", None, "With --dicom: a site's sequence rules (docs/dicom.md), tried before the defaults.")
+flags.DEFINE_bool("reconvert", False, "With --dicom: convert the study again, replacing its earlier conversion in "
+                  "out_dir/nifti/ and any edits of its series.csv.")
 flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/predict).")
 flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in each sequence's native space.")
 flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
@@ -69,8 +73,8 @@ def _dicom_record(out_dir: Path):
     except ValueError as e:
         raise app.UsageError(f"--box_mm: {e}") from None
     salt = FLAGS.salt if FLAGS.salt or FLAGS.id_map else os.environ.get("FLL_DICOM_SALT")
-    record = dicom_record(FLAGS.dicom, out_dir / NIFTI, box, salt=salt, id_map=FLAGS.id_map,
-                          overwrite=FLAGS.overwrite)
+    record = dicom_record(FLAGS.dicom, out_dir / NIFTI, box, salt=salt, id_map=FLAGS.id_map, mapping=FLAGS.mapping,
+                          reconvert=FLAGS.reconvert)
     print(f"{record.patient_id}: " + ", ".join(f"{s} <- {p.name}" for s, p in record.images.items()))
     return record
 
@@ -86,7 +90,7 @@ def main(argv):
         # It would be read as one more patient's folder, and stay one after the run.
         raise app.UsageError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
     with reported_as("predict"), no_empty_folder_left(out_dir), contextlib.ExitStack() as stack:
-        check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else (NIFTI,) if FLAGS.dicom else ())
+        check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else ())
         # --folder's manifest, under a temporary name until the run has succeeded
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None
         frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,

@@ -259,23 +259,32 @@ def missing_at_inference(workdir: str | Path, source=None) -> dict:
 
 
 def dicom_record(study: str | Path, nifti_dir: str | Path, box_mm: Sequence[float], *, salt: str | None = None,
-                 id_map: str | Path | None = None, overwrite: bool = False):
-    """One patient's DICOM study as a lesion record: converted under nifti_dir (fll_jax/data/dicom.py),
-    a volume per sequence picked by its series.csv, the lesion given by a world box (RAS+ mm).
-    The conversion stays in nifti_dir even when the study is refused.
+                 id_map: str | Path | None = None, mapping: str | Path | None = None, reconvert: bool = False):
+    """One patient's DICOM study as a lesion record, the lesion given by a world box (RAS+ mm), a
+    volume per sequence picked by the patient's series.csv under nifti_dir.
+
+    A patient converted there before keeps that conversion, with any edits of its series.csv
+    (the remedy for an ambiguous sequence), unless reconvert; otherwise the study is converted
+    there (fll_jax/data/dicom.py, with the site's sequence rules of `mapping`) and the
+    conversion stays even when the study is then refused.
 
     Raises:
-        DicomError: the study cannot be converted, holds several patients, or a sequence is ambiguous.
+        DicomError: the study holds several patients (nothing converted), cannot be converted,
+            or a sequence is ambiguous.
     """
-    from fll_jax.data.dicom import DicomError, convert_study, read_series_table
+    from fll_jax.data.dicom import DicomError, convert_study, read_series_table, study_subjects
     from fll_jax.data.manifest import LesionRecord
 
-    results = convert_study(study, nifti_dir, salt=salt, id_map=id_map, overwrite=overwrite)
-    subjects = sorted({r.subject_id for r in results})
+    subjects = study_subjects(study, salt=salt, id_map=id_map)
     if len(subjects) != 1:
-        raise DicomError(f"{study}: holds {len(subjects)} patients; give one patient's study with its box "
-                         f"(their conversions stay in {nifti_dir}; rerun with overwrite)")
-    images = read_series_table(Path(nifti_dir) / subjects[0])
+        raise DicomError(f"{study}: holds {len(subjects)} patients; give one patient's study with its box")
+    subject_dir = Path(nifti_dir) / subjects[0]
+    if (subject_dir / "series.csv").exists() and not reconvert:
+        print(f"{subjects[0]}: its earlier conversion in {subject_dir} is used, with any edits of its series.csv "
+              "(--reconvert converts the study again)")
+    else:
+        convert_study(study, nifti_dir, salt=salt, id_map=id_map, mapping=mapping, overwrite=reconvert)
+    images = read_series_table(subject_dir)
     return LesionRecord(patient_id=subjects[0], lesion_id=f"{subjects[0]}_L1", label=UNLABELLED, mask_value=1,
                         images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
                         diameter_mm=None, split="", box_mm=tuple(box_mm))

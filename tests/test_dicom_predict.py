@@ -158,6 +158,14 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     b0 = [p for p in (tmp_path / "nifti" / subject).glob("*_b0.nii.gz")]
     assert len(b0) == 1 and np.asarray(nib.load(b0[0]).dataobj).max() == B0_SCALE * volumes["dwi"].max()
 
+    # An ambiguous guess's remedy: edit series.csv and rerun. The edit is kept, not converted over.
+    table = tmp_path / "nifti" / subject / "series.csv"
+    rows = table.read_text().splitlines()
+    t2w = next(i for i, line in enumerate(rows) if ",t2w," in line)
+    table.write_text("\n".join([*rows[:t2w], rows[t2w].replace(",t2w,", ",,"), *rows[t2w + 1:]]) + "\n")
+    assert "t2w" not in dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT).images
+    assert dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT, reconvert=True).images == record.images
+
     frame = predict_records(workdir, [record], tmp_path / "out", workers=1)
     written = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False, dtype=str)
     assert len(written) == 1
@@ -184,6 +192,7 @@ def test_a_study_of_two_patients_is_refused(tmp_path):
                  study_uid=study_uid)
     with pytest.raises(DicomError, match=re.escape(f"{study}: holds 2 patients")):
         dicom_record(study, tmp_path / "nifti", (0, 0, 0, 4, 4, 4), salt=SALT)
+    assert not (tmp_path / "nifti").exists()  # refused before anything was converted
     # One patient's study is taken.
     record = dicom_record(study / "a", tmp_path / "nifti_a", (0, 0, 0, 4, 4, 4), salt=SALT)
     assert record.patient_id == hashed_subject_id("PAT-123", SALT) and list(record.images) == ["t2w"]

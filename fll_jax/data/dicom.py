@@ -763,6 +763,31 @@ def _convert_part(part: _Part, subject_id: str, subject_dir: Path, rules: Sequen
     return SeriesResult(subject_id, stem, "written", None, nifti, sidecar, metadata)
 
 
+def _study_slices(study_dir: Path, salt: str | None) -> tuple[list[_Slice], list, Callable[[str], str]]:
+    """The study's image slices (file names scrubbed of identifiers, study labelled), the notes on
+    skipped files, and the scrubber; DicomError if there is no image."""
+    if not study_dir.is_dir():
+        raise DicomError(f"{study_dir}: not a folder")
+    slices, notes = _read_headers(study_dir)
+    scrub = _scrubber(_identifiers(slices))
+    # File paths are scrubbed once here: every message naming a file takes them from the slices.
+    slices = [dataclasses.replace(s, name=scrub(s.name), study=_study_label(s.ds, salt)) for s in slices]
+    if not slices:
+        raise DicomError(f"{study_dir}: no DICOM image with slice geometry found")
+    return slices, notes, scrub
+
+
+def study_subjects(study_dir: str | Path, *, salt: str | None = None, id_map: str | Path | None = None) -> list[str]:
+    """The subject ids of the patients whose images are under study_dir (headers read, nothing written).
+
+    Raises:
+      DicomError: as convert_study, for the salt or id map and a folder without DICOM images.
+    """
+    namer = _subject_namer(salt, id_map)
+    slices, _, _ = _study_slices(Path(study_dir), salt)
+    return sorted({namer(s) for s in slices})
+
+
 def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | None = None,
                   id_map: str | Path | None = None, mapping: str | Path | None = None, overwrite: bool = False,
                   log: Callable[[str], None] = print) -> list[SeriesResult]:
@@ -787,16 +812,9 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
     study_dir, out_dir = Path(study_dir), Path(out_dir)
     namer = _subject_namer(salt, id_map)
     rules = load_rules(mapping)
-    if not study_dir.is_dir():
-        raise DicomError(f"{study_dir}: not a folder")
-    slices, notes = _read_headers(study_dir)
-    scrub = _scrubber(_identifiers(slices))
-    # File paths are scrubbed once here: every message naming a file takes them from the slices.
-    slices = [dataclasses.replace(s, name=scrub(s.name), study=_study_label(s.ds, salt)) for s in slices]
+    slices, notes, scrub = _study_slices(study_dir, salt)
     for template, names in notes:
         log(template.format(*map(scrub, names)))
-    if not slices:
-        raise DicomError(f"{study_dir}: no DICOM image with slice geometry found")
     subjects: dict[str, list[_Slice]] = {}
     for s in slices:
         subjects.setdefault(namer(s), []).append(s)
