@@ -1,4 +1,5 @@
 """Preprocessing: world geometry through oblique anisotropic grids, the crop rule, bad inputs."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -408,3 +409,27 @@ def test_a_lesion_the_sampling_grid_misses_is_an_error_not_an_absent_sequence(tm
     images, masks = write_patient(tmp_path, (21, 21, 21), affine, [(centre, 0.1, 1)])
     with pytest.raises(PreprocessError, match="no voxel of its lesion reaches the patch's 1 mm sampling grid"):
         preprocess_lesion(record(images, masks, diameter_mm=5.0), size=SIZE)
+
+
+def test_a_mask_value_no_lesion_claims_is_refused_unless_allowed(tmp_path):
+    """A liver label beside the lesion (1 liver, 2 tumour) with a manifest naming only the
+    tumour: value 1 is no lesion's, and would have been taken for a lesion had the row kept the
+    default mask_value 1. A patient's patches kept from earlier still claim their values."""
+    from fll_jax.data.lesion_cache import LesionCache
+    from fll_jax.data.preprocess import lesion_problems
+
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    lesions = [(voxel_to_world(affine, (5, 5, 3)), 4.0, 1), (voxel_to_world(affine, (11, 11, 3)), 4.0, 2)]
+    images, masks = write_patient(tmp_path / "P0", (16, 16, 6), affine, lesions)
+    tumour = record(images, masks, lesion_id="P0_L2", mask_value=2)
+    expected = (f"lesion 'P0_L2': {masks['t2w']}: value(s) 1 mark no lesion of patient 'P0' in the manifest (its "
+                "lesions claim 2)")
+    with pytest.raises(PreprocessError, match=re.escape(expected)):
+        preprocess_manifest([tumour], size=8, workers=1)
+    assert any(p.startswith(expected) for p in lesion_problems([tumour], workers=1))
+    assert lesion_problems([tumour], workers=1, allow=frozenset({"unclaimed_mask_value"})) == []
+    both = [record(images, masks, lesion_id="P0_L1", mask_value=1), tumour]
+    cache = LesionCache(tmp_path / "cache", {"P0_L1": "one", "P0_L2": "two"})
+    preprocess_manifest(both, size=8, workers=1, cache=cache)
+    (tmp_path / "cache" / "two.npz").unlink()
+    assert preprocess_manifest(both, size=8, workers=1, cache=cache).lesion_id.tolist() == ["P0_L1", "P0_L2"]

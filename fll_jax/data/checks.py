@@ -21,6 +21,7 @@ ALLOWABLE: dict[str, str] = {
     "constant_image": "an image whose voxels all have one value",
     "large_mask": "a lesion covering more than half of its volume or touching all six faces (inverted?)",
     "shared_image": "identical image content under two patients",
+    "unclaimed_mask_value": "a mask value that no lesion of its patient claims (an organ label, or a lesion left out)",
 }
 MAX_MASK_FRACTION = 0.5
 MAX_SHOWN = 20  # problems shown in an error message; the rest are counted
@@ -83,6 +84,18 @@ def lesion_extent_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow
         return [f"{path}: lesion {lesion_id} touches all six faces of the volume (an inverted mask?)"
                 + _hint("large_mask")]
     return []
+
+
+def unclaimed_value_problems(path: Path, values: set[int], claimed: set[int], patient_id: str,
+                             allow: frozenset[str]) -> list[str]:
+    """Values of a patient's mask that none of its lesions' mask_value claims: a liver label beside
+    the lesions (1 liver, 2 tumour) would otherwise be taken for the lesion of mask_value 1."""
+    unclaimed = sorted(values - claimed - {0})
+    if "unclaimed_mask_value" in allow or not unclaimed:
+        return []
+    return [f"{path}: value(s) {', '.join(map(str, unclaimed))} mark no lesion of patient {patient_id!r} in the "
+            f"manifest (its lesions claim {', '.join(map(str, sorted(claimed)))}): an organ label, or a lesion left "
+            "out? Give each lesion its row" + _hint("unclaimed_mask_value")]
 
 
 def _found_by(r, digests: Mapping[Path, Mapping]) -> tuple:

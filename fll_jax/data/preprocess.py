@@ -69,7 +69,9 @@ from scipy.spatial import ConvexHull
 
 from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
-from fll_jax.data.checks import image_problems, lesion_extent_problems, mask_value_problems, problem_report
+from fll_jax.data.checks import (
+    image_problems, lesion_extent_problems, mask_value_problems, problem_report, unclaimed_value_problems,
+)
 from fll_jax.data.patchset import PatchSet
 
 if TYPE_CHECKING:
@@ -230,8 +232,9 @@ def preprocess_manifest(
     patches = [None if cache is None else cache.load(r.lesion_id, size) for r in records]
     todo = [i for i, patch in enumerate(patches) if patch is None]
     by_patient = _by_patient([records[i] for i in todo])
-    results = _map_patients([([records[todo[i]] for i in rows], size, allow, options) for rows in by_patient.values()],
-                            workers)
+    claims = _mask_claims(records)  # of every lesion: a patient's reused ones claim their values too
+    results = _map_patients([([records[todo[i]] for i in rows], size, allow, options, claims[patient])
+                             for patient, rows in by_patient.items()], workers)
     problems = []
     for rows, lesions in zip(by_patient.values(), results):
         for i, lesion in zip(rows, lesions):
@@ -275,7 +278,9 @@ def preprocess_manifest(
 def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] = frozenset()) -> list[str]:
     """Every problem preprocessing would meet in these lesions' files, without making patches."""
     by_patient = _by_patient(list(records))
-    jobs = [([records[i] for i in rows], None, allow, PreprocessOptions()) for rows in by_patient.values()]
+    claims = _mask_claims(records)
+    jobs = [([records[i] for i in rows], None, allow, PreprocessOptions(), claims[patient])
+            for patient, rows in by_patient.items()]
     return _unique([p for lesions in _map_patients(jobs, workers) for problems in lesions for p in problems])
 
 
@@ -310,10 +315,20 @@ def _raise_problems(problems: list[str]) -> None:
         raise PreprocessError(problem_report("cannot preprocess:", problems))
 
 
-def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions]) -> list[LesionPatch | list[str]]:
-    """All lesions of one patient, reading each file once: per lesion its patch, or with size
-    None only its checks (an empty list); a bad lesion's problems (text lines) in place of its patch."""
-    records, size, allow, options = job
+def _mask_claims(records: Sequence) -> dict[str, set[int]]:
+    """patient -> the mask values its lesions found by masks claim."""
+    claims: dict[str, set[int]] = defaultdict(set)
+    for record in records:
+        if record.masks:
+            claims[record.patient_id].add(record.mask_value)
+    return claims
+
+
+def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions, set]) -> list[LesionPatch | list[str]]:
+    """Lesions of one patient, reading each file once: per lesion its patch, or with size None
+    only its checks (an empty list); a bad lesion's problems (text lines) in place of its patch.
+    The last item of the job: the mask values all the patient's lesions claim."""
+    records, size, allow, options, claimed = job
     volumes: dict = {}
     out: list[LesionPatch | list[str]] = []
     for record in records:
@@ -325,7 +340,24 @@ def _patient(job: tuple[list, int | None, frozenset, PreprocessOptions]) -> list
                 out.append(_preprocess(record, size, volumes, allow, options))
         except PreprocessError as error:
             out.append(str(error).splitlines())
+    for mask_path, problems in _unclaimed_values(records[0].patient_id, claimed, volumes, allow).items():
+        for i, record in enumerate(records):
+            if mask_path in map(Path, record.masks.values()):
+                earlier = out[i] if isinstance(out[i], list) else []
+                out[i] = _unique(earlier + [f"lesion {record.lesion_id!r}: {p}" for p in problems])
     return out
+
+
+def _unclaimed_values(patient_id: str, claimed: set[int], volumes: dict,
+                      allow: frozenset[str]) -> dict[Path, list[str]]:
+    """mask path -> its values that no lesion of this patient claims (checks.unclaimed_value_problems)."""
+    found = {}
+    for (_, mask_path), volume in volumes.items():
+        if mask_path is not None and mask_path not in found and not isinstance(volume, PreprocessError):
+            lowest = int(volume.labels.min())  # bincount: one pass, twice as fast as np.unique's sort
+            values = {int(v) + lowest for v in np.flatnonzero(np.bincount((volume.labels - lowest).ravel()))}
+            found[mask_path] = unclaimed_value_problems(mask_path, values, claimed, patient_id, allow)
+    return {path: problems for path, problems in found.items() if problems}
 
 
 def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Lesion]:
