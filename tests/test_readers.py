@@ -189,7 +189,21 @@ def test_reader_study_intervals_follow_the_configured_confidence(tmp_path):
     correct = reader["vs_model"]["reader_correct"]
     assert reader["accuracy_ci"] == pytest.approx(list(modified_wilson(correct, reader["n"], 0.9)[1:]))
     text = (workdir / "reader_study.md").read_text()
-    assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI)" in text and "95%" not in text
+    assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI, lesions resampled)" in text and "95%" not in text
+
+
+def test_a_groups_pooled_accuracy_interval_resamples_lesions_not_reads():
+    """Two readers who call alike add no information: the pooled interval stays about as wide as
+    one reader's (it had treated their 2n reads as independent: about a third narrower)."""
+    test = synthetic_predictions(0).query("split == 'test'")
+    calls = np.where(np.arange(len(test)) % 7 < 6, test["label7"], (test["label7"] + 1) % 7)
+    readers = pd.concat([pd.DataFrame({"reader_id": r, "group": "twins", "lesion_id": test["lesion_id"],
+                                       "predicted_class": calls}) for r in ("R1", "R2")])
+    readers["call"] = readers["predicted_class"]
+    study = reader_study(synthetic_predictions(0), readers)
+    lo, hi = study["groups"]["twins"]["pooled_accuracy_ci"]
+    one_lo, one_hi = study["readers"]["R1"]["accuracy_ci"]
+    assert lo < study["groups"]["twins"]["pooled_accuracy"] < hi and hi - lo > 0.8 * (one_hi - one_lo)
 
 
 def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study(tmp_path):

@@ -143,6 +143,15 @@ def test_subgroup_table_counts():
     assert out["levels"]["normal"]["rest_accuracy"] == pytest.approx(2 / 3)
     assert out["levels"]["fatty"]["fisher_p"] == pytest.approx(1.0)
     assert [size_bin(d) for d in (8.0, 16.0, 31.9, 32.0, float("nan"))] == ["<16 mm", "16-32 mm", "16-32 mm", ">=32 mm", "unknown"]
+    # Lesions of unrecorded level are no group: a null comparison among the known levels stays null.
+    levels = np.array(["cirrhotic"] * 20 + ["normal"] * 40 + ["unknown"] * 53)
+    correct = np.concatenate([np.arange(20) < 18, np.arange(40) < 34, np.arange(53) < 30])
+    out = subgroup_table(correct, levels)
+    known = two_by_two_tests(np.array([[18, 2], [34, 6]]))
+    assert known["chi2_yates_p"] > 0.5 and out["levels"]["cirrhotic"]["chi2_yates_p"] == pytest.approx(known["chi2_yates_p"])
+    assert out["levels"]["cirrhotic"]["rest_accuracy"] == pytest.approx(34 / 40)
+    assert out["overall_chi2_p"] == pytest.approx(known["chi2_yates_p"])
+    assert out["levels"]["unknown"]["n"] == 53 and out["levels"]["unknown"]["fisher_p"] is None
 
 
 def test_small_split_with_a_missing_class_and_two_folds(tmp_path):

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
 from fll_jax.constants import CLASSES
-from fll_jax.evaluation.discrimination import BINARY_COLUMN, TABLE3_COLUMNS, delong_auc, rank_auc
+from fll_jax.evaluation.discrimination import BINARY_COLUMN, TABLE3_COLUMNS, delong_auc, rank_auc, youden_threshold
 from fll_jax.evaluation.stats import METRIC_KEYS, binary_metrics, default_x_star, likelihood_ratio, modified_wilson
 
 # Table 3 of the paper as printed (columns: two-way, then CLASSES in order).
@@ -203,3 +203,13 @@ def test_delong_degenerate_inputs():
     assert delong_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == {"auc": 1.0, "lower": None, "upper": None, "se": None}
     assert delong_auc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9])["lower"] is None
     assert delong_auc([1, 1, 0, 0], [0.9, 0.2, 0.8, 0.1])["upper"] == 1.0
+    # A NaN score is refused, not ranked into an interval of [0, 1].
+    for auc in (delong_auc, rank_auc):
+        with pytest.raises(ValueError, match="1 score"):
+            auc([1, 1, 0, 0], [0.9, np.nan, 0.8, 0.1])
+
+
+def test_youden_has_no_threshold_when_none_beats_calling_nothing():
+    # Every cut-off has J <= 0: the top score (J -1/3) had been returned, worse than predicting no positive.
+    assert youden_threshold([0, 0, 0, 1, 1, 1], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]) is None
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9]) == pytest.approx(0.7)

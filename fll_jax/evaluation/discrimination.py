@@ -17,12 +17,21 @@ BINARY_COLUMN = "two_way"
 TABLE3_COLUMNS: tuple[str, ...] = (BINARY_COLUMN, *CLASSES)
 
 
+def _finite(score) -> np.ndarray:
+    """The scores as float64; ValueError for NaN or infinite ones (ranked, NaN would give an AUC
+    interval of [0, 1])."""
+    score = np.asarray(score, dtype=np.float64)
+    if not np.isfinite(score).all():
+        raise ValueError(f"{int((~np.isfinite(score)).sum())} score(s) are NaN or infinite")
+    return score
+
+
 def placements(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """DeLong's placement values: for each positive the fraction of negatives scored below it, for
     each negative the fraction of positives scored above it (ties count 1/2); None without both
     classes. Their means are the AUC; their (co)variances give DeLong's variance."""
     y_true = np.asarray(y_true).astype(bool)
-    score = np.asarray(score, dtype=np.float64)
+    score = _finite(score)
     pos, neg = score[y_true], score[~y_true]
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
@@ -43,7 +52,7 @@ def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     n = len(y_true) - m
     if m == 0 or n == 0:
         return None
-    ranks = stats.rankdata(np.asarray(score, dtype=np.float64))
+    ranks = stats.rankdata(_finite(score))
     return float((ranks[y_true].sum() - m * (m + 1) / 2) / (m * n))
 
 
@@ -102,11 +111,14 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def youden_threshold(y_true: np.ndarray, score: np.ndarray) -> float | None:
-    """Score threshold (predict positive when score >= it) maximising sensitivity + specificity - 1."""
+    """Score threshold (predict positive when score >= it) maximising sensitivity + specificity - 1;
+    None without both classes, or when no threshold beats calling nothing (every J <= 0)."""
     y_true = np.asarray(y_true).astype(int)
     if y_true.min() == y_true.max():
         return None
     fpr, tpr, thresholds = roc_curve(y_true, score)
+    if np.max(tpr - fpr) <= 0:
+        return None
     best = int(np.argmax(tpr - fpr))
     # roc_curve's first threshold is +inf (predict nothing); cap it at the top score.
     return float(min(thresholds[best], np.max(score)))

@@ -428,7 +428,8 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         "Accuracy per level against the rest of the test split, as the paper compares lesions with and "
         "without cirrhosis or fatty liver. p chi2 (Yates) is Pearson's chi-square with continuity "
         "correction on the 2x2 table (this reproduces the paper's subgroup p-values); p Fisher is Fisher's "
-        "exact test. Size bins follow the paper's cropping rule.",
+        "exact test. Size bins follow the paper's cropping rule. Lesions whose level was not recorded "
+        "('unknown') are shown but are in no test, nor in another level's rest.",
         *_subgroup_markdown(metrics["subgroups"], confidence),
         "",
         "## Figures",

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from fll_jax.evaluation.cohort import UNTESTED
 from fll_jax.evaluation.stats import modified_wilson
 
 # The paper's cropping rule: below 16 mm, 16-32 mm, above 32 mm.
@@ -57,28 +58,33 @@ def subgroup_table(
 ) -> dict:
     """Per level: n, correct, accuracy (modified Wilson CI) and tests of this level vs the rest.
 
-    Levels appear in ``order`` where given (others after it, alphabetically).
+    Levels appear in ``order`` where given (others after it, alphabetically). Lesions of level
+    'unknown' (not recorded) keep their row but are no group: they are in no test, neither as a
+    level nor in another level's rest (as in the cohort table, fll_jax/evaluation/cohort.py).
     """
     correct, levels = np.asarray(correct, bool), np.asarray(levels).astype(str)
+    known = levels != UNTESTED
     rank = {name: i for i, name in enumerate(order or [])}
     rows = {}
     for level in sorted(set(levels), key=lambda v: (rank.get(v, len(rank)), v)):
         inside = levels == level
+        outside = ~inside & known
         table = np.array([
             [np.sum(correct & inside), np.sum(~correct & inside)],
-            [np.sum(correct & ~inside), np.sum(~correct & ~inside)],
+            [np.sum(correct & outside), np.sum(~correct & outside)],
         ])
         est, lo, hi = modified_wilson(int(table[0, 0]), int(inside.sum()), confidence)
-        rest = int((~inside).sum())
+        rest = int(outside.sum())
+        untested = level == UNTESTED
         rows[level] = {
             "n": int(inside.sum()),
             "correct": int(table[0, 0]),
             "accuracy": est,
             "accuracy_ci": [lo, hi],
-            "rest_accuracy": float(table[1, 0] / rest) if rest else None,
-            **two_by_two_tests(table),
+            "rest_accuracy": float(table[1, 0] / rest) if rest and not untested else None,
+            **(two_by_two_tests(table) if not untested else {"chi2_yates_p": None, "fisher_p": None}),
         }
-    return {"levels": rows, "overall_chi2_p": overall_test(correct, levels)}
+    return {"levels": rows, "overall_chi2_p": overall_test(correct[known], levels[known])}
 
 
 def subgroups(frame: pd.DataFrame, correct7: np.ndarray, correct2: np.ndarray, confidence: float = 0.95) -> dict:
