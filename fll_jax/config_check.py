@@ -28,6 +28,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int = 1, data_s
         data_source: also check the fields that say where the data comes from (False when the
             caller hands the data over itself).
     """
+    try:
+        _check_config(config, num_devices, data_source)
+    except (AttributeError, KeyError) as error:
+        name = str(error.args[0]).strip("'\"") if error.args else "?"
+        raise ConfigError(f"invalid config: it has no field {name!r} (a config.json written by an earlier version of "
+                          "fll_jax? compare it with configs/paper.py)") from None
+
+
+def _check_config(config: ml_collections.ConfigDict, num_devices: int, data_source: bool) -> None:
     from fll_jax.data.checks import parse_allow
     from fll_jax.data.phantom import SCALES
     from fll_jax.data.prepare import BACKENDS, FOLD_SOURCES, SOURCES

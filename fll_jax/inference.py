@@ -172,7 +172,9 @@ def predict_records(
     if problems:
         raise PredictionError(problem_report(f"cannot predict with {workdir}:", problems))
     config = ensemble.config
-    patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=parse_allow(config.data.allow),
+    # Predicting some of a patient's lesions is usual: the others' mask values stay unclaimed.
+    allow = parse_allow(config.data.allow) | {"unclaimed_mask_value"}
+    patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=allow,
                                   options=PreprocessOptions.from_config(config.data))
     hidden = list((config.get("evaluation") or {}).get("hidden_sequences") or ())
     if hidden:
@@ -263,28 +265,38 @@ def dicom_record(study: str | Path, nifti_dir: str | Path, box_mm: Sequence[floa
     """One patient's DICOM study as a lesion record, the lesion given by a world box (RAS+ mm), a
     volume per sequence picked by the patient's series.csv under nifti_dir.
 
-    A patient converted there before keeps that conversion, with any edits of its series.csv
-    (the remedy for an ambiguous sequence), unless reconvert; otherwise the study is converted
+    This study converted there before keeps that conversion, with any edits of its series.csv
+    (the remedy for an ambiguous sequence), unless reconvert; another study of the patient
+    converted there is refused unless reconvert; otherwise the study is converted
     there (fll_jax/data/dicom.py, with the site's sequence rules of `mapping`) and the
     conversion stays even when the study is then refused.
 
     Raises:
-        DicomError: the study holds several patients (nothing converted), cannot be converted,
-            or a sequence is ambiguous.
+        DicomError: the study holds several patients (nothing converted), another study of the
+            patient (or `mapping` without reconvert) meets an earlier conversion, the study cannot
+            be converted, or a sequence is ambiguous.
     """
-    from fll_jax.data.dicom import DicomError, convert_study, read_series_table, study_subjects
+    from fll_jax.data.dicom import DicomError, convert_study, converted_studies, read_series_table, study_subjects
     from fll_jax.data.manifest import LesionRecord
 
     subjects = study_subjects(study, salt=salt, id_map=id_map)
     if len(subjects) != 1:
         raise DicomError(f"{study}: holds {len(subjects)} patients; give one patient's study with its box")
-    subject_dir = Path(nifti_dir) / subjects[0]
+    (subject, studies), = subjects.items()
+    subject_dir = Path(nifti_dir) / subject
     if (subject_dir / "series.csv").exists() and not reconvert:
-        print(f"{subjects[0]}: its earlier conversion in {subject_dir} is used, with any edits of its series.csv "
-              "(--reconvert converts the study again)")
+        if converted_studies(subject_dir) != studies - {""}:
+            raise DicomError(f"{subject_dir} holds a conversion of another study of this patient (or one that does "
+                             "not record its study); --reconvert replaces it and any edits of its series.csv, or "
+                             "give another output folder")
+        if mapping is not None:
+            raise DicomError(f"--mapping takes effect when a study is converted, and {subject_dir} holds this "
+                             "study's conversion: add --reconvert (it replaces any edits of its series.csv)")
+        print(f"{subject}: its earlier conversion of this study in {subject_dir} is used, with any edits of its "
+              "series.csv (--reconvert converts the study again)")
     else:
         convert_study(study, nifti_dir, salt=salt, id_map=id_map, mapping=mapping, overwrite=reconvert)
     images = read_series_table(subject_dir)
-    return LesionRecord(patient_id=subjects[0], lesion_id=f"{subjects[0]}_L1", label=UNLABELLED, mask_value=1,
+    return LesionRecord(patient_id=subject, lesion_id=f"{subject}_L1", label=UNLABELLED, mask_value=1,
                         images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
                         diameter_mm=None, split="", box_mm=tuple(box_mm))

@@ -246,6 +246,7 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
 def test_slurm_points_are_checked_on_the_jobs_devices_before_any_script_is_written():
     points = collect_points(loso.sweep, "paper", base_config("paper"))
     check_points(points, num_devices=16)
+    check_points(points, num_devices=0)  # --slurm_gpus_per_node=0: CPU tasks
     # Batches of 32 do not split over 3 GPUs: every point would fail after its queue wait.
     with pytest.raises(SweepError) as error:
         check_points(points, num_devices=3)

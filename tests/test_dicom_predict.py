@@ -165,6 +165,13 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     table.write_text("\n".join([*rows[:t2w], rows[t2w].replace(",t2w,", ",,"), *rows[t2w + 1:]]) + "\n")
     assert "t2w" not in dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT).images
     assert dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT, reconvert=True).images == record.images
+    # Another study of the patient (a follow-up) is not predicted on this one's volumes, nor a new
+    # mapping ignored.
+    _write_study(tmp_path / "follow_up", tmp_path / "scratch2", centre, radius, PATIENT)
+    with pytest.raises(DicomError, match="holds a conversion of another study of this patient"):
+        dicom_record(tmp_path / "follow_up", tmp_path / "nifti", box_mm, salt=SALT)
+    with pytest.raises(DicomError, match="--mapping takes effect when a study is converted"):
+        dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT, mapping=tmp_path / "rules.json")
 
     frame = predict_records(workdir, [record], tmp_path / "out", workers=1)
     written = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False, dtype=str)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -370,6 +371,11 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
         str(error.value))
     assert "sequences = ('dwi', 't2w', 'lap'): must be in the order t2w, dwi, lap" in str(error.value)
     assert "data.fold_seed = -1: must be an integer >= 0" in str(error.value) and "seed = True" in str(error.value)
+    # An earlier version's config.json lacking a field is named, not an AttributeError.
+    old = tiny_config().to_dict()
+    del old["evaluation"]["interval_rule"]
+    with pytest.raises(ConfigError, match="it has no field 'interval_rule'"):
+        check_config(ml_collections.ConfigDict(old))
 
 
 def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):

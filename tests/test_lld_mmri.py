@@ -355,6 +355,14 @@ def test_release_orientation_flips_without_moving_the_world():
         release_oriented(array, oblique)
 
 
+def test_a_submission_leaves_out_only_a_cases_later_lesions():
+    from fll_jax.data.lld_mmri import case_rows
+
+    # MR1's lesion 1 is no case; a user's own lesion names (0001b, 0002_L1) are kept.
+    assert case_rows(["MR1", "MR1", "MR2", "0001", "0001", "0002"],
+                     ["MR1", "MR1_1", "MR2", "0001", "0001b", "0002_L1"]) == [0, 2, 3, 4, 5]
+
+
 def test_prediction_json_reorders_to_the_challenge_labels(tmp_path):
     p7 = np.random.default_rng(0).dirichlet(np.ones(7), size=5)
     p7[0] = np.eye(7)[class_index("cyst")] * 0.93 + 0.01

@@ -176,6 +176,21 @@ def test_challenge_json_holds_one_entry_per_release_case(trained, ensemble_model
     assert list(frame["lesion_id"]) == ["a", "b_l1", "a_1"] and [c["image_id"] for c in challenge] == ["a", "b_l1"]
 
 
+def test_one_lesion_of_a_patients_several_is_predicted(trained, ensemble_models, tmp_path):
+    """The patient's mask also holds a lesion the manifest does not ask about: not refused as an
+    unclaimed mask value (as training would), since predicting some lesions is usual."""
+    from fll_jax.inference import predict_records
+    from tests.lesion_files import record, voxel_to_world, write_patient
+
+    _, _, _, workdir, _ = trained
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    lesions = [(voxel_to_world(affine, (5, 5, 3)), 4.0, 1), (voxel_to_world(affine, (11, 11, 3)), 4.0, 2)]
+    images, masks = write_patient(tmp_path / "P0", (16, 16, 6), affine, lesions)
+    frame = predict_records(workdir, [record(images, masks, lesion_id="P0_L2", mask_value=2)], tmp_path / "out",
+                            workers=1)
+    assert list(frame["lesion_id"]) == ["P0_L2"]
+
+
 def test_a_runs_own_folder_is_never_the_output_folder(trained, ensemble_models):
     from fll_jax.inference import predict_records
 

@@ -219,8 +219,14 @@ def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study
     figures = sorted(p.name for p in (workdir / "figures").glob("confusion_reader_*.png"))
     assert figures == ["confusion_reader_Dr_A.png", "confusion_reader_model.png"]
     real = {name: (workdir / name).read_bytes() for name in ("reader_study.json", "reader_study.md")}
-    with pytest.raises(FileExistsError, match=f"study of the readers in {tmp_path}/readers.csv; simulated readers "
+    with pytest.raises(FileExistsError, match=f"study of real readers \\({tmp_path}/readers.csv\\); simulated readers "
                                               "would replace it"):
         write_reader_study(workdir)
     assert {name: (workdir / name).read_bytes() for name in real} == real
+    # A study written before studies recorded their readers: its report tells real from simulated.
+    study = json.loads(real["reader_study.json"])
+    del study["readers_csv"]
+    (workdir / "reader_study.json").write_text(json.dumps(study))
+    with pytest.raises(FileExistsError, match="their CSV was not recorded"):
+        write_reader_study(workdir)
     assert write_reader_study(workdir, overwrite=True)["readers_csv"] is None

@@ -500,7 +500,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     # The report no longer shows them as this run's maps.
     write_report(run)
     report = (run / "report.md").read_text()
-    assert "`explain/test/` was made with other fold models" in report and "importance_by_class.png" not in report
+    assert "`explain/test/` was not made with this run's fold models" in report and "importance_by_class.png" not in report
 
     # Images changed since training: the run's models are not applied to them.
     from fll_jax.train.workdir import WorkdirError

@@ -124,7 +124,7 @@ def check_points(points: list[Point], num_devices: int = 1) -> None:
     problems = []
     for point in points:
         try:
-            check_config(point.config, num_devices)
+            check_config(point.config, max(1, num_devices))  # a task without GPUs has one CPU device
         except ConfigError as error:
             problems.append(f"point {point.name}: {error}")
     if problems:

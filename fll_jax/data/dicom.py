@@ -777,15 +777,27 @@ def _study_slices(study_dir: Path, salt: str | None) -> tuple[list[_Slice], list
     return slices, notes, scrub
 
 
-def study_subjects(study_dir: str | Path, *, salt: str | None = None, id_map: str | Path | None = None) -> list[str]:
-    """The subject ids of the patients whose images are under study_dir (headers read, nothing written).
+def study_subjects(study_dir: str | Path, *, salt: str | None = None,
+                   id_map: str | Path | None = None) -> dict[str, set[str]]:
+    """subject id -> its study labels (series.csv's study column), for the patients whose images
+    are under study_dir (headers read, nothing written).
 
     Raises:
       DicomError: as convert_study, for the salt or id map and a folder without DICOM images.
     """
     namer = _subject_namer(salt, id_map)
     slices, _, _ = _study_slices(Path(study_dir), salt)
-    return sorted({namer(s) for s in slices})
+    subjects: dict[str, set[str]] = {}
+    for s in slices:
+        subjects.setdefault(namer(s), set()).add(s.study)
+    return subjects
+
+
+def converted_studies(subject_dir: str | Path) -> set[str]:
+    """The study labels a converted patient's series.csv names (empty for one written before the
+    study column)."""
+    with open(Path(subject_dir) / "series.csv", newline="", encoding="utf-8") as f:
+        return {(row.get("study") or "").strip() for row in csv.DictReader(f)} - {""}
 
 
 def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | None = None,

@@ -777,10 +777,15 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
 
 def case_rows(patient_ids: Sequence[str], lesion_ids: Sequence[str]) -> list[int]:
     """The rows a submission holds: one per case. A release's case is a patient whose lesion 0 is
-    named after it (_lesion_id); its other lesions ('<case>_<k>') are not cases and are left out.
-    A patient with no lesion of its own name (a manifest of ours) keeps every lesion."""
+    named after it (_lesion_id); its lesions '<case>_<k>' (k > 0) are not cases and are left out.
+    Every other row stays (a manifest of ours names lesions otherwise)."""
     named = {p for p, lesion in zip(patient_ids, lesion_ids) if lesion == p}
-    return [i for i, (p, lesion) in enumerate(zip(patient_ids, lesion_ids)) if p not in named or lesion == p]
+
+    def later_lesion(patient: str, lesion: str) -> bool:
+        found = _case_of(lesion, named)
+        return found is not None and found[0] == patient and found[1] > 0
+
+    return [i for i, (p, lesion) in enumerate(zip(patient_ids, lesion_ids)) if not later_lesion(p, lesion)]
 
 
 def write_predictions_json(path: str | Path, image_ids: Sequence[str], p7: Any) -> Path:

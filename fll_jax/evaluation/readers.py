@@ -283,6 +283,21 @@ def reader_markdown(study: dict, source_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _real_readers(workdir: Path) -> str | None:
+    """The readers CSV of the study in workdir if its readers were real, else None (no study, or
+    simulated readers)."""
+    path = workdir / "reader_study.json"
+    if not path.exists():
+        return None
+    study = read_json(path, "delete it to make a new study")
+    if "readers_csv" in study or "simulated_seed" in study:
+        return study.get("readers_csv")
+    # Written before studies recorded their readers: its report says whether they were simulated.
+    report = workdir / "reader_study.md"
+    simulated = report.exists() and "**Simulated readers**" in report.read_text(encoding="utf-8")
+    return None if simulated else "their CSV was not recorded"
+
+
 def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = None, seed: int = 0,
                        overwrite: bool = False) -> dict:
     """Reader study of a workdir: reader_study.md, reader_study.json and figures/confusion_reader_*.png.
@@ -301,10 +316,10 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
     confidence, _ = evaluation_settings(config)
     earlier = workdir / "reader_study.json"
     if readers_csv is None:
-        real = read_json(earlier, "delete it to make a new study").get("readers_csv") if earlier.exists() else None
+        real = _real_readers(workdir)
         if real and not overwrite:
-            raise FileExistsError(f"{earlier} is a study of the readers in {real}; simulated readers would replace "
-                                  f"it. Give --readers {real} to redo it, or --overwrite to replace it")
+            raise FileExistsError(f"{earlier} is a study of real readers ({real}); simulated readers would replace "
+                                  "it. Give --readers with their CSV to redo it, or --overwrite to replace it")
         readers_csv = workdir / "simulated_readers.csv"
         simulate_readers(predictions, seed, readers_csv)
         note = f"> **Simulated readers** ({readers_csv.name}, seed {seed}): a demonstration of the analysis, not a reader study."

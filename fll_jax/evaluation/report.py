@@ -327,8 +327,9 @@ def saliency_markdown(workdir: Path) -> list[str]:
             continue
         summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
         if (summary.get("request") or {}).get("run") != current_models(workdir):
-            lines += ["", f"### {what}", "", f"`explain/{split}/` was made with other fold models (this run before a "
-                      f"fold was trained again); rerun experiments/explain.py --split {split} --overwrite for its maps."]
+            lines += ["", f"### {what}", "", f"`explain/{split}/` was not made with this run's fold models (made before "
+                      "a fold was trained again, or by an earlier version); rerun experiments/explain.py --split "
+                      f"{split} --overwrite for its maps."]
             continue
         overlays = summary.get("overlays", {"overlay.png": summary["settings"]["method"]})
         lines += ["", f"### {what}", "",
