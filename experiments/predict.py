@@ -14,8 +14,9 @@ refused before anything is converted or written. --overwrite replaces the output
 manifest.csv, once the new run has succeeded; saliency/ also when the new run has none. nifti/
 keeps every study converted into it: a study converted there before is taken from its
 series.csv, with your edits (to pick one of two volumes guessed the same sequence, say), unless
---reconvert; another study of that patient there is refused unless --reconvert. An out_dir holding a cross-validation run, or inside --folder, is always refused;
-so is a workdir whose run is unfinished or evaluate-only (it has no models of its own).
+--reconvert; another study of that patient there is refused unless --reconvert. An out_dir
+holding a cross-validation run, or inside --folder, is always refused; so is a workdir whose run
+is unfinished or evaluate-only (it has no models of its own).
 """
 import contextlib
 import os

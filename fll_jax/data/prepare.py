@@ -142,8 +142,6 @@ def prepare_source(config: ml_collections.ConfigDict):
     """
     check_config(config)
     data = config.data
-    if data.backend not in BACKENDS:
-        raise ValueError(f"unknown config.data.backend {data.backend!r}; known: {', '.join(BACKENDS)}")
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
