@@ -399,6 +399,20 @@ def test_class_weights_weight_the_seven_way_mean():
     )
 
 
+def test_class_weights_with_label_smoothing_are_pytorchs_loss():
+    """PyTorch's CrossEntropyLoss(weight=w, label_smoothing=e), written out: (1-e) times the
+    w[y]-weighted NLL plus e/C times each class's w_c-weighted -log p, both over the sum of w[y]
+    (the whole smoothed loss scaled by w[y] had given 2.166 where PyTorch gives 2.148)."""
+    outputs = _logits(5)
+    weights = np.array([1.0, 2.0, 0.5, 1.0, 3.0, 0.2, 1.0])
+    _, parts = multitask_loss(outputs, LABEL7, label_smoothing=0.1, class_weights=jnp.asarray(weights))
+    logp = np.asarray(jax.nn.log_softmax(outputs["logits7"]), np.float64)
+    labels = np.asarray(LABEL7)
+    nll = -logp[np.arange(len(labels)), labels]
+    expected = (0.9 * (weights[labels] * nll).sum() + 0.1 / 7 * -(logp * weights).sum()) / weights[labels].sum()
+    np.testing.assert_allclose(parts["loss7"], expected, rtol=1e-6)
+
+
 def test_valid_mask_ignores_padding_rows():
     outputs = _logits(6)
     padded = {k: jnp.concatenate([v, 1e3 * jnp.ones((2, v.shape[1]))]) for k, v in outputs.items()}
