@@ -131,8 +131,9 @@ def missing_counts(frame: pd.DataFrame) -> dict:
     return out
 
 
-def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
-    """How many lesions lacked which sequence, and the ensemble with each sequence hidden at inference."""
+def missing_markdown(metrics: dict, workdir: Path, models: str | None) -> list[str]:
+    """How many lesions lacked which sequence, and the ensemble with each sequence hidden at inference
+    (its table only if made with `models`, the run's current_models)."""
     counts = metrics.get("missing_sequences", {})
     lines = ["## Missing sequences", ""]
     if not any(c["lacking_any"] for c in counts.values()):
@@ -147,7 +148,7 @@ def missing_markdown(metrics: dict, workdir: Path) -> list[str]:
     if not path.exists():
         return lines
     result = read_json(path, "rerun experiments/missing_sequences.py")
-    if result.get("models") != current_models(workdir):
+    if result.get("models") != models:
         return lines + [f"`{path.name}` was not made with this run's fold models (made before a fold was trained "
                         "again, or by an earlier version); rerun experiments/missing_sequences.py for its table.", ""]
     by_run = [SEQUENCE_NAMES[s] for s in result.get("hidden_by_run", [])]
@@ -318,15 +319,16 @@ def current_models(workdir: Path) -> str | None:
         return None
 
 
-def saliency_markdown(workdir: Path) -> list[str]:
-    """The explain job's results (workdir/explain/<split>/), for each split it was run on."""
+def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
+    """The explain job's results (workdir/explain/<split>/), for each split it was run on with
+    `models` (the run's current_models)."""
     lines = []
     for split, what in (("test", "test split, fold ensemble"), ("val", "development lesions, out-of-fold models")):
         folder = workdir / "explain" / split
         if not (folder / "summary.json").exists():
             continue
         summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
-        if (summary.get("request") or {}).get("run") != current_models(workdir):
+        if (summary.get("request") or {}).get("run") != models:
             lines += ["", f"### {what}", "", f"`explain/{split}/` was not made with this run's fold models (made before "
                       "a fold was trained again, or by an earlier version); rerun experiments/explain.py --split "
                       f"{split} --overwrite for its maps."]
@@ -492,6 +494,7 @@ def write_report(workdir: str | Path) -> dict:
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
     write_json(workdir / "metrics.json", metrics)
-    write_text(workdir / "report.md",
-               report_markdown(metrics, figures, saliency_markdown(workdir), missing_markdown(metrics, workdir)))
+    models = current_models(workdir)  # what explain's maps and the hidden-sequence table must have been made with
+    write_text(workdir / "report.md", report_markdown(metrics, figures, saliency_markdown(workdir, models),
+                                                      missing_markdown(metrics, workdir, models)))
     return metrics
