@@ -274,3 +274,22 @@ def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
     assert name.startswith("Fisher's exact (Monte Carlo") and categorical_test(np.array([[3, 1], [1, 4], [2, 0]]))[1] == p
     assert categorical_test(np.array([[5, 0]])) == (None, None)
     assert categorical_test(np.array([[0, 1], [0, 1], [1, 0]]))[1] == pytest.approx(1.0)  # scipy answers an array here
+
+
+def test_a_plr_without_false_positives_reads_infinite_and_one_without_positive_calls_undefined():
+    from fll_jax.evaluation import discrimination as disc
+    from fll_jax.evaluation.report import json_safe, table3_markdown
+
+    label7 = np.repeat(np.arange(7), 4)
+    predicted = label7.copy()
+    predicted[label7 == 1] = 2  # FNH is never predicted; every other class has no false positive but haemangioma
+    p7 = np.eye(7)[predicted]
+    p2 = np.stack([1 - p7[:, 4:].sum(1), p7[:, 4:].sum(1)], axis=1)
+    table = disc.table3(label7, p7, (label7 >= 4).astype(int), p2, None, 0.95, "bcd")
+    stored = json.loads(json.dumps(json_safe(table)))  # as metrics.json holds it
+    assert stored["cyst"]["plr"] == [None, None, None] and stored["cyst"]["counts"]["fp"] == 0
+    cells = dict(zip(["", *disc.TABLE3_COLUMNS], next(
+        line for line in table3_markdown(stored, 0.95) if line.startswith("| PLR")).strip("|").split(" | ")))
+    assert cells["cyst"].strip() == cells[BINARY_COLUMN].strip() == "∞ (-, ∞)"
+    assert cells["fnh"].strip() == "- (-, -)"  # no positive call: 0/0
+    assert cells["haemangioma"].strip().startswith("6.000 (")  # 4 of 4 against 4 of 24: 1 / (1/6)

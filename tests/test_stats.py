@@ -12,7 +12,9 @@ from statsmodels.stats.proportion import proportion_confint
 
 from fll_jax.constants import CLASSES
 from fll_jax.evaluation.discrimination import BINARY_COLUMN, TABLE3_COLUMNS, delong_auc, rank_auc, youden_threshold
-from fll_jax.evaluation.stats import METRIC_KEYS, binary_metrics, default_x_star, likelihood_ratio, modified_wilson
+from fll_jax.evaluation.stats import (
+    METRIC_KEYS, binary_metrics, default_x_star, format_interval, likelihood_ratio, modified_wilson,
+)
 
 # Table 3 of the paper as printed (columns: two-way, then CLASSES in order).
 PAPER_TABLE3 = """
@@ -143,7 +145,11 @@ def test_modified_wilson_rule():
 
 def test_likelihood_ratio_edge_cases():
     assert likelihood_ratio(0, 10, 5, 20) == (0.0, 0.0, None)  # NLR with fn = 0, printed '0.000 (0.000, -)'
-    assert likelihood_ratio(8, 10, 0, 20) == (None, None, None)  # PLR with no false positive
+    # PLR with no false positive: infinite, mirroring NLR with fn = 0; with no positive call, 0/0.
+    assert likelihood_ratio(8, 10, 0, 20) == (math.inf, None, math.inf)
+    assert format_interval(binary_metrics(tp=8, fp=0, fn=2, tn=20)["plr"]) == "∞ (-, ∞)"
+    assert likelihood_ratio(0, 10, 0, 20) == (None, None, None)
+    assert format_interval(binary_metrics(tp=0, fp=0, fn=10, tn=20)["plr"]) == "- (-, -)"
     # A column never called positive: NLR = 1 whose log-method SE is 0, so no bounds (not (1, 1)).
     assert likelihood_ratio(10, 10, 5, 5) == (1.0, None, None)
     se = math.sqrt(1 / 8 - 1 / 10 + 1 / 4 - 1 / 20)

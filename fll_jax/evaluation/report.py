@@ -238,10 +238,19 @@ def cohort_markdown(cohort: dict) -> list[str]:
     return ["## Table 2 layout: development against test", "", note, "", *_markdown_table(header, lines), ""]
 
 
+def _table3_cell(entry: dict, key: str) -> str:
+    """One metric of a Table 3 column. JSON holds no infinity (json_safe made it None), so a PLR
+    without false positives, (inf, None, inf) in stats.likelihood_ratio, is told by its counts."""
+    counts = entry["counts"]
+    if key == "plr" and counts["fp"] == 0 < counts["tp"]:
+        return format_interval((math.inf, None, math.inf))
+    return format_interval(tuple(entry[key]))
+
+
 def table3_markdown(table: dict, confidence: float) -> list[str]:
     """The paper's Table 3 layout: rows ACC..NLR with CIs, the two-way column then seven classes."""
     header = ["", *(COLUMN_NAMES[c] for c in disc.TABLE3_COLUMNS)]
-    rows = [[f"{ROW_NAMES[k]} ({ci_label(confidence)})", *(format_interval(tuple(table[c][k])) for c in disc.TABLE3_COLUMNS)] for k in METRIC_KEYS]
+    rows = [[f"{ROW_NAMES[k]} ({ci_label(confidence)})", *(_table3_cell(table[c], k) for c in disc.TABLE3_COLUMNS)] for k in METRIC_KEYS]
     rows.append(["TP/FP/FN/TN", *("/".join(str(table[c]["counts"][x]) for x in ("tp", "fp", "fn", "tn")) for c in disc.TABLE3_COLUMNS)])
     return _markdown_table(header, rows)
 
@@ -446,7 +455,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         f"Confidence level {confidence:g}. Proportions (accuracy, sensitivity, specificity, "
         "PPV, NPV): modified Wilson interval (Brown, Cai & DasGupta 2001; one-sided Poisson bound when the "
         "count or its complement is at most x*). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); "
-        f"'-' marks an undefined bound. Table 3 follows {RULE_NAMES[statistics['interval_rule']]} "
+        f"'-' marks an undefined bound; a PLR without false positives reads '∞ (-, ∞)'. Table 3 follows {RULE_NAMES[statistics['interval_rule']]} "
         "(config evaluation.interval_rule); every other interval Brown, Cai & DasGupta's. AUC: DeLong "
         "variance with a Wald interval clipped to [0, 1], undefined ('-') at an AUC of 0 or 1. Macro F1 and "
         "Cohen's kappa on the seven-way argmax (kappa undefined when only one class occurs); (F1 + kappa)/2 "

@@ -16,7 +16,9 @@ import math
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-# (estimate, lower, upper); None where a value is undefined (printed '-', as the paper does).
+# (estimate, lower, upper); None where a value is undefined (printed '-', as the paper does);
+# math.inf for a PLR without false positives (metrics.json holds None there: strict JSON has no
+# infinity; the report tells it by the column's counts).
 Interval = tuple[float | None, float | None, float | None]
 METRIC_KEYS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "plr", "nlr")
 RULES: tuple[str, ...] = ("paper", "bcd")
@@ -68,16 +70,19 @@ def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.9
 
     PLR = likelihood_ratio(tp, tp+fn, fp, fp+tn); NLR = likelihood_ratio(fn, tp+fn, tn, fp+tn).
     A zero numerator gives (0, 0, None), as the paper prints NLR when fn = 0; a zero
-    denominator gives an undefined ratio; a = n_a with b = n_b (a column never or always
+    denominator under a non-zero numerator (PLR when fp = 0) mirrors it, (inf, None, inf); 0/0
+    is undefined; a = n_a with b = n_b (a column never or always
     called positive) gives the ratio 1 without bounds, where the log method's standard error
     is zero. The normal quantile comes from the confidence level;
     the 'paper' rule rounds it to two decimals (1.96 at 95 %), as Simel et al. write the
     formula and the paper's Table 3 needs.
     """
-    if n_a <= 0 or n_b <= 0 or b == 0:
+    if n_a <= 0 or n_b <= 0 or a == b == 0:
         return (None, None, None)
     if a == 0:
         return (0.0, 0.0, None)
+    if b == 0:
+        return (math.inf, None, math.inf)
     ratio = (a / n_a) / (b / n_b)
     if a == n_a and b == n_b:
         return (ratio, None, None)
@@ -122,12 +127,15 @@ def binary_metrics(
 
 
 def format_value(value: float | None, digits: int = 3) -> str:
-    """'0.903', or '-' for an undefined value (None, nan, infinite), as in the paper's Table 3."""
+    """'0.903'; '-' for an undefined value (None, nan), as in the paper's Table 3; '∞' for +inf."""
+    if value == math.inf:
+        return "∞"
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def format_interval(interval: Interval, digits: int = 3) -> str:
-    """'0.903 (0.834, 0.945)' with '-' for an undefined value, as in the paper's Table 3."""
+    """'0.903 (0.834, 0.945)' with '-' for an undefined value, as in the paper's Table 3;
+    a PLR without false positives reads '∞ (-, ∞)'."""
     est, lo, hi = interval
     return f"{format_value(est, digits)} ({format_value(lo, digits)}, {format_value(hi, digits)})"
 
