@@ -46,7 +46,7 @@ from fll_jax.data.preprocess import PreprocessOptions, preprocess_manifest
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import staged_folder, write_csv, write_json
 from fll_jax.train.loop import hide_sequences
-from fll_jax.train.step import PREDICT_KEYS, predict, rng_settings
+from fll_jax.train.step import PREDICT_KEYS, rng_settings
 from fll_jax.train.workdir import FINGERPRINT_FILE, read_fingerprint
 
 OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
@@ -67,8 +67,10 @@ class Ensemble:
 
     @functools.cached_property
     def _predict(self):
-        """jit of the training code's predict: a batch's probabilities of both heads, as in evaluation."""
-        return jax.jit(functools.partial(predict, model=self.model, config=self.config))
+        """The evaluation's own predict program on one device: a batch's probabilities of both heads."""
+        from fll_jax.train.cross_validate import build_steps
+
+        return build_steps(self.config, steps_per_epoch=1, devices=jax.devices()[:1]).predict
 
     def batch_probabilities(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         """(p2, p7) of a padded batch's valid rows: the mean over the fold models, as in cross-validation."""

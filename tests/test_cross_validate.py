@@ -9,6 +9,7 @@ import pytest
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.checkpoints import load_fold_models
+import fll_jax.train.cross_validate as cv_module
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
 from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
@@ -24,6 +25,7 @@ def run(tmp_path_factory):
     config.data.source = "synthetic (tests)"
     workdir = tmp_path_factory.mktemp("cv")
     source = synthetic_source(lacking=LACKING)
+    cv_module._BUILT.clear()  # as in a fresh process: a test below counts the compiles
     with recorded_compiles() as compiles:
         metrics = cross_validate(config, workdir, source=source)
     return config, workdir, source, metrics, compiles

@@ -34,6 +34,23 @@ def test_four_devices_match_one_device_and_compile_once():
     assert int(four_state.step) == 3
 
 
+def test_the_same_settings_reuse_their_programs_in_a_process():
+    """A rerun, another workdir or data folder, or a fold model loaded again: the jitted programs
+    built for the same settings serve again (not traced, lowered or compiled again)."""
+    config = tiny_config(TRAINED)
+    first = build_steps(config, steps_per_epoch=10, devices=jax.devices()[:1])
+    moved = config.copy_and_resolve_references()
+    moved.data.root, moved.data.workers = "/elsewhere", 1
+    again = build_steps(moved, steps_per_epoch=3, devices=jax.devices()[:1])
+    assert again.train is first.train and again.predict is first.predict and again.init is first.init
+    assert float(again.schedule(5)) != float(first.schedule(5))  # each call's own schedule
+    config.model.width = 4  # a caller's later change does not reach the programs built before it
+    wider = build_steps(config, steps_per_epoch=10, devices=jax.devices()[:1])
+    assert wider.train is not first.train
+    assert build_steps(tiny_config(TRAINED), steps_per_epoch=10, devices=jax.devices()[:1]).train is first.train
+    assert build_steps(tiny_config(TRAINED), steps_per_epoch=10).train is not first.train  # four devices
+
+
 def test_a_branch_whose_sequence_no_lesion_had_keeps_its_running_averages():
     """Batch norm's statistics of a batch without any DWI image are those of zeros: DWI's
     running averages stay as they were, while the other branches' move."""

@@ -189,15 +189,11 @@ def best_variables(fold_dir: Path, target: TrainState) -> dict[str, Any]:
 def load_fold_models(workdir: str | Path) -> tuple[Any, list[dict[str, Any]], ml_collections.ConfigDict]:
     """(model, the best variables of every configured fold, config) of a finished workdir
     (WorkdirError for an unfinished or evaluate-only one)."""
-    from fll_jax.models import build_model
-    from fll_jax.train.sharding import make_mesh
-    from fll_jax.train.step import abstract_state, make_optimizer
+    from fll_jax.train.cross_validate import build_steps
     from fll_jax.train.workdir import check_has_models, read_config
 
     workdir = Path(workdir)
     config = read_config(workdir)
     check_has_models(workdir, config.train.folds)
-    model = build_model(config.model, config.sequences)
-    # The optimiser only shapes the abstract state; the best checkpoint holds no opt_state.
-    target = abstract_state(model, make_optimizer(config), config, make_mesh(jax.devices()[:1]))
-    return model, [best_variables(workdir / f"fold{f}", target) for f in config.train.folds], config
+    steps = build_steps(config, steps_per_epoch=1, devices=jax.devices()[:1])
+    return steps.model, [best_variables(workdir / f"fold{f}", steps.state_target) for f in config.train.folds], config

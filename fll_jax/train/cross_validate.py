@@ -1,6 +1,8 @@
 """The main job: k-fold cross-validation by patient, then the fold models' test ensemble."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -61,19 +63,39 @@ def prepared_in_turn(config: ml_collections.ConfigDict):
     return source if source is not None else prepare_source(config)
 
 
+# The programs of the settings built last in this process (a rerun, a fold model loaded again, a
+# test): built again, they would be traced and lowered again.
+_BUILT: dict[tuple, Steps] = {}
+_KEEP_BUILT = 4
+
+
+def _program_settings(config: ml_collections.ConfigDict) -> str:
+    """The config without its data section (paths, preprocessing), which no program reads."""
+    return json.dumps({k: v for k, v in json.loads(config.to_json()).items() if k != "data"}, sort_keys=True)
+
+
 def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices=None) -> Steps:
+    """The model, optimiser and jitted programs of `config` on `devices` (all by default).
+
+    Settings whose programs this process has built already reuse them, traced and compiled."""
     mesh = make_mesh(devices)
     for size in (config.train.batch_size, config.train.eval_batch_size):
         if size % mesh.size:
             raise ValueError(f"batch size {size} is not divisible by the {mesh.size} devices")
-    model = build_model(config.model, config.sequences)
-    tx = make_optimizer(config)
-    init, train, predict = compile_steps(model, tx, config, mesh)
-    train_epoch, predict_rows = compile_resident(model, tx, config, mesh)
-    return Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh,
-                 schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh),
-                 state_target=abstract_state(model, tx, config, mesh), train_epoch=train_epoch,
-                 predict_rows=predict_rows)
+    key = (_program_settings(config), mesh)
+    if key not in _BUILT:
+        config = config.copy_and_resolve_references()  # the programs' own: a caller may change theirs
+        model = build_model(config.model, config.sequences)
+        tx = make_optimizer(config)
+        init, train, predict = compile_steps(model, tx, config, mesh)
+        train_epoch, predict_rows = compile_resident(model, tx, config, mesh)
+        _BUILT[key] = Steps(model=model, tx=tx, init=init, train=train, predict=predict, mesh=mesh, schedule=None,
+                            state_target=abstract_state(model, tx, config, mesh), train_epoch=train_epoch,
+                            predict_rows=predict_rows)
+        while len(_BUILT) > _KEEP_BUILT:
+            _BUILT.pop(next(iter(_BUILT)))  # the oldest
+    # A fresh Steps: its schedule is this call's and a caller may set its `ahead`.
+    return dataclasses.replace(_BUILT[key], schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh))
 
 
 def _prob_columns(prefix: str, pred: dict) -> dict[str, np.ndarray]:
