@@ -30,7 +30,7 @@ from fll_jax.evaluation.report import write_report
 from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
 from fll_jax.train.cross_validate import cross_validate
-from fll_jax.train.workdir import WorkdirError, open_run
+from fll_jax.train.workdir import WorkdirError, is_finished, open_run
 from tests.helpers import TRAINED, tiny_config
 from tests.lesion_files import write_dataset
 
@@ -328,6 +328,27 @@ def test_fold_whose_best_checkpoint_is_gone_is_trained_again_not_reported_finish
     probabilities = [c for c in old.columns if "_p" in c]
     np.testing.assert_allclose(new[probabilities], old[probabilities], atol=1e-6)
     assert after["fold1/done.json"] == before["fold1/done.json"]
+
+
+def test_a_fold_trained_again_and_stopped_before_the_results_leaves_the_run_unfinished(run, monkeypatch):
+    """Stopped (a time limit, Ctrl-C) after the fold is trained again but before the results are
+    written: the earlier models' results are gone, so neither a sweep nor explain takes the run as
+    finished with them."""
+    import fll_jax.train.cross_validate as cv_module
+
+    folder, config = run
+    workdir = folder / "run"
+    shutil.rmtree(workdir / "fold1" / "checkpoints" / "best")  # its done.json stays
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cv_module, "write_results", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(config, workdir)
+    assert (workdir / "fold1" / "done.json").exists()
+    assert not {"predictions.csv", "metrics.json", "report.md"} & {p.name for p in workdir.iterdir()}
+    assert not is_finished(workdir, config, prepare_source(config).fingerprint)
 
 
 # 8. Config and manifest failures, before anything is written.

@@ -20,12 +20,12 @@ from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
 from fll_jax.train.ahead import compile_ahead
 from fll_jax.train.checkpoints import best_variables
-from fll_jax.train.loop import Steps, fold_steps_per_epoch, run_predictions, train_fold
+from fll_jax.train.loop import Steps, fold_finished, fold_steps_per_epoch, run_predictions, train_fold
 from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import (
-    check_finished, check_has_models, models_digest, open_run, record_evaluated, settings_fingerprint,
+    check_finished, check_has_models, discard_results, models_digest, open_run, record_evaluated, settings_fingerprint,
 )
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
@@ -166,12 +166,14 @@ def cross_validate(
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
                                              steps.mesh) if config.train.resident_data else None)
         # the first fold to train compiles its programs while it initialises; a finished run trains none
-        unfinished = [f for f in config.train.folds if not (workdir / f"fold{f}" / "done.json").exists()]
+        unfinished = [f for f in config.train.folds if not fold_finished(workdir / f"fold{f}", steps.state_target)]
         steps.ahead = compile_ahead(config, steps, source, resident, unfinished[0]) if unfinished else None
         writer = SummaryWriter(str(workdir / "tensorboard")) if is_primary() else None
         try:
             for fold in config.train.folds:
-                train_fold(config, fold, source, steps, workdir / f"fold{fold}", writer, on_epoch_end, resident)
+                # A fold that trains (again) makes the earlier models' results stale before its done.json comes.
+                train_fold(config, fold, source, steps, workdir / f"fold{fold}", writer, on_epoch_end, resident,
+                           on_train_start=lambda _: discard_results(workdir))
         finally:
             if writer is not None:
                 writer.close()

@@ -116,8 +116,12 @@ def train_fold(
     writer=None,
     on_epoch_end: Callable[[int, int], None] | None = None,
     resident: ResidentData | None = None,
+    on_train_start: Callable[[int], None] | None = None,
 ) -> dict:
     """Train on every fold but `fold`, validate on it; resume from the latest checkpoint.
+
+    on_train_start(fold) is called once the fold's state is restored or initialised, before its
+    first epoch trains (not for a finished fold, nor when restoring it fails).
 
     With `resident` (the development lesions on the devices) each epoch and validation pass is
     one device call (fll_jax.train.resident); otherwise batches stream from `source`.
@@ -139,7 +143,7 @@ def train_fold(
     ckpt = FoldCheckpoints(fold_dir / "checkpoints", steps.state_target)
     try:
         if done.exists():
-            summary = read_json(done, f"delete it and rerun: the fold is finished again from {fold_dir / 'checkpoints'}")
+            summary = _done_summary(done)
             if ckpt.best_step() == summary.get("best_epoch"):
                 return summary
             print(f"fold {fold}: {done} says it is finished, but its best checkpoint (epoch {summary.get('best_epoch')}) "
@@ -148,14 +152,32 @@ def train_fold(
             if is_primary():
                 done.unlink()
             ckpt.clear()
-        return _train(config, fold, train_folds, source, steps, ckpt, done, writer, on_epoch_end, resident)
+        return _train(config, fold, train_folds, source, steps, ckpt, done, writer, on_epoch_end, resident,
+                      on_train_start)
     finally:
         ckpt.wait()
         ckpt.close()
 
 
+def _done_summary(done: Path) -> dict:
+    return read_json(done, f"delete it and rerun: the fold is finished again from {done.parent / 'checkpoints'}")
+
+
+def fold_finished(fold_dir: Path, state_target: TrainState) -> bool:
+    """Whether train_fold will find the fold finished (done.json, naming the best checkpoint there)
+    rather than train it."""
+    done = Path(fold_dir) / "done.json"
+    if not done.exists():
+        return False
+    ckpt = FoldCheckpoints(Path(fold_dir) / "checkpoints", state_target)
+    try:
+        return ckpt.best_step() == _done_summary(done).get("best_epoch")
+    finally:
+        ckpt.close()
+
+
 def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt: FoldCheckpoints, done: Path,
-           writer, on_epoch_end, resident: ResidentData | None) -> dict:
+           writer, on_epoch_end, resident: ResidentData | None, on_train_start) -> dict:
     steps_per_epoch = fold_steps_per_epoch(config, source, fold)
     schedule = replicate(learning_rate_schedule(config, steps_per_epoch), steps.mesh)
     try:
@@ -178,6 +200,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
     if steps.ahead is not None:
         steps.ahead.wait()  # else the first epoch would compile its programs a second time
+    if on_train_start is not None and meta["epoch"] + 1 < config.train.epochs:
+        on_train_start(fold)
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):

@@ -139,6 +139,17 @@ def _check_run(workdir: Path, current: dict) -> None:
                            f"{FINGERPRINT_FILE}, so what they were made from is unknown; {RESTART}.")
 
 
+def discard_results(workdir: Path) -> None:
+    """Delete the results of the run's earlier fold models (predictions.csv, metrics.json, report.md)
+    once a fold starts training: stopped before the new results are written, the run must not look
+    finished with the old ones (process 0 alone)."""
+    from fll_jax.train.sharding import is_primary  # JAX only here: the report reads this module
+
+    if is_primary():
+        for name in ("predictions.csv", "metrics.json", "report.md"):
+            (Path(workdir) / name).unlink(missing_ok=True)
+
+
 def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> bool:
     """Whether `workdir` holds a completed run (metrics.json written) of exactly this config and
     data: with its own fold models (unless it is evaluate-only), and its report made under this
