@@ -85,6 +85,9 @@ def test_a_bad_ablation_config_is_named(tmp_path):
         load_sweep(REPO / "configs" / "quick.py")
     with pytest.raises(ValueError, match="unknown sequence 'lapp'"):
         collect_points(lambda add, arg: add(sequences=["lapp"]), None, base_config("quick"))
+    # An empty sweep had run nothing, exited 0, and --emit had written an array of "0--1".
+    with pytest.raises(SweepError, match=r"the sweep added no point \(arg 'papr'\)"):
+        collect_points(lambda add, arg: None, "papr", base_config("quick"))
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +241,10 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     # ...and the comparison, after them whatever their end, records it in sweep.json.
     assert [a for a in comparison if a.startswith("--dependency")] == ["--dependency=afterany:3"]
     assert not any(a.startswith("--dependency") for a in prepare)
+    # The host jobs carry the arrays' partition (a cluster may require it), time and memory, no GPUs.
+    for job in (prepare, comparison):
+        assert {"--partition=gpu", "--time=02:00:00", "--mem=64G", "--cpus-per-task=8"} <= set(job)
+        assert not any("gpus" in a for a in job)
     assert not any("sbatch" in line and "ablate_compare" in line
                    for line in write_slurm(points, tmp_path / "nocompare", command, resources, REPO, compare=False)[-1]
                    .read_text().splitlines())
@@ -281,6 +288,10 @@ def test_an_evaluate_only_point_needs_its_finished_trained_point(ran, tmp_path):
     with pytest.raises(WorkdirError, match=r"(?s)other settings.*train.epochs: 1 -> 3"):
         run_point(type(hidden)(hidden.name, other, hidden.trained), root, source)
     assert not (tmp_path / hidden.name).exists()
+    # A trained point of other settings: the remedy is ablate.py's, which has no --restart.
+    with pytest.raises(WorkdirError, match=r"(?s)train.epochs: 1 -> 3.*delete .*/base and rerun the sweep") as refused:
+        run_point(type(points[0])(points[0].name, other), root, source)
+    assert "--restart" not in str(refused.value)
     # A trained point whose fold is being trained again (its done.json not written yet) lends no models.
     copy = shutil.copytree(root, tmp_path / "copy")
     (copy / BASE / "fold0" / "done.json").unlink()

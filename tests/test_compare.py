@@ -187,3 +187,23 @@ def test_a_comparison_without_pairs_removes_the_earlier_forest_plot(sweep, tmp_p
     shutil.rmtree(tmp_path / "base")
     paths = write_comparison(tmp_path, resamples=RESAMPLES)
     assert [p.name for p in paths] == ["comparison.md", "comparison.csv"] and not (tmp_path / "forest.png").exists()
+
+
+def test_an_evaluate_only_point_is_paired_with_the_run_whose_models_it_evaluated(sweep, tmp_path):
+    """Points run one by one (--point writes no sweep.json): the hide point of the dropout model is
+    compared with that model, as its evaluated_models.json says, not with 'base'."""
+    root, calls = sweep
+    folder = tmp_path / "by_hand"
+    for name in ("base", "seed=1", "sequences=all-lap"):
+        shutil.copytree(root / name, folder / name)
+    shutil.copytree(root / "sequences=all-lap", folder / "hide=dwi,seed=1")
+    (folder / "hide=dwi,seed=1" / "evaluated_models.json").write_text(
+        json.dumps({"trained": str(folder / "seed=1"), "models": "0123456789abcdef"}))
+    points, trained = load_points(folder)
+    assert trained == {"base": None, "hide=dwi,seed=1": "seed=1", "seed=1": None, "sequences=all-lap": None}
+    table = compare(points, trained, resamples=RESAMPLES).set_index(["split", "point"])
+    assert table.loc[("test", "hide=dwi,seed=1"), "reference"] == "seed=1"
+    # A sweep.json of failures only says so, instead of claiming there are no predictions.
+    (folder / "sweep.json").write_text(json.dumps({"points": [{"name": "base", "trained": None, "status": "failed"}]}))
+    with pytest.raises(ComparisonError, match=r"sweep.json lists no finished point \(base failed\)"):
+        load_points(folder)

@@ -103,6 +103,8 @@ def collect_points(sweep: Callable, arg: str | None, base: ml_collections.Config
     add = PointAdder(base)
     sweep(add, arg)
     configs = add.configs
+    if not configs:
+        raise SweepError(f"the sweep added no point (arg {arg!r}): its sweep(add, arg) must call add() at least once")
     trained, evaluated = [], []
     for name, config in configs.items():
         if config.evaluation.hidden_sequences:

@@ -12,7 +12,7 @@ import ml_collections
 
 from fll_jax.ablation.points import Point
 from fll_jax.files import read_json, write_json
-from fll_jax.train.workdir import evaluated_current, is_finished
+from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, is_finished
 
 SWEEP_FILE = "sweep.json"
 LOGS = "logs"
@@ -28,9 +28,13 @@ def run_point(point: Point, root: str | Path, source=None) -> dict:
     from fll_jax.train.cross_validate import cross_validate, evaluate_trained
 
     workdir = Path(root) / point.name
-    if point.trained is not None:
-        return evaluate_trained(point.config, workdir, Path(root) / point.trained, source)
-    return cross_validate(point.config, workdir, source)
+    try:
+        if point.trained is not None:
+            return evaluate_trained(point.config, workdir, Path(root) / point.trained, source)
+        return cross_validate(point.config, workdir, source)
+    except WorkdirError as error:  # ablate.py has no --restart: a point's own folder is the one to delete
+        raise WorkdirError(str(error).replace(RESTART, f"delete {workdir} and rerun the sweep, or use another "
+                                                       "--workdir")) from None
 
 
 def point_finished(point: Point, root: str | Path, data: dict) -> bool:

@@ -38,6 +38,14 @@ class Resources:
     parallel: int = 0  # most array tasks at once (0: no limit)
 
 
+def _host_job_options(resources: Resources) -> str:
+    """sbatch options of the preparation and comparison jobs: the arrays' account, partition, time
+    and host resources (a cluster may refuse a job without its account), no GPUs."""
+    options = {"partition": resources.partition, "account": resources.account, "time": resources.time,
+               "cpus-per-task": resources.cpus_per_task, "mem": resources.mem}
+    return " ".join(shlex.quote(f"--{key}={value}") for key, value in options.items() if value != "")
+
+
 def _array_script(points: Sequence[Point], root: Path, command: Sequence[str], resources: Resources,
                   job: str, repository: Path) -> str:
     limit = f"%{resources.parallel}" if resources.parallel else ""
@@ -96,7 +104,8 @@ def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str
         "# A failed data preparation cancels both arrays; the comparison still runs and records it in sweep.json.",
         "set -euo pipefail",
         f"cd {shlex.quote(str(repository))}",
-        f"prepare=$(sbatch --parsable --job-name=ablate_prepare --output={shlex.quote(str(root / LOGS / 'prepare.out'))} "
+        f"prepare=$(sbatch --parsable {_host_job_options(resources)} --job-name=ablate_prepare "
+        f"--output={shlex.quote(str(root / LOGS / 'prepare.out'))} "
         f"--wrap={shlex.quote(shlex.join([*command, '--prepare_only']))})",
         # A failed preparation cancels the array (without the flag it would wait forever).
         f"last=$(sbatch --parsable {KILL_ON_INVALID_DEP} --dependency=afterok:$prepare "
@@ -111,7 +120,7 @@ def write_slurm(points: Sequence[Point], root: str | Path, command: Sequence[str
                      f"{shlex.quote(str(root / EVAL_SCRIPT))})")
     if compare:
         # afterany is met by an array that was cancelled too: --collect then still records each point.
-        queue.append(f"sbatch --dependency=afterany:$last --job-name=ablate_compare "
+        queue.append(f"sbatch {_host_job_options(resources)} --dependency=afterany:$last --job-name=ablate_compare "
                      f"--output={shlex.quote(str(root / LOGS / 'compare.out'))} "
                      f"--wrap={shlex.quote(shlex.join([*command, '--collect']))}")
     queue.append("")

@@ -34,8 +34,8 @@ from fll_jax.evaluation.predictions import (
 )
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, modified_wilson
-from fll_jax.files import save_figure, write_csv, write_text
-from fll_jax.train.workdir import CONFIG_FILE, read_config
+from fll_jax.files import read_json, save_figure, write_csv, write_text
+from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, read_config
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
@@ -97,22 +97,37 @@ class Task:
         return (share >= 0.5) == truth, truth, share
 
 
+def _trained_point(root: Path, name: str) -> str | None:
+    """The sweep point whose fold models the evaluate-only point `name` evaluated, as its
+    evaluated_models.json records them; None for a point with models of its own."""
+    path = root / name / EVALUATED_FILE
+    if not path.exists():
+        return None
+    trained = Path(read_json(path, f"delete {root / name} and rerun the sweep: the point is evaluated again")["trained"])
+    return trained.name if trained.parent.resolve() == root.resolve() else str(trained)
+
+
 def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, str | None]]:
     """({name: predictions}, {name: trained point or None}) of a sweep's finished points: those
-    sweep.json lists as finished, else every subfolder holding predictions.csv. A file whose
-    patient ids are missing on some rows only is refused, naming them."""
+    sweep.json lists as finished, else (points run one by one with --point) every subfolder
+    holding predictions.csv. An evaluate-only point's trained point is the one its
+    evaluated_models.json names. A file whose patient ids are missing on some rows only is
+    refused, naming them."""
     root = Path(root)
     rows = read_sweep(root)
     if rows:
-        names = {r["name"]: r.get("trained") for r in rows if r["status"] in FINISHED}
+        names = [r["name"] for r in rows if r["status"] in FINISHED]
+        if not names:
+            statuses = ", ".join(f"{r['name']} {r['status']}" for r in rows)
+            raise ComparisonError(f"{root}: sweep.json lists no finished point ({statuses}); rerun the sweep")
     else:
-        names = {p.parent.name: None for p in sorted(root.glob("*/predictions.csv"))}
-    if not names:
-        raise ComparisonError(f"{root}: no finished point (no sweep.json entry done, no */predictions.csv)")
+        names = [p.parent.name for p in sorted(root.glob("*/predictions.csv"))]
+        if not names:
+            raise ComparisonError(f"{root}: no finished point (no sweep.json, no */predictions.csv)")
     points = {name: load_predictions(root / name / "predictions.csv") for name in names}
     for name, frame in points.items():
         check_patient_ids(frame, root / name / "predictions.csv")
-    return points, names
+    return points, {name: _trained_point(root, name) for name in names}
 
 
 def sweep_confidence(root: str | Path, names) -> float:
