@@ -207,3 +207,27 @@ def test_an_evaluate_only_point_is_paired_with_the_run_whose_models_it_evaluated
     (folder / "sweep.json").write_text(json.dumps({"points": [{"name": "base", "trained": None, "status": "failed"}]}))
     with pytest.raises(ComparisonError, match=r"sweep.json lists no finished point \(base failed\)"):
         load_points(folder)
+    # A reference that failed: its points are listed, uncompared, and the comparison says why.
+    (folder / "sweep.json").write_text(json.dumps({"points": [
+        {"name": "base", "trained": None, "status": "failed"}, {"name": "seed=1", "trained": None, "status": "done"}]}))
+    write_comparison(folder, resamples=RESAMPLES)
+    assert "Not compared: reference(s) `base` did not finish" in (folder / "comparison.md").read_text()
+
+
+def test_a_point_of_fewer_folds_is_compared_on_the_folds_both_validated(tmp_path):
+    """A folds=0 point has fold 0's out-of-fold rows only: compared with base on fold 0 (the whole
+    comparison had been refused as 'different val lesions')."""
+    rng = np.random.default_rng(1)
+    frames = {name: _frame(rng.random(N) < 0.8, 0) for name in ("base", "folds=0")}
+    for frame in frames.values():
+        frame.loc[frame.split == "val", "fold"] = np.arange(N) % 5
+    frames["folds=0"] = frames["folds=0"][(frames["folds=0"].split == "test") | (frames["folds=0"].fold == 0)]
+    table = compare(frames, {"base": None, "folds=0": None}, resamples=RESAMPLES).set_index(["split", "point"])
+    val = table.loc[("val", "folds=0")]
+    base_fold0 = frames["base"][(frames["base"].split == "val") & (frames["base"].fold == 0)]
+    own_fold0 = frames["folds=0"][frames["folds=0"].split == "val"]
+    correct = [f[[f"ensemble_p7_{k}" for k in range(NUM_CLASSES)]].to_numpy().argmax(1) == f.label7 for f in
+               (own_fold0, base_fold0)]
+    assert val["n"] == 14 and val["paired_folds"] == "0"
+    assert val["d_acc"] == pytest.approx(np.mean(correct[0]) - np.mean(correct[1]))
+    assert table.loc[("test", "folds=0"), "paired_folds"] == "" and table.loc[("test", "folds=0"), "n"] == N

@@ -146,6 +146,16 @@ def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
     return frame[frame["split"] == split].set_index("lesion_id").sort_index()
 
 
+def _shared_folds(point: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Out-of-fold rows of the folds both points validated, and those folds ('' when they are the
+    same folds: a folds= point validates fewer than the base). Test rows pass as they are."""
+    folds = set(point["fold"]) & set(reference["fold"])
+    if folds == set(point["fold"]) == set(reference["fold"]):
+        return point, reference, ""
+    return (point[point["fold"].isin(folds)], reference[reference["fold"].isin(folds)],
+            "+".join(str(int(f)) for f in sorted(folds)) or "none")
+
+
 def _paired(point: pd.DataFrame, reference: pd.DataFrame, names: tuple[str, str], split: str) -> None:
     """ComparisonError unless both hold the same lesions with the same labels."""
     if not point.index.equals(reference.index):
@@ -226,10 +236,12 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
             rows = task.rows(_split(frame, split))
             record = {"split": split, "point": name, "reference": ref if ref != name else "", **_point_metrics(rows, task, confidence)}
             if ref != name and ref in points:
-                ref_rows = task.rows(_split(points[ref], split))
-                _paired(rows, ref_rows, (name, ref), split)
-                record.update(_difference(rows, ref_rows, task, seed, resamples, _clusters(rows, name, split),
-                                          confidence))
+                paired, ref_rows, folds = _shared_folds(rows, task.rows(_split(points[ref], split)))
+                _paired(paired, ref_rows, (name, ref), split)
+                record["paired_folds"] = folds
+                if len(paired):
+                    record.update(_difference(paired, ref_rows, task, seed, resamples,
+                                              _clusters(paired, name, split), confidence))
             records.append(record)
     table = pd.DataFrame.from_records(records)
     if "bootstrap_unit" not in table:
@@ -296,7 +308,13 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
              "Each point against its reference on the same lesions. Intervals are "
              f"{ci_label(confidence)}s: modified Wilson "
              f"for accuracy, DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
-             "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05.", ""]
+             "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
+             "A point validated on other folds than its reference is compared on the folds both validated, "
+             "named beside n.", ""]
+    unfinished = sorted(set(table["reference"]) - set(table["point"]) - {""})
+    if unfinished:
+        lines += [f"Not compared: reference(s) {', '.join(f'`{r}`' for r in unfinished)} did not finish "
+                  "(failed or not run; see sweep.json), so their points have no differences below.", ""]
     header = ["point", "ref.", "n", acc, f"Δ {acc}", "only point/ref. right", "McNemar p (Holm)", auc, f"Δ {auc}",
               "DeLong p (Holm)"]
     for split, title in SPLITS.items():
@@ -304,7 +322,9 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
                   "|" + "---|" * len(header)]
         for _, row in table[table["split"] == split].iterrows():
             compared = math.isfinite(row.get("mcnemar_p", math.nan))
-            cells = [f"`{row['point']}`", f"`{row['reference']}`" if row["reference"] else "", str(row["n"]),
+            folds = row.get("paired_folds")
+            n = f"{row['n']} (folds {folds})" if isinstance(folds, str) and folds else str(row["n"])
+            cells = [f"`{row['point']}`", f"`{row['reference']}`" if row["reference"] else "", n,
                      _ci(row, "acc"), _ci(row, "d_acc") if compared else "",
                      f"{int(row['only_point'])}/{int(row['only_reference'])}" if compared else "",
                      _p(row, "mcnemar_p"), _ci(row, "auc"), _ci(row, "d_auc") if compared else "",
