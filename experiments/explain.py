@@ -27,10 +27,15 @@ flags.DEFINE_enum("baseline", "mean", BASELINES, "IG baseline and occlusion fill
                   "intensity, so a sequence's attribution is its contrast, not its brightness).")
 flags.DEFINE_enum("quadrature", "trapezoid", QUADRATURES, "IG quadrature rule (adaptive: for the zeros baseline).")
 flags.DEFINE_enum("explain", "predicted", EXPLAINED, "Explain the predicted or the true class.")
-flags.DEFINE_integer("chunk", 16, "Inputs per compiled batch (bounds memory).")
-flags.DEFINE_bool("score", False, "Score the maps against the phantom's key sequences and run the randomisation check.")
-flags.DEFINE_string("out_dir", None, "Output folder (default workdir/explain/<split>).")
-flags.DEFINE_bool("overwrite", False, "Replace explanations made earlier with other arguments.")
+flags.DEFINE_integer("chunk", 16, "Inputs per compiled batch (bounds memory; changes no map, so a rerun with "
+                     "only another chunk is not refused).")
+flags.DEFINE_bool("score", False, "Score the maps against the synthetic phantom's key sequences (the signatures it "
+                  "draws into each class) and run the randomisation check. Phantom runs only: refused for a run on "
+                  "other data (config data.source not 'phantom'), where those sequences mean nothing.")
+flags.DEFINE_string("out_dir", None, "Output folder (default workdir/explain/<split>, whose maps the report shows); "
+                    "inside workdir/explain only workdir/explain/<split>.")
+flags.DEFINE_bool("overwrite", False, "Replace explanations made earlier with other arguments, or the files of a "
+                  "folder without summary.json.")
 FLAGS = flags.FLAGS
 
 

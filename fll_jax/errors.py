@@ -32,11 +32,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     try:  # the training modules need JAX; data tools run without it
         from fll_jax.evaluation.comparison import ComparisonError
         from fll_jax.inference import PredictionError
+        from fll_jax.saliency.explain import ExplainError
         from fll_jax.train.checkpoints import CheckpointError
         from fll_jax.train.loop import NonFiniteLossError
     except ImportError:
         return tuple(errors)
-    return (*errors, CheckpointError, ComparisonError, NonFiniteLossError, PredictionError)
+    return (*errors, CheckpointError, ComparisonError, ExplainError, NonFiniteLossError, PredictionError)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCES, to_binary
 from fll_jax.data.preprocess import preprocess_lesion
-from fll_jax.evaluation.report import write_report
+from fll_jax.evaluation.report import saliency_markdown, write_report
 from fll_jax.files import write_json
 from fll_jax.saliency import outputs, scoring
 from fll_jax.saliency.gradcam import grad_cam
@@ -22,7 +22,7 @@ from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import attribution_shares, sequence_importance
 from fll_jax.saliency.integrated_gradients import adaptive_nodes, integrated_gradients, make_baseline, quadrature_rule
 from fll_jax.saliency.target import ClassScore
-from fll_jax.train.workdir import run_fingerprint
+from fll_jax.train.workdir import models_digest, run_fingerprint
 from tests.helpers import tiny_config
 
 SIZE = 16
@@ -441,10 +441,26 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 2),
                                                ("p6/l1", "val", 1, 6, 3)])
     write_json(run / "fingerprint.json", run_fingerprint(config, prepare.describe_data(config)[2]))
+    write_json(run / "config.json", config.to_dict())
     settings = explain.Settings(steps=8, chunk=16)
+    # A split's explanations written into another split's folder would be shown as that split's.
+    with pytest.raises(explain.ExplainError, match=r"out_dir .*explain/val is inside .*explain, .*for split 'test'"):
+        explain.explain_workdir(run, num_per_class=1, settings=settings, out_dir=run / "explain" / "val")
+    # A folder of the user's own files is not the job's to replace unasked.
+    mine = tmp_path / "mine"
+    (mine / "lesions").mkdir(parents=True)
+    (mine / "lesions" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"mine holds files but no summary.json"):
+        explain.explain_workdir(run, num_per_class=1, settings=settings, out_dir=mine)
+    assert (mine / "lesions" / "notes.txt").read_text() == "keep me"
     summary = explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
     out = run / "explain" / "test"
     assert summary["num_lesions"] == 2
+    # chunk changes no map, nor do the settings of other methods: not part of the request.
+    assert summary["request"]["settings"] == {"method": "ig", "head": "seven", "output": "prob", "baseline": "mean",
+                                              "steps": 8, "quadrature": "trapezoid", "explained": "predicted", "seed": 0}
+    assert set(explain.request_settings(explain.Settings(method="gradient", steps=3), score=False)) == {
+        "method", "head", "output", "baseline", "explained"}
     assert json.loads((out / "summary.json").read_text())["num_lesions"] == 2
     first = explain.safe_name("p0/l1")  # 'p0_l1' and a hash of the id: '/' is no file name character
     for lesion in ("p0/l1", "p4/l1"):
@@ -474,14 +490,23 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     alone = ClassScore.from_model(model, variables[1], chunk=16)
     expected = alone.predict(explain.lesion_input(patch.image, patch.mask, config))[3]
     assert lesions["p_predicted"][0] == pytest.approx(expected, rel=1e-5)
+    # Explanations of split 'test' in explain/val/ (an earlier version's --out_dir) are not shown as 'val''s.
+    val_summary = json.loads((run / "explain" / "val" / "summary.json").read_text())
+    write_json(run / "explain" / "val" / "summary.json", {**val_summary, "split": "test"})
+    shown = "\n".join(saliency_markdown(run, models_digest(run)))
+    assert "`explain/val/` holds explanations of split 'test', not 'val'" in shown
+    assert "explain/val/importance_by_class.png" not in shown
     # The test run's files are still there, and other arguments do not replace them unasked.
     assert (out / "lesions" / first / "overlay.png").is_file()
-    with pytest.raises(FileExistsError, match="other arguments"):
-        explain.explain_workdir(run, num_per_class=1, score=True, settings=explain.Settings(steps=4, chunk=16))
+    with pytest.raises(FileExistsError, match="other arguments: settings.steps 8 -> 4; pass overwrite") as refused:
+        explain.explain_workdir(run, num_per_class=1, score=True, settings=explain.Settings(steps=4, chunk=8))
+    assert "chunk" not in str(refused.value)  # it changes no map
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 8
-    # Asked to, a rerun replaces them whole: an earlier request's lesion folder and scores go.
+    # Asked to, a rerun replaces them whole: an earlier request's lesion folder and scores go. Named
+    # explicitly, the default folder is still the report's: report.md is rewritten.
     (out / "lesions" / "earlier_lesion").mkdir()
-    explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), overwrite=True)
+    explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), overwrite=True,
+                            out_dir=run / "explain" / "val" / ".." / "test")
     assert sorted(p.name for p in (out / "lesions").iterdir()) == sorted(map(explain.safe_name, ("p0/l1", "p4/l1")))
     assert not (out / "scores.md").exists() and "Key-sequence hit rate" not in (run / "report.md").read_text()
     assert json.loads((out / "summary.json").read_text())["settings"]["steps"] == 4
@@ -492,6 +517,31 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     write_json(shared / "summary.json", {"request": {**request, "run": "another"}, "workdir": "/elsewhere/run"})
     with pytest.raises(FileExistsError, match="explanations of other fold models \\(/elsewhere/run:"):
         explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16), out_dir=shared)
+
+    def no_models(workdir):
+        raise RuntimeError("fold models loaded")
+
+    # From here on, getting as far as loading the models means that nothing refused the call.
+    monkeypatch.setattr(checkpoints, "load_fold_models", no_models, raising=False)
+    # Only chunk changed (memory for speed): not refused. Nor is a folder holding only a killed run's staging folder.
+    with pytest.raises(RuntimeError, match="fold models loaded"):
+        explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=2))
+    (tmp_path / "killed" / ".lesions.x1y2.tmp").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="fold models loaded"):
+        explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4), out_dir=tmp_path / "killed")
+    # A split with no lesion in predictions.csv is found before any model is loaded.
+    predictions = pd.read_csv(run / "predictions.csv")
+    predictions[predictions["split"] == "test"].to_csv(run / "predictions.csv", index=False)
+    with pytest.raises(ValueError, match=r"predictions.csv: no lesion of split 'val' to explain"):
+        explain.explain_workdir(run, num_per_class=1, split="val", settings=settings)
+    # Scores against the phantom's key sequences are refused on other data, before any model is loaded.
+    real = config.to_dict()
+    real["data"] |= {"source": "manifest", "manifest": str(manifest)}
+    write_json(run / "config.json", real)
+    with pytest.raises(explain.ExplainError, match=r"data.source 'manifest' \(.*manifest.csv\), where they mean nothing"):
+        explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
+    write_json(run / "config.json", config.to_dict())
+    monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config), raising=False)
     # Nor are this run's, once it was trained again under the same settings (its predictions changed).
     _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 4),
                                                ("p6/l1", "val", 1, 6, 3)])

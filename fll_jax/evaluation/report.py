@@ -342,6 +342,10 @@ def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
                       "a fold was trained again, or by an earlier version); rerun experiments/explain.py --split "
                       f"{split} --overwrite for its maps."]
             continue
+        if summary.get("split", split) != split:  # written there with --out_dir by an earlier version
+            lines += ["", f"### {what}", "", f"`explain/{split}/` holds explanations of split {summary['split']!r}, "
+                      f"not {split!r}; rerun experiments/explain.py --split {split} --overwrite for its maps."]
+            continue
         overlays = summary.get("overlays", {"overlay.png": summary["settings"]["method"]})
         lines += ["", f"### {what}", "",
                   f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: {', '.join(overlays)}, "

@@ -8,7 +8,8 @@ attribution share and by branch occlusion, a PNG overlay, an importance bar char
 maps in every sequence's native space. Unless the method is Grad-CAM, a Grad-CAM overlay on
 the same slice too (one more forward and backward pass per model), so that every lesion shows
 a gradient-path map beside the feature-map view the paper draws. With score=True also the
-phantom scores (scoring.py). Layout under workdir/explain/<split>/:
+phantom scores (scoring.py; refused for a run on other data, where the phantom's key sequences
+mean nothing). Layout under workdir/explain/<split>/:
 
   lesions/<lesion_id>/overlay.png, overlay_gradcam.png, importance.png, <seq>_<method>.nii.gz
                          (safe_name(lesion_id): ids with other characters than lower-case letters, digits and _.- get a hash)
@@ -63,7 +64,7 @@ from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import rng_settings, seq_indices
-from fll_jax.train.workdir import check_same_data, models_digest
+from fll_jax.train.workdir import check_same_data, models_digest, read_config
 
 # Each method's name in titles, legends and the report.
 MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
@@ -77,6 +78,16 @@ SPLITS = ("test", "val")
 IMPORTANCE_MEASURES = {"attribution_share": "share_", "lesion_attribution_share": "lesion_share_",
                        "occlusion": "occlusion_"}
 SPLIT_NAMES = {"test": "test lesions", "val": "development lesions"}
+# The Settings fields that each method's maps depend on, beyond method, head, output, explained and
+# baseline (also the occlusion fill); chunk only trades memory for speed, so no method's.
+METHOD_SETTINGS = {"ig": ("steps", "quadrature"), "smoothgrad": ("steps", "seed"), "gradient": (), "gradcam": ()}
+# The temporary folders staged_folder leaves when killed (OOM): no user's files.
+STAGING = re.compile(r"\.lesions\..+\.tmp(\.old)?")
+
+
+class ExplainError(ValueError):
+    """A request this job cannot carry out (an out_dir, split or --score that does not fit the run),
+    named in its message (an entry point prints it without a traceback: fll_jax/errors.py)."""
 
 
 @dataclass
@@ -215,6 +226,13 @@ def safe_name(text: str) -> str:
     return f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
+def request_settings(settings: Settings, score: bool) -> dict:
+    """The settings the explanations depend on: those of the chosen method (and the seed of the
+    randomisation check's model with score): not chunk nor another method's, which a rerun may change unrefused."""
+    used = ("method", "head", "output", "baseline", "explained") + METHOD_SETTINGS[settings.method]
+    return {k: v for k, v in vars(settings).items() if k in used or (k == "seed" and score)}
+
+
 def _class_names(head: str) -> list[str]:
     return list(BINARY_CLASSES) if head == "binary" else [CLASS_NAMES[c] for c in CLASSES]
 
@@ -233,8 +251,11 @@ def explain_workdir(
 
     Needs a finished workdir (fold checkpoints, predictions.csv) and the config's manifest
     (fll_jax.data.prepare.manifest_path). An output folder holding explanations asked for
-    differently is refused unless overwrite=True, which replaces them once this run has succeeded:
-    no lesion folder or scores.md of the earlier request stays. Returns summary.json's content.
+    differently, or other files but no summary.json, is refused unless overwrite=True, which
+    replaces them once this run has succeeded: no lesion folder or scores.md of the earlier request
+    stays. out_dir inside workdir/explain must be workdir/explain/<split> (then report.md is
+    rewritten, as for the default). score=True is refused unless the run's data is the phantom.
+    Returns summary.json's content.
     """
     # Looked up at call time: the training code owns it (and tests stand in for it).
     from fll_jax.train.checkpoints import load_fold_models
@@ -244,18 +265,24 @@ def explain_workdir(
     if num_per_class is not None and num_per_class < 1:
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
-    out = Path(out_dir) if out_dir is not None else workdir / "explain" / split
+    out, default = _out_folder(workdir, split, out_dir)
     request = json.loads(json.dumps({"run": models_digest(workdir), "split": split, "num_per_class": num_per_class,
-                                     "score": score, "settings": vars(settings)}))
+                                     "score": score, "settings": request_settings(settings, score)}))
+    run_config = read_config(workdir)  # what load_fold_models reads, here without loading any model
+    _check_phantom(workdir, run_config, score)
+    # From predictions.csv, so that an empty split costs no model loading nor data fingerprinting.
+    models = lesion_models(workdir, split, run_config.train.folds, settings.head)
+    if not models:
+        raise ExplainError(f"{workdir / 'predictions.csv'}: no lesion of split {split!r} to explain")
     _check_previous(out, request, overwrite)
     _, variables, config = load_fold_models(workdir)
     with rng_settings(config):
         records, _, data = prepare.describe_data(config)
         check_same_data(workdir, data)
-        models = lesion_models(workdir, split, config.train.folds, settings.head)
         records = pick_lesions(records, num_per_class, set(models))
         if not records:
-            raise ValueError(f"{workdir}: no lesion of split {split!r} to explain")
+            raise ExplainError(f"{workdir}: no lesion of split {split!r} in the manifest "
+                               f"{prepare.manifest_path(config)}")
         model = float32_model(config)
         ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
         scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
@@ -274,7 +301,7 @@ def explain_workdir(
             frame = pd.DataFrame(rows)
             summary = {"request": request, "workdir": str(workdir.resolve())} | _summary(
                 frame, config, settings, config.sequences, split, score)
-            # Stopped from here on, the folder holds no summary: the report shows none, a rerun is not refused.
+            # Stopped from here on, the folder holds no summary: the report shows none, a rerun needs overwrite.
             (out / "summary.json").unlink(missing_ok=True)
         write_csv(frame, out / "lesions.csv")
         class_importance_figure(frame, config.sequences, out / "importance_by_class.png", MAP_NAMES[settings.method])
@@ -283,23 +310,75 @@ def explain_workdir(
         else:
             (out / "scores.md").unlink(missing_ok=True)
         write_json(out / "summary.json", summary)  # last: it marks the folder complete
-        if out_dir is None:
+        if default:
             write_report(workdir)  # report.md gains the saliency section
         return summary
 
 
+def _out_folder(workdir: Path, split: str, out_dir: str | Path | None) -> tuple[Path, bool]:
+    """(output folder, whether it is workdir/explain/<split>, which the report shows as that split)."""
+    default = workdir / "explain" / split
+    if out_dir is None:
+        return default, True
+    out = Path(out_dir)
+    if out.resolve() == default.resolve():
+        return out, True
+    # The report reads explain/<name>/ as split <name>'s maps: no other split's, nor other folders, there.
+    if out.resolve().is_relative_to((workdir / "explain").resolve()):
+        raise ExplainError(f"out_dir {out} is inside {workdir / 'explain'}, where the report shows explain/<split>/ "
+                           f"as that split's explanations; for split {split!r} leave out_dir out (it is {default}) "
+                           "or name a folder outside it")
+    return out, False
+
+
+def _check_phantom(workdir: Path, config: ml_collections.ConfigDict, score: bool) -> None:
+    """Refuse score=True unless the run's data is the phantom: its key sequences are the phantom's signatures."""
+    source = config.data.source
+    if score and source != "phantom":
+        raise ExplainError(f"score=True (--score) scores the maps against the synthetic phantom's key sequences "
+                           f"(the signatures it draws into each class); the run in {workdir} was trained on "
+                           f"data.source {source!r} ({config.data.get('manifest') or 'no manifest recorded'}), "
+                           "where they mean nothing. Explain it without --score")
+
+
+def _request_changes(previous: dict, request: dict) -> list[str]:
+    """'key old -> new' for each argument of `request` that differs from the earlier `previous`, settings
+    compared as request_settings keeps them (an earlier version stored chunk and every method's)."""
+    old = previous.get("settings") or {}
+    if old.get("method") in METHOD_SETTINGS:
+        old = request_settings(Settings(**{k: v for k, v in old.items() if k in vars(Settings())}),
+                               bool(previous.get("score")))
+    flat_old = {k: v for k, v in previous.items() if k not in ("run", "settings")} | {
+        f"settings.{k}": v for k, v in old.items()}
+    flat_new = {k: v for k, v in request.items() if k not in ("run", "settings")} | {
+        f"settings.{k}": v for k, v in request["settings"].items()}
+    return [f"{k} {flat_old.get(k, '(absent)')} -> {flat_new.get(k, '(absent)')}"
+            for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k) != flat_new.get(k)]
+
+
 def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
-    """Refuse to replace explanations of another run, or asked for with other arguments."""
+    """Refuse to replace explanations of another run, or asked for with other arguments, or a folder of other files."""
     path = out / "summary.json"
-    if overwrite or not path.exists():
+    if out.exists() and not out.is_dir():
+        raise ExplainError(f"out_dir {out} is a file, not a folder")
+    if overwrite:
+        return
+    if not path.exists():
+        # lesions/, lesions.csv, ... would replace a folder's own ones whole: not unasked.
+        if out.is_dir() and any(not STAGING.fullmatch(p.name) for p in out.iterdir()):
+            raise FileExistsError(f"{out} holds files but no summary.json (not this job's explanations, or an "
+                                  "explanation stopped before it finished); its lesions/, lesions.csv, scores.md, "
+                                  "importance_by_class.png would be replaced: pass overwrite=True (--overwrite) to "
+                                  "replace them, or another out_dir (--out_dir)")
         return
     summary = read_json(path, "pass overwrite=True (--overwrite) to replace it")
     previous = summary.get("request") or {}
+    changes = _request_changes(previous, request)
     if previous.get("run") != request["run"]:
         what = (f"explanations of other fold models ({summary.get('workdir', 'made before runs were recorded')}: "
                 "another run, or this one before it was trained again)")
-    elif previous != request:
-        what = f"explanations made with other arguments ({previous})"
+    elif changes:
+        what = f"explanations made with other arguments: {'; '.join(changes)}"
     else:
         return
     raise FileExistsError(f"{out} holds {what}; pass overwrite=True (--overwrite) to replace them, or another "
