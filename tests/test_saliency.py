@@ -120,6 +120,36 @@ def test_ig_is_exact_on_a_linear_function_and_averages_an_ensemble():
     np.testing.assert_allclose(imp.occlusion_drop, result.attributions.sum(axis=(1, 2, 3)), rtol=1e-3, atol=1e-5)
 
 
+def test_a_sequence_the_input_lacks_gets_no_importance_and_is_not_ranked():
+    """A lesion without LAP (or a run hiding it): its zero occlusion drop and share must not rank
+    it above T2WI, whose occlusion here raises F; shares are over the sequences the input holds."""
+    from fll_jax.saliency.explain import Settings, _summary, input_present
+    from fll_jax.saliency.importance import positive_shares
+
+    x = _lesion_input()
+    x[1] = 0.0  # no LAP image and no LAP mask
+    present = input_present(x)
+    assert present.tolist() == [True, False]
+    score = ClassScore(_linear_apply, {"w7": -_weights(0)["w7"], "w2": _weights(0)["w2"]}, output="logit")
+    result = integrated_gradients(score, x, index=3, baseline="mean", steps=2, quadrature="trapezoid")
+    imp = sequence_importance(score, x, result.attributions, result.baseline, USED, index=3, present=present)
+    assert imp.occlusion_drop[0] < 0 and np.isnan(imp.occlusion_drop[1])  # the old code: drop 0 ranked LAP first
+    assert imp.attribution_share.tolist()[0] == 1.0 and np.isnan(imp.attribution_share[1])
+    assert imp.occlusion_share[0] == 1.0 and np.isnan(imp.occlusion_share[1])  # no positive drop: uniform over T2WI
+    assert positive_shares(np.array([0.0, 0.0, 2.0]), np.array([True, True, False])).tolist()[:2] == [0.5, 0.5]
+    # Scores rank the sequences the explained lesions hold: with DWI hidden by the run, a metastasis
+    # (key DWI, LAP, PVP) is scored on LAP and PVP among four (the old code left every lesion out).
+    sequences = ("t2w", "dwi", "adc", "lap", "pvp")
+    values = {"t2w": [0.1, 0.2], "dwi": [np.nan, np.nan], "adc": [0.2, 0.1], "lap": [0.4, 0.3], "pvp": [0.3, 0.4]}
+    frame = pd.DataFrame({"label7": [6, 6], "true": "x", "predicted": "x", "focus_share": 0.5,
+                          "focus_volume_share": 0.1, "randomisation_spearman": 0.2,
+                          **{f"{prefix}{s}": v for prefix in ("share_", "lesion_share_", "occlusion_")
+                             for s, v in values.items()}})
+    summary = _summary(frame, tiny_config("sequences=" + "+".join(sequences)), Settings(), sequences, "test", score=True)
+    metastasis = summary["hit_rates"]["occlusion"]["metastasis"]
+    assert metastasis["n"] == 2 and metastasis["hits"] == {"lap": 1.0, "pvp": 1.0} and metastasis["chance"] == 3 / 4
+
+
 def test_gauss_legendre_converges_faster_than_trapezoid_on_a_smooth_function():
     x = _lesion_input()
     score = ClassScore(_smooth_apply, _weights(2), output="prob", chunk=8)

@@ -170,7 +170,7 @@ def compute_map(
     probs = score.predict(x)
     index = int(np.argmax(probs)) if index is None else int(index)
     attributions, baseline, ig = attribution_map(score, x, sequences, settings, index)
-    importance = sequence_importance(score, x, attributions, baseline, sequences, index=index)
+    importance = sequence_importance(score, x, attributions, baseline, sequences, index=index, present=input_present(x))
     return LesionMap(attributions, index, probs, importance, ig)
 
 
@@ -408,7 +408,8 @@ def _explain_record(record, config, model_name: str, pred: int, model_score: Cla
         row.update(f_x=lesion.ig.f_x, f_baseline=lesion.ig.f_baseline, delta=lesion.ig.delta,
                    relative_delta=lesion.ig.relative_delta)
     region = lesion_region(x[..., 1], [voxel_spacing(a) for a in affines])
-    for r, near_lesion in zip(lesion.importance.as_rows(), attribution_shares(lesion.attributions * region)):
+    near = attribution_shares(lesion.attributions * region, input_present(x))
+    for r, near_lesion in zip(lesion.importance.as_rows(), near):
         row[f"share_{r['sequence']}"] = r["attribution_share"]
         row[f"lesion_share_{r['sequence']}"] = near_lesion
         row[f"occlusion_{r['sequence']}"] = r["occlusion_drop"]
@@ -493,11 +494,14 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
     if not score:
         return summary
     labels = frame["label7"].to_numpy()
+    # A sequence no explained lesion holds (the run hides it) is not ranked; a lesion lacking one
+    # that others hold has NaN there and is left out of the scores (their n).
+    scored = [s for s in sequences if frame[f"share_{s}"].notna().any()]
     tables, rankings = {}, {}
     for measure, prefix in IMPORTANCE_MEASURES.items():
-        importance = frame[[prefix + s for s in sequences]].to_numpy()
-        tables[measure] = top_k_hit_rates(importance, labels, sequences, k=3)
-        rankings[measure] = ranking_aucs(importance, labels, sequences)
+        importance = frame[[prefix + s for s in scored]].to_numpy()
+        tables[measure] = top_k_hit_rates(importance, labels, scored, k=3)
+        rankings[measure] = ranking_aucs(importance, labels, scored)
     summary["hit_rates"] = tables
     summary["ranking_auc"] = rankings
     summary["lesion_focus"] = {

@@ -36,18 +36,25 @@ def share_label(map_name: str) -> str:
     return f"|{map_name}| share"
 
 
-def attribution_shares(attributions: np.ndarray) -> np.ndarray:
-    """[S]: each sequence's share of sum |attribution| over [S, D, H, W] (uniform if all zero)."""
+def _shares(values: np.ndarray, present: np.ndarray | None) -> np.ndarray:
+    """Shares of non-negative `values` among the present sequences (uniform over them when all are
+    zero); NaN for an absent one, which the input does not hold and so has no share to rank."""
+    present = np.ones(len(values), bool) if present is None else np.asarray(present, bool)
+    shares = np.full(len(values), np.nan)
+    total = values[present].sum()
+    shares[present] = values[present] / total if total > 0 else 1.0 / max(1, present.sum())
+    return shares
+
+
+def attribution_shares(attributions: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """[S]: each present sequence's share of sum |attribution| over [S, D, H, W]."""
     totals = np.abs(np.asarray(attributions, np.float64)).reshape(len(attributions), -1).sum(axis=1)
-    if totals.sum() == 0:
-        return np.full(len(totals), 1.0 / len(totals))
-    return totals / totals.sum()
+    return _shares(totals, present)
 
 
-def positive_shares(values: np.ndarray) -> np.ndarray:
-    """Shares of the positive part of `values` (uniform when none is positive)."""
-    pos = np.clip(np.asarray(values, np.float64), 0.0, None)
-    return pos / pos.sum() if pos.sum() > 0 else np.full(len(pos), 1.0 / len(pos))
+def positive_shares(values: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
+    """Shares of the positive part of `values` among the present sequences."""
+    return _shares(np.clip(np.asarray(values, np.float64), 0.0, None), present)
 
 
 def branch_occlusion(score: ClassScore, x: np.ndarray, baseline: np.ndarray, *, index: int) -> np.ndarray:
@@ -68,14 +75,21 @@ def sequence_importance(
     sequences: Sequence[str],
     *,
     index: int,
+    present: np.ndarray | None = None,
 ) -> SequenceImportance:
-    """Both measures for one lesion; `baseline` should be the one the map used (IG's, or the occlusion fill)."""
+    """Both measures for one lesion; `baseline` should be the one the map used (IG's, or the occlusion fill).
+
+    present: bool [S], the sequences the input holds (default all). An absent one (the lesion
+    lacks it, or the run hides it) gets NaN throughout: its zero drop and share would otherwise
+    rank it above a present sequence whose occlusion raised F."""
     if len(sequences) != len(attributions):
         raise ValueError(f"{len(sequences)} sequence names for {len(attributions)} attribution maps")
     drop = branch_occlusion(score, x, baseline, index=index)
+    if present is not None:
+        drop = np.where(present, drop, np.nan)
     return SequenceImportance(
         sequences=tuple(sequences),
-        attribution_share=attribution_shares(attributions),
+        attribution_share=attribution_shares(attributions, present),
         occlusion_drop=drop,
-        occlusion_share=positive_shares(drop),
+        occlusion_share=positive_shares(np.nan_to_num(drop), present),
     )
