@@ -146,15 +146,16 @@ def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran)
 
 
 def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_point(ran, tmp_path):
-    """What the SLURM comparison job does: no sweep.json (the array tasks write none), so without it
-    every point's trained point would be unknown and each compared with 'base'."""
+    """What the SLURM comparison job does: no sweep.json (the array tasks write none), so it records
+    what each task left; an evaluate-only point keeps its trained point, from its
+    evaluated_models.json, with or without sweep.json, and in a moved copy of the sweep."""
     from fll_jax.ablation.runner import not_run
     from fll_jax.evaluation.comparison import load_points
 
     root, points, *_ = ran
     copy = tmp_path / "sweep"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("sweep.json"))
-    assert load_points(copy)[1] == {BASE: None, "hide=dwi": None}
+    assert load_points(copy)[1] == {BASE: None, "hide=dwi": BASE}
     rows = run_sweep(points, copy, not_run, lambda config: synthetic_source().fingerprint)
     assert [row["status"] for row in rows] == ["finished earlier", "failed", "finished earlier"]
     assert "not finished" in rows[1]["error"]

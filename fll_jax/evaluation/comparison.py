@@ -99,12 +99,13 @@ class Task:
 
 def _trained_point(root: Path, name: str) -> str | None:
     """The sweep point whose fold models the evaluate-only point `name` evaluated, as its
-    evaluated_models.json records them; None for a point with models of its own."""
+    evaluated_models.json records them (by name: the sweep may have moved since); None for a
+    point with models of its own."""
     path = root / name / EVALUATED_FILE
     if not path.exists():
         return None
     trained = Path(read_json(path, f"delete {root / name} and rerun the sweep: the point is evaluated again")["trained"])
-    return trained.name if trained.parent.resolve() == root.resolve() else str(trained)
+    return trained.name if (root / trained.name).is_dir() else str(trained)
 
 
 def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, str | None]]:
