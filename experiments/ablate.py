@@ -90,7 +90,7 @@ def main(argv):
             paths = write_slurm(points, root, [sys.executable, *_command()], resources, Path.cwd(), FLAGS.compare)
             print(f"{len(points)} points; wrote {', '.join(map(str, paths))}\nsubmit with: bash {paths[-1]}")
             return
-        sources = data_sources()
+        sources = data_sources(in_turn=FLAGS.distributed)
         if FLAGS.prepare_only:
             for point in points:
                 sources(point.config)

@@ -85,3 +85,20 @@ def test_process_0_prepares_the_data_before_the_others_check_it(monkeypatch):
         assert cv.prepared_in_turn(None) == "source"
         # All at once, each process built the same patch cache and records over the others'.
         assert events == (["prepare", "data prepared"] if primary else ["data prepared", "prepare"])
+
+
+def test_a_sweep_point_on_several_processes_prepares_its_data_in_turn(monkeypatch):
+    import fll_jax.data.prepare as prepare
+    import fll_jax.train.cross_validate as cv
+    from fll_jax.ablation.runner import data_sources
+    from tests.helpers import tiny_config
+
+    events = []
+    monkeypatch.setattr(cv, "is_primary", lambda: False)
+    monkeypatch.setattr(cv, "sync_processes", lambda name: events.append(name))
+    monkeypatch.setattr(prepare, "prepare_source", lambda config: events.append("prepare") or "source")
+    sources = data_sources(in_turn=True)  # ablate.py --point ... --distributed
+    assert [sources(tiny_config()) for _ in range(2)] == ["source", "source"]
+    assert events == ["data prepared", "prepare"]  # after process 0, and once per data setting
+    events.clear()
+    assert data_sources()(tiny_config()) == "source" and events == ["prepare"]  # one process: no barrier

@@ -46,17 +46,25 @@ def point_finished(point: Point, root: str | Path, data: dict) -> bool:
     return is_finished(workdir, point.config, data)
 
 
-def data_sources() -> Callable[[ml_collections.ConfigDict], object]:
+def data_sources(in_turn: bool = False) -> Callable[[ml_collections.ConfigDict], object]:
     """config -> its data source (with its fingerprint), prepared once per distinct data setting
-    (fll_jax/data/prepare.py)."""
-    from fll_jax.data.prepare import prepare_source
+    (fll_jax/data/prepare.py).
+
+    in_turn: the processes of a multi-process run prepare it process 0 first (all at once, each
+    would build the same files over the others'). Only then, since it starts JAX, which a sweep's
+    driver must leave to its points' processes.
+    """
+    if in_turn:
+        from fll_jax.train.cross_validate import prepared_in_turn as prepare
+    else:
+        from fll_jax.data.prepare import prepare_source as prepare
 
     cache: dict[str, object] = {}
 
     def source(config: ml_collections.ConfigDict):
         key = config.data.to_json()
         if key not in cache:
-            cache[key] = prepare_source(config)
+            cache[key] = prepare(config)
         return cache[key]
 
     return source
