@@ -13,8 +13,9 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.inter_rater import cohens_kappa
 
 from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_workdir
+from fll_jax.evaluation.paired import paired_bootstrap
 from fll_jax.evaluation.readers import (
-    compare_paired, load_readers, parse_class, reader_study, simulate_readers, write_reader_study,
+    compare_paired, load_readers, parse_class, reader_markdown, reader_study, simulate_readers, write_reader_study,
 )
 from fll_jax.evaluation.stats import modified_wilson
 
@@ -189,7 +190,7 @@ def test_reader_study_intervals_follow_the_configured_confidence(tmp_path):
     correct = reader["vs_model"]["reader_correct"]
     assert reader["accuracy_ci"] == pytest.approx(list(modified_wilson(correct, reader["n"], 0.9)[1:]))
     text = (workdir / "reader_study.md").read_text()
-    assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI, lesions resampled)" in text and "95%" not in text
+    assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI, patients resampled)" in text and "95%" not in text
 
 
 def test_a_groups_pooled_accuracy_interval_resamples_lesions_not_reads():
@@ -204,6 +205,27 @@ def test_a_groups_pooled_accuracy_interval_resamples_lesions_not_reads():
     lo, hi = study["groups"]["twins"]["pooled_accuracy_ci"]
     one_lo, one_hi = study["readers"]["R1"]["accuracy_ci"]
     assert lo < study["groups"]["twins"]["pooled_accuracy"] < hi and hi - lo > 0.8 * (one_hi - one_lo)
+
+
+def test_a_groups_pooled_accuracy_interval_resamples_patients_with_all_their_lesions():
+    """Six lesions a patient, read right or wrong patient by patient: the pooled interval is as
+    wide as the patients allow (resampling lesions one by one had given half its width)."""
+    predictions = synthetic_predictions(0)
+    test = predictions["split"] == "test"
+    predictions.loc[test, "patient_id"] = [f"T{k // 6}" for k in range(test.sum())]
+    lesions = predictions[test]
+    right = np.random.default_rng(0).random(lesions["patient_id"].nunique()) < 0.6
+    ok = right[np.arange(len(lesions)) // 6]
+    calls = np.where(ok, lesions["label7"], (lesions["label7"] + 1) % 7)
+    readers = pd.concat([pd.DataFrame({"reader_id": r, "group": "g", "lesion_id": lesions["lesion_id"],
+                                       "predicted_class": calls, "call": calls}) for r in ("R1", "R2")])
+    study = reader_study(predictions, readers)
+    lo, hi = study["groups"]["g"]["pooled_accuracy_ci"]
+    by_lesion = paired_bootstrap(lambda rows: ok[rows].mean(), np.arange(len(ok)))
+    by_patient = paired_bootstrap(lambda rows: ok[rows].mean(), np.arange(len(ok)) // 6)
+    assert by_patient[1] - by_patient[0] > 1.5 * (by_lesion[1] - by_lesion[0])
+    assert np.allclose([lo, hi], by_patient, atol=0.03) and study["bootstrap_unit"] == "patients"
+    assert "pooled ACC (95% CI, patients resampled)" in reader_markdown(study, "")
 
 
 def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study(tmp_path):

@@ -276,7 +276,7 @@ def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
     assert categorical_test(np.array([[0, 1], [0, 1], [1, 0]]))[1] == pytest.approx(1.0)  # scipy answers an array here
 
 
-def test_a_plr_without_false_positives_reads_infinite_and_one_without_positive_calls_undefined():
+def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_calls_undefined():
     from fll_jax.evaluation import discrimination as disc
     from fll_jax.evaluation.report import json_safe, table3_markdown
 
@@ -293,3 +293,13 @@ def test_a_plr_without_false_positives_reads_infinite_and_one_without_positive_c
     assert cells["cyst"].strip() == cells[BINARY_COLUMN].strip() == "∞ (-, ∞)"
     assert cells["fnh"].strip() == "- (-, -)"  # no positive call: 0/0
     assert cells["haemangioma"].strip().startswith("6.000 (")  # 4 of 4 against 4 of 24: 1 / (1/6)
+    # NLR mirrors it: every other lesion called a cyst (no true negative) and one cyst missed.
+    predicted = np.zeros_like(label7)
+    predicted[0] = 1
+    p7 = np.eye(7)[predicted]
+    table = disc.table3(label7, p7, (label7 >= 4).astype(int), p7[:, :2], None, 0.95, "bcd")
+    stored = json.loads(json.dumps(json_safe(table)))
+    assert stored["cyst"]["counts"] == {"tp": 3, "fp": 24, "fn": 1, "tn": 0}
+    cells = dict(zip(["", *disc.TABLE3_COLUMNS], next(
+        line for line in table3_markdown(stored, 0.95) if line.startswith("| NLR")).strip("|").split(" | ")))
+    assert cells["cyst"].strip() == "∞ (-, ∞)"

@@ -28,9 +28,9 @@ from fll_jax.ablation.points import BASE
 from fll_jax.ablation.runner import read_sweep
 from fll_jax.constants import CLASS_NAMES, CLASSES, class_index, to_binary
 from fll_jax.evaluation.discrimination import delong_auc, delong_paired, rank_auc
-from fll_jax.evaluation.paired import holm, mcnemar_exact, paired_bootstrap
+from fll_jax.evaluation.paired import LESIONS, PATIENTS, bootstrap_clusters, holm, mcnemar_exact, paired_bootstrap
 from fll_jax.evaluation.predictions import (
-    ENSEMBLE, check_patient_ids, load_predictions, missing_patient_ids, probabilities,
+    ENSEMBLE, check_patient_ids, load_predictions, probabilities,
 )
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, modified_wilson
@@ -40,8 +40,6 @@ from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, read_config
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
 RESAMPLES = 2000  # paired bootstrap resamples of the patients
-# What the bootstrap draws: a point's patients, or its lesions one by one when it has no patient ids.
-PATIENTS, LESIONS = "patients", "lesions"
 
 
 class ComparisonError(ValueError):
@@ -175,15 +173,11 @@ def _point_metrics(frame: pd.DataFrame, task: Task, confidence: float) -> dict:
 
 
 def _clusters(frame: pd.DataFrame, name: str, split: str) -> tuple[np.ndarray, str]:
-    """Each lesion's bootstrap cluster and their kind: its patient or, when no lesion has a patient
-    id, the lesion itself (a single cluster would make every resample the data itself)."""
-    missing = missing_patient_ids(frame)
-    if missing.all():
-        return np.arange(len(frame)), LESIONS
-    if missing.any():
-        raise ComparisonError(f"point {name!r}: {split} lesions {', '.join(frame.index[missing][:5])} have no "
-                              "patient_id while others have one; give every lesion its patient, or none")
-    return frame["patient_id"].astype(str).to_numpy(), PATIENTS
+    """Each lesion's bootstrap cluster and their kind (paired.bootstrap_clusters)."""
+    try:
+        return bootstrap_clusters(frame)
+    except ValueError as error:
+        raise ComparisonError(f"point {name!r}: {split} {error}") from None
 
 
 def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: int, resamples: int,

@@ -7,8 +7,11 @@ import gc
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
+
+from fll_jax.evaluation.predictions import missing_patient_ids
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float | int]:
@@ -22,6 +25,22 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
         raise ValueError(f"paired calls differ in number: {a.shape} against {b.shape}")
     table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
     return {"a_only": table[0][1], "b_only": table[1][0], "p": float(mcnemar(table, exact=True).pvalue)}
+
+
+PATIENTS, LESIONS = "patients", "lesions"
+
+
+def bootstrap_clusters(frame: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """Each row's bootstrap cluster and their kind: its patient or, when no row has a patient id,
+    the lesion itself (one cluster would make every resample the data itself). ValueError naming
+    the rows when only some have one."""
+    missing = missing_patient_ids(frame)
+    if missing.all():
+        return np.arange(len(frame)), LESIONS
+    if missing.any():
+        raise ValueError(f"lesions {', '.join(map(str, frame.index[missing][:5]))} have no patient_id while others "
+                         "have one; give every lesion its patient, or none")
+    return frame["patient_id"].astype(str).to_numpy(), PATIENTS
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], float], groups: Sequence, confidence: float = 0.95,

@@ -25,7 +25,7 @@ from statsmodels.stats.inter_rater import cohens_kappa
 
 from fll_jax.constants import CLASS_NAMES, CLASSES, NUM_CLASSES
 from fll_jax.evaluation.figures import plot_confusion
-from fll_jax.evaluation.paired import paired_bootstrap
+from fll_jax.evaluation.paired import bootstrap_clusters, paired_bootstrap
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, format_interval, format_value, modified_wilson
@@ -149,7 +149,9 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
     unknown = sorted(set(readers["lesion_id"]) - set(test.index))
     if unknown:
         raise ReadersError(f"readers CSV names {len(unknown)} lesions not in the test split, e.g. {', '.join(unknown[:5])}")
-    out: dict = {"confidence": confidence, "readers": {}, "groups": {}}
+    clusters, unit = bootstrap_clusters(test)
+    clusters = pd.Series(clusters, index=test.index)
+    out: dict = {"confidence": confidence, "bootstrap_unit": unit, "readers": {}, "groups": {}}
     for reader_id, rows in readers.groupby("reader_id", sort=True):
         lesions = test.loc[rows["lesion_id"]]
         truth, calls, model = lesions["label7"].to_numpy(int), rows["call"].to_numpy(int), lesions["model_call"].to_numpy(int)
@@ -175,10 +177,12 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
         truth = test.loc[lesions, "label7"].to_numpy(int)
         model_correct = int(np.sum(test.loc[lesions, "model_call"].to_numpy(int) == truth))
         mean_correct = int(round(float(np.mean([m["vs_model"]["reader_correct"] / m["n"] for m in members.values()]) * len(lesions))))
-        # The reads of one lesion are drawn together: readers agree, so reads are not independent.
+        # The reads of one patient are drawn together: readers agree, and a patient's lesions look
+        # alike, so neither reads nor a patient's lesions are independent.
         read_correct = rows["call"].to_numpy(int) == test.loc[rows["lesion_id"], "label7"].to_numpy(int)
         pooled = (sum(correct) / n_reads,
-                  *paired_bootstrap(lambda reads: read_correct[reads].mean(), rows["lesion_id"].to_numpy(), confidence))
+                  *paired_bootstrap(lambda reads: read_correct[reads].mean(), clusters.loc[rows["lesion_id"]].to_numpy(),
+                                    confidence))
         kappas = {}
         for a, b in itertools.combinations(ids, 2):
             pair = rows.pivot(index="lesion_id", columns="reader_id", values="call")[[a, b]].dropna()
@@ -263,7 +267,7 @@ def reader_markdown(study: dict, source_note: str) -> str:
         )
     lines += [
         "", "## Groups", "",
-        f"| group | readers | correct (range) | mean ACC | pooled ACC ({ci}, lesions resampled) | model correct | p Fisher, model vs mean reader (paper style) |",
+        f"| group | readers | correct (range) | mean ACC | pooled ACC ({ci}, {study['bootstrap_unit']} resampled) | model correct | p Fisher, model vs mean reader (paper style) |",
         "|---|---|---|---|---|---|---|",
     ]
     for group, g in study["groups"].items():

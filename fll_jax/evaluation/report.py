@@ -240,9 +240,10 @@ def cohort_markdown(cohort: dict) -> list[str]:
 
 def _table3_cell(entry: dict, key: str) -> str:
     """One metric of a Table 3 column. JSON holds no infinity (json_safe made it None), so a PLR
-    without false positives, (inf, None, inf) in stats.likelihood_ratio, is told by its counts."""
+    without false positives or an NLR without true negatives, (inf, None, inf) in
+    stats.likelihood_ratio, is told by its counts."""
     counts = entry["counts"]
-    if key == "plr" and counts["fp"] == 0 < counts["tp"]:
+    if (key == "plr" and counts["fp"] == 0 < counts["tp"]) or (key == "nlr" and counts["tn"] == 0 < counts["fn"]):
         return format_interval((math.inf, None, math.inf))
     return format_interval(tuple(entry[key]))
 
