@@ -216,7 +216,7 @@ def test_an_evaluate_only_point_is_paired_with_the_run_whose_models_it_evaluated
 
 def test_a_point_of_fewer_folds_is_compared_on_the_folds_both_validated(tmp_path):
     """A folds=0 point has fold 0's out-of-fold rows only: compared with base on fold 0 (the whole
-    comparison had been refused as 'different val lesions')."""
+    comparison had been refused as 'different val lesions'), and so are the row's n and accuracy."""
     rng = np.random.default_rng(1)
     frames = {name: _frame(rng.random(N) < 0.8, 0) for name in ("base", "folds=0")}
     for frame in frames.values():
@@ -231,3 +231,9 @@ def test_a_point_of_fewer_folds_is_compared_on_the_folds_both_validated(tmp_path
     assert val["n"] == 14 and val["paired_folds"] == "0"
     assert val["d_acc"] == pytest.approx(np.mean(correct[0]) - np.mean(correct[1]))
     assert table.loc[("test", "folds=0"), "paired_folds"] == "" and table.loc[("test", "folds=0"), "n"] == N
+    # The other way round (--reference folds=0): base's n and accuracy are those of fold 0, the
+    # lesions its difference is on (they had covered all five folds beside a fold-0 difference).
+    table = compare(frames, {"base": None, "folds=0": None}, "folds=0", resamples=RESAMPLES).set_index(["split", "point"])
+    val = table.loc[("val", "base")]
+    assert val["n"] == 14 and val["paired_folds"] == "0" and val["acc"] == pytest.approx(np.mean(correct[1]))
+    assert val["d_acc"] == pytest.approx(val["acc"] - table.loc[("val", "folds=0"), "acc"])

@@ -268,6 +268,10 @@ def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
     assert "| Age (years, per patient), median (IQR) |" in table and "| Sex (per patient) |" in table
     only_age = cohort_table(frame.drop(columns=["sex"]))
     assert "age" in only_age["rows"] and "sex" not in only_age["rows"]
+    # A run of fewer folds validates only their lesions, and the development column says so.
+    assert "validated folds 0+1+2+3+4 once" in cohort_markdown(cohort)[2]
+    two_folds = cohort_table(frame[(frame.split == "test") | frame.fold.isin([0, 1])])
+    assert "validated folds 0+1 once" in cohort_markdown(two_folds)[2]
     # Small expected counts: Fisher's exact test, exact on 2x2 and seeded (reproducible) on larger tables.
     assert categorical_test(np.array([[3, 1], [1, 4]])) == ("Fisher's exact", pytest.approx(stats.fisher_exact([[3, 1], [1, 4]]).pvalue))
     name, p = categorical_test(np.array([[3, 1], [1, 4], [2, 0]]))

@@ -123,8 +123,11 @@ def cohort_table(frame: pd.DataFrame) -> dict:
     for column in ("background", "scanner"):
         rows[column] = categorical_row({name: p[column] for name, p in parts.items()})
     dev_ids, test_ids = (set(parts[c]["patient_id"]) for c in COHORTS)
+    # A run of fewer folds (train.folds) validates only their lesions: the column says which.
+    folds = "+".join(str(int(f)) for f in sorted(parts["development"]["fold"].unique())) or "none"
     return {
-        "cohorts": {"development": "split 'val' (each development lesion once, out of fold)", "test": "split 'test'"},
+        "cohorts": {"development": f"split 'val' (each lesion of the validated folds {folds} once, out of fold)",
+                    "test": "split 'test'"},
         "lesions": {name: len(p) for name, p in parts.items()},
         "patients": ({name: int(p["patient_id"].nunique()) for name, p in parts.items()}
                      | {"in_both": len(dev_ids & test_ids)}) if known else None,

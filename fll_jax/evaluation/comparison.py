@@ -229,10 +229,14 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
         for name, frame in points.items():
             ref = reference or trained.get(name) or BASE
             rows = task.rows(_split(frame, split))
-            record = {"split": split, "point": name, "reference": ref if ref != name else "", **_point_metrics(rows, task, confidence)}
+            record = {"split": split, "point": name, "reference": ref if ref != name else ""}
+            paired = rows
             if ref != name and ref in points:
                 paired, ref_rows, folds = _shared_folds(rows, task.rows(_split(points[ref], split)))
                 _paired(paired, ref_rows, (name, ref), split)
+            # n, ACC and AUC on the lesions the differences are on (the folds both validated)
+            record.update(_point_metrics(paired if len(paired) else rows, task, confidence))
+            if ref != name and ref in points:
                 record["paired_folds"] = folds
                 if len(paired):
                     record.update(_difference(paired, ref_rows, task, seed, resamples,
@@ -305,7 +309,7 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
              f"for accuracy, DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
              "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
              "A point validated on other folds than its reference is compared on the folds both validated, "
-             "named beside n.", ""]
+             "named beside n; its n, accuracy and AUC are then those of these folds.", ""]
     unfinished = sorted(set(table["reference"]) - set(table["point"]) - {""})
     if unfinished:
         lines += [f"Not compared: reference(s) {', '.join(f'`{r}`' for r in unfinished)} did not finish "

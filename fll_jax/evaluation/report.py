@@ -226,8 +226,8 @@ def cohort_markdown(cohort: dict) -> list[str]:
                   _continuous_cells("&nbsp;&nbsp;&nbsp;&nbsp;diameter (mm), median (IQR)", rows["diameter_mm_by_class"][c])]
     lines += _categorical_rows("Liver background", rows["background"])
     lines += _categorical_rows("Manufacturer and model", rows["scanner"])
-    note = ("Development: the out-of-fold validation rows of predictions.csv (split 'val', each development "
-            "lesion once); test: split 'test'. n (%): count in each column and its share of the row's total, "
+    note = (f"Development: the out-of-fold validation rows of predictions.csv ({cohort['cohorts']['development']}); "
+            "test: split 'test'. n (%): count in each column and its share of the row's total, "
             "as in the paper's Table 2 (metrics.json 'cohort' also holds each level's share of its column). "
             "Continuous rows: median (IQR), Mann-Whitney U test (the paper chose Student's t or Kruskal-Wallis "
             "by normality); categorical rows: Pearson's chi-square (Yates-corrected on 2x2 tables), or Fisher's "
@@ -393,7 +393,9 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
            "out-of-fold), as if the lesions lacked them; the models were trained with them.", ""]
           if run.get("hidden_sequences") else []),
         f"Test split: {ens['n']} lesions; the ensemble is the mean of the fold models' probabilities. "
-        "Validation rows are out-of-fold: each lesion scored by the model whose validation fold holds it.",
+        "Validation rows are out-of-fold: each lesion scored by the model whose validation fold holds it. Their "
+        "'ensemble' row pools these single models' scores, and each fold's best checkpoint was chosen on its own "
+        "validation lesions, so these figures lean optimistic; the test split's are the unbiased estimate.",
         "",
         *cohort_markdown(metrics["cohort"]),
         "## Summary (operating point: argmax)",
