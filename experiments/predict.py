@@ -16,7 +16,10 @@ keeps every study converted into it: a study converted there before is taken fro
 series.csv, with your edits (to pick one of two volumes guessed the same sequence, say), unless
 --reconvert; another study of that patient there is refused unless --reconvert. An out_dir
 holding a cross-validation run, or inside --folder, is always refused; so is a workdir whose run
-is unfinished or evaluate-only (it has no models of its own).
+is unfinished or evaluate-only (it has no models of its own). The run's data checks apply to the
+new lesions; a mask value that none of them claims is refused (a liver label beside the tumour
+would otherwise be predicted): to predict some of the lesions a patient's mask holds, pass
+--allow unclaimed_mask_value.
 """
 import contextlib
 import os
@@ -39,6 +42,8 @@ flags.DEFINE_bool("reconvert", False, "With --dicom: convert the study again, re
 flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/predict).")
 flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in each sequence's native space.")
 flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
+flags.DEFINE_string("allow", "", "Data checks to switch off for these lesions, joined by '+' (fll_jax/data/checks.py), "
+                    "e.g. unclaimed_mask_value to predict some of the lesions a patient's mask holds.")
 flags.DEFINE_bool("overwrite", False, "Replace earlier outputs in --out_dir (saliency/ too, even without --saliency).")
 FLAGS = flags.FLAGS
 # What the inputs leave in --out_dir: --folder's manifest and --dicom's conversions.
@@ -83,9 +88,14 @@ def _dicom_record(out_dir: Path):
 def main(argv):
     no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
+    from fll_jax.data.checks import parse_allow
     from fll_jax.files import atomic_path, no_empty_folder_left
     from fll_jax.inference import check_out_dir, predict_records
 
+    try:
+        allow = parse_allow(FLAGS.allow)
+    except ValueError as e:
+        raise app.UsageError(f"--allow: {e}") from None
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
     if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
         # It would be read as one more patient's folder, and stay one after the run.
@@ -95,7 +105,7 @@ def main(argv):
         # --folder's manifest, under a temporary name until the run has succeeded
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None
         frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,
-                                workers=FLAGS.workers, overwrite=FLAGS.overwrite)
+                                workers=FLAGS.workers, overwrite=FLAGS.overwrite, allow=allow)
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
     labelled = frame[frame["label"] != ""]
     if len(labelled):

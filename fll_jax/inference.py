@@ -104,11 +104,14 @@ def compatibility_problems(ensemble: Ensemble, records: Sequence) -> list[str]:
     if trained is not None and trained != current:
         problems.append(f"{ensemble.workdir} was trained on patches of preprocessing {trained}, but this code makes "
                         f"{current}: retrain, or predict with the code the model was trained with")
-    used = set(ensemble.config.sequences)
+    # The run's hidden sequences are hidden from these lesions too (predict_records).
+    hidden = set((ensemble.config.get("evaluation") or {}).get("hidden_sequences") or ())
+    used = [s for s in ensemble.config.sequences if s not in hidden]
     for record in records:
-        if not used & set(record.sequences):
-            problems.append(f"lesion {record.lesion_id!r} has none of the model's sequences "
-                            f"({', '.join(ensemble.config.sequences)}); it has {', '.join(record.sequences)}")
+        if not set(used) & set(record.sequences):
+            problems.append(f"lesion {record.lesion_id!r} has none of the model's sequences ({', '.join(used)}"
+                            + (f"; the run hides {', '.join(sorted(hidden))}" if hidden else "")
+                            + f"); it has {', '.join(record.sequences)}")
     return problems
 
 
@@ -157,8 +160,12 @@ def predict_records(
     saliency: bool = False,
     workers: int = 2,
     overwrite: bool = False,
+    allow: frozenset[str] = frozenset(),
 ) -> pd.DataFrame:
     """Preprocess new lesions, run the workdir's ensemble, write out_dir; returns predictions.csv's frame.
+
+    allow: data checks switched off for these lesions besides the run's own (config.data.allow),
+    e.g. unclaimed_mask_value to predict some of the lesions a patient's mask holds.
 
     The saliency maps are made in a temporary folder; the outputs of an earlier run (overwrite)
     are replaced only when this run has succeeded, an earlier saliency/ also without saliency.
@@ -174,8 +181,8 @@ def predict_records(
     if problems:
         raise PredictionError(problem_report(f"cannot predict with {workdir}:", problems))
     config = ensemble.config
-    # Predicting some of a patient's lesions is usual: the others' mask values stay unclaimed.
-    allow = parse_allow(config.data.allow) | {"unclaimed_mask_value"}
+    # An unclaimed mask value stays refused: 1 = liver beside 2 = tumour would predict the liver.
+    allow = parse_allow(config.data.allow) | allow
     patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=allow,
                                   options=PreprocessOptions.from_config(config.data))
     hidden = list((config.get("evaluation") or {}).get("hidden_sequences") or ())

@@ -148,7 +148,7 @@ def test_the_runs_hidden_sequences_are_hidden_from_new_lesions(trained, monkeypa
     new lesions without LAP too, and says so in `missing`."""
     import fll_jax.train.checkpoints as checkpoints
     from fll_jax.constants import SEQUENCES
-    from fll_jax.inference import predict_records
+    from fll_jax.inference import PredictionError, predict_records
 
     config, model, variables, workdir, records = trained
     hiding = config.copy_and_resolve_references()
@@ -162,6 +162,12 @@ def test_the_runs_hidden_sequences_are_hidden_from_new_lesions(trained, monkeypa
     x = lesion_input(image, mask, config)[None]
     expected = np.mean([jax.nn.softmax(model.apply(v, x, train=False)["logits7"])[0] for v in variables], axis=0)
     np.testing.assert_allclose(frame.loc[0, [f"p_{c}" for c in CLASSES]].to_numpy(float), expected, rtol=1e-5)
+    # A lesion with LAP alone would be predicted from no sequence at all (the model's biases).
+    only_lap = dataclasses.replace(records[0], lesion_id="a_lap", images={"lap": records[0].images["lap"]},
+                                   masks={"lap": records[0].masks["lap"]})
+    with pytest.raises(PredictionError, match=r"lesion 'a_lap' has none of the model's sequences \(t2w; the run "
+                                              r"hides lap\); it has lap"):
+        predict_records(workdir, [only_lap], tmp_path / "out", workers=1)
 
 
 def test_challenge_json_holds_one_entry_per_release_case(trained, ensemble_models, tmp_path):
@@ -176,9 +182,11 @@ def test_challenge_json_holds_one_entry_per_release_case(trained, ensemble_model
     assert list(frame["lesion_id"]) == ["a", "b_l1", "a_1"] and [c["image_id"] for c in challenge] == ["a", "b_l1"]
 
 
-def test_one_lesion_of_a_patients_several_is_predicted(trained, ensemble_models, tmp_path):
-    """The patient's mask also holds a lesion the manifest does not ask about: not refused as an
-    unclaimed mask value (as training would), since predicting some lesions is usual."""
+def test_one_lesion_of_a_patients_several_is_predicted_when_the_others_are_allowed(trained, ensemble_models, tmp_path):
+    """The patient's mask also holds a value the manifest does not claim: refused, as in training
+    (a liver label 1 beside tumour 2 had been predicted as the lesion of the default mask_value 1),
+    and predicted with --allow unclaimed_mask_value, for a lesion left out on purpose."""
+    from fll_jax.data.preprocess import PreprocessError
     from fll_jax.inference import predict_records
     from tests.lesion_files import record, voxel_to_world, write_patient
 
@@ -186,8 +194,11 @@ def test_one_lesion_of_a_patients_several_is_predicted(trained, ensemble_models,
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
     lesions = [(voxel_to_world(affine, (5, 5, 3)), 4.0, 1), (voxel_to_world(affine, (11, 11, 3)), 4.0, 2)]
     images, masks = write_patient(tmp_path / "P0", (16, 16, 6), affine, lesions)
-    frame = predict_records(workdir, [record(images, masks, lesion_id="P0_L2", mask_value=2)], tmp_path / "out",
-                            workers=1)
+    asked = [record(images, masks, lesion_id="P0_L2", mask_value=2)]
+    with pytest.raises(PreprocessError, match=r"value\(s\) 1 mark no lesion .* predict.py --allow unclaimed_mask_value"):
+        predict_records(workdir, asked, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+    frame = predict_records(workdir, asked, tmp_path / "out", workers=1, allow=frozenset({"unclaimed_mask_value"}))
     assert list(frame["lesion_id"]) == ["P0_L2"]
 
 
@@ -238,6 +249,7 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     assert result.returncode != 0 and "lies inside --folder" in result.stderr
     assert list((tmp_path / "cases").iterdir()) == []
     # A run that fails (here: no labels.csv) leaves no empty output folder behind.
-    result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}"], cwd=Path(__file__).parents[1],
+    result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}", "--allow=unclaimed_mask_value"],
+                            cwd=Path(__file__).parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "no labels.csv" in result.stderr and not (tmp_path / "out").exists()

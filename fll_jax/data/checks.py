@@ -46,7 +46,7 @@ def parse_allow(text: str | Sequence[str]) -> frozenset[str]:
 
 
 def _hint(name: str) -> str:
-    return f" (if this is intended, allow it with --config.data.allow {name})"
+    return f" (if this is intended, allow it with --config.data.allow {name}, or predict.py --allow {name})"
 
 
 def image_problems(image: np.ndarray, path: Path, allow: frozenset[str]) -> list[str]:
