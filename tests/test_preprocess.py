@@ -167,6 +167,22 @@ def test_bad_inputs_raise_errors_naming_the_file(valid_patient, case, which, dam
     assert str(bad) in str(error.value)
 
 
+def test_a_header_in_metres_or_microns_gives_the_lesion_of_one_in_millimetres(valid_patient):
+    images, masks = valid_patient
+    expected = preprocess_lesion(record(images, masks), size=8)
+    files = {path: (np.asarray(nib.load(path).dataobj), nib.load(path).affine) for path in (*images.values(), *masks.values())}
+    for unit, per_mm in (("meter", 1e-3), ("micron", 1e3)):
+        for path, (data, mm) in files.items():
+            affine = mm.copy()
+            affine[:3] *= per_mm
+            rewritten = nib.Nifti1Image(data, affine)
+            rewritten.header.set_xyzt_units(unit)
+            nib.save(rewritten, path)
+        patch = preprocess_lesion(record(images, masks), size=8)
+        assert patch.diameter_mm == pytest.approx(expected.diameter_mm)
+        np.testing.assert_allclose(patch.image, expected.image, atol=1e-5)
+
+
 def test_preprocess_manifest_pool_matches_one_process_in_manifest_order(tmp_path):
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
     centres = [voxel_to_world(affine, (5, 5, 3)), voxel_to_world(affine, (11, 10, 3))]

@@ -491,14 +491,20 @@ def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]
                    mask_path=mask_path or image_path)
 
 
+# Millimetres per the header's spatial unit ('unknown', the field left 0, is read as mm).
+_MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
+
+
 def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Data and affine of a 3D NIfTI (trailing singleton dimensions dropped)."""
+    """Data and affine (world millimetres) of a 3D NIfTI (trailing singleton dimensions dropped)."""
     if not path.is_file():
         raise PreprocessError(f"{path}: {what} file not found")
     try:
         nifti = nib.load(path)
         data = np.asarray(nifti.dataobj, dtype=np.float32 if what == "image" else None)
         affine = np.asarray(nifti.affine, np.float64)
+        unit = nifti.header.get_xyzt_units()[0] if hasattr(nifti.header, "get_xyzt_units") else "mm"
+        affine[:3] *= _MM_PER_UNIT[unit]  # a header in metres had made a 20 mm lesion 20 m wide
     except Exception as error:  # nibabel, gzip and zlib each raise their own types
         raise PreprocessError(f"{path}: cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error
     while data.ndim > 3 and data.shape[-1] == 1:
