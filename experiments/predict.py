@@ -33,7 +33,8 @@ flags.DEFINE_string("workdir", "runs/demo", "A finished cross-validation workdir
 flags.DEFINE_string("manifest", None, "A manifest of the new lesions (label and split may be empty).")
 flags.DEFINE_string("folder", None, "A folder in the layout of docs/folders.md (labels.csv, one folder per patient).")
 flags.DEFINE_string("dicom", None, "A DICOM study folder of one patient (needs --box_mm).")
-flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm (RAS+).")
+flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm, RAS+ "
+                    "(a viewer's LPS coordinates with x and y negated).")
 flags.DEFINE_string("salt", None, "With --dicom: the de-identification salt (default: $FLL_DICOM_SALT).")
 flags.DEFINE_string("id_map", None, "With --dicom: instead of a salt, a CSV patient_id,subject_id.")
 flags.DEFINE_string("mapping", None, "With --dicom: a site's sequence rules (docs/dicom.md), tried before the defaults.")
