@@ -84,7 +84,7 @@ MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 5
+PREPROCESS_VERSION = 6  # 6: NIfTI spatial units (metres, microns) read as millimetres
 
 LESION_SIZES = ("longest", "equivalent")
 NORMALISATIONS = ("volume", "patch")
