@@ -237,6 +237,12 @@ def test_blank_images_and_inverted_or_whole_masks_are_refused_all_at_once(run):
     # A user who means it switches the check off by name.
     config.data.allow = "constant_image+large_mask"
     assert check_data(config) == []
+    prepare_source(config)
+    # The patches made so are not passed to a run that keeps the checks.
+    config.data.allow = ""
+    with pytest.raises(PreprocessError) as error:
+        prepare_source(config)
+    assert all(line in str(error.value) for line in problems)
 
 
 def test_check_reports_every_problem_of_the_data_set_from_the_command_line(run):

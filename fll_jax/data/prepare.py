@@ -145,12 +145,15 @@ def prepare_source(config: ml_collections.ConfigDict):
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
-    key = fingerprint["patches"]
+    # Patches made with checks switched off are kept apart from the others: reused by a run that
+    # keeps those checks, they would pass it lesions it refuses.
+    waived = ("allow=" + "+".join(sorted(allow)),) if allow else ()
+    key = "-".join((fingerprint["patches"], *waived))
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     settings = fingerprint["preprocessing"].values()
     cache = LesionCache(Path(data.root) / "lesion_patches",
-                        {lesion: patch_key(entry, *settings) for lesion, entry in fingerprint["lesions"].items()})
+                        {lesion: patch_key(entry, *settings, *waived) for lesion, entry in fingerprint["lesions"].items()})
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
