@@ -1,4 +1,5 @@
 """Sweeps: point names, running with skip-on-rerun and failure isolation, evaluate-only points, SLURM scripts."""
+import json
 import os
 import shlex
 import shutil
@@ -15,6 +16,7 @@ from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
 from fll_jax.config_string import apply_config_string
 from fll_jax.constants import SEQUENCES
+from fll_jax.files import write_json
 from tests.helpers import TRAINED, synthetic_source, tiny_config
 
 REPO = Path(__file__).parent.parent
@@ -312,6 +314,10 @@ def test_a_point_without_its_fold_models_or_with_other_report_settings_is_not_fi
     assert point_finished(base, copy, fingerprint) and point_finished(hidden, copy, fingerprint)
     at_90 = base.config.copy_and_resolve_references()
     at_90.evaluation.confidence = 0.9
+    assert not point_finished(type(base)(base.name, at_90), copy, fingerprint)
+    # Nor once a rerun at 0.9 has rewritten config.json and was stopped before the report: the
+    # report's own metrics.json says it was made at 0.95.
+    write_json(copy / BASE / "config.json", json.loads(at_90.to_json()))
     assert not point_finished(type(base)(base.name, at_90), copy, fingerprint)
     shutil.rmtree(copy / BASE / "fold0")
     assert not point_finished(base, copy, fingerprint)

@@ -93,6 +93,26 @@ def test_report_markdown_and_figures(run):
         assert image.shape[0] > 300 and image.shape[1] > 300 and image[..., :3].std() > 0.05
 
 
+def test_a_report_stopped_before_report_md_leaves_no_metrics_json(run, tmp_path, monkeypatch):
+    """metrics.json marks a finished run (workdir.is_finished), so it is written last: stopped
+    while report.md was made, the run had counted as finished without one."""
+    import fll_jax.evaluation.report as report
+
+    workdir, _ = run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("predictions.csv", "config.json"):
+        shutil.copy(workdir / name, copy / name)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "report_markdown", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(copy)
+    assert not (copy / "metrics.json").exists() and not (copy / "report.md").exists()
+
+
 def test_entry_point_regenerates_the_same_metrics(run, tmp_path):
     workdir, metrics = run
     copy = tmp_path / "copy"

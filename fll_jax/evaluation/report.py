@@ -509,8 +509,9 @@ def write_report(workdir: str | Path) -> dict:
     metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
-    write_json(workdir / "metrics.json", metrics)
     models = current_models(workdir)  # what explain's maps and the hidden-sequence table must have been made with
     write_text(workdir / "report.md", report_markdown(metrics, figures, saliency_markdown(workdir, models),
                                                       missing_markdown(metrics, workdir, models)))
+    # Last: a run counts as finished once metrics.json exists (workdir.is_finished).
+    write_json(workdir / "metrics.json", metrics)
     return metrics

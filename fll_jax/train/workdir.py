@@ -151,9 +151,9 @@ def discard_results(workdir: Path) -> None:
 
 
 def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> bool:
-    """Whether `workdir` holds a completed run (metrics.json written) of exactly this config and
-    data: with its own fold models (unless it is evaluate-only), and its report made under this
-    config's report settings."""
+    """Whether `workdir` holds a completed run (metrics.json written, the report's last file) of
+    exactly this config and data: with its own fold models (unless it is evaluate-only), and its
+    report made under this config's report settings (as metrics.json records them)."""
     workdir = Path(workdir)
     if not ((workdir / FINGERPRINT_FILE).exists() and (workdir / "metrics.json").exists()
             and (workdir / "predictions.csv").exists() and (workdir / CONFIG_FILE).exists()):
@@ -163,11 +163,13 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
             (workdir / f"fold{f}" / "done.json").exists() for f in config.train.folds):
         return False
     try:
-        reported = _flatten(read_config(workdir).to_dict())
+        read_config(workdir)
+        # The settings metrics.json was made with: config.json is rewritten when a rerun starts.
+        reported = read_json(workdir / "metrics.json", "the rerun writes it again").get("statistics") or {}
     except StateFileError:
-        return False  # a damaged config.json: the rerun writes it again
+        return False  # a damaged config.json or metrics.json: the rerun writes it again
     wanted = _flatten(json.loads(config.to_json()))
-    if any(reported.get(key) != wanted.get(key) for key in REPORT_SETTINGS):
+    if any(reported.get(key.rsplit(".", 1)[-1]) != wanted.get(key) for key in REPORT_SETTINGS):
         return False  # rerunning rewrites the report under the new settings, without training
     return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
 
