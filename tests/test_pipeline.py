@@ -162,6 +162,16 @@ def test_intact_records_are_reused_and_damaged_ones_rebuilt(records, records_dir
     out = capsys.readouterr().out
     assert "rebuilding the records" in out and f"missing or changed: {shards[0].name}" in out
     assert {p.name: p.read_bytes() for p in sorted(records_dir.glob("*.tfrecord*"))} == before
+    # A build stopped half-way leaves no folder under the records' name, where another run sharing
+    # the data folder would take it for damaged and delete it under the build.
+    monkeypatch.setattr(preprocess, "preprocess_manifest", lambda *a, **k: _stopped())
+    with pytest.raises(KeyboardInterrupt):
+        build_records(records, folder.parent / "other", digests, size=SIZE)
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(("other", ".other"))] == []
+
+
+def _stopped():
+    raise KeyboardInterrupt
 
 
 def test_tensorflow_sees_no_gpu(records_dir):

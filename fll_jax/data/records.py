@@ -7,12 +7,13 @@ Folds are not stored: the source assigns them (fll_jax.data.prepare), so other f
 reuse the same records. The caller names records_dir after the lesions' content
 (fll_jax.data.fingerprint.content_key), so changed images never reuse old patches.
 
-A records directory without integrity.json (an interrupted build) or whose files no longer
-match it (truncated, flipped bytes) is deleted and built again, with a message.
+The records are built in a temporary folder beside records_dir and moved into place complete,
+so records_dir never holds a half-built dataset. One without integrity.json (left by an older
+build) or whose files no longer match it (truncated, flipped bytes) is built again and replaced,
+with a message.
 """
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES  # 
 from fll_jax.data.lesion_cache import LesionCache  # noqa: E402
 from fll_jax.data.patchset import PatchSet  # noqa: E402
 from fll_jax.data.preprocess import PreprocessOptions  # noqa: E402
-from fll_jax.files import StateFileError, read_json, write_json  # noqa: E402
+from fll_jax.files import StateFileError, read_json, staged_folder, write_json  # noqa: E402
 
 INTEGRITY_FILE = "integrity.json"
 SPLIT = "lesions"
@@ -170,11 +171,13 @@ def build_records(
         if problem is None:
             return dataset_dir(records_dir)
         print(f"rebuilding the records: {problem}")
-        shutil.rmtree(records_dir)
-    builder = FllPatches(data_dir=str(records_dir), records=records, size=size, workers=workers, allow=allow,
-                         options=options, cache=cache)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
-    write_json(records_dir / INTEGRITY_FILE, {"files": _file_table(dataset_dir(records_dir), digest)})
+    # Built in a folder of its own and moved into place complete: another run sharing the data
+    # folder had taken a half-built one for damaged and deleted it under the run writing it.
+    with staged_folder(records_dir) as staging:
+        builder = FllPatches(data_dir=str(staging), records=records, size=size, workers=workers, allow=allow,
+                             options=options, cache=cache)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+        )
+        write_json(staging / INTEGRITY_FILE, {"files": _file_table(dataset_dir(staging), digest)})
     return dataset_dir(records_dir)
