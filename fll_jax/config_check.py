@@ -112,6 +112,9 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int, data_sour
         need(config.data.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}")
         need(config.data.backend in BACKENDS, "data.backend", f"must be one of {', '.join(BACKENDS)}")
         need(config.data.source != "manifest" or bool(config.data.manifest), "data.manifest", "must name a manifest.csv")
+        # Given alone, the manifest had been ignored for the phantom, and its data taken as checked.
+        need(config.data.source == "manifest" or not config.data.manifest, "data.manifest",
+             f"is read only with data.source 'manifest' (it is {config.data.source!r}): add --config.data.source manifest")
         need(config.data.folds in FOLD_SOURCES, "data.folds", f"must be one of {', '.join(FOLD_SOURCES)}")
         need(config.data.source != "phantom" or config.data.scale in SCALES, "data.scale",
              f"must be one of {', '.join(SCALES)}")

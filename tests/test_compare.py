@@ -212,6 +212,10 @@ def test_an_evaluate_only_point_is_paired_with_the_run_whose_models_it_evaluated
         {"name": "base", "trained": None, "status": "failed"}, {"name": "seed=1", "trained": None, "status": "done"}]}))
     write_comparison(folder, resamples=RESAMPLES)
     assert "Not compared: reference(s) `base` did not finish" in (folder / "comparison.md").read_text()
+    # One run's folder is not a sweep (its predict/ folder had been taken for a point).
+    (folder / "base" / "fingerprint.json").write_text("{}")
+    with pytest.raises(ComparisonError, match=r"by_hand/base is a cross-validation run, not a sweep"):
+        load_points(folder / "base")
 
 
 def test_a_point_of_fewer_folds_is_compared_on_the_folds_both_validated(tmp_path):

@@ -88,7 +88,7 @@ def _largest(folder: Path) -> Path:
 
 # 1. An edited manifest in the same workdir.
 
-def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run):
+def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run, capsys):
     folder, config = run
     before = results(folder / "run")
     _edit_manifest(config, lambda rs: [dataclasses.replace(r, split="test") if r.patient_id == "D01" else r for r in rs])
@@ -104,6 +104,8 @@ def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run):
     cross_validate(config, folder / "run", restart=True)
     left = {p.name for p in (folder / "run").iterdir()}
     assert "notes.txt" in left and not {"predict", "missing_at_inference.json"} & left
+    # and says what it kept, where a predict.py --out_dir of the user's naming would be listed
+    assert f"--restart: kept notes.txt in {folder / 'run'} (not a run's own outputs" in capsys.readouterr().out
     assert "0.123" not in (folder / "run" / "report.md").read_text()
     predictions = pd.read_csv(folder / "run" / "predictions.csv")
     assert predictions.loc[predictions.lesion_id == "D01_L1", "split"].tolist() == ["test"]
@@ -381,6 +383,14 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
     for prepare_data in (prepare_source, check_data):
         with pytest.raises(ConfigError, match="data.scale = 'medium': must be one of quick, paper"):
             prepare_data(medium)
+    # A manifest given without data.source manifest: the phantom had been checked and trained instead.
+    forgot = tiny_config()
+    forgot.data.root, forgot.data.manifest = str(tmp_path / "data"), str(tmp_path / "mine.csv")
+    for prepare_data in (prepare_source, check_data):
+        with pytest.raises(ConfigError, match="data.manifest = .*: is read only with data.source 'manifest' "
+                                              r"\(it is 'phantom'\): add --config.data.source manifest"):
+            prepare_data(forgot)
+    assert not (tmp_path / "data").exists()
     # --check does not make a phantom to check it.
     absent = tiny_config()
     absent.data.root = str(tmp_path / "data")

@@ -15,7 +15,7 @@ from statsmodels.stats.inter_rater import cohens_kappa
 from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_workdir
 from fll_jax.evaluation.paired import paired_bootstrap
 from fll_jax.evaluation.readers import (
-    compare_paired, load_readers, parse_class, reader_markdown, reader_study, simulate_readers, write_reader_study,
+    ReadersError, compare_paired, load_readers, parse_class, reader_markdown, reader_study, simulate_readers, write_reader_study,
 )
 from fll_jax.evaluation.stats import modified_wilson
 
@@ -101,6 +101,9 @@ def test_parse_class_and_bad_readers_csv(tmp_path):
     bad.write_text("reader_id,group,lesion_id\nR1,residents,P0001_L1\n")
     with pytest.raises(ValueError, match="missing columns predicted_class"):
         load_readers(bad)
+    # A wrong path is named in one line (a pandas traceback had ended in FileNotFoundError).
+    with pytest.raises(ReadersError, match=f"{tmp_path}/nope.csv: cannot read the readers CSV \\(FileNotFoundError"):
+        load_readers(tmp_path / "nope.csv")
 
 
 def test_example_csv_is_the_simulation_of_the_synthetic_split():

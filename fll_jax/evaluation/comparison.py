@@ -35,7 +35,7 @@ from fll_jax.evaluation.predictions import (
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, modified_wilson
 from fll_jax.files import read_json, save_figure, write_csv, write_text
-from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, read_config
+from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, read_config
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
@@ -113,6 +113,9 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
     evaluated_models.json names. A file whose patient ids are missing on some rows only is
     refused, naming them."""
     root = Path(root)
+    if (root / FINGERPRINT_FILE).exists():
+        raise ComparisonError(f"{root} is a cross-validation run, not a sweep: give the folder of a sweep's points "
+                              "(ablate.py's --workdir)")
     rows = read_sweep(root)
     if rows:
         names = [r["name"] for r in rows if r["status"] in FINISHED]

@@ -81,7 +81,10 @@ def parse_class(value) -> int:
 def load_readers(path: str | Path) -> pd.DataFrame:
     """Read and check a readers CSV; adds the integer column 'call'. Errors name file and row."""
     path = Path(path)
-    frame = pd.read_csv(path, dtype=str)
+    try:
+        frame = pd.read_csv(path, dtype=str)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ReadersError(f"{path}: cannot read the readers CSV ({type(error).__name__}: {error})") from None
     missing = [c for c in READER_COLUMNS if c not in frame.columns]
     if missing:
         raise ReadersError(f"{path}: missing columns {', '.join(missing)} (need {', '.join(READER_COLUMNS)})")

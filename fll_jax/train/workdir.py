@@ -121,6 +121,10 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
             deleted = clear_run(workdir)
             if deleted:
                 print(f"--restart: deleted {', '.join(p.name for p in deleted)} from {workdir}")
+            kept = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+            if kept:  # e.g. predict.py's or explain.py's outputs in a folder of the user's naming
+                print(f"--restart: kept {', '.join(kept)} in {workdir} (not a run's own outputs; if made from the "
+                      "earlier models, they no longer describe this run)")
         if not (workdir / FINGERPRINT_FILE).exists():
             write_json(workdir / FINGERPRINT_FILE, current)
         write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
