@@ -27,6 +27,7 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
     return {"a_only": table[0][1], "b_only": table[1][0], "p": float(mcnemar(table, exact=True).pvalue)}
 
 
+# What a bootstrap draws: the patients, or the lesions one by one where no patient ids are known.
 PATIENTS, LESIONS = "patients", "lesions"
 
 
