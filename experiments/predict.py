@@ -91,16 +91,17 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
     from fll_jax.data.checks import parse_allow
     from fll_jax.files import atomic_path, no_empty_folder_left
-    from fll_jax.inference import check_out_dir, predict_records
+    from fll_jax.inference import PredictionError, check_out_dir, predict_records
 
-    try:
-        allow = parse_allow(FLAGS.allow)
-    except ValueError as e:
-        raise app.UsageError(f"--allow: {e}") from None
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
-    if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
-        # It would be read as one more patient's folder, and stay one after the run.
-        raise app.UsageError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
+    with reported_as("predict"):  # one line each, not under the flags' whole help
+        try:
+            allow = parse_allow(FLAGS.allow)
+        except ValueError as e:
+            raise PredictionError(f"--allow: {e}") from None
+        if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
+            # It would be read as one more patient's folder, and stay one after the run.
+            raise PredictionError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
     with reported_as("predict"), no_empty_folder_left(out_dir), contextlib.ExitStack() as stack:
         check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else ())
         # --folder's manifest, under a temporary name until the run has succeeded

@@ -246,7 +246,7 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}",
                f"--folder={tmp_path / 'cases'}", f"--out_dir={tmp_path / 'cases' / 'predict'}"]
     result = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
-    assert result.returncode != 0 and "lies inside --folder" in result.stderr
+    assert result.returncode == 1 and result.stderr.startswith("predict: --out_dir") and "lies inside --folder" in result.stderr
     assert list((tmp_path / "cases").iterdir()) == []
     # A run that fails (here: no labels.csv) leaves no empty output folder behind.
     result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}", "--allow=unclaimed_mask_value"],
