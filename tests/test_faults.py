@@ -30,7 +30,7 @@ from fll_jax.evaluation.report import write_report
 from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
 from fll_jax.train.cross_validate import cross_validate
-from fll_jax.train.workdir import WorkdirError, is_finished, open_run
+from fll_jax.train.workdir import WorkdirError, fingerprint_changes, is_finished, open_run
 from tests.helpers import TRAINED, tiny_config
 from tests.lesion_files import write_dataset
 
@@ -264,6 +264,22 @@ def test_check_reports_every_problem_of_the_data_set_from_the_command_line(run):
 
 
 # 7. Damaged state files and caches.
+
+def test_a_reordered_manifest_or_another_preprocessing_is_named_as_such(finished):
+    """Both change the patches' cache key with no lesion changed: the refusal had blamed 'another
+    patch size or preprocessing version' for a manifest whose rows were only reordered."""
+    folder, _ = finished
+    stored = read_json(folder / "run" / "fingerprint.json", "")
+    data = stored["data"]
+    reordered = dict(reversed(list(data["lesions"].items())))
+    current = {"settings": stored["settings"], "data": {**data, "lesions": reordered, "patches": "other"}}
+    assert fingerprint_changes(stored, current) == [
+        "the order of the lesions in the manifest (the same lesions and files; batches are drawn in this order, "
+        "so results change)"]
+    newer = {**data["preprocessing"], "version": data["preprocessing"]["version"] + 1}
+    current["data"] = {**data, "preprocessing": newer, "patches": "other"}
+    assert fingerprint_changes(stored, current) == [f"preprocessing {data['preprocessing']} -> {newer}"]
+
 
 def test_truncated_latest_checkpoint_is_reported_with_its_path(run):
     folder, config = run

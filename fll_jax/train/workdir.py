@@ -70,8 +70,13 @@ def fingerprint_changes(stored: dict, current: dict) -> list[str]:
     old_data, new_data = stored.get("data", {}), current["data"]
     lines += describe_changes(old_data.get("lesions", {}), new_data.get("lesions", {}))
     if not lines and old_data.get("patches") != new_data.get("patches"):
-        lines.append(f"the preprocessed patches (cache key {old_data.get('patches')} -> {new_data.get('patches')}): "
-                     "another patch size or preprocessing version")
+        if old_data.get("preprocessing") != new_data.get("preprocessing"):
+            lines.append(f"preprocessing {old_data.get('preprocessing')} -> {new_data.get('preprocessing')}")
+        elif list(old_data.get("lesions", {})) != list(new_data.get("lesions", {})):
+            lines.append("the order of the lesions in the manifest (the same lesions and files; batches are drawn "
+                         "in this order, so results change)")
+        else:
+            lines.append(f"the preprocessed patches (cache key {old_data.get('patches')} -> {new_data.get('patches')})")
     return lines
 
 
