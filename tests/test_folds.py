@@ -72,6 +72,8 @@ def test_given_folds_are_checked():
     assert folds.tolist() == [1, 1, 0, 1, TEST_FOLD]
     with pytest.raises(FoldError, match=r"^lesion 'b1' \(patient 'b'\): a dev lesion with no fold;"):
         given_folds(lesions, patients, [1, 1, None, 1, None], splits, num_folds=2)
+    with pytest.raises(FoldError, match=r"^no dev lesion has a fold \(4 dev lesions\)"):
+        given_folds(lesions, patients, [None] * 5, splits, num_folds=2)
     with pytest.raises(FoldError, match=r"the manifest's folds are \[0, 1\] but data.num_folds is 3"):
         given_folds(lesions, patients, [1, 1, 0, 1, None], splits, num_folds=3)
     with pytest.raises(FoldError, match="patient 'a' is in folds"):
@@ -96,9 +98,10 @@ def test_the_data_check_lists_the_fold_problems_training_would_meet(tmp_path):
     config = quick.get_config()
     path = _dataset(tmp_path, config)
     config.data.folds, config.data.num_folds, config.train.folds = "manifest", 2, (0, 1)
-    assert check_data(config) == [f"{path}: fold column: lesion 'P{p}_L1' (patient 'P{p}'): a dev lesion with no fold"
-                                  for p in range(3)]
-    with pytest.raises(DataError, match="lesion 'P0_L1'"):
+    # An empty fold column is one problem, not one per lesion.
+    assert check_data(config) == [f"{path}: fold column: no dev lesion has a fold (3 dev lesions): the manifest has "
+                                  "no fold column, or an empty one; data.folds 'manifest' reads the folds from it"]
+    with pytest.raises(DataError, match="no dev lesion has a fold"):
         describe_data(config)
     config.data.folds, config.data.num_folds, config.train.folds = "assigned", 4, (0, 1, 2, 3)
     assert check_data(config) == [f"{path}: folds (data.folds 'assigned'): the dev split has 3 patient(s), "

@@ -110,6 +110,9 @@ def given_fold_problems(
     """
     problems = [f"lesion {lesion!r} (patient {p!r}): a dev lesion with no fold" for lesion, p, f, s in
                 zip(lesion_ids, patient_ids, given, splits) if s == "dev" and f is None]
+    if problems and all(f is None for f in given):  # one line, not one per lesion
+        problems = [f"no dev lesion has a fold ({len(problems)} dev lesions): the manifest has no fold column, or "
+                    "an empty one; data.folds 'manifest' reads the folds from it"]
     used = sorted({f for f, s in zip(given, splits) if s == "dev" and f is not None})
     if used and (used[-1] >= num_folds or len(used) < num_folds):
         problems.append(f"the manifest's folds are {used} but data.num_folds is {num_folds} (folds 0..{num_folds - 1})")
