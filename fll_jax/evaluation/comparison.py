@@ -233,13 +233,13 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
             ref = reference or trained.get(name) or BASE
             rows = task.rows(_split(frame, split))
             record = {"split": split, "point": name, "reference": ref if ref != name else ""}
-            paired = rows
-            if ref != name and ref in points:
+            compared, paired = ref != name and ref in points, rows
+            if compared:
                 paired, ref_rows, folds = _shared_folds(rows, task.rows(_split(points[ref], split)))
                 _paired(paired, ref_rows, (name, ref), split)
             # n, ACC and AUC on the lesions the differences are on (the folds both validated)
             record.update(_point_metrics(paired if len(paired) else rows, task, confidence))
-            if ref != name and ref in points:
+            if compared:
                 record["paired_folds"] = folds
                 if len(paired):
                     record.update(_difference(paired, ref_rows, task, seed, resamples,
