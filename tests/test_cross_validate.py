@@ -12,6 +12,7 @@ from fll_jax.train.checkpoints import load_fold_models
 import fll_jax.train.cross_validate as cv_module
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
+from fll_jax.train.workdir import WorkdirError, hold_run
 from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
 
 
@@ -104,6 +105,21 @@ def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     with pytest.raises(FileExistsError, match=r"(?s)differs.*setting model.fusion: 'paper' -> 'concat'"):
         cross_validate(changed, workdir, source=source)
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
+
+
+def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_nothing(run):
+    config, workdir, source, _, _ = run
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with hold_run(workdir):  # as a first command still training there
+        with pytest.raises(WorkdirError, match="is in use"):
+            cross_validate(config, workdir, source=source, restart=True)
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    # Evaluations read a finished run's models together; training waits for them.
+    with hold_run(workdir, reading=True), hold_run(workdir, reading=True):
+        with pytest.raises(WorkdirError, match="is in use"), hold_run(workdir):
+            pass
+    with hold_run(workdir):  # released once they end
+        pass
 
 
 def test_tensorboard_has_rates_norms_throughput_and_hparams(run):

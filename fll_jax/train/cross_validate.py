@@ -25,7 +25,8 @@ from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import (
-    check_finished, check_has_models, discard_results, models_digest, open_run, record_evaluated, settings_fingerprint,
+    check_finished, check_has_models, discard_results, hold_run, models_digest, open_run, record_evaluated,
+    settings_fingerprint,
 )
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
@@ -161,6 +162,8 @@ def cross_validate(
         check_config(config, jax.device_count(), data_source=source is None)
         source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
+    # Held from the folder's first write to its last: a second command there is refused.
+    with rng_settings(config), hold_run(workdir):
         open_run(workdir, config, source.fingerprint, restart)
         steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
@@ -178,9 +181,9 @@ def cross_validate(
             if writer is not None:
                 writer.close()
         predictions = ensemble_predictions(config, source, steps, workdir)
-    metrics = write_results(workdir, predictions)
-    if is_primary():
-        log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
+        metrics = write_results(workdir, predictions)
+        if is_primary():
+            log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
     return metrics
 
 
@@ -234,10 +237,12 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         check_finished(trained, trained_config(config), source.fingerprint)
         check_has_models(trained, config.train.folds)  # not a fold being trained again
         models = models_digest(trained)
+    # The trained run is read, not written: other evaluations may read it at once, training may not.
+    with rng_settings(config), hold_run(workdir), hold_run(trained, reading=True):
         open_run(workdir, config, source.fingerprint)
         steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         predictions = ensemble_predictions(config, source, steps, trained)
-    metrics = write_results(workdir, predictions)
-    if is_primary():
-        record_evaluated(workdir, trained, models)  # last: until it is there, the results are not these models'
+        metrics = write_results(workdir, predictions)
+        if is_primary():
+            record_evaluated(workdir, trained, models)  # last: until it is there, the results are not these models'
     return metrics

@@ -6,12 +6,18 @@ its labels, split, fold and file contents, and the patch cache key). A rerun who
 differs is refused with the list of what changed, before anything is reused or overwritten;
 restart=True (the --restart flag) deletes the earlier run's outputs first. config.json is the
 config of the latest command that ran in the folder, for tools that read a finished run.
+While a run trains or evaluates, its process holds the folder (hold_run): a second command on
+the same folder is refused instead of writing into the first one's checkpoints and results.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +152,36 @@ def _check_run(workdir: Path, current: dict) -> None:
     elif _outputs(workdir):
         raise WorkdirError(f"{workdir} holds run outputs ({', '.join(p.name for p in _outputs(workdir))}) but no "
                            f"{FINGERPRINT_FILE}, so what they were made from is unknown; {RESTART}.")
+
+
+@contextlib.contextmanager
+def hold_run(workdir: str | Path, reading: bool = False) -> Iterator[None]:
+    """Hold `workdir` (made if absent) for this command: while it runs, another command's
+    hold_run on the same folder raises WorkdirError instead of running into it. Commands that
+    only read the folder's models (reading=True) may hold it together.
+
+    The lock belongs to the folder itself (no lock file to go stale): the system releases it when
+    the process ends, however it ends. Process 0 alone holds it in a run of several processes.
+    """
+    from fll_jax.train.sharding import is_primary  # JAX only here: the report reads this module
+
+    if not is_primary():
+        yield
+        return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(workdir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if reading else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(f"{workdir} is in use: another command is training or evaluating in it; nothing was "
+                               "changed. Wait for it to end, or use another --workdir.") from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            print(f"warning: cannot lock {workdir} ({error}); a second command in it would not be refused")
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def discard_results(workdir: Path) -> None:
