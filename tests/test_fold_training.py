@@ -87,6 +87,28 @@ def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_pa
     assert train_fold(config, 1, source, steps, tmp_path / "killed") == resumed
 
 
+def test_a_fold_resumed_or_reused_by_other_code_says_so_and_the_report_names_both(setup, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from fll_jax.code_version import code_version
+    from fll_jax.evaluation.report import _code_markdown, run_description
+
+    config, source, spe, steps = setup
+    fold_dir = tmp_path / "run" / "fold1"
+    _kill_after(setup, fold_dir, 1)
+    capsys.readouterr()
+    monkeypatch.setattr("fll_jax.train.loop.code_version", lambda: "fll_jax edited")
+    summary = train_fold(config, 1, source, steps, fold_dir)
+    said = capsys.readouterr().out
+    assert f"resuming at epoch 2 from checkpoints written by {code_version()}; this is fll_jax edited" in said
+    assert summary["code"] == [code_version(), "fll_jax edited"]
+    monkeypatch.setattr("fll_jax.train.loop.code_version", lambda: "fll_jax later")
+    assert train_fold(config, 1, source, steps, fold_dir) == summary  # reused, not trained again
+    assert f"trained by {code_version()}, fll_jax edited, is reused by fll_jax later" in capsys.readouterr().out
+    run = run_description({"train": {"folds": [1]}}, tmp_path / "run")
+    assert run["fold_code"] == {"fold1": [code_version(), "fll_jax edited"]}
+    assert f"fold1 by {code_version()}, fll_jax edited" in "".join(_code_markdown(run))
+
+
 def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_path):
     """Each epoch as one scan over device-resident lesions: the same batches, so the same history.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fll_jax.code_version import code_version
 from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, SEQUENCES
 from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
@@ -19,7 +20,7 @@ from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_s
 from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import read_json, write_json, write_text
-from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, models_digest, read_config
+from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, fold_code_versions, models_digest, read_config
 
 ROW_NAMES = {
     "accuracy": "ACC", "sensitivity": "Sensitivity", "specificity": "Specificity",
@@ -65,6 +66,8 @@ def run_description(config: dict, workdir: Path) -> dict:
         "folds": list(train.get("folds") or []),
         "seed": config.get("seed"),
         "hidden_sequences": list((config.get("evaluation") or {}).get("hidden_sequences") or []),
+        "code": code_version(),
+        "fold_code": fold_code_versions(workdir, train.get("folds") or []),
     }
 
 
@@ -368,6 +371,17 @@ def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
     return ["## Saliency (experiments/explain.py)", *lines, ""]
 
 
+def _code_markdown(run: dict) -> list[str]:
+    """Which code wrote the report and trained the fold models, loudly when they differ."""
+    code, folds = run.get("code"), run.get("fold_code") or {}
+    other = {fold: versions for fold, versions in folds.items() if versions != [code]}
+    if not other:
+        return [f"Code: {code} wrote this report" + (" and trained every fold model." if folds else "."), ""]
+    return [f"**Fold models trained by other code than this report's ({code})**: "
+            + "; ".join(f"{fold} by {', '.join(versions)}" for fold, versions in other.items())
+            + ". To train every fold with one version, start over with --restart.", ""]
+
+
 def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (), missing: list[str] = ()) -> str:
     """report.md from the metrics dict, the relative paths of the figures written, the saliency
     section (saliency_markdown) and the missing-sequence section (missing_markdown)."""
@@ -389,6 +403,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         f"ResNet depth {run['depth']}, width {run['width']}; input {run['input_size']}^3; "
         f"{run['epochs']} epochs; folds {run['folds']}; seed {run['seed']}.",
         "",
+        *_code_markdown(run),
         *([f"**Evaluated with {', '.join(run['hidden_sequences'])} hidden from every lesion** (test and "
            "out-of-fold), as if the lesions lacked them; the models were trained with them.", ""]
           if run.get("hidden_sequences") else []),

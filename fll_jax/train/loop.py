@@ -13,13 +13,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from fll_jax.code_version import UNRECORDED, code_version
 from fll_jax.constants import SEQUENCES
-from fll_jax.files import read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import is_primary, process_share, put_local, replicate, shard_batch, sync_processes
 from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, Schedule, TrainState, learning_rate_schedule
+from fll_jax.train.workdir import DONE_FILE, read_done, write_done
 
 if TYPE_CHECKING:
     from fll_jax.train.ahead import CompileAhead
@@ -138,13 +139,16 @@ def train_fold(
         CheckpointError: a checkpoint is damaged (the message names it and the remedy).
     """
     fold_dir = Path(fold_dir)
-    done = fold_dir / "done.json"
+    done = fold_dir / DONE_FILE
     train_folds = [f for f in range(config.data.num_folds) if f != fold]
     ckpt = FoldCheckpoints(fold_dir / "checkpoints", steps.state_target)
     try:
         if done.exists():
-            summary = _done_summary(done)
+            summary = read_done(fold_dir)
             if ckpt.best_step() == summary.get("best_epoch"):
+                if summary.get("code", [UNRECORDED]) != [code_version()]:
+                    print(f"fold {fold}: its model, trained by {', '.join(summary.get('code', [UNRECORDED]))}, is "
+                          f"reused by {code_version()}; to train every fold with this code, start over with --restart")
                 return summary
             print(f"fold {fold}: {done} says it is finished, but its best checkpoint (epoch {summary.get('best_epoch')}) "
                   "is missing; training the fold again from scratch")
@@ -159,19 +163,14 @@ def train_fold(
         ckpt.close()
 
 
-def _done_summary(done: Path) -> dict:
-    return read_json(done, f"delete it and rerun: the fold is finished again from {done.parent / 'checkpoints'}")
-
-
 def fold_finished(fold_dir: Path, state_target: TrainState) -> bool:
     """Whether train_fold will find the fold finished (done.json, naming the best checkpoint there)
     rather than train it."""
-    done = Path(fold_dir) / "done.json"
-    if not done.exists():
+    if not (Path(fold_dir) / DONE_FILE).exists():
         return False
     ckpt = FoldCheckpoints(Path(fold_dir) / "checkpoints", state_target)
     try:
-        return ckpt.best_step() == _done_summary(done).get("best_epoch")
+        return ckpt.best_step() == read_done(fold_dir).get("best_epoch")
     finally:
         ckpt.close()
 
@@ -192,9 +191,10 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
                   "training the fold again from scratch")
         ckpt.clear()
         rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), fold)
-        state, meta = steps.init(rng), {"epoch": -1, "best": None, "history": []}
+        state, meta = steps.init(rng), {"epoch": -1, "best": None, "history": [], "code": [code_version()]}
     else:
         state, meta = restored
+        meta["code"] = _resumed_by_this_code(fold, meta)
     # The held-out fold's batches are the same every epoch: read once (the quick config's
     # validation pass took 0.40 s reading them anew each epoch, 0.21 s reading them once).
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
@@ -246,10 +246,22 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
         raise CheckpointError(f"{ckpt.directory / 'best'} holds epoch {ckpt.best_step()}, not the best epoch "
                               f"{meta['best']['epoch']}; {ckpt.remedy()}")
     ckpt.restore_best()  # raises CheckpointError unless the best checkpoint verifies
-    summary = {"fold": fold, "best_epoch": meta["best"]["epoch"], "best_val": meta["best"]["val"], "history": meta["history"]}
+    summary = {"fold": fold, "best_epoch": meta["best"]["epoch"], "best_val": meta["best"]["val"], "history": meta["history"],
+               "code": meta["code"]}
     if is_primary():
-        write_json(done, summary)
+        write_done(done.parent, summary)
     return summary
+
+
+def _resumed_by_this_code(fold: int, meta: dict) -> list[str]:
+    """The code versions that trained the fold so far, this one last; a new one is said aloud."""
+    earlier = meta.get("code", [UNRECORDED])
+    if code_version() in earlier:
+        return earlier
+    print(f"fold {fold}: resuming at epoch {meta['epoch'] + 1} from checkpoints written by {', '.join(earlier)}; "
+          f"this is {code_version()}, so the fold's epochs are trained by both. To train every fold with this code, "
+          "start over with --restart")
+    return [*earlier, code_version()]
 
 
 def _train_epoch(config, fold: int, epoch: int, train_folds: Sequence[int], source, steps: Steps, schedule: Schedule,

@@ -31,6 +31,9 @@ CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # An evaluate-only run's record of the trained run whose fold models it evaluated.
 EVALUATED_FILE = "evaluated_models.json"
+# A finished fold's summary (best epoch, validation history, the code versions that trained it),
+# written once its best checkpoint verifies.
+DONE_FILE = "done.json"
 # Settings that change speed or where files are, never results (the data is fingerprinted by content;
 # model.conv_impl changes only how the same sums are ordered, as another machine would).
 SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
@@ -205,7 +208,7 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
         return False
     # A damaged checkpoint's remedy deletes its fold folder: that fold is to be trained again.
     if not (workdir / EVALUATED_FILE).exists() and not all(
-            (workdir / f"fold{f}" / "done.json").exists() for f in config.train.folds):
+            (workdir / f"fold{f}" / DONE_FILE).exists() for f in config.train.folds):
         return False
     try:
         read_config(workdir)
@@ -272,11 +275,38 @@ def check_has_models(workdir: str | Path, folds) -> None:
     if (workdir / EVALUATED_FILE).exists():
         raise WorkdirError(f"{workdir} holds an evaluate-only run, which has no models of its own; they are in "
                            f"{_read_evaluated(workdir).get('trained')}")
-    unfinished = [str(f) for f in folds if not (workdir / f"fold{f}" / "done.json").exists()]
+    unfinished = [str(f) for f in folds if not (workdir / f"fold{f}" / DONE_FILE).exists()]
     if unfinished or not (workdir / "metrics.json").exists():
         what = f"fold(s) {', '.join(unfinished)} not finished" if unfinished else "no metrics.json"
         raise WorkdirError(f"{workdir} holds an unfinished run ({what}): its checkpoints are the best so far, not "
                            "its models; rerun its training command to finish it")
+
+
+def write_done(fold_dir: Path, summary: dict) -> None:
+    write_json(Path(fold_dir) / DONE_FILE, summary)
+
+
+def read_done(fold_dir: str | Path) -> dict:
+    """A finished fold's summary; StateFileError naming the file if it is damaged."""
+    return read_json(Path(fold_dir) / DONE_FILE,
+                     f"delete it and rerun: the fold is finished again from {Path(fold_dir) / 'checkpoints'}")
+
+
+def models_folder(workdir: str | Path) -> Path:
+    """The folder holding the fold models whose results `workdir` holds: its own, or for an
+    evaluate-only run the trained run's."""
+    workdir = Path(workdir)
+    return Path(_read_evaluated(workdir)["trained"]) if (workdir / EVALUATED_FILE).exists() else workdir
+
+
+def fold_code_versions(workdir: str | Path, folds) -> dict[str, list[str]]:
+    """'fold<k>' -> the code versions that trained that fold model (its done.json), for the
+    finished folds of the run whose results `workdir` holds."""
+    from fll_jax.code_version import UNRECORDED
+
+    folder = models_folder(workdir)
+    return {f"fold{f}": read_done(folder / f"fold{f}").get("code", [UNRECORDED])
+            for f in folds if (folder / f"fold{f}" / DONE_FILE).exists()}
 
 
 def check_same_data(workdir: str | Path, data: dict) -> None:
