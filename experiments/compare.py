@@ -4,9 +4,10 @@
   python experiments/compare.py --workdir runs/ablate_quick --pair hcc:fnh     # HCC against FNH only
   python experiments/compare.py --workdir runs/ablate_quick --reference fusion=concat
 
-Writes comparison[_PAIR].md and .csv (each point's test and out-of-fold metrics with CIs at the
-level of the points' evaluation.confidence, 0.95 by default; against its reference: McNemar exact,
-DeLong paired, paired bootstrap CIs, Holm) and forest[_PAIR].png.
+Writes comparison[_vs_REFERENCE][_PAIR].md and .csv (each point's test and out-of-fold metrics
+with CIs at the level of the points' evaluation.confidence, 0.95 by default; against its
+reference: McNemar exact, DeLong paired, paired bootstrap CIs, Holm) and forest[...].png; a
+--reference has files of its own, beside the default comparison.
 """
 from absl import app, flags, logging
 

@@ -109,6 +109,10 @@ def test_outputs_hold_the_table_the_seed_spread_and_the_plot(sweep):
     table = pd.read_csv(paths[1])
     assert {"mcnemar_p_holm", "delong_p_holm", "d_auc_lo", "d_auc_hi"} <= set(table.columns)
     assert paths[2].stat().st_size > 10_000
+    # Another reference has files of its own: the default comparison stays.
+    other = write_comparison(root, reference="seed=1", resamples=RESAMPLES)
+    assert [p.name for p in other] == ["comparison_vs_seed=1.md", "comparison_vs_seed=1.csv", "forest_vs_seed=1.png"]
+    assert paths[0].read_text() == text and "| `base` | `seed=1` |" in other[0].read_text()
 
 
 def test_points_on_other_lesions_are_refused(sweep, tmp_path):

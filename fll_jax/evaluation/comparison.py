@@ -371,15 +371,16 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path, confidence: float =
 
 def write_comparison(root: str | Path, reference: str | None = None, task: Task = Task(),
                      resamples: int = RESAMPLES) -> list[Path]:
-    """comparison[_<pair>].md, .csv and forest[_<pair>].png in the sweep's folder, at the points'
-    confidence level (sweep_confidence); returns their paths. The forest plot is left out (and an
+    """comparison[_vs_<reference>][_<pair>].md, .csv and forest[...].png in the sweep's folder, at
+    the points' confidence level (sweep_confidence); returns their paths. A reference given by name
+    has files of its own, so the default comparison stays. The forest plot is left out (and an
     earlier one removed) when no point was paired with its reference."""
     root = Path(root)
     points, trained = load_points(root)
     confidence = sweep_confidence(root, points)
     table = compare(points, trained, reference, task, resamples=resamples, confidence=confidence)
     spread = seed_spread(table)
-    suffix = "" if task.pair is None else f"_{task.name}"
+    suffix = ("" if reference is None else f"_vs_{reference}") + ("" if task.pair is None else f"_{task.name}")
     markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence)
     paths = [write_text(root / f"comparison{suffix}.md", markdown), write_csv(table, root / f"comparison{suffix}.csv")]
     forest = root / f"forest{suffix}.png"
