@@ -183,6 +183,21 @@ def test_a_header_in_metres_or_microns_gives_the_lesion_of_one_in_millimetres(va
         np.testing.assert_allclose(patch.image, expected.image, atol=1e-5)
 
 
+def test_a_header_without_orientation_is_read_with_a_warning_naming_the_file(valid_patient):
+    images, masks = valid_patient
+    expected = preprocess_lesion(record(images, masks), size=8)
+    for path in (images["t2w"], masks["t2w"]):
+        nifti = nib.load(path)
+        nifti.set_qform(None, code=0)
+        nifti.set_sform(None, code=0)
+        nib.save(nifti, path)
+    with pytest.warns(UserWarning, match="no orientation") as caught:
+        patch = preprocess_lesion(record(images, masks), size=8)
+    assert {str(images["t2w"]), str(masks["t2w"])} <= {str(w.message).split(": ")[0] for w in caught}
+    assert not any(str(images["adc"]) in str(w.message) for w in caught)
+    assert patch.present.all() and patch.diameter_mm == pytest.approx(expected.diameter_mm, rel=0.05)
+
+
 def test_preprocess_manifest_pool_matches_one_process_in_manifest_order(tmp_path):
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
     centres = [voxel_to_world(affine, (5, 5, 3)), voxel_to_world(affine, (11, 10, 3))]

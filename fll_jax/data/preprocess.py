@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -505,13 +506,25 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
         affine = np.asarray(nifti.affine, np.float64)
         unit = nifti.header.get_xyzt_units()[0] if hasattr(nifti.header, "get_xyzt_units") else "mm"
         affine[:3] *= _MM_PER_UNIT[unit]  # a header in metres had made a 20 mm lesion 20 m wide
+        unoriented = _unoriented(nifti)
     except Exception as error:  # nibabel, gzip and zlib each raise their own types
         raise PreprocessError(f"{path}: cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error
+    if unoriented:
+        warnings.warn(f"{path}: the header gives no orientation (qform and sform codes 0), so its voxel axes are read "
+                      "as left, anterior, superior (nibabel's default); if its sequences were acquired in other "
+                      "planes, their patches are not aligned with each other. Convert it with its orientation "
+                      "(e.g. from the DICOM series) to be sure", stacklevel=2)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise PreprocessError(f"{path}: {what} has shape {data.shape}; expected a 3D volume")
     return data, affine
+
+
+def _unoriented(nifti) -> bool:
+    """A NIfTI whose header sets neither affine (qform and sform codes 0: an ANALYZE-style file)."""
+    header = nifti.header
+    return "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
 
 
 def _lesion_geometry(lesion: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
