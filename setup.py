@@ -31,11 +31,11 @@ setup(
     extras_require={
         # The input pipeline; everything else also runs on plain numpy arrays.
         "tf": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9.6"],
-        "dicom": ["pydicom>=2.4"],
+        "dicom": ["pydicom>=3.0"],
         # jax's CUDA 12 wheels (NVIDIA GPUs); the version follows jax's.
         "cuda": ["jax[cuda12]"],
         # The TensorBoard viewer (the training job writes its logs with tensorboardX either way).
         "tensorboard": ["tensorboard>=2.16"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87", "pydicom>=2.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87", "pydicom>=3.0"],
     },
 )

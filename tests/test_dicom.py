@@ -274,6 +274,22 @@ def test_unconvertible_files_are_refused_with_a_message_naming_them(tmp_path, ca
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
 
 
+def test_a_file_with_unusable_geometry_is_skipped_naming_it_and_the_rest_is_converted(tmp_path, capsys):
+    study = tmp_path / "study"
+    _stack(MR_SMALL, study, 3, 2.0, SeriesDescription="T2 haste")
+    [empty] = _stack(MR_SMALL, study, 1, 2.0, prefix="empty", SeriesNumber=98)
+    [short] = _stack(MR_SMALL, study, 1, 2.0, prefix="short", SeriesNumber=99)
+    for path, keyword, value in ((empty, "ImageOrientationPatient", None), (short, "PixelSpacing", "0.7")):
+        ds = pydicom.dcmread(path)
+        setattr(ds, keyword, value)  # present, but empty or one number: one bad file had stopped the study
+        ds.save_as(path)
+    results = _convert(study, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert [r.metadata["series_description"] for r in _written(results)] == ["T2 haste"]
+    assert f"{empty.name}: its ImageOrientationPatient is not 6 numbers" in out
+    assert f"{short.name}: its PixelSpacing is not 2 numbers" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # De-identification
 

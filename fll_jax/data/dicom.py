@@ -212,10 +212,32 @@ def _read_headers(study_dir: Path) -> tuple[list[_Slice], list[tuple[str, tuple[
         elif _ENHANCED not in ds and any(keyword not in ds for keyword in _GEOMETRY):
             notes.append(("note: {0}: image without slice geometry (a radiograph or screen capture?); skipped",
                           (name,)))
+        elif _ENHANCED not in ds and (problem := _geometry_problem(ds)):
+            notes.append(("note: {0}: {1}; skipped", (name, problem)))
         else:
             seen[uid] = name
             slices.append(_Slice(path, name, ds))
     return slices, notes
+
+
+# Per geometry element: how many numbers it holds.
+_GEOMETRY_SIZES = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+
+
+def _geometry_problem(ds: Dataset) -> str | None:
+    """Why the slice geometry of a header cannot place its image (an empty or short element,
+    not numbers, a zero spacing), or None; else one bad file would stop the whole study."""
+    for keyword, size in _GEOMETRY_SIZES.items():
+        value = ds[keyword].value
+        try:
+            numbers = [float(v) for v in (value if isinstance(value, (list, MultiValue)) else [value])]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) != size or not np.isfinite(numbers).all():
+            return f"its {keyword} is not {size} numbers ({value!r})"
+    if min(_vector(ds, "PixelSpacing")) <= 0:
+        return f"its PixelSpacing is not positive ({ds.PixelSpacing!r})"
+    return None
 
 
 def _unsupported(s: _Slice) -> str | None:
