@@ -318,6 +318,15 @@ def test_no_identifier_reaches_any_output_file_name_header_sidecar_or_message(tm
     assert not any(needle.decode() in printed.lower() for needle in needles)
 
 
+def test_the_sequence_is_guessed_from_the_description_before_the_patients_name_is_scrubbed(tmp_path):
+    study = tmp_path / "study"
+    _stack(MR_SMALL, study, 3, 2.0, SeriesDescription="t1 vibe tra 5 min", PatientName="Kim^Min")
+    [result] = _convert(study, tmp_path / "out")
+    # The name stays out of what is written, and does not change the guess ("5 X" had read as T1WI).
+    assert result.metadata["series_description"] == "t1 vibe tra 5 X"
+    assert result.sequence_guess == "dp"
+
+
 def test_an_id_map_names_subjects_and_never_echoes_a_patient_id(tmp_path):
     study = tmp_path / "study"
     _stack(MR_SMALL, study, 2, 2.0, **SECRETS)

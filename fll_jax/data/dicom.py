@@ -711,9 +711,11 @@ def _sidecar(part: _Part, ordered: Sequence[_Slice], affine: np.ndarray, shape: 
              rules: Sequence[Rule], scrub: Callable[[str], str]) -> dict[str, Any]:
     """What a user needs to pick and check the volume; only whitelisted, non-identifying fields."""
     ds = ordered[0].ds
-    description, protocol = scrub(_text(ds, "SeriesDescription")), scrub(_text(ds, "ProtocolName"))
+    description, protocol = _text(ds, "SeriesDescription"), _text(ds, "ProtocolName")
     image_type = _texts(ds, "ImageType")
+    # From the texts as written: scrubbed, a patient named Min or Art had turned "5 min" or "art" into "X".
     guess = guess_sequence(description, rules, protocol, image_type)
+    description, protocol = scrub(description), scrub(protocol)
     b, b_source = b_value(ds)
     time, time_source = _acquisition_time(ordered)
     voxel = np.linalg.norm(affine[:3, :3], axis=0)
