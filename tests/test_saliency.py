@@ -22,7 +22,7 @@ from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import attribution_shares, sequence_importance
 from fll_jax.saliency.integrated_gradients import adaptive_nodes, integrated_gradients, make_baseline, quadrature_rule
 from fll_jax.saliency.target import ClassScore
-from fll_jax.train.workdir import models_digest, run_fingerprint
+from fll_jax.train.workdir import WorkdirError, hold_run, models_digest, run_fingerprint
 from tests.helpers import tiny_config
 
 SIZE = 16
@@ -141,7 +141,7 @@ def test_a_sequence_the_input_lacks_gets_no_importance_and_is_not_ranked():
     # (key DWI, LAP, PVP) is scored on LAP and PVP among four (the old code left every lesion out).
     sequences = ("t2w", "dwi", "adc", "lap", "pvp")
     values = {"t2w": [0.1, 0.2], "dwi": [np.nan, np.nan], "adc": [0.2, 0.1], "lap": [0.4, 0.3], "pvp": [0.3, 0.4]}
-    frame = pd.DataFrame({"label7": [6, 6], "true": "x", "predicted": "x", "focus_share": 0.5,
+    frame = pd.DataFrame({"label7": [6, 6], "true": "x", "predicted": "x", "explained": "x", "focus_share": 0.5,
                           "focus_volume_share": 0.1, "randomisation_spearman": 0.2,
                           **{f"{prefix}{s}": v for prefix in ("share_", "lesion_share_", "occlusion_")
                              for s, v in values.items()}})
@@ -496,21 +496,32 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     for lesion in ("p0/l1", "p4/l1"):
         folder = out / "lesions" / explain.safe_name(lesion)
         assert (folder / "overlay.png").is_file() and (folder / "importance.png").is_file()
-        assert (folder / "overlay_gradcam.png").is_file()  # method ig: Grad-CAM beside it
+        # At 16^3 Grad-CAM's grid is one voxel: a constant map had been drawn beside IG's.
+        assert not (folder / "overlay_gradcam.png").exists()
         for s in USED:
             img = nib.load(folder / f"{s}_ig.nii.gz")
             assert img.shape == nib.load(records[0].images[s]).shape
+    assert summary["overlays"] == {"overlay.png": "IG"}
+    assert summary["notes"] == ["No Grad-CAM overlay: each branch's last stage is 1 x 1 x 1 voxels at input 16^3, so "
+                                "its map would be one value per sequence."]
     assert set(summary["hit_rates"]) == {"attribution_share", "lesion_attribution_share", "occlusion"}
-    assert set(summary["hit_rates"]["lesion_attribution_share"]) == {"cyst", "hcc"}
+    # p4/l1, an HCC called a haemangioma, has a map of why it looked like a haemangioma: not scored
+    # against the HCC's key sequences.
+    assert set(summary["hit_rates"]["lesion_attribution_share"]) == {"cyst"}
+    assert summary["scored"] == {"lesions": 1, "other_class": 1}
     assert -1 <= summary["randomisation"]["median_spearman"] <= 1
     # The maps explain the class the run predicted (predictions.csv), whatever the float32 model's argmax.
     table = pd.read_csv(out / "lesions.csv").set_index("lesion_id")
     assert table.loc["p4/l1", "predicted"] == table.loc["p4/l1", "explained"] == "Haemangioma"
     assert "Key-sequence hit rate" in (out / "scores.md").read_text()
+    assert "1 whose map explains another (a wrong prediction) are left out" in (out / "scores.md").read_text()
     report = (run / "report.md").read_text()
     assert "## Saliency" in report and "explain/test/importance_by_class.png" in report
-    assert (f"(explain/test/lesions/{first}/overlay.png) | ![Grad-CAM: p0/l1](explain/test/lesions/{first}/"
-            "overlay_gradcam.png) |") in report
+    assert f"(explain/test/lesions/{first}/overlay.png) |" in report and "overlay_gradcam" not in report
+    assert summary["notes"][0] in report
+    # Explaining holds the run's folder as training does: neither runs into the other.
+    with hold_run(run), pytest.raises(WorkdirError, match="is in use"):
+        explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
 
     # Split 'val': the development lesion, by the one fold model that held it out.
     val = explain.explain_workdir(run, num_per_class=None, split="val", settings=settings)
@@ -526,6 +537,12 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     shown = "\n".join(saliency_markdown(run, models_digest(run)))
     assert "`explain/val/` holds explanations of split 'test', not 'val'" in shown
     assert "explain/val/importance_by_class.png" not in shown
+    # A damaged summary is named in the report, which is still written: failing, it had left the
+    # run unfinished, and explain (the remedy it named) refuses unfinished runs.
+    (run / "explain" / "val" / "summary.json").write_text("{")
+    (run / "metrics.json").unlink()
+    write_report(run)
+    assert "`explain/val/` is damaged" in (run / "report.md").read_text() and (run / "metrics.json").is_file()
     # The test run's files are still there, and other arguments do not replace them unasked.
     assert (out / "lesions" / first / "overlay.png").is_file()
     with pytest.raises(FileExistsError, match="other arguments: settings.steps 8 -> 4; pass overwrite") as refused:
@@ -583,8 +600,6 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     assert "`explain/test/` was not made with this run's fold models" in report and "importance_by_class.png" not in report
 
     # Images changed since training: the run's models are not applied to them.
-    from fll_jax.train.workdir import WorkdirError
-
     image = nib.load(records[0].images["t2w"])
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj) + 3, image.affine), records[0].images["t2w"])
     with pytest.raises(WorkdirError, match=r"(?s)data changed since .*lesion 'p0/l1': t2w_image content changed"):

@@ -19,7 +19,7 @@ from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
 from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
-from fll_jax.files import read_json, write_json, write_text
+from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, fold_code_versions, models_digest, read_config
 
 ROW_NAMES = {
@@ -340,7 +340,13 @@ def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
         folder = workdir / "explain" / split
         if not (folder / "summary.json").exists():
             continue
-        summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
+        try:
+            summary = read_json(folder / "summary.json", f"rerun experiments/explain.py --split {split} --overwrite")
+            lesions = pd.read_csv(folder / "lesions.csv", dtype={"lesion_id": str, "folder": str})
+        except (StateFileError, OSError, ValueError) as error:
+            # A report that failed here would leave the run unfinished, and explain refuses unfinished runs.
+            lines += ["", f"### {what}", "", f"`explain/{split}/` is damaged ({error}); its maps are not shown."]
+            continue
         if (summary.get("request") or {}).get("run") != models:
             lines += ["", f"### {what}", "", f"`explain/{split}/` was not made with this run's fold models (made before "
                       "a fold was trained again, or by an earlier version); rerun experiments/explain.py --split "
@@ -354,8 +360,8 @@ def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
         lines += ["", f"### {what}", "",
                   f"{summary['num_lesions']} lesions in `explain/{split}/` (per lesion: {', '.join(overlays)}, "
                   "importance.png, NIfTI maps on each sequence's native grid).",
+                  *(line for note in summary.get("notes", []) for line in ("", note)),
                   "", f"![importance by class](explain/{split}/importance_by_class.png)"]
-        lesions = pd.read_csv(folder / "lesions.csv", dtype={"lesion_id": str, "folder": str})
         if "folder" in lesions:
             lines += overlays_markdown(lesions, overlays, split)
         scores = folder / "scores.md"

@@ -47,7 +47,7 @@ from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabili
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import read_json, save_figure, staged_folder, write_csv, write_json, write_text
 from fll_jax.models import build_model
-from fll_jax.saliency.gradcam import grad_cam
+from fll_jax.saliency.gradcam import grad_cam, last_stage_voxels
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import SequenceImportance, attribution_shares, sequence_importance, share_label
 from fll_jax.saliency.integrated_gradients import (
@@ -64,7 +64,7 @@ from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import rng_settings, seq_indices
-from fll_jax.train.workdir import check_same_data, models_digest, read_config
+from fll_jax.train.workdir import check_same_data, hold_run, models_digest, read_config
 
 # Each method's name in titles, legends and the report.
 MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
@@ -257,14 +257,22 @@ def explain_workdir(
     rewritten, as for the default). score=True is refused unless the run's data is the phantom.
     Returns summary.json's content.
     """
-    # Looked up at call time: the training code owns it (and tests stand in for it).
-    from fll_jax.train.checkpoints import load_fold_models
-
     settings = settings or Settings()
     settings.check()
     if num_per_class is not None and num_per_class < 1:
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
+    models_digest(workdir)  # refuses a folder without a finished run before holding it
+    # Held as training holds it: explain rewrites report.md and metrics.json, and a --restart would delete its maps.
+    with hold_run(workdir):
+        return _explain(workdir, num_per_class, split, score, settings, out_dir, overwrite)
+
+
+def _explain(workdir: Path, num_per_class: int | None, split: str, score: bool, settings: Settings,
+             out_dir: str | Path | None, overwrite: bool) -> dict:
+    # Looked up at call time: the training code owns it (and tests stand in for it).
+    from fll_jax.train.checkpoints import load_fold_models
+
     out, default = _out_folder(workdir, split, out_dir)
     request = json.loads(json.dumps({"run": models_digest(workdir), "split": split, "num_per_class": num_per_class,
                                      "score": score, "settings": request_settings(settings, score)}))
@@ -285,6 +293,7 @@ def explain_workdir(
                                f"{prepare.manifest_path(config)}")
         model = float32_model(config)
         ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
+        notes, gradcam_overlay = _gradcam_notes(ens, config, settings)
         scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
         random_score = None
         if score:
@@ -296,11 +305,11 @@ def explain_workdir(
         # go before this run has succeeded.
         with staged_folder(out / "lesions") as lesions:
             rows = [_explain_record(record, config, *models[record.lesion_id], scores[models[record.lesion_id][0]],
-                                    random_score, settings, lesions)
+                                    random_score, settings, lesions, gradcam_overlay)
                     for record in tqdm(records, desc="explain", unit="lesion", dynamic_ncols=True)]
             frame = pd.DataFrame(rows)
             summary = {"request": request, "workdir": str(workdir.resolve())} | _summary(
-                frame, config, settings, config.sequences, split, score)
+                frame, config, settings, config.sequences, split, score, gradcam_overlay) | {"notes": notes}
             # Stopped from here on, the folder holds no summary: the report shows none, a rerun needs overwrite.
             (out / "summary.json").unlink(missing_ok=True)
         write_csv(frame, out / "lesions.csv")
@@ -385,10 +394,29 @@ def _check_previous(out: Path, request: dict, overwrite: bool) -> None:
                           "out_dir (--out_dir)")
 
 
+def _gradcam_notes(score: ClassScore, config: ml_collections.ConfigDict, settings: Settings) -> tuple[list[str], bool]:
+    """(notes for the summary and report, whether to draw the Grad-CAM overlay beside another method's).
+
+    On a last stage of one voxel (inputs under 64^3) a Grad-CAM map is one value per sequence:
+    drawn beside another map it would show nothing, and as the method only its shares mean anything.
+    """
+    voxels = last_stage_voxels(score, config.sequences, (len(config.sequences), *(config.input_size,) * 3, 2))
+    if min(voxels) > 1:
+        return [], settings.method != "gradcam"
+    grid = " x ".join(map(str, voxels))
+    if settings.method == "gradcam":
+        note = (f"Grad-CAM is made on each branch's last stage, {grid} voxels at input {config.input_size}^3: each "
+                "sequence's map is one value, so only the per-sequence shares carry information (64^3 gives 2 x 2 x 2).")
+        print(f"note: {note}")
+        return [note], False
+    return [f"No Grad-CAM overlay: each branch's last stage is {grid} voxels at input {config.input_size}^3, so its "
+            "map would be one value per sequence."], False
+
+
 def _explain_record(record, config, model_name: str, pred: int, model_score: ClassScore,
-                    random_score: ClassScore | None, settings: Settings, folder: Path) -> dict:
+                    random_score: ClassScore | None, settings: Settings, folder: Path, gradcam_overlay: bool) -> dict:
     """One lesion by one model (or the ensemble) that predicted class `pred`: map, importance,
-    (scores), files; its lesions.csv row."""
+    (scores), files (with the Grad-CAM overlay if `gradcam_overlay`); its lesions.csv row."""
     sequences = tuple(config.sequences)
     names = _class_names(settings.head)
     options = PreprocessOptions.from_config(config.data)
@@ -419,7 +447,7 @@ def _explain_record(record, config, model_name: str, pred: int, model_score: Cla
                                                                   present=input_present(x))
         row["focus_share"], row["focus_volume_share"] = lesion_focus(lesion.attributions, region)
     caption = f"{record.lesion_id}: true {row['true']}, predicted {row['predicted']} (p = {row['p_predicted']:.2f})"
-    gradcam = None if settings.method == "gradcam" else grad_cam(model_score, x, sequences, index=lesion.index)
+    gradcam = grad_cam(model_score, x, sequences, index=lesion.index) if gradcam_overlay else None
     write_lesion_maps(folder / safe_name(record.lesion_id), record, x, lesion, affines, sequences, settings.method,
                       f"{caption}; {MAP_NAMES[settings.method]} for {row['explained']}",
                       f"{record.lesion_id}: {row['explained']} ({MAP_NAMES[settings.method]})",
@@ -472,7 +500,8 @@ def _median(values) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: str, score: bool) -> dict:
+def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: str, score: bool,
+             gradcam_overlay: bool = False) -> dict:
     summary = {
         "data": "synthetic phantom (not clinical evidence)" if config.data.source == "phantom" else config.data.manifest,
         "split": split,
@@ -482,8 +511,7 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
         "sequences": list(sequences),
         "num_lesions": int(len(frame)),
         "accuracy": float(np.mean(frame["true"] == frame["predicted"])),
-        "overlays": {OVERLAY: MAP_NAMES[settings.method]}
-                    | ({} if settings.method == "gradcam" else {GRADCAM_OVERLAY: MAP_NAMES["gradcam"]}),
+        "overlays": {OVERLAY: MAP_NAMES[settings.method]} | ({GRADCAM_OVERLAY: MAP_NAMES["gradcam"]} if gradcam_overlay else {}),
     }
     if "relative_delta" in frame:
         summary["completeness"] = {
@@ -493,13 +521,17 @@ def _summary(frame: pd.DataFrame, config, settings: Settings, sequences, split: 
         }
     if not score:
         return summary
-    labels = frame["label7"].to_numpy()
+    # A map of another class than the lesion's (a wrong prediction explained) says why the model
+    # saw that class, not whether it found this one's key sequences: it is not scored.
+    own = frame[frame["explained"] == frame["true"]]
+    summary["scored"] = {"lesions": int(len(own)), "other_class": int(len(frame) - len(own))}
+    labels = own["label7"].to_numpy()
     # A sequence no explained lesion holds (the run hides it) is not ranked; a lesion lacking one
     # that others hold has NaN there and is left out of the scores (their n).
     scored = [s for s in sequences if frame[f"share_{s}"].notna().any()]
     tables, rankings = {}, {}
     for measure, prefix in IMPORTANCE_MEASURES.items():
-        importance = frame[[prefix + s for s in scored]].to_numpy()
+        importance = own[[prefix + s for s in scored]].to_numpy()
         tables[measure] = top_k_hit_rates(importance, labels, scored, k=3)
         rankings[measure] = ranking_aucs(importance, labels, scored)
     summary["hit_rates"] = tables
@@ -527,6 +559,10 @@ def scores_markdown(summary: dict) -> str:
                  f"{SPLIT_NAMES[summary['split']]}, {summary['models']}; accuracy on them {summary['accuracy']:.2f}.")
     if "completeness" in summary:
         lines.append(f"Median relative completeness delta: {summary['completeness']['median_relative_delta']:.2%}.")
+    other = summary["scored"]["other_class"]
+    lines.append(f"Key sequences are scored on the {summary['scored']['lesions']} lesions whose map explains their own "
+                 f"class; {other} whose map explains another (a wrong prediction) are left out." if other else
+                 "Every map explains its lesion's own class, and every one is scored.")
     for measure, table in summary["hit_rates"].items():
         lines += ["", f"## Key-sequence hit rate in the top 3 ({measure})", "",
                   "| class | n | key sequences: hit rate | mean | chance | p (mean > chance) |",

@@ -81,3 +81,14 @@ def grad_cam(score: ClassScore, x: np.ndarray, sequences: Sequence[str], *, inde
     fn = score.compiled(("grad_cam", names), lambda: _build(score, names))
     total = sum(np.asarray(fn(v, x[None], jnp.asarray(index, jnp.int32))) for v in score.variables)
     return total / len(score.variables)
+
+
+def last_stage_voxels(score: ClassScore, sequences: Sequence[str], input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Voxels per axis of the branches' last-stage maps, the grid Grad-CAM's maps are made on
+    (1 x 1 x 1 for a ResNet on 16^3 or 32^3 inputs: one value per sequence, no spatial detail).
+
+    input_shape: one lesion's input [S, D, H, W, 2].
+    """
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    _, state = jax.eval_shape(lambda v, x: score.apply_fn(v, x, mutable=["intermediates"]), score.variables[0], x)
+    return tuple(state["intermediates"][f"branch_{sequences[0]}"]["stage4"][-1].shape[1:4])
