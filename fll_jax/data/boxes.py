@@ -71,10 +71,19 @@ def world_box_ellipsoid(box: WorldBox, shape: Sequence[int], affine: np.ndarray)
     """uint8 mask, on the grid (shape, affine), of the ellipsoid inscribed in a world box."""
     lo, hi = np.array(box[:3]), np.array(box[3:])
     centre, radius = (lo + hi) / 2, (hi - lo) / 2
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    # Only the voxels between the box's corners can be inside: the whole grid had taken 80 bytes a
+    # voxel (4 GB for a 512 x 512 x 200 volume) for a lesion of a few hundred voxels.
+    inverse = np.linalg.inv(affine)
+    corners = np.stack(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1)
+    corner_ijk = inverse[:3, :3] @ corners + inverse[:3, 3:]
+    start = np.clip(np.floor(corner_ijk.min(1)).astype(int), 0, shape)
+    stop = np.maximum(np.clip(np.ceil(corner_ijk.max(1)).astype(int) + 1, 0, shape), start)
+    ijk = np.indices(stop - start).reshape(3, -1) + start[:, None]
     world = affine[:3, :3] @ ijk + affine[:3, 3:]
     inside = (((world - centre[:, None]) / radius[:, None]) ** 2).sum(0) <= 1.0
-    return inside.reshape(shape).astype(np.uint8)
+    mask = np.zeros(shape, np.uint8)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = inside.reshape(stop - start)
+    return mask
 
 
 def voxel_box_sides_mm(box: VoxelBox, affine: np.ndarray) -> np.ndarray:
