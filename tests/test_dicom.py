@@ -178,6 +178,38 @@ def test_several_b_values_or_passes_at_the_same_positions_become_one_volume_each
     assert "2 passes over the same 2 positions" in capsys.readouterr().out
 
 
+def test_the_dwi_is_the_isotropic_image_of_the_highest_b_value_and_never_silently_a_lower_one(tmp_path):
+    """A series of b0 and of b800 in three gradient directions beside their isotropic (trace) image,
+    as Philips writes it: each is a volume, and the b800 trace is the DWI."""
+    def series(study: Path, directionality: bool) -> Path:
+        _stack(MR_SMALL, study, 2, 4.0, prefix="b0_", SeriesDescription="DWI b0 800", DiffusionBValue=0)
+        for n, gradient in enumerate(([1, 0, 0], [0, 1, 0], [0, 0, 1], None)):
+            tags = ({"DiffusionDirectionality": "DIRECTIONAL" if gradient else "ISOTROPIC"}
+                    | ({"DiffusionGradientOrientation": gradient} if gradient else {})) if directionality else {}
+            _stack(MR_SMALL, study, 2, 4.0, prefix=f"b800_{n}_", SeriesDescription="DWI b0 800", DiffusionBValue=800,
+                   **tags)
+        return _written(_convert(study, tmp_path / f"out_{directionality}"))[0].nifti.parent
+
+    subject = series(tmp_path / "directions", directionality=True)
+    assert dicom.read_series_table(subject) == {"dwi": subject / "1_DWI_b0_800_b800_iso.nii.gz"}
+    assert len(list(subject.glob("*_b800_dir*.nii.gz"))) == 3
+    # Without the tags that tell them apart, the b800 images are refused as duplicated slices: b0
+    # had been taken as the DWI without a word.
+    subject = series(tmp_path / "untagged", directionality=False)
+    with pytest.raises(dicom.DicomError, match=r"the DWI of b-value 800 .* was refused .*duplicated slice.*clear its "
+                                               "sequence_guess"):
+        dicom.read_series_table(subject)
+    table = subject / "series.csv"
+    rows = list(csv.DictReader(table.open()))
+    for row in rows:
+        row["sequence_guess"] = "" if row["status"] == "refused" else row["sequence_guess"]
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    assert dicom.read_series_table(subject) == {"dwi": subject / "1_DWI_b0_800_b0.nii.gz"}  # as the user chose
+
+
 def test_uneven_spacing_and_duplicated_slices_are_refused(tmp_path, capsys):
     results = _convert(_copy(sorted(CT_GAP.iterdir()), tmp_path / "gap"), tmp_path / "out")
     [result] = results

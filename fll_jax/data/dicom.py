@@ -530,10 +530,23 @@ def _b_label(b: float | None) -> str:
     return "bnone" if b is None else f"b{b:g}".replace(".", "p")
 
 
+def _diffusion_direction(ds: Dataset) -> tuple[str, tuple[float, ...]]:
+    """DiffusionDirectionality (0018,9075) and DiffusionGradientOrientation (0018,9089), where a
+    series holds each b-value's directional images beside their isotropic (trace) image."""
+    gradient = ds.get("DiffusionGradientOrientation")
+    return (_text(ds, "DiffusionDirectionality").upper(),
+            () if gradient is None else tuple(round(float(v), 3) for v in gradient))
+
+
+# The split label of the isotropic (trace) image, which read_series_table takes as the DWI.
+ISOTROPIC = "iso"
+
 _SPLITS: tuple[tuple[str, Callable[[Sequence[_Slice]], list[Hashable]], Callable[[Hashable, int], str]], ...] = (
     ("orientations", _orientation_keys, lambda key, n: f"orient{n}"),
     ("grids (rows, columns or pixel spacing)", _grid_keys, lambda key, n: f"grid{n}"),
     ("b-values", lambda slices: [b_value(s.ds)[0] for s in slices], lambda key, n: _b_label(key)),
+    ("diffusion directions", lambda slices: [_diffusion_direction(s.ds) for s in slices],
+     lambda key, n: ISOTROPIC if key[0] == "ISOTROPIC" else f"dir{n}"),
     ("echo numbers", lambda slices: [_first_number(s.ds.get("EchoNumbers")) for s in slices],
      lambda key, n: f"e{key:g}" if key is not None else "enone"),
 )
@@ -774,8 +787,12 @@ def _convert_part(part: _Part, subject_id: str, subject_dir: Path, rules: Sequen
         data = _compact(np.stack([_slice_values(s).T for s in ordered], axis=-1))
     except _Refusal as refusal:
         say(f"refused {subject_id}/{stem}: {refusal}")
+        ds = part.slices[0].ds
+        # Its guess and b-value: read_series_table must not take a lower b-value's DWI in its place unsaid.
+        guess = guess_sequence(_text(ds, "SeriesDescription"), rules, _text(ds, "ProtocolName"), _texts(ds, "ImageType"))
         metadata = {"study": part.slices[0].study, "series_number": part.number, "split": list(part.split),
-                    "series_description": scrub(_text(part.slices[0].ds, "SeriesDescription"))}
+                    "series_description": scrub(_text(ds, "SeriesDescription")), "sequence_guess": guess.sequence,
+                    "sequence_rule": guess.rule, "b_value": b_value(ds)[0]}
         return SeriesResult(subject_id, stem, "refused", str(refusal), None, None, metadata)
     metadata = _sidecar(part, ordered, affine, data.shape, rules, scrub)
     nifti, sidecar = subject_dir / f"{stem}.nii.gz", subject_dir / f"{stem}.json"
@@ -886,13 +903,35 @@ def _one_study(rows: Sequence[dict], path: Path) -> None:
                          "each study's folder on its own into a separate out_dir")
 
 
+def _b(row: dict) -> float:
+    return float(row.get("b_value") or 0.0)
+
+
+def _highest_b(found: list[dict], guessed: list[dict], path: Path) -> tuple[list[dict], str | None]:
+    """The written DWI volumes of the highest b-value (its isotropic image where the series also
+    holds directional ones), or a problem when a refused DWI series had a higher one."""
+    top = max(_b(r) for r in found)
+    refused = [r for r in guessed if r.get("status") == "refused" and r["sequence_guess"].strip() == "dwi"
+               and _b(r) > top]
+    if refused:
+        r = refused[0]
+        return [], (f"the DWI of b-value {_b(r):g} (series {r['series_number']} {r['series_description']!r} "
+                    f"{r['split']}) was refused ({r['reason']}), so b{top:g} would stand in for it; fix that "
+                    f"series, or clear its sequence_guess in {path} to take b{top:g}")
+    found = [r for r in found if _b(r) == top]
+    isotropic = [r for r in found if ISOTROPIC in (r.get("split") or "").split()]
+    return (isotropic if len(isotropic) == 1 else found), None
+
+
 def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     """sequence -> NIfTI file of a converted patient, from its series.csv (after any hand edits).
 
     The sequence_guess column decides (edit it to correct a guess, or clear it to leave a series
     out). Volumes chosen from several studies (the study column) are refused, naming them. Several
     written volumes for one sequence are refused, naming them, except DWI, where the volume of the
-    highest b-value is taken (the paper's DWI is b800 rather than b0) unless several share it.
+    highest b-value is taken (the paper's DWI is b800 rather than b0), its isotropic (trace) image
+    where directional ones share that b-value; several of them, or a refused DWI series of a
+    higher b-value, are refused.
 
     Raises:
       DicomError: no series.csv, an unknown sequence name, volumes of several studies, or an
@@ -902,7 +941,8 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     if not path.is_file():
         raise DicomError(f"{path}: not found; convert the study first (data_prep/dicom_to_nifti.py)")
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("status") == "written" and (r.get("sequence_guess") or "").strip()]
+        guessed = [r for r in csv.DictReader(f) if (r.get("sequence_guess") or "").strip()]
+    rows = [r for r in guessed if r.get("status") == "written"]
     candidates: dict[str, list[dict]] = {}
     for row in rows:
         name = row["sequence_guess"].strip()
@@ -913,8 +953,10 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     chosen, problems = {}, []
     for name, found in candidates.items():
         if name == "dwi":
-            top = max(float(r.get("b_value") or 0.0) for r in found)
-            found = [r for r in found if float(r.get("b_value") or 0.0) == top]
+            found, problem = _highest_b(found, guessed, path)
+            if problem:
+                problems.append(problem)
+                continue
         if len(found) > 1:
             problems.append(f"{len(found)} volumes guessed {name}: {', '.join(r['file'] for r in found)}; "
                             f"keep one (clear the sequence_guess of the others in {path})")
