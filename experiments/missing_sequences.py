@@ -20,8 +20,9 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
     from fll_jax.evaluation.report import write_report
     from fll_jax.inference import missing_at_inference
+    from fll_jax.train.workdir import hold_run
 
-    with reported_as("missing_sequences"):
+    with reported_as("missing_sequences"), hold_run(FLAGS.workdir, reading=True):
         result = missing_at_inference(FLAGS.workdir)
         write_report(FLAGS.workdir)
     print(f"trained with sequence dropout {result['sequence_dropout']:g}")

@@ -92,6 +92,7 @@ def main(argv):
     from fll_jax.data.checks import parse_allow
     from fll_jax.files import atomic_path, no_empty_folder_left
     from fll_jax.inference import PredictionError, check_out_dir, predict_records
+    from fll_jax.train.workdir import hold_run
 
     out_dir = Path(FLAGS.out_dir or Path(FLAGS.workdir) / "predict")
     with reported_as("predict"):  # one line each, not under the flags' whole help
@@ -102,7 +103,8 @@ def main(argv):
         if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
             # It would be read as one more patient's folder, and stay one after the run.
             raise PredictionError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
-    with reported_as("predict"), no_empty_folder_left(out_dir), contextlib.ExitStack() as stack:
+    with (reported_as("predict"), hold_run(FLAGS.workdir, reading=True), no_empty_folder_left(out_dir),
+          contextlib.ExitStack() as stack):
         check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else ())
         # --folder's manifest, under a temporary name until the run has succeeded
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None

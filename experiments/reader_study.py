@@ -23,8 +23,9 @@ def main(argv):
 
     no_stray_arguments(argv)
     from fll_jax.evaluation.readers import write_reader_study
+    from fll_jax.train.workdir import hold_run
 
-    with reported_as("reader_study"):
+    with reported_as("reader_study"), hold_run(FLAGS.workdir, reading=True):
         study = write_reader_study(FLAGS.workdir, FLAGS.readers, FLAGS.seed, FLAGS.overwrite)
     for group, g in study["groups"].items():
         print(f"{group}: mean accuracy {g['mean_accuracy']:.3f}, model {g['model_correct']}/{g['n_lesions']}, "

@@ -17,8 +17,9 @@ def main(argv):
 
     no_stray_arguments(argv)
     from fll_jax.evaluation.report import write_report
+    from fll_jax.train.workdir import hold_run
 
-    with reported_as("report"):
+    with reported_as("report"), hold_run(FLAGS.workdir, reading=True):
         metrics = write_report(FLAGS.workdir)
     ens = metrics["test"]["ensemble"]
     print(json.dumps({k: ens[k] for k in ("accuracy_7way", "accuracy_2way", "auc_binary", "macro_f1", "cohen_kappa")}, indent=1))

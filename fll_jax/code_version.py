@@ -3,11 +3,12 @@
 A run resumed or reported after the code changed would otherwise mix models of two versions
 without a word; the fold records (done.json, the checkpoints' progress record) and the report
 name the versions instead. A digest of the files, unlike a git commit, is the same however the
-package was installed and changes with uncommitted edits.
+package was installed and changes with uncommitted edits. It is taken when the package is first
+imported (fll_jax/__init__.py), so an edit while a long job prepares its data is not mistaken
+for the code the job runs.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 
@@ -16,10 +17,21 @@ PACKAGE = Path(__file__).resolve().parent
 UNRECORDED = "an unrecorded version"
 
 
-@functools.cache
-def code_version() -> str:
-    """'fll_jax' and 12 hex digits of the sha256 of every .py file of the package, path and content."""
+def _digest() -> str:
+    """'fll_jax' and 12 hex digits of the sha256 of the package's .py files, path and content
+    (regular files only, none hidden: an editor's lock link or a notebook's checkpoint copy is
+    not the package's code)."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        relative = path.relative_to(PACKAGE)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return f"fll_jax {digest.hexdigest()[:12]}"
+
+
+LOADED = _digest()
+
+
+def code_version() -> str:
+    """The digest of the package's source files as this process first imported it."""
+    return LOADED

@@ -35,9 +35,17 @@ def _sequence_names(key: str, text: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=SEQUENCES.index))
 
 
+def _folds(text: str) -> tuple[int, ...]:
+    """'1+0' as (0, 1): one set of folds, one point name (folds=1+0 beside folds=0+1 had trained twice)."""
+    folds = [int(f) for f in text.split("+")]
+    if len(set(folds)) < len(folds):
+        raise ValueError("a fold named twice")
+    return tuple(sorted(folds))
+
+
 # The config-string keys that hold numbers: how each is read, and what it must be.
 _NUMBERS = {
-    "folds": (lambda text: tuple(int(f) for f in text.split("+")), "fold indices joined by +"),
+    "folds": (_folds, "distinct fold indices joined by +"),
     "depth": (int, "an integer"),
     "width": (int, "an integer"),
     "epochs": (int, "an integer"),
@@ -76,6 +84,7 @@ def apply_config_string(config: ml_collections.ConfigDict, arg: str | None) -> m
     """Apply 'key=value,key=value' overrides; unknown keys fail listing the known ones."""
     if not arg:
         return config
+    given: dict[str, str] = {}
     for item in arg.split(","):
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -83,6 +92,10 @@ def apply_config_string(config: ml_collections.ConfigDict, arg: str | None) -> m
             raise ValueError(
                 f"bad config string item {item!r}; expected key=value with key in: {', '.join(_KEYS)}"
             )
+        # Set twice, the last had silently won (fusion=attention,fusion=late ran late).
+        if _KEYS[key] in given:
+            raise ValueError(f"config string {arg!r} sets {_KEYS[key]} twice ({given[_KEYS[key]]} and {item})")
+        given[_KEYS[key]] = item
         node = config
         *parents, leaf = _KEYS[key].split(".")
         for name in parents:

@@ -14,6 +14,7 @@ from configs.ablations import base_config, fusions, loso, missing, sequences_and
 from fll_jax.ablation.points import BASE, SweepError, check_points, collect_points, load_sweep
 from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
+from fll_jax.code_version import code_version
 from fll_jax.config_string import apply_config_string
 from fll_jax.constants import SEQUENCES
 from fll_jax.files import write_json
@@ -78,8 +79,17 @@ def test_a_sequence_named_twice_or_a_bad_number_is_refused():
     # A number that is not one is named by its item, not by int()'s message.
     with pytest.raises(ValueError, match=r"^config string item seed=x: seed must be an integer$"):
         apply_config_string(base_config("quick"), "seed=x")
-    with pytest.raises(ValueError, match=r"^config string item folds=0\+a: folds must be fold indices joined by \+$"):
+    with pytest.raises(ValueError, match=r"^config string item folds=0\+a: folds must be distinct fold indices joined "):
         apply_config_string(base_config("quick"), "folds=0+a")
+    with pytest.raises(ValueError, match=r"^config string item folds=0\+0: folds must be distinct"):
+        apply_config_string(base_config("quick"), "folds=0+0")
+    # A key set twice had silently taken its last value; folds in another order named another point.
+    with pytest.raises(ValueError, match=r"sets train.folds twice \(folds=0 and fold=3\)"):
+        apply_config_string(base_config("quick"), "folds=0,fold=3")
+    with pytest.raises(ValueError, match=r"sets model.fusion twice"):
+        apply_config_string(base_config("quick"), "fusion=attention,fusion=late")
+    assert [p.name for p in collect_points(lambda add, arg: (add(folds=(0, 1)), add(folds=(1, 0))), None,
+                                           base_config("quick"))] == ["folds=0+1"]
 
 
 def test_a_bad_ablation_config_is_named(tmp_path):
@@ -145,6 +155,10 @@ def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran)
     columns = [c for c in full.columns if c.startswith("ensemble_p7_")]
     assert (hidden[columns] - full[columns]).abs().to_numpy().max() > 1e-4
     assert "hidden from every lesion" in (root / "hide=dwi" / "report.md").read_text()
+    # Its first report names the code of the models it evaluated (they are the trained point's).
+    trained_by = json.loads((root / BASE / "metrics.json").read_text())["run"]["fold_code"]
+    assert json.loads((root / "hide=dwi" / "metrics.json").read_text())["run"]["fold_code"] == trained_by == {
+        "fold0": [code_version()]}
 
 
 def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_point(ran, tmp_path):

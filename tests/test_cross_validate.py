@@ -107,7 +107,7 @@ def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
 
 
-def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_nothing(run):
+def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_nothing(run, tmp_path):
     config, workdir, source, _, _ = run
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     with hold_run(workdir):  # as a first command still training there
@@ -120,6 +120,23 @@ def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_not
             pass
     with hold_run(workdir):  # released once they end
         pass
+    # A folder that is not there is not made to be read.
+    with hold_run(tmp_path / "typo", reading=True):
+        pass
+    assert not (tmp_path / "typo").exists()
+
+
+def test_every_process_of_a_run_is_refused_when_process_0_finds_the_folder_in_use(tmp_path, monkeypatch):
+    import fll_jax.train.sharding as sharding
+
+    # Process 1 takes no lock itself: it learns process 0's outcome, which had left it waiting at
+    # the next barrier until a timeout that named no folder.
+    monkeypatch.setattr(sharding, "is_primary", lambda: False)
+    said = []
+    monkeypatch.setattr(sharding, "primary_says", lambda flag: said.append(flag) or True)
+    with pytest.raises(WorkdirError, match="is in use"), hold_run(tmp_path / "run"):
+        pass
+    assert said == [False] and not (tmp_path / "run").exists()
 
 
 def test_tensorboard_has_rates_norms_throughput_and_hparams(run):

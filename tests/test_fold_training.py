@@ -107,6 +107,9 @@ def test_a_fold_resumed_or_reused_by_other_code_says_so_and_the_report_names_bot
     run = run_description({"train": {"folds": [1]}}, tmp_path / "run")
     assert run["fold_code"] == {"fold1": [code_version(), "fll_jax edited"]}
     assert f"fold1 by {code_version()}, fll_jax edited" in "".join(_code_markdown(run))
+    # Folds of one version, older than the report's: named plainly, with no call to retrain.
+    assert _code_markdown({"code": "fll_jax later", "fold_code": {"fold0": ["fll_jax a"], "fold1": ["fll_jax a"]}})[0] \
+        == "Code: fll_jax a trained every fold model; fll_jax later wrote this report."
 
 
 def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_path):

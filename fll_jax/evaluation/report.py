@@ -20,7 +20,9 @@ from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_s
 from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
-from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, fold_code_versions, models_digest, read_config
+from fll_jax.train.workdir import (
+    CONFIG_FILE, WorkdirError, fold_code_versions, models_digest, models_folder, read_config,
+)
 
 ROW_NAMES = {
     "accuracy": "ACC", "sensitivity": "Sensitivity", "specificity": "Specificity",
@@ -51,8 +53,9 @@ def evaluation_settings(config: dict) -> tuple[float, str]:
     return float(settings.get("confidence", 0.95)), check_rule(settings.get("interval_rule", "bcd"))
 
 
-def run_description(config: dict, workdir: Path) -> dict:
-    """The settings a reader of the report needs to know which run it describes."""
+def run_description(config: dict, workdir: Path, models: Path | None = None) -> dict:
+    """The settings a reader of the report needs to know which run it describes; `models`: the
+    folder of its fold models (default: models_folder(workdir))."""
     model = config.get("model") or {}
     train = config.get("train") or {}
     return {
@@ -67,7 +70,7 @@ def run_description(config: dict, workdir: Path) -> dict:
         "seed": config.get("seed"),
         "hidden_sequences": list((config.get("evaluation") or {}).get("hidden_sequences") or []),
         "code": code_version(),
-        "fold_code": fold_code_versions(workdir, train.get("folds") or []),
+        "fold_code": fold_code_versions(models or models_folder(workdir), train.get("folds") or []),
     }
 
 
@@ -378,14 +381,18 @@ def saliency_markdown(workdir: Path, models: str | None) -> list[str]:
 
 
 def _code_markdown(run: dict) -> list[str]:
-    """Which code wrote the report and trained the fold models, loudly when they differ."""
+    """Which code wrote the report and trained the fold models, loudly when the folds' differ."""
     code, folds = run.get("code"), run.get("fold_code") or {}
-    other = {fold: versions for fold, versions in folds.items() if versions != [code]}
-    if not other:
-        return [f"Code: {code} wrote this report" + (" and trained every fold model." if folds else "."), ""]
-    return [f"**Fold models trained by other code than this report's ({code})**: "
-            + "; ".join(f"{fold} by {', '.join(versions)}" for fold, versions in other.items())
-            + ". To train every fold with one version, start over with --restart.", ""]
+    versions = sorted({version for trained in folds.values() for version in trained})
+    if not versions:
+        return [f"Code: {code} wrote this report.", ""]
+    if versions == [code]:
+        return [f"Code: {code} wrote this report and trained every fold model.", ""]
+    if len(versions) == 1:
+        return [f"Code: {versions[0]} trained every fold model; {code} wrote this report.", ""]
+    return ["**Fold models trained by different versions of the code**: "
+            + "; ".join(f"{fold} by {', '.join(trained)}" for fold, trained in folds.items())
+            + f" (this report: {code}). To train every fold with one version, start over with --restart.", ""]
 
 
 def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (), missing: list[str] = ()) -> str:
@@ -514,8 +521,10 @@ def write_figures(frame: pd.DataFrame, metrics: dict, out_dir: Path) -> list[str
     return [str(p.relative_to(out_dir.parent)) for p in paths]
 
 
-def write_report(workdir: str | Path) -> dict:
+def write_report(workdir: str | Path, models: Path | None = None) -> dict:
     """Read workdir/predictions.csv and config.json; write metrics.json, report.md and figures/.
+    `models`: the folder of the fold models that made the predictions (default: the run's own,
+    or the trained run an evaluate-only run records).
 
     Returns the metrics dict (also in metrics.json): metrics['test']['ensemble'] holds the
     headline numbers (accuracy_7way, auc_binary, ...), Table 3 at argmax and at validation
@@ -527,7 +536,7 @@ def write_report(workdir: str | Path) -> dict:
     frame = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
     metrics = evaluate(frame, *evaluation_settings(config))
-    metrics = {"data": data_description(config), "run": run_description(config, workdir), **metrics}
+    metrics = {"data": data_description(config), "run": run_description(config, workdir, models), **metrics}
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
     models = current_models(workdir)  # what explain's maps and the hidden-sequence table must have been made with

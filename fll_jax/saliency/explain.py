@@ -263,8 +263,9 @@ def explain_workdir(
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
     models_digest(workdir)  # refuses a folder without a finished run before holding it
-    # Held as training holds it: explain rewrites report.md and metrics.json, and a --restart would delete its maps.
-    with hold_run(workdir):
+    # Held for reading its models: training or a --restart (which would delete the maps) waits,
+    # evaluate-only points of a sweep read it meanwhile.
+    with hold_run(workdir, reading=True):
         return _explain(workdir, num_per_class, split, score, settings, out_dir, overwrite)
 
 

@@ -187,15 +187,15 @@ def cross_validate(
     return metrics
 
 
-def write_results(workdir: Path, predictions: pd.DataFrame) -> dict:
+def write_results(workdir: Path, predictions: pd.DataFrame, models: Path | None = None) -> dict:
     """predictions.csv, metrics.json and the report, written by process 0 alone; every process
-    returns the metrics."""
+    returns the metrics. `models`: the folder of the fold models, if not the workdir's own."""
     from fll_jax.evaluation.report import write_report
 
     metrics = None
     if is_primary():
         write_csv(predictions, workdir / "predictions.csv")
-        metrics = write_report(workdir)
+        metrics = write_report(workdir, models)
     sync_processes("results written")
     return metrics if metrics is not None else read_json(workdir / "metrics.json", "rerun the training command")
 
@@ -237,12 +237,13 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         check_finished(trained, trained_config(config), source.fingerprint)
         check_has_models(trained, config.train.folds)  # not a fold being trained again
         models = models_digest(trained)
-    # The trained run is read, not written: other evaluations may read it at once, training may not.
-    with rng_settings(config), hold_run(workdir), hold_run(trained, reading=True):
+    # The trained run is read, not written: other evaluations may read it at once, training may
+    # not. Held first, so that a point refused for it leaves no folder of its own.
+    with rng_settings(config), hold_run(trained, reading=True), hold_run(workdir):
         open_run(workdir, config, source.fingerprint)
         steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         predictions = ensemble_predictions(config, source, steps, trained)
-        metrics = write_results(workdir, predictions)
+        metrics = write_results(workdir, predictions, trained)
         if is_primary():
             record_evaluated(workdir, trained, models)  # last: until it is there, the results are not these models'
     return metrics

@@ -66,6 +66,13 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def primary_says(flag: bool) -> bool:
+    """Process 0's `flag` on every process (with one process, the flag itself)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def process_share() -> tuple[int, int]:
     """(this process's index, the number of processes): which share of every global batch it reads."""
     return jax.process_index(), jax.process_count()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,32 +160,41 @@ def _check_run(workdir: Path, current: dict) -> None:
 
 @contextlib.contextmanager
 def hold_run(workdir: str | Path, reading: bool = False) -> Iterator[None]:
-    """Hold `workdir` (made if absent) for this command: while it runs, another command's
-    hold_run on the same folder raises WorkdirError instead of running into it. Commands that
-    only read the folder's models (reading=True) may hold it together.
+    """Hold `workdir` for this command: while it runs, another command's hold_run on the same
+    folder raises WorkdirError instead of running into it. Commands that only read the folder's
+    models (reading=True: explain, predict, reports, evaluate-only points) may hold it together;
+    training (made if absent) holds it alone.
 
     The lock belongs to the folder itself (no lock file to go stale): the system releases it when
-    the process ends, however it ends. Process 0 alone holds it in a run of several processes.
+    the process ends, however it ends. In a run of several processes process 0 takes it and every
+    process raises alike when it is taken.
     """
-    from fll_jax.train.sharding import is_primary  # JAX only here: the report reads this module
-
-    if not is_primary():
-        yield
-        return
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    handle = os.open(workdir, os.O_RDONLY)
-    try:
+    # A process that has not imported JAX is no part of a run of several (the report needs none).
+    several = "jax" in sys.modules
+    if several:
+        from fll_jax.train.sharding import is_primary, primary_says
+    handle, busy = None, False
+    if (not several or is_primary()) and (not reading or workdir.is_dir()):
+        workdir.mkdir(parents=True, exist_ok=True)
+        handle = os.open(workdir, os.O_RDONLY)
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if reading else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkdirError(f"{workdir} is in use: another command is training or evaluating in it; nothing was "
-                               "changed. Wait for it to end, or use another --workdir.") from None
+            busy = True
         except OSError as error:  # a file system without locks (some network mounts)
             print(f"warning: cannot lock {workdir} ({error}); a second command in it would not be refused")
+    if several:
+        busy = primary_says(busy)
+    try:
+        if busy:
+            raise WorkdirError(f"{workdir} is in use by another command (training, evaluating or explaining its "
+                               "models); nothing was changed. Wait for it to end"
+                               + ("." if reading else ", or use another --workdir."))
         yield
     finally:
-        os.close(handle)  # releases the lock
+        if handle is not None:
+            os.close(handle)  # releases the lock
 
 
 def discard_results(workdir: Path) -> None:
@@ -299,12 +309,12 @@ def models_folder(workdir: str | Path) -> Path:
     return Path(_read_evaluated(workdir)["trained"]) if (workdir / EVALUATED_FILE).exists() else workdir
 
 
-def fold_code_versions(workdir: str | Path, folds) -> dict[str, list[str]]:
+def fold_code_versions(folder: str | Path, folds) -> dict[str, list[str]]:
     """'fold<k>' -> the code versions that trained that fold model (its done.json), for the
-    finished folds of the run whose results `workdir` holds."""
+    finished folds in `folder` (a run's, or models_folder of an evaluate-only run)."""
     from fll_jax.code_version import UNRECORDED
 
-    folder = models_folder(workdir)
+    folder = Path(folder)
     return {f"fold{f}": read_done(folder / f"fold{f}").get("code", [UNRECORDED])
             for f in folds if (folder / f"fold{f}" / DONE_FILE).exists()}
 
