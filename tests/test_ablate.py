@@ -178,6 +178,38 @@ def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_poin
     assert load_points(copy)[1] == {BASE: None, "hide=dwi": BASE}
 
 
+def test_points_reused_after_the_code_changed_say_so_and_their_comparison_flags_it(ran, tmp_path, monkeypatch):
+    """A rerun after a code change had skipped every finished point without a word, and compared
+    them with points the new code trained."""
+    from fll_jax.ablation.runner import not_run
+    from fll_jax.evaluation.comparison import write_comparison
+
+    root, points, *_ = ran
+    copy = tmp_path / "sweep"
+    shutil.copytree(root, copy)
+    monkeypatch.setattr("fll_jax.ablation.runner.code_version", lambda: "fll_jax later")
+    rows = run_sweep(points, copy, not_run, lambda config: synthetic_source().fingerprint)
+    assert [row.get("note") for row in rows] == [
+        f"its models were trained by {code_version()}; this is fll_jax later", None,
+        f"its models were trained by {code_version()}; this is fll_jax later"]
+    [comparison] = [p for p in write_comparison(copy, resamples=50) if p.suffix == ".md"]
+    assert "different versions of the code" not in comparison.read_text()
+    # As if hide=dwi had been evaluated again by the later code.
+    metrics = json.loads((copy / "hide=dwi" / "metrics.json").read_text())
+    metrics["run"]["fold_code"] = {"fold0": ["fll_jax later"]}
+    write_json(copy / "hide=dwi" / "metrics.json", metrics)
+    [comparison] = [p for p in write_comparison(copy, resamples=50) if p.suffix == ".md"]
+    assert (f"trained by different versions of the code**, so a difference may be the code's: `{BASE}` "
+            f"{code_version()}; `hide=dwi` fll_jax later.") in comparison.read_text()
+    # A point that sweep.json lists as failed, finished since on its own (ablate.py --point): it had
+    # been left out of the comparison without a word.
+    sweep = json.loads((copy / "sweep.json").read_text())
+    sweep["points"][2]["status"] = "failed"
+    write_json(copy / "sweep.json", sweep)
+    [comparison] = [p for p in write_comparison(copy, resamples=50) if p.suffix == ".md"]
+    assert "Left out: `hide=dwi` (failed in sweep.json) holds results" in comparison.read_text()
+
+
 def test_an_evaluate_only_point_is_evaluated_again_once_its_trained_models_change(ran, tmp_path):
     """The trained point's models changed under the same settings (a fold trained again after a
     lost checkpoint, a --restart): its predictions differ, so the evaluate-only point's results

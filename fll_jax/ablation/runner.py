@@ -12,7 +12,8 @@ import ml_collections
 
 from fll_jax.ablation.points import Point
 from fll_jax.files import read_json, write_json
-from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, is_finished
+from fll_jax.code_version import code_version
+from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, is_finished, trained_code
 
 SWEEP_FILE = "sweep.json"
 LOGS = "logs"
@@ -112,7 +113,8 @@ def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], 
 
     Returns:
         One row per point: name, trained, status ('finished earlier', 'done' or 'failed'),
-        seconds and, when failed, the error; also written to root/sweep.json after each point.
+        seconds and, when failed, the error (a point finished earlier by other code than this
+        also has a note saying so); also written to root/sweep.json after each point.
     """
     root = Path(root)
     rows: list[dict] = []
@@ -122,6 +124,10 @@ def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], 
         try:
             if point_finished(point, root, data(point.config)):
                 row["status"] = "finished earlier"
+                trained = trained_code(root / point.name)
+                if trained != [code_version()]:  # reused unsaid, it would be compared with points of this code
+                    row["note"] = f"its models were trained by {', '.join(trained)}; this is {code_version()}"
+                    print(f"{point.name}: finished earlier; {row['note']}", flush=True)
             else:
                 print(f"[{len(rows) + 1}/{len(points)}] {point.name}", flush=True)
                 run(point)

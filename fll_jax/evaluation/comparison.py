@@ -19,6 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ from fll_jax.evaluation.predictions import (
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, modified_wilson
 from fll_jax.files import read_json, save_figure, write_csv, write_text
-from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, read_config
+from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, read_config, trained_code
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
@@ -130,6 +131,27 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
     for name, frame in points.items():
         check_patient_ids(frame, root / name / "predictions.csv")
     return points, {name: _trained_point(root, name) for name in names}
+
+
+def sweep_notes(root: Path, names) -> list[str]:
+    """What a reader of the comparison must know first: points whose models different versions of
+    the code trained, and folders of finished results that sweep.json does not count."""
+    notes = []
+    code = {name: trained_code(root / name) for name in names if (root / name / "metrics.json").exists()}
+    if len({version for versions in code.values() for version in versions}) > 1:
+        notes.append("**The points' models were trained by different versions of the code**, so a difference may "
+                     "be the code's: " + "; ".join(f"`{name}` {', '.join(versions)}" for name, versions in code.items())
+                     + ". Delete the older points' folders and rerun the sweep to train them with one.")
+    rows = read_sweep(root)
+    listed = {row["name"]: row["status"] for row in rows}
+    left_out = [p.parent.name for p in sorted(root.glob("*/metrics.json"))
+                if rows and p.parent.name not in names and (p.parent / "predictions.csv").exists()]
+    if left_out:
+        notes.append("Left out: " + ", ".join(f"`{name}` ({listed.get(name, 'not in the sweep')} in sweep.json)"
+                                            for name in left_out)
+                     + " holds results that sweep.json does not count as finished (run alone with --point since?). "
+                     "Rerun ablate.py: it records them, skipping what is finished.")
+    return notes
 
 
 def sweep_confidence(root: str | Path, names) -> float:
@@ -304,7 +326,8 @@ def _bootstrap_note(table: pd.DataFrame, resamples: int) -> str:
 
 
 def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
-                        resamples: int = RESAMPLES, confidence: float = 0.95) -> str:
+                        resamples: int = RESAMPLES, confidence: float = 0.95, notes: Sequence[str] = ()) -> str:
+    """comparison.md; `notes`: paragraphs on what the reader must know first (sweep_notes)."""
     acc, auc = task.metric_names
     lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
              "Each point against its reference on the same lesions. Intervals are "
@@ -313,6 +336,8 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
              "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
              "A point validated on other folds than its reference is compared on the folds both validated, "
              "named beside n; its n, accuracy and AUC are then those of these folds.", ""]
+    for note in notes:
+        lines += [note, ""]
     unfinished = sorted(set(table["reference"]) - set(table["point"]) - {""})
     if unfinished:
         lines += [f"Not compared: reference(s) {', '.join(f'`{r}`' for r in unfinished)} did not finish "
@@ -381,7 +406,7 @@ def write_comparison(root: str | Path, reference: str | None = None, task: Task 
     table = compare(points, trained, reference, task, resamples=resamples, confidence=confidence)
     spread = seed_spread(table)
     suffix = ("" if reference is None else f"_vs_{reference}") + ("" if task.pair is None else f"_{task.name}")
-    markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence)
+    markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence, sweep_notes(root, points))
     paths = [write_text(root / f"comparison{suffix}.md", markdown), write_csv(table, root / f"comparison{suffix}.csv")]
     forest = root / f"forest{suffix}.png"
     if table["mcnemar_p"].notna().any():

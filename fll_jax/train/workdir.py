@@ -232,6 +232,16 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
     return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
 
 
+def trained_code(workdir: str | Path) -> list[str]:
+    """The code versions that trained the fold models behind a finished run's results, as its
+    metrics.json records them (sorted; [UNRECORDED] for results made before they were recorded)."""
+    from fll_jax.code_version import UNRECORDED
+
+    metrics = read_json(Path(workdir) / "metrics.json", "the rerun writes it again")
+    folds = (metrics.get("run") or {}).get("fold_code") or {}
+    return sorted({version for trained in folds.values() for version in trained}) or [UNRECORDED]
+
+
 def check_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: dict) -> None:
     """WorkdirError unless `workdir` holds a completed run of this config and data (is_finished)."""
     workdir = Path(workdir)
