@@ -177,7 +177,7 @@ def test_summary_and_scores_markdown_carry_the_ranking_auc():
 
     rng = np.random.default_rng(5)
     labels = [CLASSES.index("abscess")] * 4 + [CLASSES.index("hcc")] * 3
-    frame = pd.DataFrame({"label7": labels, "true": ["x"] * 7, "predicted": ["x"] * 7,
+    frame = pd.DataFrame({"label7": labels, "true": ["x"] * 7, "predicted": ["x"] * 7, "explained": ["x"] * 7,
                           "focus_share": rng.random(7), "focus_volume_share": rng.random(7),
                           "randomisation_spearman": rng.random(7)})
     for prefix in explain.IMPORTANCE_MEASURES.values():
