@@ -267,6 +267,15 @@ def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):
     srun = shlex.split(next(line for line in train.splitlines() if line.startswith("srun ")))
     assert srun[1:4] == command[:3] and "--distributed" in srun
     assert srun[-1] == '--point=${POINTS[$SLURM_ARRAY_TASK_ID]}'
+    # srun gets the task's cores (Slurm 22.05-23.02 does not pass #SBATCH --cpus-per-task on), and
+    # a job without them still runs under set -u.
+    lines = train.splitlines()
+    [export] = [i for i, line in enumerate(lines) if "SRUN_CPUS_PER_TASK" in line]
+    assert lines[export + 1].startswith("srun ")
+    for env, cores in (({"SLURM_CPUS_PER_TASK": "8"}, "8"), ({}, "")):
+        shown = subprocess.run(["bash", "-c", f'set -euo pipefail; {lines[export]}; echo "${{SRUN_CPUS_PER_TASK:-}}"'],
+                               env=env, capture_output=True, text=True, check=True)
+        assert shown.stdout.strip() == cores
     submit = paths[2].read_text().splitlines()
     order = [line for line in submit if "sbatch" in line]
     assert "--prepare_only" in order[0] and "afterok:$prepare" in order[1] and TRAIN_SCRIPT in order[1]

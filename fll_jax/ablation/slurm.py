@@ -71,6 +71,8 @@ def _array_script(points: Sequence[Point], root: Path, command: Sequence[str], r
         "set -euo pipefail",
         f"cd {shlex.quote(str(repository))}",
         f"POINTS=(\n{names}\n)",
+        # Slurm 22.05-23.02's srun does not take --cpus-per-task from #SBATCH: each point had one core.
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi',
         f'srun {run} --point="${{POINTS[$SLURM_ARRAY_TASK_ID]}}"',
         "",
     ])
