@@ -155,6 +155,8 @@ def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran)
     columns = [c for c in full.columns if c.startswith("ensemble_p7_")]
     assert (hidden[columns] - full[columns]).abs().to_numpy().max() > 1e-4
     assert "hidden from every lesion" in (root / "hide=dwi" / "report.md").read_text()
+    assert "Every lesion had all seven sequences (this run hid DWI from every one)." in (
+        root / "hide=dwi" / "report.md").read_text()
     # Its first report names the code of the models it evaluated (they are the trained point's).
     trained_by = json.loads((root / BASE / "metrics.json").read_text())["run"]["fold_code"]
     assert json.loads((root / "hide=dwi" / "metrics.json").read_text())["run"]["fold_code"] == trained_by == {

@@ -142,8 +142,11 @@ def missing_markdown(metrics: dict, workdir: Path, models: str | None) -> list[s
     (its table only if made with `models`, the run's current_models)."""
     counts = metrics.get("missing_sequences", {})
     lines = ["## Missing sequences", ""]
+    hidden = metrics.get("run", {}).get("hidden_sequences") or []
     if not any(c["lacking_any"] for c in counts.values()):
-        lines += ["Every lesion had all seven sequences.", ""]
+        # What the data held: a run hiding sequences says so beside it, or the line reads as a contradiction.
+        lines += ["Every lesion had all seven sequences" + (f" (this run hid {', '.join(SEQUENCE_NAMES[h] for h in hidden)} "
+                                                            "from every one)." if hidden else "."), ""]
     else:
         header = ["split", "lesions", "lacking any", *(SEQUENCE_NAMES[s] for s in SEQUENCES)]
         rows = [[split, str(c["lesions"]), str(c["lacking_any"]), *(str(c["per_sequence"][s]) for s in SEQUENCES)]
