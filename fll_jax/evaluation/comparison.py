@@ -142,15 +142,16 @@ def sweep_notes(root: Path, names) -> list[str]:
         notes.append("**The points' models were trained by different versions of the code**, so a difference may "
                      "be the code's: " + "; ".join(f"`{name}` {', '.join(versions)}" for name, versions in code.items())
                      + ". Delete the older points' folders and rerun the sweep to train them with one.")
-    rows = read_sweep(root)
-    listed = {row["name"]: row["status"] for row in rows}
+    listed = {row["name"]: row["status"] for row in read_sweep(root)}
+    # Without sweep.json every folder of results is a point (load_points): none is left out.
     left_out = [p.parent.name for p in sorted(root.glob("*/metrics.json"))
-                if rows and p.parent.name not in names and (p.parent / "predictions.csv").exists()]
+                if listed and p.parent.name not in names and (p.parent / "predictions.csv").exists()]
     if left_out:
         notes.append("Left out: " + ", ".join(f"`{name}` ({listed.get(name, 'not in the sweep')} in sweep.json)"
                                             for name in left_out)
-                     + " holds results that sweep.json does not count as finished (run alone with --point since?). "
-                     "Rerun ablate.py: it records them, skipping what is finished.")
+                     + f" {'holds' if len(left_out) == 1 else 'hold'} results that sweep.json does not count as "
+                     "finished (run alone with --point since?). Rerun ablate.py: it records them, skipping what is "
+                     "finished.")
     return notes
 
 
