@@ -262,20 +262,20 @@ def explain_workdir(
     if num_per_class is not None and num_per_class < 1:
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
-    models_digest(workdir)  # refuses a folder without a finished run before holding it
+    run = models_digest(workdir)  # refuses a folder without a finished run before holding it
     # Held for reading its models: training or a --restart (which would delete the maps) waits,
     # evaluate-only points of a sweep read it meanwhile.
     with hold_run(workdir, reading=True):
-        return _explain(workdir, num_per_class, split, score, settings, out_dir, overwrite)
+        return _explain(workdir, run, num_per_class, split, score, settings, out_dir, overwrite)
 
 
-def _explain(workdir: Path, num_per_class: int | None, split: str, score: bool, settings: Settings,
+def _explain(workdir: Path, run: str, num_per_class: int | None, split: str, score: bool, settings: Settings,
              out_dir: str | Path | None, overwrite: bool) -> dict:
     # Looked up at call time: the training code owns it (and tests stand in for it).
     from fll_jax.train.checkpoints import load_fold_models
 
     out, default = _out_folder(workdir, split, out_dir)
-    request = json.loads(json.dumps({"run": models_digest(workdir), "split": split, "num_per_class": num_per_class,
+    request = json.loads(json.dumps({"run": run, "split": split, "num_per_class": num_per_class,
                                      "score": score, "settings": request_settings(settings, score)}))
     run_config = read_config(workdir)  # what load_fold_models reads, here without loading any model
     _check_phantom(workdir, run_config, score)
