@@ -1,5 +1,6 @@
 """The main job on a tiny synthetic dataset: workdir contents, ensemble, refusal to overwrite."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -105,6 +106,26 @@ def test_rerun_reuses_finished_folds_and_a_changed_config_is_refused(run):
     with pytest.raises(FileExistsError, match=r"(?s)differs.*setting model.fusion: 'paper' -> 'concat'"):
         cross_validate(changed, workdir, source=source)
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
+
+
+def test_a_rerun_drops_or_adds_folds_training_only_the_new_ones(run, tmp_path, capsys):
+    config, workdir, source, _, _ = run
+    shutil.copytree(workdir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "fold1")  # as after a first command with folds=0 alone
+    fold0 = {p: p.read_bytes() for p in (tmp_path / "run" / "fold0").rglob("*") if p.is_file()}
+    # Fewer folds: nothing trained, the results are fold 0's alone, and the deletion is named.
+    alone = config.copy_and_resolve_references()
+    alone.train.folds = (0,)
+    cross_validate(alone, tmp_path / "run", source=source)
+    assert "folds 0+1 -> 0; deleted the earlier folds' predictions.csv" in capsys.readouterr().out
+    pred = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert "fold1_p7_0" not in pred and sorted(pred[pred.split == "val"].fold.unique()) == [0]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["run"]["folds"] == [0]
+    # More folds: fold 1 alone is trained, and the results are those of a run of both from the start.
+    cross_validate(config, tmp_path / "run", source=source)
+    assert (tmp_path / "run" / "fold1" / "done.json").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "run" / "fold0").rglob("*") if p.is_file()} == fold0
+    assert (tmp_path / "run" / "predictions.csv").read_text() == (workdir / "predictions.csv").read_text()
 
 
 def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_nothing(run, tmp_path):

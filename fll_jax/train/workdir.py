@@ -1,7 +1,7 @@
 """A run's folder: what its results depend on, recorded once and checked on every rerun.
 
 fingerprint.json holds the settings that change results (the config without the speed and
-location knobs of SPEED_KNOBS) and the data fingerprint (fll_jax.data.fingerprint: per lesion
+location knobs of SPEED_KNOBS, and without the list of folds to train, FOLD_SELECTION) and the data fingerprint (fll_jax.data.fingerprint: per lesion
 its labels, split, fold and file contents, and the patch cache key). A rerun whose fingerprint
 differs is refused with the list of what changed, before anything is reused or overwritten;
 restart=True (the --restart flag) deletes the earlier run's outputs first. config.json is the
@@ -41,6 +41,10 @@ SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "trai
                "train.checkpoint_every", "train.eval_batch_size", "model.conv_impl")
 # The report's settings: it is rewritten from predictions.csv under any of them, so they change no model.
 REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
+# Which folds a run trains and ensembles: a fold model is the same whichever others are listed (its
+# seeds and learning-rate schedule are its own), so a rerun may add folds (training only those) or
+# drop some; the results are written again for the folds listed (is_finished).
+FOLD_SELECTION = ("train.folds",)
 # What a run and the commands run on it (explain, readers, missing_sequences, predict's default
 # folder) write into its folder; --restart deletes these and nothing else.
 RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, EVALUATED_FILE, "predictions.csv", "metrics.json", "report.md", "figures",
@@ -69,12 +73,15 @@ def settings_fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def run_fingerprint(config: ml_collections.ConfigDict, data: dict) -> dict:
-    return {"settings": settings_fingerprint(config), "data": data}
+    settings = {k: v for k, v in settings_fingerprint(config).items() if k not in FOLD_SELECTION}
+    return {"settings": settings, "data": data}
 
 
 def fingerprint_changes(stored: dict, current: dict) -> list[str]:
     """Lines naming each changed setting (by path) and each changed lesion or file."""
-    old, new = stored.get("settings", {}), current["settings"]
+    # Runs started before FOLD_SELECTION recorded their first command's folds.
+    old = {k: v for k, v in stored.get("settings", {}).items() if k not in FOLD_SELECTION}
+    new = current["settings"]
     lines = [f"setting {k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     old_data, new_data = stored.get("data", {}), current["data"]
@@ -140,10 +147,28 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
             if kept:  # e.g. predict.py's or explain.py's outputs in a folder of the user's naming
                 print(f"--restart: kept {', '.join(kept)} in {workdir} (not a run's own outputs; if made from the "
                       "earlier models, they no longer describe this run)")
+        else:
+            _discard_other_folds_results(workdir, list(config.train.folds))
         if not (workdir / FINGERPRINT_FILE).exists():
             write_json(workdir / FINGERPRINT_FILE, current)
         write_json(workdir / CONFIG_FILE, json.loads(config.to_json()), indent=2)
     sync_processes("workdir opened")
+
+
+def _discard_other_folds_results(workdir: Path, folds: list[int]) -> None:
+    """Delete the results of a run whose config.json lists other folds (FOLD_SELECTION), saying so,
+    before config.json names the new ones: until this run writes its own, none are there."""
+    if not (workdir / "predictions.csv").exists():
+        return
+    try:
+        earlier = list(read_config(workdir).train.folds)
+    except (StateFileError, AttributeError):
+        return  # a damaged config.json: the run is not finished (is_finished) and writes its results again
+    if earlier != folds:
+        discard_results(workdir)
+        print(f"{workdir}: folds {'+'.join(map(str, earlier))} -> {'+'.join(map(str, folds))}; deleted the earlier "
+              "folds' predictions.csv, metrics.json and report.md (their fold models stay: rerunning with the "
+              "earlier folds writes them again without training)")
 
 
 def _check_run(workdir: Path, current: dict) -> None:
@@ -223,9 +248,12 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
     try:
         read_config(workdir)
         # The settings metrics.json was made with: config.json is rewritten when a rerun starts.
-        reported = read_json(workdir / "metrics.json", "the rerun writes it again").get("statistics") or {}
+        metrics = read_json(workdir / "metrics.json", "the rerun writes it again")
     except StateFileError:
         return False  # a damaged config.json or metrics.json: the rerun writes it again
+    if (metrics.get("run") or {}).get("folds") != list(config.train.folds):
+        return False  # results of other folds: the rerun trains the new ones and ensembles these
+    reported = metrics.get("statistics") or {}
     wanted = _flatten(json.loads(config.to_json()))
     if any(reported.get(key.rsplit(".", 1)[-1]) != wanted.get(key) for key in REPORT_SETTINGS):
         return False  # rerunning rewrites the report under the new settings, without training
