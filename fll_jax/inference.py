@@ -47,7 +47,7 @@ from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import staged_folder, write_csv, write_json
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import PREDICT_KEYS, rng_settings
-from fll_jax.train.workdir import FINGERPRINT_FILE, read_fingerprint
+from fll_jax.train.workdir import FINGERPRINT_FILE, other_code_note, read_fingerprint
 
 OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
 
@@ -181,6 +181,9 @@ def predict_records(
     if problems:
         raise PredictionError(problem_report(f"cannot predict with {workdir}:", problems))
     config = ensemble.config
+    note = other_code_note(workdir, config.train.folds)
+    if note:
+        print(f"note: {note}")
     # An unclaimed mask value stays refused: 1 = liver beside 2 = tumour would predict the liver.
     allow = parse_allow(config.data.allow) | allow
     patches = preprocess_manifest(records, PATCH_SIZE, workers, allow=allow,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,22 @@ def test_lesions_the_model_cannot_take_are_refused(trained, ensemble_models, tmp
     with pytest.raises(PredictionError, match=f"trained on patches of preprocessing {old}"):
         predict_records(other, records[:1], tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_predictions_by_other_code_than_the_fold_models_say_so(trained, ensemble_models, tmp_path, capsys):
+    from fll_jax.code_version import code_version
+    from fll_jax.inference import predict_records
+
+    _, _, _, workdir, records = trained
+    shutil.copytree(workdir, tmp_path / "run")
+    write_json(tmp_path / "run" / "fold0" / "done.json", {"code": [code_version()]})
+    write_json(tmp_path / "run" / "fold1" / "done.json", {"code": [code_version()]})
+    predict_records(tmp_path / "run", records[:1], tmp_path / "same", workers=1)
+    assert "trained by" not in capsys.readouterr().out
+    write_json(tmp_path / "run" / "fold1" / "done.json", {"code": ["fll_jax 000000000000"]})
+    predict_records(tmp_path / "run", records[:1], tmp_path / "other", workers=1)
+    assert (f"note: The fold models were trained by fll_jax 000000000000, {code_version()} and are applied here by "
+            f"{code_version()}") in capsys.readouterr().out
 
 
 def test_overwrite_leaves_only_the_new_runs_outputs(trained, ensemble_models, tmp_path):

@@ -523,8 +523,11 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     with hold_run(run), pytest.raises(WorkdirError, match="is in use"):
         explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
 
-    # Split 'val': the development lesion, by the one fold model that held it out.
+    # Split 'val': the development lesion, by the one fold model that held it out. Fold 1 was
+    # trained by other code than this: the maps say so.
+    write_json(run / "fold1" / "done.json", {"code": ["fll_jax 000000000000"]})
     val = explain.explain_workdir(run, num_per_class=None, split="val", settings=settings)
+    assert [note for note in val["notes"] if "trained by fll_jax 000000000000 and are applied here by" in note]
     lesions = pd.read_csv(run / "explain" / "val" / "lesions.csv")
     assert val["num_lesions"] == 1 and list(lesions["model"]) == ["fold1"]
     patch = preprocess_lesion(records[2])

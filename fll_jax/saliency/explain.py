@@ -64,7 +64,7 @@ from fll_jax.saliency.target import HEADS, OUTPUTS, ClassScore
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import rng_settings, seq_indices
-from fll_jax.train.workdir import check_same_data, hold_run, models_digest, read_config
+from fll_jax.train.workdir import check_same_data, hold_run, models_digest, other_code_note, read_config
 
 # Each method's name in titles, legends and the report.
 MAP_NAMES = {"ig": "IG", "gradient": "gradient", "smoothgrad": "SmoothGrad", "gradcam": "Grad-CAM"}
@@ -295,6 +295,10 @@ def _explain(workdir: Path, run: str, num_per_class: int | None, split: str, sco
         model = float32_model(config)
         ens = ClassScore.from_model(model, variables, head=settings.head, output=settings.output, chunk=settings.chunk)
         notes, gradcam_overlay = _gradcam_notes(ens, config, settings)
+        code_note = other_code_note(workdir, config.train.folds)
+        if code_note:
+            print(f"note: {code_note}")
+            notes.append(code_note)
         scores = {ENSEMBLE: ens} | {f"fold{f}": ens.with_variables(v) for f, v in zip(config.train.folds, variables)}
         random_score = None
         if score:

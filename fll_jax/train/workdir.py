@@ -357,6 +357,18 @@ def fold_code_versions(folder: str | Path, folds) -> dict[str, list[str]]:
             for f in folds if (folder / f"fold{f}" / DONE_FILE).exists()}
 
 
+def other_code_note(folder: str | Path, folds) -> str | None:
+    """A line saying so when the fold models in `folder` were trained by other code than this
+    process's (predictions or maps made now may differ from the run's own); None otherwise."""
+    from fll_jax.code_version import code_version
+
+    trained = sorted({version for versions in fold_code_versions(folder, folds).values() for version in versions})
+    if not trained or trained == [code_version()]:
+        return None
+    return (f"The fold models were trained by {', '.join(trained)} and are applied here by {code_version()}: if "
+            "the model or data code changed in between, these outputs may differ from what the run's own code gives.")
+
+
 def check_same_data(workdir: str | Path, data: dict) -> None:
     """WorkdirError unless `data` (a data fingerprint) is the data the run in workdir was made from."""
     stored = read_fingerprint(Path(workdir)).get("data", {})
