@@ -124,8 +124,15 @@ def test_a_rerun_drops_or_adds_folds_training_only_the_new_ones(run, tmp_path, c
     # More folds: fold 1 alone is trained, and the results are those of a run of both from the start.
     cross_validate(config, tmp_path / "run", source=source)
     assert (tmp_path / "run" / "fold1" / "done.json").exists()
+    # TensorBoard shows each fold list's scores beside its own settings (one session each).
+    assert sorted(p.name for p in (tmp_path / "run" / "tensorboard" / "hparams").iterdir()) == ["folds=0", "folds=0+1"]
     assert {p: p.read_bytes() for p in (tmp_path / "run" / "fold0").rglob("*") if p.is_file()} == fold0
     assert (tmp_path / "run" / "predictions.csv").read_text() == (workdir / "predictions.csv").read_text()
+    # Results beside a damaged config.json are of unknown folds: deleted too before it is rewritten.
+    (tmp_path / "run" / "config.json").write_text("{")
+    capsys.readouterr()
+    cross_validate(alone, tmp_path / "run", source=source)
+    assert "folds unknown (config.json is damaged) -> 0; deleted" in capsys.readouterr().out
 
 
 def test_a_command_in_the_folder_of_a_running_command_is_refused_and_changes_nothing(run, tmp_path):
@@ -185,7 +192,7 @@ def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
     assert all(lesions[s] == pytest.approx(steps[s] * config.train.batch_size) for s in lesions)
     assert "fold0/val/accuracy_7way" in scalars
     # The settings as hparams, with the test scores beside them.
-    assert "test/accuracy_7way" in scalars and list((workdir / "tensorboard" / "hparams").glob("events.*"))
+    assert "test/accuracy_7way" in scalars and list((workdir / "tensorboard" / "hparams" / "folds=0+1").glob("events.*"))
 
 
 def test_hiding_each_sequence_keeps_the_runs_own_hidden_sequences_hidden(run, tmp_path):

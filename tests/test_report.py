@@ -18,6 +18,7 @@ from fll_jax.constants import CLASS_NAMES, CLASSES
 from fll_jax.evaluation.discrimination import BINARY_COLUMN, validation_thresholds
 from fll_jax.evaluation.report import write_report
 from fll_jax.evaluation.subgroups import size_bin, subgroup_table, two_by_two_tests
+from fll_jax.files import StateFileError
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("roc_test_binary", "roc_test_7way", "confusion_test_7way", "confusion_test_2way", "confusion_val_7way")
@@ -182,6 +183,14 @@ def test_small_split_with_a_missing_class_and_two_folds(tmp_path):
     frame = frame[(frame.split == "test") | frame.fold.isin([0, 1])]
     frame = frame.drop(columns=[c for c in frame.columns if c.startswith(("fold2", "fold3", "fold4"))] + ["scanner"])
     frame.to_csv(workdir / "predictions.csv", index=False)
+    # Predictions of other folds than config.json lists (a rerun with other folds stopped before its
+    # results) are refused: the report would have named folds whose models made none of them.
+    with pytest.raises(StateFileError, match=r"holds the predictions of fold0, fold1, but config.json lists folds "
+                                             r"0\+1\+2\+3\+4; rerun the training command"):
+        write_report(workdir)
+    assert not (workdir / "metrics.json").exists()
+    config = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "folds": [0, 1]}}))
     metrics = write_report(workdir)
     ens = metrics["test"]["ensemble"]
     assert set(metrics["test"]) == {"ensemble", "fold0", "fold1"} and set(metrics["val"]) == {"ensemble", "fold0", "fold1"}

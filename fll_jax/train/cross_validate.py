@@ -206,8 +206,10 @@ def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> 
 
     hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings_fingerprint(config).items()}
     scores = {f"test/{k}": float(test[k]) for k in ("accuracy_7way", "auc_binary") if test.get(k) is not None}
+    # One TensorBoard session per fold list: it shows a session's first settings beside its last
+    # scores, and a rerun may train other folds (FOLD_SELECTION).
     with SummaryWriter(str(logdir)) as writer:
-        writer.add_hparams(hparams, scores, name="hparams")
+        writer.add_hparams(hparams, scores, name=f"hparams/folds={'+'.join(map(str, config.train.folds))}")
 
 
 def trained_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -161,14 +161,14 @@ def _discard_other_folds_results(workdir: Path, folds: list[int]) -> None:
     if not (workdir / "predictions.csv").exists():
         return
     try:
-        earlier = list(read_config(workdir).train.folds)
+        earlier = "+".join(map(str, read_config(workdir).train.folds))
     except (StateFileError, AttributeError):
-        return  # a damaged config.json: the run is not finished (is_finished) and writes its results again
-    if earlier != folds:
+        earlier = "unknown (config.json is damaged)"  # results of unknown folds must not pass for these folds'
+    if earlier != "+".join(map(str, folds)):
         discard_results(workdir)
-        print(f"{workdir}: folds {'+'.join(map(str, earlier))} -> {'+'.join(map(str, folds))}; deleted the earlier "
-              "folds' predictions.csv, metrics.json and report.md (their fold models stay: rerunning with the "
-              "earlier folds writes them again without training)")
+        print(f"{workdir}: folds {earlier} -> {'+'.join(map(str, folds))}; deleted the earlier folds' "
+              "predictions.csv, metrics.json and report.md (their fold models stay: rerunning with the earlier "
+              "folds writes them again without training)")
 
 
 def _check_run(workdir: Path, current: dict) -> None:
