@@ -11,7 +11,8 @@ Writes out_dir/predictions.csv and challenge.json (and saliency/ with --saliency
 model cannot take (another preprocessing, none of its sequences) are refused, naming each.
 An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there) is
 refused before anything is converted or written. --overwrite replaces the outputs, and --folder's
-manifest.csv, once the new run has succeeded; saliency/ also when the new run has none. nifti/
+manifest.csv, once the new run has succeeded; saliency/ also when the new run has none, and an
+earlier --folder run's manifest.csv when the new run has none. nifti/
 keeps every study converted into it: a study converted there before is taken from its
 series.csv, with your edits (to pick one of two volumes guessed the same sequence, say), unless
 --reconvert; another study of that patient there is refused unless --reconvert. An out_dir
@@ -32,6 +33,8 @@ from fll_jax.errors import no_stray_arguments, reported_as
 flags.DEFINE_string("workdir", "runs/demo", "A finished cross-validation workdir.")
 flags.DEFINE_string("manifest", None, "A manifest of the new lesions (label and split may be empty).")
 flags.DEFINE_string("folder", None, "A folder in the layout of docs/folders.md (labels.csv, one folder per patient).")
+flags.DEFINE_bool("ignore_unknown_files", False, "With --folder: skip files in patient folders that name no sequence "
+                  "(notes, a liver segmentation) instead of refusing them.")
 flags.DEFINE_string("dicom", None, "A DICOM study folder of one patient (needs --box_mm).")
 flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm, RAS+ "
                     "(a viewer's LPS coordinates with x and y negated).")
@@ -64,7 +67,8 @@ def _records(out_dir: Path, staged_manifest: Path | None) -> list:
     if FLAGS.folder:
         from fll_jax.data.folders import build_manifest
 
-        manifest = build_manifest(FLAGS.folder, out=staged_manifest, labelled=False, overwrite=True)
+        manifest = build_manifest(FLAGS.folder, out=staged_manifest, labelled=False, overwrite=True,
+                                  ignore_unknown_files=FLAGS.ignore_unknown_files)
         return read_manifest(manifest, labelled=False)
     return [_dicom_record(out_dir)]
 
@@ -110,6 +114,10 @@ def main(argv):
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None
         frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,
                                 workers=FLAGS.workers, overwrite=FLAGS.overwrite, allow=allow)
+        earlier = out_dir / MANIFEST
+        if FLAGS.overwrite and not FLAGS.folder and earlier.exists() and not (FLAGS.manifest and Path(FLAGS.manifest).resolve() == earlier.resolve()):
+            earlier.unlink()  # an earlier --folder run's lesions must not stay beside these predictions
+            print(f"deleted {earlier}: the lesions of the earlier --folder run whose outputs this one replaced")
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
     labelled = frame[frame["label"] != ""]
     if len(labelled):

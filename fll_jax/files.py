@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 
+# The process's umask, read once at import (setting it is the only way to read it): temporary files
+# and folders are made owner-only, and the outputs they become get the modes plain ones would.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class StateFileError(ValueError):
     """A file the program wrote earlier is missing or damaged; the message names it and the remedy."""
 
@@ -29,6 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # else every output is readable by its owner alone, on a shared server too
     os.close(fd)
     tmp = Path(name)
     try:
@@ -46,6 +53,7 @@ def staged_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     old = path.parent / f"{tmp.name}.old"
     try:
         yield tmp

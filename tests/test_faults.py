@@ -489,6 +489,22 @@ def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
     assert done.returncode == 1 and "--process_id take effect only with --distributed" in done.stderr
 
 
+def test_predicting_over_a_folder_runs_outputs_leaves_no_stale_manifest(run):
+    # An earlier `predict.py --folder` run's outputs, its manifest.csv among them.
+    folder, config = run
+    out = folder / "predict"
+    out.mkdir()
+    for name in ("predictions.csv", "challenge.json", "manifest.csv"):
+        (out / name).write_text("an earlier --folder run's")
+    write_manifest([r for r in read_manifest(config.data.manifest) if r.patient_id == "T0"], folder / "new.csv")
+    command = [sys.executable, "experiments/predict.py", f"--workdir={folder / 'run'}", f"--manifest={folder / 'new.csv'}",
+               f"--out_dir={out}", "--overwrite", "--workers=1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["challenge.json", "predictions.csv"]
+    assert f"deleted {out / 'manifest.csv'}" in done.stdout and len(pd.read_csv(out / "predictions.csv")) == 2
+
+
 # No hidden state.
 
 def test_fold_settings_reuse_the_patches_and_the_phantom_has_its_own_seed(run, monkeypatch):
@@ -625,3 +641,20 @@ def test_restart_deletes_the_runs_fold_folders_not_a_users_files_named_fold(tmp_
     config = tiny_config(TRAINED)
     open_run(tmp_path, config, {"lesions": {}})
     assert (tmp_path / "fingerprint.json").exists() and (tmp_path / "folds.csv").read_text() == "x"
+
+
+def test_outputs_get_the_modes_of_plain_files_under_the_umask(tmp_path):
+    """Written through a temporary file (owner-only), an output had stayed unreadable to the
+    colleagues a shared server's umask lets read it."""
+    import os
+    import stat
+
+    from fll_jax import files
+
+    umask = os.umask(0)
+    os.umask(umask)
+    files.write_bytes(tmp_path / "predictions.csv", b"lesion_id\n")
+    with files.staged_folder(tmp_path / "saliency") as tmp:
+        (tmp / "map.nii.gz").write_bytes(b"")
+    assert stat.S_IMODE((tmp_path / "predictions.csv").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "saliency").stat().st_mode) == 0o777 & ~umask
