@@ -34,6 +34,8 @@ BINARY_CLASSES: tuple[str, ...] = ("benign", "malignant")
 
 # Side of the stored cubic patch, in voxels (the paper's 64^3).
 PATCH_SIZE = 64
+# How far an image's and its mask's affines may differ (mm): float32 header rounding, as segmentation tools save.
+AFFINE_ATOL_MM = 1e-2
 
 
 def to_binary(label7):

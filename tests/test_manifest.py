@@ -124,7 +124,17 @@ def test_mask_without_the_lesion(good):
 def test_mask_on_another_grid(good, tmp_path):
     path, _ = good
     nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.uint8), AFFINE), tmp_path / "patients/B/lap_mask.nii.gz")
-    _check_manifest_error(path, f"{path}:5: lesion 'B_L1'", "lap:", "not on the grid")
+    _check_manifest_error(path, f"{path}:5: lesion 'B_L1'", "lap:", "not on the grid", "(shape (8, 8, 5))")
+    # Shifted by 0.005 mm, as a segmentation tool's float32 header rounds it: preprocessing takes it,
+    # and so does the manifest check (it had refused it, naming the same shapes and no numbers).
+    image = nib.load(tmp_path / "patients/B/lap.nii.gz")
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 0.005
+    nib.save(nib.Nifti1Image(np.ones(image.shape, np.uint8), shifted), tmp_path / "patients/B/lap_mask.nii.gz")
+    mf.read_manifest(path)
+    shifted[0, 3] += 0.5
+    nib.save(nib.Nifti1Image(np.ones(image.shape, np.uint8), shifted), tmp_path / "patients/B/lap_mask.nii.gz")
+    _check_manifest_error(path, "lap:", "affines differ by up to 0.505 (at most 0.01 is taken as rounding)")
 
 
 def test_duplicate_lesion_id(good):

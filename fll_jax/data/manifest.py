@@ -73,7 +73,7 @@ from typing import Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
-from fll_jax.constants import CLASSES, SEQUENCES
+from fll_jax.constants import AFFINE_ATOL_MM, CLASSES, SEQUENCES
 from fll_jax.data.boxes import VoxelBox, WorldBox, format_box, parse_voxel_box, parse_world_box, voxel_box_problem
 from fll_jax.data.checks import mask_value_problems, problem_report
 from fll_jax.files import atomic_path
@@ -228,9 +228,11 @@ def _check_mask(cache: _MaskCache, image: pathlib.Path, mask: pathlib.Path,
         return str(e)
     except Exception as e:  # nibabel raises several types for unreadable files
         return f"cannot read {image} or {mask}: {e}"
-    if image_shape != mask_shape or not np.allclose(image_affine, mask_affine, atol=1e-3):
-        return (f"mask {mask} (shape {mask_shape}) is not on the grid of image {image} "
-                f"(shape {image_shape}) or their affines differ")
+    if image_shape != mask_shape:
+        return f"mask {mask} (shape {mask_shape}) is not on the grid of image {image} (shape {image_shape})"
+    if not np.allclose(image_affine, mask_affine, atol=AFFINE_ATOL_MM):
+        return (f"mask {mask} is not on the grid of image {image}: their affines differ by up to "
+                f"{np.abs(image_affine - mask_affine).max():.3g} (at most {AFFINE_ATOL_MM:g} is taken as rounding)")
     if mask_value not in values:
         present = ", ".join(str(v) for v in sorted(values - {0})) or "none"
         return f"mask {mask} does not contain mask_value {mask_value} (lesion values present: {present})"

@@ -68,7 +68,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from fll_jax.constants import PATCH_SIZE, SEQUENCES, to_binary
+from fll_jax.constants import AFFINE_ATOL_MM, PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
 from fll_jax.data.checks import (
     image_problems, lesion_extent_problems, mask_value_problems, problem_report, unclaimed_value_problems,
@@ -83,7 +83,6 @@ SMALL_BOX_MM, MEDIUM_BOX_MM = 32.0, 64.0
 LARGE_SCALE, LARGE_MARGIN_MM = 1.25, 8.0  # large lesions: side = 1.25 E + 8 mm
 MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
-AFFINE_ATOL_MM = 1e-2  # image and mask affines may differ by float32 header rounding
 # Part of every patch cache key: bump it when a change here changes the patches.
 PREPROCESS_VERSION = 6  # 6: NIfTI spatial units (metres, microns) read as millimetres
 
