@@ -484,3 +484,23 @@ def test_a_mask_value_no_lesion_claims_is_refused_unless_allowed(tmp_path):
     preprocess_manifest(both, size=8, workers=1, cache=cache)
     (tmp_path / "cache" / "two.npz").unlink()
     assert preprocess_manifest(both, size=8, workers=1, cache=cache).lesion_id.tolist() == ["P0_L1", "P0_L2"]
+
+
+def test_one_mask_value_marking_two_lesions_is_refused_unless_allowed(tmp_path):
+    """A binary mask of two lesions: taken as one, the patch had been centred on the liver between
+    them and sized by both. A speck of the segmentation beside one lesion still passes."""
+    from fll_jax.data.preprocess import lesion_problems
+
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])
+    lesions = [(voxel_to_world(affine, (4, 4, 3)), 4.0, 1), (voxel_to_world(affine, (12, 12, 3)), 3.0, 1)]
+    images, masks = write_patient(tmp_path / "P0", (16, 16, 6), affine, lesions)
+    both = record(images, masks)
+    problems = lesion_problems([both], workers=1)
+    assert len(problems) == 7 and all("lesion P0_L1's mask value marks 2 separate parts" in p for p in problems)
+    assert f"{masks['t2w']}: lesion P0_L1's" in problems[0] and "separate_parts" in problems[0]
+    with pytest.raises(PreprocessError, match="marks 2 separate parts"):
+        preprocess_manifest([both], size=8, workers=1)
+    assert lesion_problems([both], workers=1, allow=frozenset({"separate_parts"})) == []
+    speck = [lesions[0], (voxel_to_world(affine, (12, 12, 3)), 0.5, 1)]
+    images, masks = write_patient(tmp_path / "P1", (16, 16, 6), affine, speck)
+    assert lesion_problems([record(images, masks, patient_id="P1", lesion_id="P1_L1")], workers=1) == []

@@ -71,7 +71,8 @@ from scipy.spatial import ConvexHull
 from fll_jax.constants import AFFINE_ATOL_MM, PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
 from fll_jax.data.checks import (
-    image_problems, lesion_extent_problems, mask_value_problems, problem_report, unclaimed_value_problems,
+    image_problems, lesion_extent_problems, mask_value_problems, problem_report, separate_part_problems,
+    unclaimed_value_problems,
 )
 from fll_jax.data.patchset import PatchSet
 
@@ -384,6 +385,8 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
                 problems.append(f"{volume.mask_path}: mask_value {record.mask_value} is absent from the mask "
                                 f"(values present: {present})")
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
+        if volume.labels is not None:  # a box's ellipsoid is one part
+            problems += separate_part_problems(lesion, volume.mask_path, record.lesion_id, allow)
         lesions[seq] = _Lesion(volume, lesion, box_sides)
     if problems:
         raise PreprocessError("\n".join(f"lesion {record.lesion_id!r}: {p}" for p in _unique(problems)))
