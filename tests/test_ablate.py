@@ -216,6 +216,8 @@ def test_an_evaluate_only_point_is_evaluated_again_once_its_trained_models_chang
     """The trained point's models changed under the same settings (a fold trained again after a
     lost checkpoint, a --restart): its predictions differ, so the evaluate-only point's results
     are another model's and the sweep evaluates it again instead of reporting it finished."""
+    from fll_jax.evaluation.comparison import write_comparison
+
     root, points, *_ = ran
     copy = tmp_path / "sweep"
     shutil.copytree(root, copy)
@@ -226,6 +228,9 @@ def test_an_evaluate_only_point_is_evaluated_again_once_its_trained_models_chang
     predictions.to_csv(copy / BASE / "predictions.csv", index=False)
     hidden = copy / "hide=dwi"
     evaluated_before = (hidden / "evaluated_models.json").read_text()
+    # Compared before it is: the comparison says its difference is not the hidden sequence's alone.
+    [comparison] = [p for p in write_comparison(copy, resamples=50) if p.suffix == ".md"]
+    assert f"**`hide=dwi` evaluated fold models of `{BASE}` that have changed since**" in comparison.read_text()
 
     def run(point):
         run_point(point, copy, source)

@@ -36,7 +36,9 @@ from fll_jax.evaluation.predictions import (
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, modified_wilson
 from fll_jax.files import read_json, save_figure, write_csv, write_text
-from fll_jax.train.workdir import CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, read_config, trained_code
+from fll_jax.train.workdir import (
+    CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, evaluated_current, read_config, trained_code,
+)
 
 SPLITS = {"test": "test split (ensemble)", "val": "out-of-fold (validation rows)"}
 FINISHED = ("done", "finished earlier")
@@ -134,9 +136,16 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
 
 
 def sweep_notes(root: Path, names) -> list[str]:
-    """What a reader of the comparison must know first: points whose models different versions of
-    the code trained, and folders of finished results that sweep.json does not count."""
+    """What a reader of the comparison must know first: evaluate-only points whose trained point's
+    models changed since, points whose models different versions of the code trained, and folders
+    of finished results that sweep.json does not count."""
     notes = []
+    for name in names:
+        trained = _trained_point(root, name)
+        if trained is not None and not evaluated_current(root / name, root / trained):
+            notes.append(f"**`{name}` evaluated fold models of `{trained}` that have changed since** (trained again, "
+                         "or other folds): its difference from them is not its setting's alone. Rerun ablate.py: it "
+                         "evaluates the point again.")
     code = {name: trained_code(root / name) for name in names if (root / name / "metrics.json").exists()}
     if len({version for versions in code.values() for version in versions}) > 1:
         notes.append("**The points' models were trained by different versions of the code**, so a difference may "
