@@ -47,9 +47,9 @@ from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import staged_folder, write_csv, write_json
 from fll_jax.train.loop import hide_sequences
 from fll_jax.train.step import PREDICT_KEYS, rng_settings
-from fll_jax.train.workdir import FINGERPRINT_FILE, other_code_note, read_fingerprint
+from fll_jax.train.workdir import FINGERPRINT_FILE, MODELS_FILE, other_code_note, read_fingerprint, write_made_by
 
-OUTPUTS = ("predictions.csv", "challenge.json", "saliency")
+OUTPUTS = ("predictions.csv", "challenge.json", MODELS_FILE, "saliency")
 
 
 class PredictionError(ValueError):
@@ -207,6 +207,7 @@ def predict_records(
         write_csv(frame, out_dir / "predictions.csv")
         cases = case_rows(frame["patient_id"].tolist(), frame["lesion_id"].tolist())
         write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].iloc[cases].tolist(), p7[cases])
+        write_made_by(out_dir, workdir)  # the run's report names these predictions once its models change
     return frame
 
 

@@ -501,7 +501,7 @@ def test_predicting_over_a_folder_runs_outputs_leaves_no_stale_manifest(run):
                f"--out_dir={out}", "--overwrite", "--workers=1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["challenge.json", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["challenge.json", "models.json", "predictions.csv"]
     assert f"deleted {out / 'manifest.csv'}" in done.stdout and len(pd.read_csv(out / "predictions.csv")) == 2
 
 

@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
     workdir = root / "run"
     write_json(workdir / "fingerprint.json",
                {"settings": {}, "data": {"preprocessing": preprocessing(config), "lesions": {}}})
+    (workdir / "predictions.csv").write_text("lesion_id\n")  # the run's own results: predict records their models
     return config, model, variables, workdir, [complete, unlabelled, lacking]
 
 
@@ -135,7 +136,7 @@ def test_overwrite_leaves_only_the_new_runs_outputs(trained, ensemble_models, tm
     assert all((tmp_path / "saliency" / f / "t2w_ig.nii.gz").is_file() for f in folders)
     # A rerun without saliency: the earlier maps do not stay beside the new predictions.
     predict_records(workdir, records[1:2], tmp_path, workers=1, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "predictions.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "models.json", "predictions.csv"]
     assert list(pd.read_csv(tmp_path / "predictions.csv")["lesion_id"]) == ["b_l1"]
 
 
@@ -156,8 +157,8 @@ def test_a_failed_rerun_leaves_the_earlier_outputs(trained, ensemble_models, tmp
     with pytest.raises(RuntimeError, match="half-way"):
         inference.predict_records(workdir, records[1:2], tmp_path, saliency=True, workers=1, overwrite=True)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "predictions.csv",
-                                                                              "saliency"]
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "models.json",
+                                                                              "predictions.csv", "saliency"]
 
 
 def test_the_runs_hidden_sequences_are_hidden_from_new_lesions(trained, monkeypatch, tmp_path):

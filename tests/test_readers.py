@@ -255,3 +255,28 @@ def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study
     with pytest.raises(FileExistsError, match="their CSV was not recorded"):
         write_reader_study(workdir)
     assert write_reader_study(workdir, overwrite=True)["readers_csv"] is None
+
+
+def test_the_report_names_a_reader_study_and_predictions_of_earlier_fold_models(tmp_path):
+    """A fold trained again, or other folds, replace the run's predictions: a reader study and
+    predict.py's outputs made before had gone on describing the earlier ensemble without a word."""
+    from fll_jax.evaluation.report import write_report
+    from fll_jax.files import write_json
+    from fll_jax.train.workdir import write_made_by
+
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    write_json(workdir / "fingerprint.json", {"settings": {}, "data": {}})
+    write_reader_study(workdir)
+    (workdir / "predict").mkdir()
+    (workdir / "predict" / "predictions.csv").write_text("lesion_id\n")
+    write_made_by(workdir / "predict", workdir)
+    write_report(workdir)
+    assert "Outputs of earlier fold models" not in (workdir / "report.md").read_text()
+    synthetic_predictions(1).to_csv(workdir / "predictions.csv", index=False)  # as the new models' results
+    write_report(workdir)
+    report = (workdir / "report.md").read_text()
+    assert "## Outputs of earlier fold models" in report
+    assert "- `reader_study.md`: rerun experiments/reader_study.py" in report and "- `predict/`: rerun" in report
+    write_reader_study(workdir)
+    write_report(workdir)
+    assert "`reader_study.md`" not in (workdir / "report.md").read_text()

@@ -30,7 +30,7 @@ from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabili
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import ci_label, format_interval, format_value, modified_wilson
 from fll_jax.files import read_json, write_csv, write_json, write_text
-from fll_jax.train.workdir import CONFIG_FILE, read_config
+from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, models_digest, read_config
 
 READER_COLUMNS: tuple[str, ...] = ("reader_id", "group", "lesion_id", "predicted_class")
 MODEL_FIGURE = "model"  # figures/confusion_reader_model.png is the model's, so no reader may map to it
@@ -290,6 +290,20 @@ def reader_markdown(study: dict, source_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _models(workdir: Path) -> str | None:
+    """The identity of the fold models whose predictions the study reads (None outside a run's folder)."""
+    try:
+        return models_digest(workdir)
+    except WorkdirError:
+        return None
+
+
+def study_models(workdir: str | Path) -> str | None:
+    """The fold models (models_digest) whose predictions the workdir's reader study read; None
+    when it recorded none (made before studies recorded them)."""
+    return read_json(Path(workdir) / "reader_study.json", "rerun experiments/reader_study.py").get("models")
+
+
 def _real_readers(workdir: Path) -> str | None:
     """The readers CSV of the study in workdir if its readers were real, else None (no study, or
     simulated readers)."""
@@ -336,7 +350,7 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
         source = {"readers_csv": str(readers_csv)}
     if str((config.get("data") or {}).get("source", "")).lower() == "phantom":
         note += "\n\n> **Data: synthetic phantom.** These results are not evidence of clinical performance."
-    study = {**reader_study(predictions, load_readers(readers_csv), confidence), **source}
+    study = {**reader_study(predictions, load_readers(readers_csv), confidence), **source, "models": _models(workdir)}
     names = [CLASS_NAMES[c] for c in CLASSES]
     figures = workdir / "figures"
     for stale in figures.glob("confusion_reader_*.png"):  # an earlier study's readers must not pass for this one's

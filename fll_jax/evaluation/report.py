@@ -21,7 +21,7 @@ from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_lab
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import (
-    CONFIG_FILE, WorkdirError, fold_code_versions, models_digest, models_folder, read_config,
+    CONFIG_FILE, WorkdirError, fold_code_versions, made_by, models_digest, models_folder, read_config,
 )
 
 ROW_NAMES = {
@@ -330,6 +330,24 @@ def overlays_markdown(lesions: pd.DataFrame, overlays: dict[str, str], split: st
             *_markdown_table(header, rows)]
 
 
+def earlier_outputs_markdown(workdir: Path, models: str | None) -> list[str]:
+    """The reader study and predict.py's default outputs in the workdir when other fold models than
+    `models` (the run's current_models) made them: they no longer describe this run."""
+    from fll_jax.evaluation.readers import study_models  # it reads this module's settings
+
+    stale = []
+    if (workdir / "reader_study.json").exists() and study_models(workdir) != models:
+        stale.append("`reader_study.md`: rerun experiments/reader_study.py (with the same --readers)")
+    if (workdir / "predict" / "predictions.csv").exists() and made_by(workdir / "predict") != models:
+        stale.append("`predict/`: rerun experiments/predict.py on the same lesions with --overwrite")
+    if not stale:
+        return []
+    return ["## Outputs of earlier fold models", "",
+            "Made from other fold models than these results (a fold trained again, other folds, or before "
+            "outputs recorded their models), so they do not describe this run:", "",
+            *(f"- {line}" for line in stale), ""]
+
+
 def current_models(workdir: Path) -> str | None:
     """The identity of the workdir's fold models (models_digest), None when it holds no finished run."""
     try:
@@ -398,9 +416,11 @@ def _code_markdown(run: dict) -> list[str]:
             + f" (this report: {code}). To train every fold with one version, start over with --restart.", ""]
 
 
-def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (), missing: list[str] = ()) -> str:
+def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (), missing: list[str] = (),
+                    earlier: list[str] = ()) -> str:
     """report.md from the metrics dict, the relative paths of the figures written, the saliency
-    section (saliency_markdown) and the missing-sequence section (missing_markdown)."""
+    section (saliency_markdown), the missing-sequence section (missing_markdown) and the outputs
+    of earlier fold models (earlier_outputs_markdown)."""
     data, run = metrics["data"], metrics["run"]
     statistics = metrics.get("statistics", {"confidence": 0.95, "interval_rule": "bcd"})
     confidence = statistics["confidence"]
@@ -488,6 +508,7 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         "",
         *missing,
         *saliency,
+        *earlier,
         "## Methods",
         "",
         f"Confidence level {confidence:g}. Proportions (accuracy, sensitivity, specificity, "
@@ -549,8 +570,11 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
     metrics = json_safe(metrics)
     figures = write_figures(frame, metrics, workdir / "figures")
     models = current_models(workdir)  # what explain's maps and the hidden-sequence table must have been made with
+    earlier = earlier_outputs_markdown(workdir, models)
+    if earlier:
+        print(f"note: {workdir / 'report.md'} lists outputs in {workdir} that earlier fold models made")
     write_text(workdir / "report.md", report_markdown(metrics, figures, saliency_markdown(workdir, models),
-                                                      missing_markdown(metrics, workdir, models)))
+                                                      missing_markdown(metrics, workdir, models), earlier))
     # Last: a run counts as finished once metrics.json exists (workdir.is_finished).
     write_json(workdir / "metrics.json", metrics)
     return metrics

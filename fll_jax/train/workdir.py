@@ -32,6 +32,8 @@ CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # An evaluate-only run's record of the trained run whose fold models it evaluated.
 EVALUATED_FILE = "evaluated_models.json"
+# The fold models that made the outputs of a folder beside the run's own results (predict.py's).
+MODELS_FILE = "models.json"
 # A finished fold's summary (best epoch, validation history, the code versions that trained it),
 # written once its best checkpoint verifies.
 DONE_FILE = "done.json"
@@ -314,6 +316,17 @@ def evaluated_current(workdir: str | Path, trained: str | Path) -> bool:
         return _read_evaluated(Path(workdir)).get("models") == models_digest(trained)
     except WorkdirError:  # the trained run is gone or unfinished
         return False
+
+
+def write_made_by(folder: str | Path, workdir: str | Path) -> None:
+    """Record in `folder` which run's fold models (its models_digest) made the outputs there."""
+    write_json(Path(folder) / MODELS_FILE, {"workdir": str(Path(workdir).absolute()), "models": models_digest(workdir)})
+
+
+def made_by(folder: str | Path) -> str | None:
+    """The models_digest write_made_by recorded in `folder`; None when it holds no record."""
+    path = Path(folder) / MODELS_FILE
+    return read_json(path, "rerun the command that made it").get("models") if path.exists() else None
 
 
 def check_has_models(workdir: str | Path, folds) -> None:
