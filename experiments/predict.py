@@ -8,8 +8,8 @@ r"""A trained workdir's five-model ensemble on new lesions (fll_jax/inference.py
 A manifest may leave label and split empty; a folder follows docs/folders.md; a DICOM study is
 converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
 Writes out_dir/predictions.csv, challenge.json and models.json (which fold models made them), and
-saliency/ with --saliency. Lesions the
-model cannot take (another preprocessing, none of its sequences) are refused, naming each.
+saliency/ with --saliency. Lesions the model cannot take (another preprocessing, none of its
+sequences) are refused, naming each.
 An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there) is
 refused before anything is converted or written. --overwrite replaces the outputs, and --folder's
 manifest.csv, once the new run has succeeded; saliency/ also when the new run has none, and an
