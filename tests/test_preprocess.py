@@ -321,6 +321,29 @@ def test_a_box_that_misses_every_voxel_is_named(tmp_path, valid_patient):
     assert str(images["t2w"]) in str(error.value)
 
 
+def test_a_world_box_reaching_outside_the_image_is_refused_unless_allowed(valid_patient):
+    """Such a box (a coordinate mistyped or left in LPS) had been clipped silently: the patch centred
+    on the part inside, sized by the whole box. A voxel box is refused alike (the manifest check)."""
+    from fll_jax.data.boxes import world_box_overhang
+
+    images, _ = valid_patient
+    affine = np.diag([2.0, 2.0, 4.0, 1.0])  # 16 x 16 x 6 voxels: x and y from -1 mm to 31 mm
+    inside = (*voxel_to_world(affine, (6, 6, 2)), *voxel_to_world(affine, (10, 10, 4)))
+    assert world_box_overhang(inside, (16, 16, 6), affine) == 0
+    edge = (*voxel_to_world(affine, (12, 6, 2)), *(voxel_to_world(affine, (15.5, 10, 4))))
+    assert world_box_overhang(edge, (16, 16, 6), affine) == 0  # to the last voxel's outer face
+    outside = (*voxel_to_world(affine, (12, 6, 2)), *voxel_to_world(affine, (18.5, 10, 4)))
+    assert world_box_overhang(outside, (16, 16, 6), affine) == pytest.approx(3.0)
+    # Turned 45 degrees about z, a grid's edge meets the inscribed ellipsoid, not the box's corners.
+    turned = oblique_affine((2.0, 2.0, 4.0), angles_deg=(45.0, 0.0))
+    centre, half = turned[:3, :3] @ np.array([7.5, 7.5, 2.5]) + turned[:3, 3], np.array([12.0, 12.0, 8.0])
+    assert world_box_overhang((*(centre - half), *(centre + half)), (16, 16, 6), turned) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(PreprocessError, match=r"box_mm 24 12 8 37 20 16 reaches 3.0 voxel\(s\) outside") as error:
+        preprocess_lesion(record(images, {}, box_mm=outside), size=8)
+    assert str(images["t2w"]) in str(error.value) and "--config.data.allow box_outside" in str(error.value)
+    preprocess_lesion(record(images, {}, box_mm=outside), size=8, allow=frozenset({"box_outside"}))
+
+
 def test_absent_sequences_are_zero_and_flagged(valid_patient):
     images, masks = valid_patient
     absent = ("adc", "lap")

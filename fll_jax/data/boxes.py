@@ -86,6 +86,18 @@ def world_box_ellipsoid(box: WorldBox, shape: Sequence[int], affine: np.ndarray)
     return mask
 
 
+def world_box_overhang(box: WorldBox, shape: Sequence[int], affine: np.ndarray) -> float:
+    """How many voxels the ellipsoid inscribed in a world box reaches beyond the image's edge (the
+    outer faces of its outermost voxels) along the voxel axis where it reaches furthest; 0 inside."""
+    lo, hi = np.array(box[:3]), np.array(box[3:])
+    inverse = np.linalg.inv(affine)
+    centre = inverse[:3, :3] @ ((lo + hi) / 2) + inverse[:3, 3]
+    # An axis-aligned ellipsoid's extent along a direction n is n.c +- |n * radii| (its support).
+    half = np.linalg.norm(inverse[:3, :3] * ((hi - lo) / 2)[None, :], axis=1)
+    beyond = np.maximum(-0.5 - (centre - half), centre + half - (np.asarray(shape) - 0.5))
+    return float(max(beyond.max(), 0.0))
+
+
 def voxel_box_sides_mm(box: VoxelBox, affine: np.ndarray) -> np.ndarray:
     """Side lengths in mm of a voxel box (voxel counts times the length of each voxel axis)."""
     counts = np.array(box[3:], float) - np.array(box[:3], float) + 1

@@ -19,6 +19,7 @@ from fll_jax.constants import SEQUENCES
 
 # Checks that config.data.allow may switch off, and what each one refuses.
 ALLOWABLE: dict[str, str] = {
+    "box_outside": "a lesion's box_mm reaching outside an image (a mistyped or sign-flipped coordinate?)",
     "constant_image": "an image whose voxels all have one value",
     "large_mask": "a lesion covering more than half of its volume or touching all six faces (inverted?)",
     "separate_parts": "a lesion's mask value marking separate parts of similar size (several lesions under one value?)",
@@ -89,6 +90,15 @@ def lesion_extent_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow
         return [f"{path}: lesion {lesion_id} touches all six faces of the volume (an inverted mask?)"
                 + _hint("large_mask")]
     return []
+
+
+def box_outside_problems(overhang: float, path: Path, box: Sequence[float], allow: frozenset[str]) -> list[str]:
+    """A world box reaching outside an image: the patch would be centred on the part inside and
+    sized by the whole box. Sequences of smaller fields of view may really cut a lesion off."""
+    if "box_outside" in allow or overhang <= 1e-6:
+        return []
+    return [f"{path}: box_mm {' '.join(f'{v:g}' for v in box)} reaches {overhang:.1f} voxel(s) outside the image: a "
+            "mistyped or sign-flipped coordinate (a viewer's LPS x and y are negated in RAS+)?" + _hint("box_outside")]
 
 
 def separate_part_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow: frozenset[str]) -> list[str]:

@@ -69,10 +69,12 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from fll_jax.constants import AFFINE_ATOL_MM, PATCH_SIZE, SEQUENCES, to_binary
-from fll_jax.data.boxes import equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid
+from fll_jax.data.boxes import (
+    equivalent_diameter_mm, voxel_box_ellipsoid, voxel_box_sides_mm, world_box_ellipsoid, world_box_overhang,
+)
 from fll_jax.data.checks import (
-    image_problems, lesion_extent_problems, mask_value_problems, problem_report, separate_part_problems,
-    unclaimed_value_problems,
+    box_outside_problems, image_problems, lesion_extent_problems, mask_value_problems, problem_report,
+    separate_part_problems, unclaimed_value_problems,
 )
 from fll_jax.data.patchset import PatchSet
 
@@ -387,6 +389,9 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
         if volume.labels is not None:  # a box's ellipsoid is one part
             problems += separate_part_problems(lesion, volume.mask_path, record.lesion_id, allow)
+        elif seq not in record.boxes:  # box_mm, one box for sequences of different fields of view
+            overhang = world_box_overhang(record.box_mm, volume.image.shape, volume.affine)
+            problems += box_outside_problems(overhang, Path(record.images[seq]), record.box_mm, allow)
         lesions[seq] = _Lesion(volume, lesion, box_sides)
     if problems:
         raise PreprocessError("\n".join(f"lesion {record.lesion_id!r}: {p}" for p in _unique(problems)))
