@@ -17,11 +17,11 @@ test metrics with that sequence hidden from every test lesion (besides the run's
 ones), without retraining.
 
 Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
-sequences, the predicted class and both heads' probabilities), challenge.json (the LLD-MMRI
-submission format, fll_jax/data/lld_mmri.py: one entry per case, a release case's other
-lesions left out) and, with saliency, saliency/<lesion_id>/ (the
-integrated-gradients overlay, importance chart and a NIfTI map per sequence in its native grid;
-the folder is fll_jax.saliency.explain.safe_name(lesion_id)).
+sequences, the predicted class, both heads' probabilities and the lesion's saliency folder),
+challenge.json (the LLD-MMRI submission format, fll_jax/data/lld_mmri.py: one entry per case, a
+release case's other lesions left out), models.json (the fold models that made them) and, with
+saliency, saliency/<name>/ (the integrated-gradients overlay, importance chart and a NIfTI map
+per sequence in its native grid; <name> is fll_jax.saliency.explain.safe_name(lesion_id)).
 """
 from __future__ import annotations
 
@@ -123,8 +123,12 @@ def absent_in_training(ensemble: Ensemble) -> int:
     return sum(any(f"{s}_image" not in f for s in ensemble.config.sequences) for f in files)
 
 
-def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray) -> pd.DataFrame:
-    """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes."""
+def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray,
+                     saliency: bool = False) -> pd.DataFrame:
+    """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes,
+    and with saliency each lesion's folder of maps (its id made a file name, so not guessable)."""
+    from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
+
     frame = pd.DataFrame({
         "patient_id": [r.patient_id for r in records],
         "lesion_id": [r.lesion_id for r in records],
@@ -132,6 +136,7 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
         "missing": [missing_text(row) for row in patches.present],
         "predicted": [CLASSES[k] for k in p7.argmax(1)],
         "predicted_binary": [BINARY_CLASSES[k] for k in p2.argmax(1)],
+        "saliency": [f"saliency/{safe_name(r.lesion_id)}" if saliency else "" for r in records],
     })
     for k, name in enumerate(BINARY_CLASSES):
         frame[f"p_{name}"] = p2[:, k]
@@ -194,7 +199,7 @@ def predict_records(
         print(f"{', '.join(hidden)} hidden from every lesion, as in the run's evaluation (evaluation.hidden_sequences)")
         patches = dataclasses.replace(patches, present=hide_sequences({"present": patches.present}, hidden)["present"])
     p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
-    frame = prediction_frame(records, patches, p2, p7)
+    frame = prediction_frame(records, patches, p2, p7, saliency)
     used = [SEQUENCES.index(s) for s in config.sequences]
     lacking = int((~patches.present[:, used]).any(axis=1).sum())
     if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):

@@ -134,10 +134,14 @@ def test_overwrite_leaves_only_the_new_runs_outputs(trained, ensemble_models, tm
     folders = sorted(p.name for p in (tmp_path / "saliency").iterdir())
     assert folders == sorted(["a_l1", safe_name("a l1")]) and folders[0] != folders[1]
     assert all((tmp_path / "saliency" / f / "t2w_ig.nii.gz").is_file() for f in folders)
+    # Each lesion's row names its folder: 'a l1' is no file name.
+    listed = pd.read_csv(tmp_path / "predictions.csv").set_index("lesion_id")["saliency"]
+    assert listed.to_dict() == {"a_l1": "saliency/a_l1", "a l1": f"saliency/{safe_name('a l1')}"}
     # A rerun without saliency: the earlier maps do not stay beside the new predictions.
     predict_records(workdir, records[1:2], tmp_path, workers=1, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "models.json", "predictions.csv"]
     assert list(pd.read_csv(tmp_path / "predictions.csv")["lesion_id"]) == ["b_l1"]
+    assert pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)["saliency"].tolist() == [""]
 
 
 def test_a_failed_rerun_leaves_the_earlier_outputs(trained, ensemble_models, tmp_path, monkeypatch):
