@@ -116,7 +116,8 @@ def main(argv):
         frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,
                                 workers=FLAGS.workers, overwrite=FLAGS.overwrite, allow=allow)
         earlier = out_dir / MANIFEST
-        if FLAGS.overwrite and not FLAGS.folder and earlier.exists() and not (FLAGS.manifest and Path(FLAGS.manifest).resolve() == earlier.resolve()):
+        given = Path(FLAGS.manifest).resolve() if FLAGS.manifest else None
+        if FLAGS.overwrite and not FLAGS.folder and earlier.exists() and given != earlier.resolve():
             earlier.unlink()  # an earlier --folder run's lesions must not stay beside these predictions
             print(f"deleted {earlier}: the lesions of the earlier --folder run whose outputs this one replaced")
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))

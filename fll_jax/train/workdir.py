@@ -1,11 +1,13 @@
 """A run's folder: what its results depend on, recorded once and checked on every rerun.
 
 fingerprint.json holds the settings that change results (the config without the speed and
-location knobs of SPEED_KNOBS, and without the list of folds to train, FOLD_SELECTION) and the data fingerprint (fll_jax.data.fingerprint: per lesion
-its labels, split, fold and file contents, and the patch cache key). A rerun whose fingerprint
-differs is refused with the list of what changed, before anything is reused or overwritten;
-restart=True (the --restart flag) deletes the earlier run's outputs first. config.json is the
-config of the latest command that ran in the folder, for tools that read a finished run.
+location knobs of SPEED_KNOBS and without the folds to train, FOLD_SELECTION) and the data
+fingerprint (fll_jax.data.fingerprint: per lesion its labels, split, fold and file contents,
+and the patch cache key). A rerun whose fingerprint differs is refused with the list of what
+changed, before anything is reused or overwritten; restart=True (the --restart flag) deletes
+the earlier run's outputs first. A rerun with other folds trains only the new ones and writes
+the results again for those listed. config.json is the config of the latest command that ran
+in the folder, for tools that read a finished run.
 While a run trains or evaluates, its process holds the folder (hold_run): a second command on
 the same folder is refused instead of writing into the first one's checkpoints and results.
 """
