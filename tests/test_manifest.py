@@ -134,7 +134,16 @@ def test_mask_on_another_grid(good, tmp_path):
     mf.read_manifest(path)
     shifted[0, 3] += 0.5
     nib.save(nib.Nifti1Image(np.ones(image.shape, np.uint8), shifted), tmp_path / "patients/B/lap_mask.nii.gz")
-    _check_manifest_error(path, "lap:", "affines differ by up to 0.505 (at most 0.01 is taken as rounding)")
+    _check_manifest_error(path, "lap:", "affines differ by up to 0.505 mm (at most 0.01 is taken as rounding)")
+    # The image's header in metres, its mask's in millimetres, on one grid: compared in mm, as
+    # preprocessing compares them (raw header numbers had differed by the whole affine).
+    metres = AFFINE.copy()
+    metres[:3] /= 1000.0
+    in_metres = nib.Nifti1Image(np.asarray(image.dataobj), metres)
+    in_metres.header.set_xyzt_units("meter")
+    nib.save(in_metres, tmp_path / "patients/B/lap.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones(image.shape, np.uint8), AFFINE), tmp_path / "patients/B/lap_mask.nii.gz")
+    mf.read_manifest(path)
 
 
 def test_duplicate_lesion_id(good):

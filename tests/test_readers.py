@@ -132,6 +132,19 @@ def test_reader_study_on_example_csv():
     assert k["kappa"] > 0.75 and k["p"] < 0.01  # simulated groups agree as well as the paper's
 
 
+def test_a_groups_mean_reader_count_rounds_half_up(tmp_path):
+    """Two readers right on 12 and 13 lesions: the mean reader's 12.5 is 13, as the paper's 96.5
+    correct is its academic group's 97 (Python's round() had given 12, and another Fisher p)."""
+    test = synthetic_predictions(0).query("split == 'test'")
+    truth = test["label7"].to_numpy()
+    calls = {r: np.where(np.arange(len(test)) < k, truth, (truth + 1) % 7) for r, k in (("A", 12), ("B", 13))}
+    readers = pd.DataFrame([{"reader_id": r, "group": "g", "lesion_id": lesion, "predicted_class": int(call)}
+                            for r, row in calls.items() for lesion, call in zip(test["lesion_id"], row)])
+    readers.to_csv(tmp_path / "readers.csv", index=False)
+    group = reader_study(synthetic_predictions(0), load_readers(tmp_path / "readers.csv"))["groups"]["g"]
+    assert group["mean_correct"] == 13
+
+
 def test_reader_study_rejects_unknown_lesions(tmp_path):
     readers = load_readers(EXAMPLE_CSV)
     readers.loc[0, "lesion_id"] = "P9999_L9"

@@ -209,6 +209,8 @@ def test_delong_degenerate_inputs():
     assert delong_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == {"auc": 1.0, "lower": None, "upper": None, "se": None}
     assert delong_auc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9])["lower"] is None
     assert delong_auc([1, 1, 0, 0], [0.9, 0.2, 0.8, 0.1])["upper"] == 1.0
+    # Every score tied (a model whose output collapsed): AUC 0.5 with no interval, not (0.5, 0.5).
+    assert delong_auc([1, 1, 0, 0], [0.3] * 4) == {"auc": 0.5, "lower": None, "upper": None, "se": None}
     # A NaN score is refused, not ranked into an interval of [0, 1].
     for auc in (delong_auc, rank_auc):
         with pytest.raises(ValueError, match="1 score"):

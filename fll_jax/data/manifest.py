@@ -76,6 +76,7 @@ import numpy as np
 from fll_jax.constants import AFFINE_ATOL_MM, CLASSES, SEQUENCES
 from fll_jax.data.boxes import VoxelBox, WorldBox, format_box, parse_voxel_box, parse_world_box, voxel_box_problem
 from fll_jax.data.checks import mask_value_problems, problem_report
+from fll_jax.data.nifti_units import affine_mm
 from fll_jax.files import atomic_path
 
 KEY_COLUMNS: tuple[str, ...] = ("patient_id", "lesion_id", "label", "mask_value")
@@ -204,7 +205,7 @@ class _MaskCache:
             raise _FileProblem(f"{path}: shape {tuple(img.shape)} is not a 3-D volume")
         if not np.isfinite(img.affine).all():
             raise _FileProblem(f"{path}: its affine holds non-finite values (a damaged header): {img.affine.tolist()}")
-        return shape, img.affine
+        return shape, affine_mm(img)  # in mm, as preprocessing compares them
 
     def values(self, path: pathlib.Path) -> set[int]:
         """The mask's values; _FileProblem for non-integer ones (a soft or resampled mask)."""
@@ -232,7 +233,7 @@ def _check_mask(cache: _MaskCache, image: pathlib.Path, mask: pathlib.Path,
         return f"mask {mask} (shape {mask_shape}) is not on the grid of image {image} (shape {image_shape})"
     if not np.allclose(image_affine, mask_affine, atol=AFFINE_ATOL_MM):
         return (f"mask {mask} is not on the grid of image {image}: their affines differ by up to "
-                f"{np.abs(image_affine - mask_affine).max():.3g} (at most {AFFINE_ATOL_MM:g} is taken as rounding)")
+                f"{np.abs(image_affine - mask_affine).max():.3g} mm (at most {AFFINE_ATOL_MM:g} is taken as rounding)")
     if mask_value not in values:
         present = ", ".join(str(v) for v in sorted(values - {0})) or "none"
         return f"mask {mask} does not contain mask_value {mask_value} (lesion values present: {present})"

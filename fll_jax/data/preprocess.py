@@ -76,6 +76,7 @@ from fll_jax.data.checks import (
     box_outside_problems, image_problems, lesion_extent_problems, mask_value_problems, problem_report,
     separate_part_problems, unclaimed_value_problems,
 )
+from fll_jax.data.nifti_units import affine_mm
 from fll_jax.data.patchset import PatchSet
 
 if TYPE_CHECKING:
@@ -500,9 +501,6 @@ def _load_volume(image_path: Path, mask_path: Path | None, allow: frozenset[str]
 
 
 # Millimetres per the header's spatial unit ('unknown', the field left 0, is read as mm).
-_MM_PER_UNIT = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 0.001}
-
-
 def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Data and affine (world millimetres) of a 3D NIfTI (trailing singleton dimensions dropped)."""
     if not path.is_file():
@@ -510,9 +508,7 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         nifti = nib.load(path)
         data = np.asarray(nifti.dataobj, dtype=np.float32 if what == "image" else None)
-        affine = np.asarray(nifti.affine, np.float64)
-        unit = nifti.header.get_xyzt_units()[0] if hasattr(nifti.header, "get_xyzt_units") else "mm"
-        affine[:3] *= _MM_PER_UNIT[unit]  # a header in metres had made a 20 mm lesion 20 m wide
+        affine = affine_mm(nifti)
         unoriented = _unoriented(nifti)
     except Exception as error:  # nibabel, gzip and zlib each raise their own types
         raise PreprocessError(f"{path}: cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error

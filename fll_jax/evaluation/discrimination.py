@@ -86,8 +86,9 @@ def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
 def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) -> dict[str, float | None]:
     """AUC with DeLong's variance and a Wald interval clipped to [0, 1].
 
-    At an AUC of 0 or 1 the variance is 0 and the Wald interval collapses onto the estimate,
-    which says nothing: the interval is then undefined (None).
+    At an AUC of 0 or 1, or with every score tied (a collapsed model), the variance is 0 and the
+    Wald interval collapses onto the estimate, which says nothing: the interval is then undefined
+    (None).
 
     Fast midrank form of DeLong, DeLong & Clarke-Pearson (1988) given by Sun & Xu (2014):
     the placement values of each positive and negative give the two variance components.
@@ -101,6 +102,8 @@ def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) 
     if m < 2 or n < 2 or auc in (0.0, 1.0):
         return {"auc": auc, "lower": None, "upper": None, "se": None}
     se = math.sqrt(v_pos.var(ddof=1) / m + v_neg.var(ddof=1) / n)
+    if se == 0:
+        return {"auc": auc, "lower": None, "upper": None, "se": None}
     z = stats.norm.ppf(0.5 + confidence / 2)
     return {"auc": auc, "lower": max(0.0, auc - z * se), "upper": min(1.0, auc + z * se), "se": se}
 

@@ -13,6 +13,7 @@ lesions, so it is the primary comparison here; the Fisher p is reported as 'pape
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
         lesions = sorted(set(rows["lesion_id"]))
         truth = test.loc[lesions, "label7"].to_numpy(int)
         model_correct = int(np.sum(test.loc[lesions, "model_call"].to_numpy(int) == truth))
-        mean_correct = int(round(float(np.mean([m["vs_model"]["reader_correct"] / m["n"] for m in members.values()]) * len(lesions))))
+        mean = float(np.mean([m["vs_model"]["reader_correct"] / m["n"] for m in members.values()])) * len(lesions)
+        mean_correct = math.floor(mean + 0.5)  # half up, as the paper's 96.5 -> 97 (round() takes 96.5 to 96)
         # The reads of one patient are drawn together: readers agree, and a patient's lesions look
         # alike, so neither reads nor a patient's lesions are independent.
         read_correct = rows["call"].to_numpy(int) == test.loc[rows["lesion_id"], "label7"].to_numpy(int)
