@@ -163,6 +163,23 @@ def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran)
         "fold0": [code_version()]}
 
 
+def test_an_evaluation_of_other_folds_than_the_trained_runs_results_is_refused(ran, tmp_path):
+    """A trained run's results may be of other folds since a rerun (its fold list is no part of its
+    fingerprint): a one-fold ensemble compared with its two-fold one would pass the difference
+    for the hidden sequence's."""
+    from fll_jax.train.cross_validate import evaluate_trained
+    from fll_jax.train.workdir import WorkdirError
+
+    root, points, *_ = ran
+    shutil.copytree(root / BASE, tmp_path / BASE)
+    config = json.loads((tmp_path / BASE / "config.json").read_text())
+    write_json(tmp_path / BASE / "config.json", {**config, "train": {**config["train"], "folds": [0, 1]}})
+    hide = next(p for p in points if p.name == "hide=dwi")
+    with pytest.raises(WorkdirError, match=r"holds results of folds 0\+1, and this evaluation lists folds 0; give it"):
+        evaluate_trained(hide.config, tmp_path / "hide", tmp_path / BASE, synthetic_source())
+    assert not (tmp_path / "hide").exists()
+
+
 def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_point(ran, tmp_path):
     """What the SLURM comparison job does: no sweep.json (the array tasks write none), so it records
     what each task left; an evaluate-only point keeps its trained point, from its

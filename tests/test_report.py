@@ -190,7 +190,8 @@ def test_small_split_with_a_missing_class_and_two_folds(tmp_path):
         write_report(workdir)
     assert not (workdir / "metrics.json").exists()
     config = json.loads((workdir / "config.json").read_text())
-    (workdir / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "folds": [0, 1]}}))
+    # Listed in another order (a --config.train.folds flag keeps the user's), they are the same folds.
+    (workdir / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "folds": [1, 0]}}))
     metrics = write_report(workdir)
     ens = metrics["test"]["ensemble"]
     assert set(metrics["test"]) == {"ensemble", "fold0", "fold1"} and set(metrics["val"]) == {"ensemble", "fold0", "fold1"}

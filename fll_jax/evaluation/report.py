@@ -560,7 +560,7 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
     frame = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
     folds = (config.get("train") or {}).get("folds")
-    if folds is not None and model_names(frame) != [f"fold{f}" for f in folds]:
+    if folds is not None and model_names(frame) != [f"fold{f}" for f in sorted(folds)]:
         # e.g. a rerun with other folds stopped before its results: the report would name the wrong models
         raise StateFileError(f"{workdir / 'predictions.csv'} holds the predictions of "
                              f"{', '.join(model_names(frame)) or 'no fold model'}, but {CONFIG_FILE} lists folds "

@@ -25,8 +25,8 @@ from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import (
-    check_finished, check_has_models, discard_results, hold_run, models_digest, open_run, record_evaluated,
-    settings_fingerprint,
+    WorkdirError, check_finished, check_has_models, discard_results, hold_run, models_digest, open_run,
+    read_config, record_evaluated, settings_fingerprint,
 )
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
@@ -212,6 +212,15 @@ def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> 
         writer.add_hparams(hparams, scores, name=f"hparams/folds={'+'.join(map(str, config.train.folds))}")
 
 
+def check_same_folds(trained: Path, folds) -> None:
+    """WorkdirError unless the trained run's results are of these folds: an ensemble of fewer folds
+    compared with the trained run's would pass its difference for the evaluated setting's."""
+    theirs = sorted(read_config(trained).train.folds)
+    if theirs != sorted(folds):
+        raise WorkdirError(f"{trained} holds results of folds {'+'.join(map(str, theirs))}, and this evaluation "
+                           f"lists folds {'+'.join(map(str, sorted(folds)))}; give it the trained run's folds")
+
+
 def trained_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config whose fold models a config with hidden sequences evaluates: the same, hiding none."""
     trained = config.copy_and_resolve_references()
@@ -238,6 +247,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         check_source(config, source)
         check_finished(trained, trained_config(config), source.fingerprint)
         check_has_models(trained, config.train.folds)  # not a fold being trained again
+        check_same_folds(trained, config.train.folds)
         models = models_digest(trained)
     # The trained run is read, not written: other evaluations may read it at once, training may
     # not. Held first, so that a point refused for it leaves no folder of its own.

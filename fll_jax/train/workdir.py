@@ -165,12 +165,12 @@ def _discard_other_folds_results(workdir: Path, folds: list[int]) -> None:
     if not (workdir / "predictions.csv").exists():
         return
     try:
-        earlier = "+".join(map(str, read_config(workdir).train.folds))
+        earlier = "+".join(map(str, sorted(read_config(workdir).train.folds)))
     except (StateFileError, AttributeError):
         earlier = "unknown (config.json is damaged)"  # results of unknown folds must not pass for these folds'
-    if earlier != "+".join(map(str, folds)):
+    if earlier != "+".join(map(str, sorted(folds))):
         discard_results(workdir)
-        print(f"{workdir}: folds {earlier} -> {'+'.join(map(str, folds))}; deleted the earlier folds' "
+        print(f"{workdir}: folds {earlier} -> {'+'.join(map(str, sorted(folds)))}; deleted the earlier folds' "
               "predictions.csv, metrics.json and report.md (their fold models stay: rerunning with the earlier "
               "folds writes them again without training)")
 
@@ -255,7 +255,7 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
         metrics = read_json(workdir / "metrics.json", "the rerun writes it again")
     except StateFileError:
         return False  # a damaged config.json or metrics.json: the rerun writes it again
-    if (metrics.get("run") or {}).get("folds") != list(config.train.folds):
+    if sorted((metrics.get("run") or {}).get("folds") or []) != sorted(config.train.folds):
         return False  # results of other folds: the rerun trains the new ones and ensembles these
     reported = metrics.get("statistics") or {}
     wanted = _flatten(json.loads(config.to_json()))
