@@ -13,7 +13,7 @@ sequences) are refused, naming each.
 An out_dir holding an earlier run's outputs (or the manifest.csv a --folder run writes there) is
 refused before anything is converted or written. --overwrite replaces the outputs, and --folder's
 manifest.csv, once the new run has succeeded; saliency/ also when the new run has none, and an
-earlier --folder run's manifest.csv when the new run has none. nifti/
+earlier --folder run's manifest.csv (as its models.json records) when the new run has none. nifti/
 keeps every study converted into it: a study converted there before is taken from its
 series.csv, with your edits (to pick one of two volumes guessed the same sequence, say), unless
 --reconvert; another study of that patient there is refused unless --reconvert. An out_dir
@@ -91,6 +91,21 @@ def _dicom_record(out_dir: Path):
     return record
 
 
+def _folder_runs_manifest(out_dir: Path) -> bool:
+    """Whether out_dir's manifest.csv is the one an earlier --folder run wrote there (its
+    models.json says so), not a file of the user's, nor the --manifest given now."""
+    from fll_jax.files import StateFileError
+    from fll_jax.train.workdir import made_by
+
+    manifest = out_dir / MANIFEST
+    if not manifest.exists() or (FLAGS.manifest and Path(FLAGS.manifest).resolve() == manifest.resolve()):
+        return False
+    try:
+        return made_by(out_dir).get("inputs") == "folder"
+    except StateFileError:
+        return False
+
+
 def main(argv):
     no_stray_arguments(argv)
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
@@ -113,13 +128,13 @@ def main(argv):
         check_out_dir(out_dir, FLAGS.overwrite, also=(MANIFEST,) if FLAGS.folder else ())
         # --folder's manifest, under a temporary name until the run has succeeded
         staged = stack.enter_context(atomic_path(out_dir / MANIFEST)) if FLAGS.folder else None
+        inputs = next(name for name in ("manifest", "folder", "dicom") if getattr(FLAGS, name))
+        stale_manifest = not FLAGS.folder and _folder_runs_manifest(out_dir)
         frame = predict_records(FLAGS.workdir, _records(out_dir, staged), out_dir, saliency=FLAGS.saliency,
-                                workers=FLAGS.workers, overwrite=FLAGS.overwrite, allow=allow)
-        earlier = out_dir / MANIFEST
-        given = Path(FLAGS.manifest).resolve() if FLAGS.manifest else None
-        if FLAGS.overwrite and not FLAGS.folder and earlier.exists() and given != earlier.resolve():
-            earlier.unlink()  # an earlier --folder run's lesions must not stay beside these predictions
-            print(f"deleted {earlier}: the lesions of the earlier --folder run whose outputs this one replaced")
+                                workers=FLAGS.workers, overwrite=FLAGS.overwrite, allow=allow, inputs=inputs)
+        if stale_manifest:  # an earlier --folder run's lesions must not stay beside these predictions
+            (out_dir / MANIFEST).unlink()
+            print(f"deleted {out_dir / MANIFEST}: the lesions of the earlier --folder run whose outputs this one replaced")
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
     labelled = frame[frame["label"] != ""]
     if len(labelled):

@@ -127,8 +127,11 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
                      saliency: bool = False) -> pd.DataFrame:
     """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes,
     and with saliency each lesion's folder of maps (its id made a file name, so not guessable)."""
-    from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
+    folders = [""] * len(records)
+    if saliency:
+        from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
 
+        folders = [f"saliency/{safe_name(r.lesion_id)}" for r in records]
     frame = pd.DataFrame({
         "patient_id": [r.patient_id for r in records],
         "lesion_id": [r.lesion_id for r in records],
@@ -136,7 +139,7 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
         "missing": [missing_text(row) for row in patches.present],
         "predicted": [CLASSES[k] for k in p7.argmax(1)],
         "predicted_binary": [BINARY_CLASSES[k] for k in p2.argmax(1)],
-        "saliency": [f"saliency/{safe_name(r.lesion_id)}" if saliency else "" for r in records],
+        "saliency": folders,
     })
     for k, name in enumerate(BINARY_CLASSES):
         frame[f"p_{name}"] = p2[:, k]
@@ -166,11 +169,13 @@ def predict_records(
     workers: int = 2,
     overwrite: bool = False,
     allow: frozenset[str] = frozenset(),
+    inputs: str = "manifest",
 ) -> pd.DataFrame:
     """Preprocess new lesions, run the workdir's ensemble, write out_dir; returns predictions.csv's frame.
 
     allow: data checks switched off for these lesions besides the run's own (config.data.allow),
     e.g. unclaimed_mask_value to predict some of the lesions a patient's mask holds.
+    inputs: what the records came from ('manifest', 'folder', 'dicom'), for models.json.
 
     The saliency maps are made in a temporary folder; the outputs of an earlier run (overwrite)
     are replaced only when this run has succeeded, an earlier saliency/ also without saliency.
@@ -212,7 +217,7 @@ def predict_records(
         write_csv(frame, out_dir / "predictions.csv")
         cases = case_rows(frame["patient_id"].tolist(), frame["lesion_id"].tolist())
         write_predictions_json(out_dir / "challenge.json", frame["lesion_id"].iloc[cases].tolist(), p7[cases])
-        write_made_by(out_dir, workdir)  # the run's report names these predictions once its models change
+        write_made_by(out_dir, workdir, inputs)  # the run's report names these predictions once its models change
     return frame
 
 

@@ -490,19 +490,23 @@ def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
 
 
 def test_predicting_over_a_folder_runs_outputs_leaves_no_stale_manifest(run):
-    # An earlier `predict.py --folder` run's outputs, its manifest.csv among them.
     folder, config = run
     out = folder / "predict"
     out.mkdir()
-    for name in ("predictions.csv", "challenge.json", "manifest.csv"):
-        (out / name).write_text("an earlier --folder run's")
+    (out / "manifest.csv").write_text("the user's own")
     write_manifest([r for r in read_manifest(config.data.manifest) if r.patient_id == "T0"], folder / "new.csv")
     command = [sys.executable, "experiments/predict.py", f"--workdir={folder / 'run'}", f"--manifest={folder / 'new.csv'}",
                f"--out_dir={out}", "--overwrite", "--workers=1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert (out / "manifest.csv").read_text() == "the user's own" and len(pd.read_csv(out / "predictions.csv")) == 2
+    # As after a `predict.py --folder` run, whose manifest.csv lists its lesions: replaced by other
+    # lesions' predictions, it had stayed beside them.
+    write_json(out / "models.json", {**read_json(out / "models.json", ""), "inputs": "folder"})
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["challenge.json", "models.json", "predictions.csv"]
-    assert f"deleted {out / 'manifest.csv'}" in done.stdout and len(pd.read_csv(out / "predictions.csv")) == 2
+    assert f"deleted {out / 'manifest.csv'}" in done.stdout
 
 
 # No hidden state.

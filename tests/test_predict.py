@@ -45,7 +45,6 @@ def trained(tmp_path_factory):
     workdir = root / "run"
     write_json(workdir / "fingerprint.json",
                {"settings": {}, "data": {"preprocessing": preprocessing(config), "lesions": {}}})
-    (workdir / "predictions.csv").write_text("lesion_id\n")  # the run's own results: predict records their models
     return config, model, variables, workdir, [complete, unlabelled, lacking]
 
 
@@ -140,6 +139,9 @@ def test_overwrite_leaves_only_the_new_runs_outputs(trained, ensemble_models, tm
     # A rerun without saliency: the earlier maps do not stay beside the new predictions.
     predict_records(workdir, records[1:2], tmp_path, workers=1, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["challenge.json", "models.json", "predictions.csv"]
+    # Fold models without the run's own results (no predictions.csv) predict, of models not identified.
+    made = json.loads((tmp_path / "models.json").read_text())
+    assert made == {"workdir": str(workdir.absolute()), "models": None, "inputs": "manifest"}
     assert list(pd.read_csv(tmp_path / "predictions.csv")["lesion_id"]) == ["b_l1"]
     assert pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)["saliency"].tolist() == [""]
 

@@ -512,6 +512,7 @@ def test_a_mask_value_no_lesion_claims_is_refused_unless_allowed(tmp_path):
 def test_one_mask_value_marking_two_lesions_is_refused_unless_allowed(tmp_path):
     """A binary mask of two lesions: taken as one, the patch had been centred on the liver between
     them and sized by both. A speck of the segmentation beside one lesion still passes."""
+    from fll_jax.data.checks import separate_part_problems
     from fll_jax.data.preprocess import lesion_problems
 
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
@@ -527,3 +528,10 @@ def test_one_mask_value_marking_two_lesions_is_refused_unless_allowed(tmp_path):
     speck = [lesions[0], (voxel_to_world(affine, (12, 12, 3)), 0.5, 1)]
     images, masks = write_patient(tmp_path / "P1", (16, 16, 6), affine, speck)
     assert lesion_problems([record(images, masks, patient_id="P1", lesion_id="P1_L1")], workers=1) == []
+    # A five-voxel lesion on a thick-slice grid and a one-voxel speck (3.2 mm^3, under a 3 mm ball's
+    # 14 mm^3): a fifth of the lesion, yet no second lesion.
+    small = np.zeros((12, 12, 5), np.uint8)
+    small[4:6, 4:6, 2], small[5, 5, 3], small[9, 9, 2] = 1, 1, 1
+    thick = np.diag([0.8, 0.8, 5.0, 1.0])
+    assert separate_part_problems(small, thick, Path("m.nii.gz"), "L1", frozenset()) == []
+    assert separate_part_problems(small, np.diag([3.0, 3.0, 3.0, 1.0]), Path("m.nii.gz"), "L1", frozenset())

@@ -282,7 +282,7 @@ def test_the_report_names_a_reader_study_and_predictions_of_earlier_fold_models(
     write_reader_study(workdir)
     (workdir / "predict").mkdir()
     (workdir / "predict" / "predictions.csv").write_text("lesion_id\n")
-    write_made_by(workdir / "predict", workdir)
+    write_made_by(workdir / "predict", workdir, "manifest")
     write_report(workdir)
     assert "Outputs of earlier fold models" not in (workdir / "report.md").read_text()
     synthetic_predictions(1).to_csv(workdir / "predictions.csv", index=False)  # as the new models' results
@@ -293,3 +293,7 @@ def test_the_report_names_a_reader_study_and_predictions_of_earlier_fold_models(
     write_reader_study(workdir)
     write_report(workdir)
     assert "`reader_study.md`" not in (workdir / "report.md").read_text()
+    # A damaged record does not stop the report (the run would stay unfinished): its outputs are listed.
+    (workdir / "predict" / "models.json").write_text("{")
+    write_report(workdir)
+    assert "- `predict/`: rerun" in (workdir / "report.md").read_text()

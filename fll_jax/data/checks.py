@@ -27,9 +27,11 @@ ALLOWABLE: dict[str, str] = {
     "unclaimed_mask_value": "a mask value that no lesion of its patient claims (an organ label, or a lesion left out)",
 }
 MAX_MASK_FRACTION = 0.5
-# A part of a lesion's mask this large against its largest part is taken for another lesion;
-# smaller ones pass as a segmentation's specks.
+# A part of a lesion's mask this large against its largest part, and of at least a 3 mm ball's
+# volume, is taken for another lesion; smaller ones pass as a segmentation's specks (one voxel of a
+# 0.8 x 0.8 x 5 mm grid beside a five-voxel lesion, say).
 MIN_PART_FRACTION = 0.1
+MIN_PART_MM3 = 4 / 3 * np.pi * 1.5 ** 3
 MAX_SHOWN = 20  # problems shown in an error message; the rest are counted
 
 
@@ -101,7 +103,8 @@ def box_outside_problems(overhang: float, path: Path, box: Sequence[float], allo
             "mistyped or sign-flipped coordinate (a viewer's LPS x and y are negated in RAS+)?" + _hint("box_outside")]
 
 
-def separate_part_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow: frozenset[str]) -> list[str]:
+def separate_part_problems(lesion: np.ndarray, affine: np.ndarray, path: Path, lesion_id: str,
+                           allow: frozenset[str]) -> list[str]:
     """A lesion's mask in separate parts of similar size: two lesions under one value (a binary mask
     of several) would be cropped and sized as one, around the liver between them."""
     if "separate_parts" in allow or not lesion.any():
@@ -112,7 +115,8 @@ def separate_part_problems(lesion: np.ndarray, path: Path, lesion_id: str, allow
     if count < 2:
         return []
     sizes = np.sort(np.bincount(parts.ravel())[1:])[::-1]
-    if sizes[1] < MIN_PART_FRACTION * sizes[0]:
+    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
+    if sizes[1] < MIN_PART_FRACTION * sizes[0] or sizes[1] * voxel_mm3 < MIN_PART_MM3:
         return []
     return [f"{path}: lesion {lesion_id}'s mask value marks {count} separate parts (the two largest {sizes[0]} and "
             f"{sizes[1]} voxels): several lesions under one value? Give each its own value (scipy.ndimage.label "

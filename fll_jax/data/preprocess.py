@@ -389,7 +389,7 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
                                 f"(values present: {present})")
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
         if volume.labels is not None:  # a box's ellipsoid is one part
-            problems += separate_part_problems(lesion, volume.mask_path, record.lesion_id, allow)
+            problems += separate_part_problems(lesion, volume.affine, volume.mask_path, record.lesion_id, allow)
         elif seq not in record.boxes:  # box_mm, one box for sequences of different fields of view
             overhang = world_box_overhang(record.box_mm, volume.image.shape, volume.affine)
             problems += box_outside_problems(overhang, Path(record.images[seq]), record.box_mm, allow)

@@ -335,10 +335,17 @@ def earlier_outputs_markdown(workdir: Path, models: str | None) -> list[str]:
     `models` (the run's current_models) made them: they no longer describe this run."""
     from fll_jax.evaluation.readers import study_models  # it reads this module's settings
 
+    def made(read) -> str | None:
+        try:
+            return read()
+        except StateFileError:
+            return "damaged"  # a damaged record must not stop the report: its outputs are of unknown models
+
     stale = []
-    if (workdir / "reader_study.json").exists() and study_models(workdir) != models:
+    if (workdir / "reader_study.json").exists() and made(lambda: study_models(workdir)) != models:
         stale.append("`reader_study.md`: rerun experiments/reader_study.py (with the same --readers)")
-    if (workdir / "predict" / "predictions.csv").exists() and made_by(workdir / "predict") != models:
+    if ((workdir / "predict" / "predictions.csv").exists()
+            and made(lambda: made_by(workdir / "predict").get("models")) != models):
         stale.append("`predict/`: rerun experiments/predict.py on the same lesions with --overwrite")
     if not stale:
         return []

@@ -320,15 +320,21 @@ def evaluated_current(workdir: str | Path, trained: str | Path) -> bool:
         return False
 
 
-def write_made_by(folder: str | Path, workdir: str | Path) -> None:
-    """Record in `folder` which run's fold models (its models_digest) made the outputs there."""
-    write_json(Path(folder) / MODELS_FILE, {"workdir": str(Path(workdir).absolute()), "models": models_digest(workdir)})
+def write_made_by(folder: str | Path, workdir: str | Path, inputs: str) -> None:
+    """Record in `folder` which run's fold models (its models_digest; None for a folder of models
+    without the run's own results) made the outputs there, and from which `inputs`."""
+    try:
+        models = models_digest(workdir)
+    except WorkdirError:
+        models = None
+    write_json(Path(folder) / MODELS_FILE, {"workdir": str(Path(workdir).absolute()), "models": models,
+                                            "inputs": inputs})
 
 
-def made_by(folder: str | Path) -> str | None:
-    """The models_digest write_made_by recorded in `folder`; None when it holds no record."""
+def made_by(folder: str | Path) -> dict:
+    """What write_made_by recorded in `folder` ({} when it holds no record); StateFileError if damaged."""
     path = Path(folder) / MODELS_FILE
-    return read_json(path, "rerun the command that made it").get("models") if path.exists() else None
+    return read_json(path, "rerun the command that made it") if path.exists() else {}
 
 
 def check_has_models(workdir: str | Path, folds) -> None:
