@@ -5,7 +5,8 @@ Readers CSV columns: reader_id, group, lesion_id, predicted_class (a class name 
 
 Which test gives the paper's p-values: Fisher's exact test on the correct/incorrect counts of the
 model and a reader taken as independent samples reproduces all three (90/113 against 75, 83 and
-97 of 113: 0.035, 0.346, 0.291). No McNemar variant (exact, mid-p, chi-square with or without
+97 of 113, the abstract's accuracies: 0.035, 0.346, 0.291; the Results' per-reader ranges, whose
+midpoints give 0.069, 0.430 and 0.291, disagree with the abstract for two groups). No McNemar variant (exact, mid-p, chi-square with or without
 continuity correction) reproduces them with any discordant counts those accuracies allow
 (tests/test_readers.py). McNemar's exact test is the right test for paired calls on the same
 lesions, so it is the primary comparison here; the Fisher p is reported as 'paper style'.
