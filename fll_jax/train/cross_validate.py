@@ -209,7 +209,7 @@ def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> 
     # One TensorBoard session per fold list: it shows a session's first settings beside its last
     # scores, and a rerun may train other folds (FOLD_SELECTION).
     with SummaryWriter(str(logdir)) as writer:
-        writer.add_hparams(hparams, scores, name=f"hparams/folds={'+'.join(map(str, config.train.folds))}")
+        writer.add_hparams(hparams, scores, name=f"hparams/folds={'+'.join(map(str, sorted(config.train.folds)))}")
 
 
 def check_same_folds(trained: Path, folds) -> None:
