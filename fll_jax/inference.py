@@ -151,6 +151,8 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
 def check_out_dir(out_dir: str | Path, overwrite: bool, also: Sequence[str] = ()) -> None:
     """FileExistsError naming an earlier run's outputs (OUTPUTS and `also`) in out_dir, unless
     overwrite; always for a folder that holds a cross-validation run (its predictions.csv is the run's)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another output folder")
     if (Path(out_dir) / FINGERPRINT_FILE).exists():
         raise FileExistsError(f"{out_dir} holds a cross-validation run: its predictions.csv is the run's and is "
                               "never replaced by new lesions'; choose another output folder (by default WORKDIR/predict)")

@@ -226,6 +226,16 @@ def test_one_lesion_of_a_patients_several_is_predicted_when_the_others_are_allow
     assert list(frame["lesion_id"]) == ["P0_L2"]
 
 
+def test_an_output_folder_that_is_a_file_is_refused_naming_it(trained, ensemble_models, tmp_path):
+    from fll_jax.inference import predict_records
+
+    _, _, _, workdir, records = trained
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+        predict_records(workdir, records[:1], tmp_path / "afile", workers=1)  # had said only "[Errno 17] File exists"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_runs_own_folder_is_never_the_output_folder(trained, ensemble_models):
     from fll_jax.inference import predict_records
 
