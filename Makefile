@@ -14,12 +14,10 @@ TEST_WORKERS := --numprocesses auto --maxprocesses 4 --dist loadfile
 
 .PHONY: venv data demo test benchmark
 
-# --no-compile: pip byte-compiles every file of every package (tensorflow's thousands), 70 s of
-# the install here against 33 s without; Python compiles the modules a program imports on first use.
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e ".[tf,dicom,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[tf,dicom,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
