@@ -647,9 +647,9 @@ def test_restart_deletes_the_runs_fold_folders_not_a_users_files_named_fold(tmp_
     assert (tmp_path / "fingerprint.json").exists() and (tmp_path / "folds.csv").read_text() == "x"
 
 
-def test_outputs_get_the_modes_of_plain_files_under_the_umask(tmp_path):
+def test_outputs_get_the_modes_of_plain_files_under_the_umask(tmp_path, monkeypatch):
     """Written through a temporary file (owner-only), an output had stayed unreadable to the
-    colleagues a shared server's umask lets read it."""
+    colleagues a shared server's umask (022) lets read it."""
     import os
     import stat
 
@@ -657,8 +657,10 @@ def test_outputs_get_the_modes_of_plain_files_under_the_umask(tmp_path):
 
     umask = os.umask(0)
     os.umask(umask)
+    assert files._UMASK == umask  # read at import, and left as it was
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # a shared server's, whatever this process runs under
     files.write_bytes(tmp_path / "predictions.csv", b"lesion_id\n")
     with files.staged_folder(tmp_path / "saliency") as tmp:
         (tmp / "map.nii.gz").write_bytes(b"")
-    assert stat.S_IMODE((tmp_path / "predictions.csv").stat().st_mode) == 0o666 & ~umask
-    assert stat.S_IMODE((tmp_path / "saliency").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "predictions.csv").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "saliency").stat().st_mode) == 0o755
