@@ -21,7 +21,7 @@ from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_lab
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import (
-    CONFIG_FILE, WorkdirError, fold_code_versions, made_by, models_digest, models_folder, read_config,
+    CONFIG_FILE, WorkdirError, fold_code_versions, folds_text, made_by, models_digest, models_folder, read_config,
 )
 
 ROW_NAMES = {
@@ -571,7 +571,7 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
         # e.g. a rerun with other folds stopped before its results: the report would name the wrong models
         raise StateFileError(f"{workdir / 'predictions.csv'} holds the predictions of "
                              f"{', '.join(model_names(frame)) or 'no fold model'}, but {CONFIG_FILE} lists folds "
-                             f"{'+'.join(map(str, folds))}; rerun the training command: it writes them again")
+                             f"{folds_text(folds)}; rerun the training command: it writes them again")
     metrics = evaluate(frame, *evaluation_settings(config))
     metrics = {"data": data_description(config), "run": run_description(config, workdir, models), **metrics}
     metrics = json_safe(metrics)

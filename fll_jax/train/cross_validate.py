@@ -25,8 +25,8 @@ from fll_jax.train.resident import ResidentData, compile_resident
 from fll_jax.train.sharding import is_primary, make_mesh, replicate, sync_processes
 from fll_jax.train.step import abstract_state, compile_steps, learning_rate_schedule, make_optimizer, rng_settings
 from fll_jax.train.workdir import (
-    WorkdirError, check_finished, check_has_models, discard_results, hold_run, models_digest, open_run,
-    read_config, record_evaluated, settings_fingerprint,
+    check_finished, check_has_models, check_same_folds, discard_results, folds_text, hold_run, models_digest,
+    open_run, record_evaluated, settings_fingerprint,
 )
 
 # Per-lesion metadata copied from the batches into predictions.csv (after split and fold).
@@ -209,16 +209,7 @@ def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> 
     # One TensorBoard session per fold list: it shows a session's first settings beside its last
     # scores, and a rerun may train other folds (FOLD_SELECTION).
     with SummaryWriter(str(logdir)) as writer:
-        writer.add_hparams(hparams, scores, name=f"hparams/folds={'+'.join(map(str, sorted(config.train.folds)))}")
-
-
-def check_same_folds(trained: Path, folds) -> None:
-    """WorkdirError unless the trained run's results are of these folds: an ensemble of fewer folds
-    compared with the trained run's would pass its difference for the evaluated setting's."""
-    theirs = sorted(read_config(trained).train.folds)
-    if theirs != sorted(folds):
-        raise WorkdirError(f"{trained} holds results of folds {'+'.join(map(str, theirs))}, and this evaluation "
-                           f"lists folds {'+'.join(map(str, sorted(folds)))}; give it the trained run's folds")
+        writer.add_hparams(hparams, scores, name=f"hparams/folds={folds_text(config.train.folds)}")
 
 
 def trained_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

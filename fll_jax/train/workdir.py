@@ -165,14 +165,28 @@ def _discard_other_folds_results(workdir: Path, folds: list[int]) -> None:
     if not (workdir / "predictions.csv").exists():
         return
     try:
-        earlier = "+".join(map(str, sorted(read_config(workdir).train.folds)))
+        earlier = folds_text(read_config(workdir).train.folds)
     except (StateFileError, AttributeError):
         earlier = "unknown (config.json is damaged)"  # results of unknown folds must not pass for these folds'
-    if earlier != "+".join(map(str, sorted(folds))):
+    if earlier != folds_text(folds):
         discard_results(workdir)
-        print(f"{workdir}: folds {earlier} -> {'+'.join(map(str, sorted(folds)))}; deleted the earlier folds' "
-              "predictions.csv, metrics.json and report.md (their fold models stay: rerunning with the earlier "
-              "folds writes them again without training)")
+        print(f"{workdir}: folds {earlier} -> {folds_text(folds)}; deleted the earlier folds' predictions.csv, "
+              "metrics.json and report.md (their fold models stay: rerunning with the earlier folds writes them "
+              "again without training)")
+
+
+def folds_text(folds) -> str:
+    """A fold list as the config strings and messages write it, in order: '0+1+2'."""
+    return "+".join(map(str, sorted(folds)))
+
+
+def check_same_folds(trained: str | Path, folds) -> None:
+    """WorkdirError unless the trained run's results are of these folds: an ensemble of fewer folds
+    compared with the trained run's would pass its difference for the evaluated setting's."""
+    theirs = read_config(trained).train.folds
+    if sorted(theirs) != sorted(folds):
+        raise WorkdirError(f"{trained} holds results of folds {folds_text(theirs)}, and this evaluation lists folds "
+                           f"{folds_text(folds)}; give it the trained run's folds")
 
 
 def _check_run(workdir: Path, current: dict) -> None:
