@@ -9,8 +9,9 @@ WORKDIR ?= runs/demo
 # Tests run on four fake CPU devices so the data-parallel code is exercised without a GPU.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
 # pytest-xdist workers, one more than the cores (at most four; tests/conftest.py), each taking
-# whole test modules so that a module's shared fixtures are built once.
-TEST_WORKERS := --numprocesses auto --maxprocesses 4 --dist loadfile
+# whole test modules so that a module's shared fixtures are built once, in the order conftest.py
+# gives them (xdist would otherwise start the modules with the most tests first).
+TEST_WORKERS := --numprocesses auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 .PHONY: venv data demo test benchmark
 

@@ -23,12 +23,13 @@ import jax  # noqa: E402  (after the flags above)
 # helpers they call directly, outside cross_validate's and explain's own rng_settings.
 jax.config.update("jax_threefry_partitionable", False)
 
-# `make test` runs each test module on one of several pytest-xdist workers (--dist loadfile);
-# the modules that take longest (measured: pytest --durations=0) start first, so that the
-# workers finish together instead of one waiting for a long module picked up last.
-LONGEST_FIRST = ("test_faults.py", "test_train_step.py", "test_fold_training.py", "test_models.py",
-                 "test_multihost.py", "test_ablate.py", "test_saliency.py", "test_benchmark.py",
-                 "test_cross_validate.py")
+# `make test` runs each test module on one of several pytest-xdist workers (--dist loadfile, with
+# --no-loadscope-reorder so that this order holds); the modules that take longest (measured:
+# pytest --durations=0) start first, so that the workers finish together instead of one waiting
+# for a long module picked up last.
+LONGEST_FIRST = ("test_train_step.py", "test_faults.py", "test_fold_training.py", "test_multihost.py",
+                 "test_cross_validate.py", "test_benchmark.py", "test_models.py", "test_saliency.py",
+                 "test_readers.py", "test_ablate.py", "test_predict.py", "test_dicom_predict.py")
 
 
 def pytest_collection_modifyitems(items):
