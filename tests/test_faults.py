@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from fll_jax.config_check import ConfigError, check_config
-from fll_jax.data import prepare
+from fll_jax.data import prepare, preprocess
 from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source
 from fll_jax.data.preprocess import PreprocessError
@@ -190,6 +190,28 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     assert "reused the patches of 24 of 25 lesions" in capsys.readouterr().out
     np.testing.assert_array_equal(fixed.patches.image, relabelled.patches.image)
 
+
+
+def test_lesions_cached_before_a_new_check_are_checked_and_a_run_they_pass_is_reused(run, monkeypatch, capsys):
+    folder, config = run
+    config.data.workers = 1  # preprocess here, where the check is replaced (config.json records it)
+    cross_validate(config, folder / "run")
+    before = results(folder / "run")
+    old = prepare_source(config).patches
+    # A later version adds a check that lesion D00_L1 fails: no cache passes it the lesion.
+    monkeypatch.setattr(prepare, "CHECKS_VERSION", prepare.CHECKS_VERSION + 1)
+    monkeypatch.setattr(preprocess, "separate_part_problems",
+                        lambda lesion, affine, path, lesion_id, allow: [f"{lesion_id} fails it"] * (lesion_id == "D00_L1"))
+    capsys.readouterr()
+    with pytest.raises(PreprocessError, match="D00_L1 fails it"):
+        cross_validate(config, folder / "run")
+    assert "reused the patches" not in capsys.readouterr().out  # every lesion was made, and checked, again
+    # Once the lesion passes it is made again, the patches are those of before and the finished run stands.
+    monkeypatch.setattr(preprocess, "separate_part_problems", lambda *args: [])
+    cross_validate(config, folder / "run")
+    assert "reused the patches of 24 of 25 lesions" in capsys.readouterr().out
+    np.testing.assert_array_equal(prepare_source(config).patches.image, old.image)
+    assert results(folder / "run") == before
 
 # 4. Leaks the manifest's paths hide.
 

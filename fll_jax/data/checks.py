@@ -26,6 +26,10 @@ ALLOWABLE: dict[str, str] = {
     "shared_image": "identical image content under two patients",
     "unclaimed_mask_value": "a mask value that no lesion of its patient claims (an organ label, or a lesion left out)",
 }
+# Raised when a check is added or made stricter, so that lesions whose patches were cached under
+# an earlier version are preprocessed, and so checked, again (2: separate_parts and box_outside).
+# Not part of a run's fingerprint: a run on lesions that pass resumes.
+CHECKS_VERSION = 2
 MAX_MASK_FRACTION = 0.5
 # A part of a lesion's mask this large against its largest part, and of at least a 3 mm ball's
 # volume, is taken for another lesion; smaller ones pass as a segmentation's specks (one voxel of a

@@ -10,9 +10,10 @@ Layout under config.data.root (default data/):
                              preprocesses only its changed lesions
 
 <key> names the lesions' content (labels, mask values, metadata and the bytes of every image
-and mask file), the patch size and the preprocessing version, so changed images are always
-preprocessed again and never reused, while a moved data set or other fold settings reuse the
-same patches. Folds are assigned here, from the manifest, each time a source is made.
+and mask file), the patch size, the preprocessing version and the version of the data checks
+(a lesion cached before a check was added is checked when it is made again), so changed images
+are always preprocessed again and never reused, while a moved data set or other fold settings
+reuse the same patches. Folds are assigned here, from the manifest, each time a source is made.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import ml_collections
 
 from fll_jax.config_check import check_config
 from fll_jax.constants import PATCH_SIZE
-from fll_jax.data.checks import duplicate_problems, parse_allow, problem_report
+from fll_jax.data.checks import CHECKS_VERSION, duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
 from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints, patch_key
 from fll_jax.data.folds import FoldError, assign_folds, given_fold_problems, given_folds
@@ -145,15 +146,15 @@ def prepare_source(config: ml_collections.ConfigDict):
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
-    # Patches made with checks switched off are kept apart from the others: reused by a run that
-    # keeps those checks, they would pass it lesions it refuses.
-    waived = ("allow=" + "+".join(sorted(allow)),) if allow else ()
-    key = "-".join((fingerprint["patches"], *waived))
+    # Patches made before this version's checks, or with checks switched off, are kept apart from
+    # the others: reused by a run that keeps those checks, they would pass it lesions it refuses.
+    checked = (f"checks{CHECKS_VERSION}",) + (("allow=" + "+".join(sorted(allow)),) if allow else ())
+    key = "-".join((fingerprint["patches"], *checked))
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     settings = fingerprint["preprocessing"].values()
     cache = LesionCache(Path(data.root) / "lesion_patches",
-                        {lesion: patch_key(entry, *settings, *waived) for lesion, entry in fingerprint["lesions"].items()})
+                        {lesion: patch_key(entry, *settings, *checked) for lesion, entry in fingerprint["lesions"].items()})
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
