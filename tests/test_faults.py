@@ -344,6 +344,23 @@ def test_empty_config_json_is_named_by_the_report_and_rewritten_by_a_rerun(run):
     assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
 
 
+def test_a_finished_run_is_the_same_run_with_strided_convolutions_computed_another_way(run):
+    folder, config = run
+    workdir = folder / "run"
+    before, predicted = results(workdir), pd.read_csv(workdir / "predictions.csv")
+    # The same sums in another order, with weights of the same shapes: a speed knob (a resumed fold
+    # may take it too), not another run to refuse.
+    config.model.space_to_depth = not config.model.space_to_depth
+    cross_validate(config, workdir)
+    after = results(workdir)
+    assert read_json(workdir / "config.json", "")["model"]["space_to_depth"] == config.model.space_to_depth
+    folds = {k: v for k, v in before.items() if k.startswith("fold")}
+    assert folds and {k: v for k, v in after.items() if k.startswith("fold")} == folds  # no fold trained again
+    again = pd.read_csv(workdir / "predictions.csv")
+    probabilities = [c for c in predicted.columns if "_p" in c]
+    np.testing.assert_allclose(again[probabilities], predicted[probabilities], atol=1e-5)
+
+
 def test_empty_predictions_csv_is_named_with_its_remedy(tmp_path):
     from fll_jax.evaluation.predictions import load_predictions
 

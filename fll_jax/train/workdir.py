@@ -40,9 +40,10 @@ MODELS_FILE = "models.json"
 # written once its best checkpoint verifies.
 DONE_FILE = "done.json"
 # Settings that change speed or where files are, never results (the data is fingerprinted by content;
-# model.conv_impl changes only how the same sums are ordered, as another machine would).
+# model.conv_impl and model.space_to_depth change only how the same sums are ordered, as another
+# machine would, and the weights keep their shapes).
 SPEED_KNOBS = ("data.workers", "data.root", "data.manifest", "data.allow", "train.log_every",
-               "train.checkpoint_every", "train.eval_batch_size", "model.conv_impl")
+               "train.checkpoint_every", "train.eval_batch_size", "model.conv_impl", "model.space_to_depth")
 # The report's settings: it is rewritten from predictions.csv under any of them, so they change no model.
 REPORT_SETTINGS = ("evaluation.confidence", "evaluation.interval_rule")
 # Which folds a run trains and ensembles: a fold model is the same whichever others are listed (its
