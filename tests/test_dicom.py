@@ -178,24 +178,41 @@ def test_several_b_values_or_passes_at_the_same_positions_become_one_volume_each
     assert "2 passes over the same 2 positions" in capsys.readouterr().out
 
 
-def test_the_dwi_is_the_isotropic_image_of_the_highest_b_value_and_never_silently_a_lower_one(tmp_path):
-    """A series of b0 and of b800 in three gradient directions beside their isotropic (trace) image,
-    as Philips writes it: each is a volume, and the b800 trace is the DWI."""
-    def series(study: Path, directionality: bool) -> Path:
-        _stack(MR_SMALL, study, 2, 4.0, prefix="b0_", SeriesDescription="DWI b0 800", DiffusionBValue=0)
-        for n, gradient in enumerate(([1, 0, 0], [0, 1, 0], [0, 0, 1], None)):
-            tags = ({"DiffusionDirectionality": "DIRECTIONAL" if gradient else "ISOTROPIC"}
-                    | ({"DiffusionGradientOrientation": gradient} if gradient else {})) if directionality else {}
-            _stack(MR_SMALL, study, 2, 4.0, prefix=f"b800_{n}_", SeriesDescription="DWI b0 800", DiffusionBValue=800,
-                   **tags)
-        return _written(_convert(study, tmp_path / f"out_{directionality}"))[0].nifti.parent
+def _philips_direction(paths: list[Path], letter: str, gradient: list[float] | None) -> None:
+    """Classic Philips files' private Diffusion Direction (2001,1004) and gradient (2005,10B0-10B2)."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x04, "CS", letter)
+        if gradient:
+            block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+            for offset, value in zip((0xB0, 0xB1, 0xB2), gradient):
+                block.add_new(offset, "FL", value)
+        ds.save_as(path)
 
-    subject = series(tmp_path / "directions", directionality=True)
-    assert dicom.read_series_table(subject) == {"dwi": subject / "1_DWI_b0_800_b800_iso.nii.gz"}
-    assert len(list(subject.glob("*_b800_dir*.nii.gz"))) == 3
+
+@pytest.mark.parametrize("tagged", ["standard", "philips", "none"])
+def test_the_dwi_is_the_isotropic_image_of_the_highest_b_value_and_never_silently_a_lower_one(tmp_path, tagged):
+    """A series of b0 and of b800 in three gradient directions beside their isotropic (trace) image,
+    as Philips writes it (in standard or in its private tags): each is a volume, and the b800 trace
+    is the DWI."""
+    def series(study: Path) -> Path:
+        _stack(MR_SMALL, study, 2, 4.0, prefix="b0_", SeriesDescription="DWI b0 800", DiffusionBValue=0)
+        for n, (letter, gradient) in enumerate((("R", [1, 0, 0]), ("P", [0, 1, 0]), ("S", [0, 0, 1]), ("I", None))):
+            tags = ({"DiffusionDirectionality": "DIRECTIONAL" if gradient else "ISOTROPIC"}
+                    | ({"DiffusionGradientOrientation": gradient} if gradient else {})) if tagged == "standard" else {}
+            paths = _stack(MR_SMALL, study, 2, 4.0, prefix=f"b800_{n}_", SeriesDescription="DWI b0 800",
+                           DiffusionBValue=800, **tags)
+            if tagged == "philips":
+                _philips_direction(paths, letter, gradient)
+        return _written(_convert(study, tmp_path / "out"))[0].nifti.parent
+
+    subject = series(tmp_path / "directions")
+    if tagged != "none":
+        assert dicom.read_series_table(subject) == {"dwi": subject / "1_DWI_b0_800_b800_iso.nii.gz"}
+        assert len(list(subject.glob("*_b800_dir*.nii.gz"))) == 3
+        return
     # Without the tags that tell them apart, the b800 images are refused as duplicated slices: b0
     # had been taken as the DWI without a word.
-    subject = series(tmp_path / "untagged", directionality=False)
     with pytest.raises(dicom.DicomError, match=r"the DWI of b-value 800 .* was refused .*duplicated slice.*clear its "
                                                "sequence_guess"):
         dicom.read_series_table(subject)

@@ -530,12 +530,21 @@ def _b_label(b: float | None) -> str:
     return "bnone" if b is None else f"b{b:g}".replace(".", "p")
 
 
-def _diffusion_direction(ds: Dataset) -> tuple[str, tuple[float, ...]]:
-    """DiffusionDirectionality (0018,9075) and DiffusionGradientOrientation (0018,9089), where a
-    series holds each b-value's directional images beside their isotropic (trace) image."""
+def _diffusion_direction(ds: Dataset) -> tuple[str, str, tuple[float, ...]]:
+    """(directionality, Philips's direction letter, gradient) of a slice, where a series holds each
+    b-value's directional images beside their isotropic (trace) image: DiffusionDirectionality
+    (0018,9075) and DiffusionGradientOrientation (0018,9089), or in classic Philips files their
+    private Diffusion Direction (2001,1004: I for the isotropic image, else the gradient's axis R,
+    P, S or O) and gradient (2005,10B0-10B2)."""
+    directionality = _text(ds, "DiffusionDirectionality").upper()
+    letter = str(_private(ds, 0x2001, 0x04, "Philips Imaging DD 001") or "").strip().upper()
+    if not directionality and letter:
+        directionality = "ISOTROPIC" if letter == "I" else "DIRECTIONAL"
     gradient = ds.get("DiffusionGradientOrientation")
-    return (_text(ds, "DiffusionDirectionality").upper(),
-            () if gradient is None else tuple(round(float(v), 3) for v in gradient))
+    if gradient is None:
+        gradient = [_private(ds, 0x2005, offset, "Philips MR Imaging DD 001") for offset in (0xB0, 0xB1, 0xB2)]
+        gradient = None if None in gradient else gradient
+    return directionality, letter, () if gradient is None else tuple(round(float(v), 3) for v in gradient)
 
 
 # The split label of the isotropic (trace) image, which read_series_table takes as the DWI.
