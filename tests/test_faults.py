@@ -192,6 +192,12 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
 
 
 
+def test_a_dropped_row_leaves_its_mask_value_unclaimed_though_the_patients_other_lesion_is_cached(run):
+    folder, config = run
+    _edit_manifest(config, lambda rs: [r for r in rs if r.lesion_id != "D00_L2"])
+    with pytest.raises(PreprocessError, match=r"D00/t2w_mask.nii.gz: value\(s\) 2 mark no lesion of patient 'D00'"):
+        prepare_source(config)
+
 def test_lesions_cached_before_a_new_check_are_checked_and_a_run_they_pass_is_reused(run, monkeypatch, capsys):
     folder, config = run
     config.data.workers = 1  # preprocess here, where the check is replaced (config.json records it)
@@ -349,7 +355,10 @@ def test_a_finished_run_is_the_same_run_with_strided_convolutions_computed_anoth
     workdir = folder / "run"
     before, predicted = results(workdir), pd.read_csv(workdir / "predictions.csv")
     # The same sums in another order, with weights of the same shapes: a speed knob (a resumed fold
-    # may take it too), not another run to refuse.
+    # may take it too), not another run to refuse; runs made before it was one recorded it.
+    stored = read_json(workdir / "fingerprint.json", "")
+    write_json(workdir / "fingerprint.json", {**stored, "settings": {
+        **stored["settings"], "model.space_to_depth": config.model.space_to_depth}})
     config.model.space_to_depth = not config.model.space_to_depth
     cross_validate(config, workdir)
     after = results(workdir)

@@ -32,7 +32,9 @@ from fll_jax.data.lesion_cache import LesionCache
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
 from fll_jax.data.patchset import PatchSet
-from fll_jax.data.preprocess import PREPROCESS_VERSION, PreprocessOptions, lesion_problems, preprocess_manifest
+from fll_jax.data.preprocess import (
+    PREPROCESS_VERSION, PreprocessOptions, lesion_problems, mask_claims, preprocess_manifest,
+)
 from fll_jax.files import StateFileError
 
 BACKENDS = ("tfds", "numpy")
@@ -153,8 +155,12 @@ def prepare_source(config: ml_collections.ConfigDict):
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     settings = fingerprint["preprocessing"].values()
+    # A lesion's checks also read which mask values its patient's lesions claim (a row dropped
+    # leaves its value unclaimed), so its patches are kept under them too.
+    claims = mask_claims(records)
     cache = LesionCache(Path(data.root) / "lesion_patches",
-                        {lesion: patch_key(entry, *settings, *checked) for lesion, entry in fingerprint["lesions"].items()})
+                        {r.lesion_id: patch_key(fingerprint["lesions"][r.lesion_id], *settings, *checked,
+                                                sorted(claims[r.patient_id])) for r in records})
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records

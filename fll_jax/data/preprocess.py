@@ -236,7 +236,7 @@ def preprocess_manifest(
     patches = [None if cache is None else cache.load(r.lesion_id, size) for r in records]
     todo = [i for i, patch in enumerate(patches) if patch is None]
     by_patient = _by_patient([records[i] for i in todo])
-    claims = _mask_claims(records)  # of every lesion: a patient's reused ones claim their values too
+    claims = mask_claims(records)  # of every lesion: a patient's reused ones claim their values too
     results = _map_patients([([records[todo[i]] for i in rows], size, allow, options, claims[patient])
                              for patient, rows in by_patient.items()], workers)
     problems = []
@@ -282,7 +282,7 @@ def preprocess_manifest(
 def lesion_problems(records: Sequence, workers: int = 2, allow: frozenset[str] = frozenset()) -> list[str]:
     """Every problem preprocessing would meet in these lesions' files, without making patches."""
     by_patient = _by_patient(list(records))
-    claims = _mask_claims(records)
+    claims = mask_claims(records)
     jobs = [([records[i] for i in rows], None, allow, PreprocessOptions(), claims[patient])
             for patient, rows in by_patient.items()]
     return _unique([p for lesions in _map_patients(jobs, workers) for problems in lesions for p in problems])
@@ -319,7 +319,7 @@ def _raise_problems(problems: list[str]) -> None:
         raise PreprocessError(problem_report("cannot preprocess:", problems))
 
 
-def _mask_claims(records: Sequence) -> dict[str, set[int]]:
+def mask_claims(records: Sequence) -> dict[str, set[int]]:
     """patient -> the mask values its lesions found by masks claim."""
     claims: dict[str, set[int]] = defaultdict(set)
     for record in records:

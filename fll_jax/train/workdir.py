@@ -84,9 +84,10 @@ def run_fingerprint(config: ml_collections.ConfigDict, data: dict) -> dict:
 
 def fingerprint_changes(stored: dict, current: dict) -> list[str]:
     """Lines naming each changed setting (by path) and each changed lesion or file."""
-    # Runs started before FOLD_SELECTION recorded their first command's folds.
-    old = {k: v for k, v in stored.get("settings", {}).items() if k not in FOLD_SELECTION}
-    new = current["settings"]
+    # Older runs recorded settings made knobs since (their first command's folds, model.space_to_depth).
+    ignored = SPEED_KNOBS + REPORT_SETTINGS + FOLD_SELECTION
+    old, new = ({k: v for k, v in fingerprint.get("settings", {}).items() if k not in ignored}
+                for fingerprint in (stored, current))
     lines = [f"setting {k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     old_data, new_data = stored.get("data", {}), current["data"]
