@@ -191,12 +191,12 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     np.testing.assert_array_equal(fixed.patches.image, relabelled.patches.image)
 
 
-
 def test_a_dropped_row_leaves_its_mask_value_unclaimed_though_the_patients_other_lesion_is_cached(run):
     folder, config = run
     _edit_manifest(config, lambda rs: [r for r in rs if r.lesion_id != "D00_L2"])
     with pytest.raises(PreprocessError, match=r"D00/t2w_mask.nii.gz: value\(s\) 2 mark no lesion of patient 'D00'"):
         prepare_source(config)
+
 
 def test_lesions_cached_before_a_new_check_are_checked_and_a_run_they_pass_is_reused(run, monkeypatch, capsys):
     folder, config = run
@@ -218,6 +218,7 @@ def test_lesions_cached_before_a_new_check_are_checked_and_a_run_they_pass_is_re
     assert "reused the patches of 24 of 25 lesions" in capsys.readouterr().out
     np.testing.assert_array_equal(prepare_source(config).patches.image, old.image)
     assert results(folder / "run") == before
+
 
 # 4. Leaks the manifest's paths hide.
 
