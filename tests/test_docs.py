@@ -1,0 +1,79 @@
+"""The commands that README.md, docs/ and the scripts' own docstrings show use flags and config
+fields that exist, so that a reader who copies one gets the run it describes."""
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# A script's path, then its arguments up to a comment, a closing backtick or the end of the
+# command (a backslash joins the next line).
+COMMAND = re.compile(r"((?:experiments|data_prep)/\w+\.py)((?:\\\n|[^`#\n])*)")
+FLAG = re.compile(r"(?<![\w-])--([A-Za-z_][\w.]*)")
+ABSL_FLAGS = {"help", "helpfull", "flagfile"}
+# A config file and its optional config string, as `--config` takes them.
+CONFIG = re.compile(r"--config[ =](configs/[\w/]+\.py)(?::([^\s`]+))?")
+
+
+def _defined_flags(script: Path) -> set[str]:
+    """The names the script gives absl's DEFINE_* calls (config_flags' included)."""
+    return {node.args[0].value for node in ast.walk(ast.parse(script.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "").startswith("DEFINE")
+            and node.args and isinstance(node.args[0], ast.Constant)}
+
+
+def _has_field(config, path: str) -> bool:
+    for name in path.split("."):
+        if name not in config:
+            return False
+        config = config[name]
+    return True
+
+
+def _documented_commands():
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "experiments").glob("*.py")), *sorted((ROOT / "data_prep").glob("*.py"))]
+    for path in texts:
+        text = path.read_text()
+        for match in COMMAND.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            yield f"{path.relative_to(ROOT)}:{line}", match.group(1), match.group(2)
+
+
+def test_documented_commands_use_flags_and_config_fields_that_exist():
+    from configs.paper import get_config
+
+    config = get_config()
+    unknown, checked = [], 0
+    for where, script, arguments in _documented_commands():
+        if not (ROOT / script).exists():
+            unknown.append(f"{where}: {script} does not exist")
+            continue
+        names = _defined_flags(ROOT / script)
+        for flag in FLAG.findall(arguments):
+            checked += 1
+            name, _, field = flag.partition(".")
+            known = name in names or name in ABSL_FLAGS or (name.startswith("no") and name[2:] in names)
+            if not known or (field and not _has_field(config, field)):
+                unknown.append(f"{where}: {script} --{flag}")
+    assert not unknown, "documented commands that would fail:\n" + "\n".join(unknown)
+    assert checked > 100  # the pattern still finds the commands
+
+
+def test_documented_configs_and_config_strings_load():
+    from fll_jax.config_check import check_config
+
+    loaded = 0
+    for where, _, arguments in _documented_commands():
+        for file, arg in CONFIG.findall(arguments):
+            spec = importlib.util.spec_from_file_location("documented_config", ROOT / file)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            try:
+                config = module.get_config(arg or None)
+                if "ablations" not in file:  # a sweep's config is checked point by point when it runs
+                    check_config(config, data_source=False)
+            except Exception as error:  # noqa: BLE001  (any failure is the finding, named below)
+                raise AssertionError(f"{where}: --config {file}:{arg} fails: {error}") from error
+            loaded += 1
+    assert loaded > 20  # the pattern still finds the configs
