@@ -337,3 +337,12 @@ def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_ca
     cells = dict(zip(["", *disc.TABLE3_COLUMNS], next(
         line for line in table3_markdown(stored, 0.95) if line.startswith("| NLR")).strip("|").split(" | ")))
     assert cells["cyst"].strip() == "∞ (-, ∞)"
+    # A split of malignant lesions only: no negative lesion to divide by, so both ratios are undefined.
+    label7 = np.repeat([4, 5, 6], 2)
+    table = disc.table3(label7, np.eye(7)[label7], np.ones(6, int), np.tile([0.0, 1.0], (6, 1)), None, 0.95, "bcd")
+    stored = json.loads(json.dumps(json_safe(table)))
+    assert stored[BINARY_COLUMN]["counts"] == {"tp": 6, "fp": 0, "fn": 0, "tn": 0}
+    for row in ("| PLR", "| NLR"):
+        cells = dict(zip(["", *disc.TABLE3_COLUMNS], next(
+            line for line in table3_markdown(stored, 0.95) if line.startswith(row)).strip("|").split(" | ")))
+        assert cells[BINARY_COLUMN].strip() == "- (-, -)"

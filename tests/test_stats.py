@@ -129,6 +129,13 @@ def test_table3_misprints_are_what_the_list_says():
     assert table["cyst"]["accuracy"][1] != table["hcc"]["accuracy"][1]
 
 
+def test_modified_wilson_bounds_hold_their_estimate_at_none_and_all():
+    for n in range(1, 120):
+        for x in (0, n):
+            estimate, lower, upper = modified_wilson(x, n)
+            assert lower <= estimate <= upper and (lower == 0.0 if x == 0 else upper == 1.0)
+
+
 def test_modified_wilson_rule():
     assert default_x_star(50) == 2 and default_x_star(51) == 3 and default_x_star(500) == 3
     # Away from the edges it is the plain Wilson interval.

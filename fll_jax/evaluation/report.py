@@ -17,7 +17,9 @@ from fll_jax.evaluation import discrimination as disc
 from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
-from fll_jax.evaluation.stats import METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value
+from fll_jax.evaluation.stats import (
+    METRIC_KEYS, RULE_NAMES, check_rule, ci_label, format_interval, format_value, likelihood_ratios,
+)
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import (
@@ -248,11 +250,9 @@ def cohort_markdown(cohort: dict) -> list[str]:
 
 
 def _table3_cell(entry: dict, key: str) -> str:
-    """One metric of a Table 3 column. JSON holds no infinity (json_safe made it None), so a PLR
-    without false positives or an NLR without true negatives, (inf, None, inf) in
-    stats.likelihood_ratio, is told by its counts."""
-    counts = entry["counts"]
-    if (key == "plr" and counts["fp"] == 0 < counts["tp"]) or (key == "nlr" and counts["tn"] == 0 < counts["fn"]):
+    """One metric of a Table 3 column. JSON holds no infinity (json_safe made it None), so a
+    likelihood ratio over zero, (inf, None, inf) in stats.likelihood_ratio, is told by its counts."""
+    if key in ("plr", "nlr") and likelihood_ratios(**entry["counts"])[key][0] == math.inf:
         return format_interval((math.inf, None, math.inf))
     return format_interval(tuple(entry[key]))
 

@@ -57,6 +57,8 @@ def modified_wilson(x: int, n: int, confidence: float = 0.95, x_star: int | None
     alpha = 1.0 - confidence
     k = default_x_star(n) if x_star is None else x_star
     lower, upper = proportion_confint(x, n, alpha=alpha, method="wilson")
+    # statsmodels leaves rounding noise (5.6e-17 at 0/3, 1 - 1.1e-16 at 10/10) where the bound is the estimate.
+    lower, upper = (0.0 if x == 0 else lower), (1.0 if x == n else upper)
     if 1 <= x <= k:
         lower = 0.5 * stats.chi2.ppf(alpha, 2 * x) / n
     if 1 <= n - x <= k:
@@ -121,9 +123,16 @@ def binary_metrics(
         "specificity": prop(tn, neg),
         "ppv": prop(tp, tp + fp),
         "npv": prop(tn, tn + fn),
-        "plr": likelihood_ratio(tp, pos, fp, neg, confidence, rule),
-        "nlr": likelihood_ratio(fn, pos, tn, neg, confidence, rule),
+        **likelihood_ratios(tp, fp, fn, tn, confidence, rule),
     }
+
+
+def likelihood_ratios(tp: int, fp: int, fn: int, tn: int, confidence: float = 0.95,
+                      rule: str = "bcd") -> dict[str, Interval]:
+    """{'plr': ..., 'nlr': ...} of the 2x2 counts (likelihood_ratio)."""
+    pos, neg = tp + fn, fp + tn
+    return {"plr": likelihood_ratio(tp, pos, fp, neg, confidence, rule),
+            "nlr": likelihood_ratio(fn, pos, tn, neg, confidence, rule)}
 
 
 def format_value(value: float | None, digits: int = 3) -> str:
