@@ -310,7 +310,7 @@ def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
     assert categorical_test(np.array([[0, 1], [0, 1], [1, 0]]))[1] == pytest.approx(1.0)  # scipy answers an array here
 
 
-def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_calls_undefined():
+def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_calls_or_negative_lesions_undefined():
     from fll_jax.evaluation import discrimination as disc
     from fll_jax.evaluation.report import json_safe, table3_markdown
 
