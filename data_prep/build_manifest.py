@@ -1,4 +1,5 @@
-r"""Builds a manifest from a study kept as one folder per patient (docs/folders.md).
+r"""Builds a manifest from a study kept as one folder per patient (docs/folders.md), or from the
+patients data_prep/dicom_to_nifti.py converted into one folder (docs/dicom.md).
 
   python data_prep/build_manifest.py --root data/my_study
   python data_prep/build_manifest.py --root data/my_study --test_fraction 0.25 --seed 1

@@ -188,6 +188,38 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     assert not _files_holding(tmp_path / "out", NEEDLES)
 
 
+def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path):
+    from fll_jax.data.folders import FolderError, build_manifest
+    from fll_jax.data.manifest import read_manifest
+
+    root, centre, radius = tmp_path / "nifti", np.array([2.0, -40.0, 10.0]), 6.0
+    second = {"patient_id": "PAT-2", "patient_name": "Roe^Richard", "birth_date": "19500101"}
+    for k, patient in enumerate([PATIENT, second]):
+        _write_study(tmp_path / f"study{k}", tmp_path / f"scratch{k}", centre, radius, patient)
+        convert_study(tmp_path / f"study{k}", root, salt=SALT, log=lambda message: None)
+    subjects = [hashed_subject_id(p["patient_id"], SALT) for p in (PATIENT, second)]
+    box = " ".join(f"{v:g}" for v in (*(centre - radius), *(centre + radius)))
+    (root / "labels.csv").write_text("patient_id,lesion_id,label,split,box_mm\n" + "".join(
+        f"{s},{s}_L1,{label},{split},{box}\n" for s, label, split in zip(subjects, ("hcc", "cyst"), ("dev", "test"))))
+
+    records = read_manifest(build_manifest(root))
+    for subject, record in zip(subjects, records):
+        # Each lesion's images are the volumes series.csv chose: every sequence, the b800 trace as DWI.
+        assert record.images == read_series_table(root / subject) and sorted(record.images) == sorted(SEQUENCES)
+        assert record.images["dwi"].name.endswith("_b800.nii.gz") and record.box_mm is not None
+    assert [(r.label, r.split) for r in records] == [(CLASSES.index("hcc"), "dev"), (CLASSES.index("cyst"), "test")]
+
+    # A guess made ambiguous by hand, or a stray file among the converted ones, is refused by name.
+    table = root / subjects[1] / "series.csv"
+    table.write_text(table.read_text().replace(",adc,", ",t2w,"))
+    (root / subjects[0] / "notes.txt").write_text("reader's notes")
+    with pytest.raises(FolderError) as refused:
+        build_manifest(root, overwrite=True)
+    message = str(refused.value)
+    assert "2 volumes guessed t2w" in message and str(table) in message
+    assert f"{root / subjects[0] / 'notes.txt'}: not a sequence file" in message
+
+
 def test_a_study_of_two_patients_is_refused(tmp_path):
     from fll_jax.inference import dicom_record
 

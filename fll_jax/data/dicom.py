@@ -932,6 +932,17 @@ def _highest_b(found: list[dict], guessed: list[dict], path: Path) -> tuple[list
     return (isotropic if len(isotropic) == 1 else found), None
 
 
+def converted_files(subject_dir: str | Path) -> set[Path]:
+    """Every file a conversion wrote into a patient's folder: series.csv, and each written
+    volume's NIfTI and JSON sidecar that it lists; empty without series.csv."""
+    path = Path(subject_dir) / "series.csv"
+    if not path.is_file():
+        return set()
+    with open(path, newline="", encoding="utf-8") as f:
+        names = [r["file"] for r in csv.DictReader(f) if r.get("status") == "written" and r.get("file")]
+    return {path} | {path.parent / n for n in names} | {path.parent / (n[: -len(".nii.gz")] + ".json") for n in names}
+
+
 def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     """sequence -> NIfTI file of a converted patient, from its series.csv (after any hand edits).
 

@@ -11,7 +11,10 @@ records into it (`write_folders`, used by data_prep/phantom_to_folders.py). The 
         <seq>.nii.gz (or .nii)    one image per sequence the patient has
         <seq>_mask.nii.gz         optional: the patient's lesion labels on that image's grid
 
-``<seq>`` is one of t2w, dwi, adc, t1w, lap, pvp, dp, spelled exactly so. A mask holds 0 for
+``<seq>`` is one of t2w, dwi, adc, t1w, lap, pvp, dp, spelled exactly so. A patient folder
+that data_prep/dicom_to_nifti.py wrote (it holds series.csv) gives its images by series.csv's
+sequence_guess column instead (fll_jax.data.dicom.read_series_table), so a converted study needs
+only labels.csv (a lesion found by ``box_mm``, or by a ``<seq>_mask`` file added beside them). A mask holds 0 for
 background and one value per lesion (the row's ``mask_value``), as in a manifest
 (fll_jax/data/manifest.py). A sequence whose image is not in the folder is absent for all of
 the patient's lesions. Names starting with '.' (.DS_Store, editor files) are skipped; any
@@ -64,6 +67,7 @@ from fll_jax.data.manifest import (
 from fll_jax.files import atomic_path, write_text
 
 LABELS_FILE = "labels.csv"
+SERIES_FILE = "series.csv"  # a patient folder that data_prep/dicom_to_nifti.py wrote
 MANIFEST_FILE = "manifest.csv"
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "lesion_id", "label")
@@ -114,11 +118,28 @@ def _hidden(path: Path) -> bool:
 # ----------------------------------------------------------------------------- reader
 
 
+def _converted_images(folder: Path, images: dict[str, Path], problems: list[str]) -> set[Path]:
+    """For a patient folder data_prep/dicom_to_nifti.py wrote (it holds series.csv): the volumes
+    its sequence_guess column chooses, added to images, and every file the conversion wrote."""
+    if not (folder / SERIES_FILE).is_file():
+        return set()
+    from fll_jax.data.dicom import DicomError, converted_files, read_series_table  # pydicom: the dicom extra
+    try:
+        images.update(read_series_table(folder))
+    except DicomError as error:
+        problems.append(str(error))
+    else:
+        if not images:
+            problems.append(f"{folder / SERIES_FILE}: no written volume has a sequence_guess; fill in the column")
+    return converted_files(folder)
+
+
 def _scan_patient(folder: Path) -> tuple[_Patient, list[Path], list[str]]:
     """A patient folder's sequence files, the entries that name no sequence, and problems."""
     files: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
     unknown, problems = [], []
-    for path in sorted(p for p in folder.iterdir() if not _hidden(p)):
+    converted = _converted_images(folder, files["image"], problems)
+    for path in sorted(p for p in folder.iterdir() if not _hidden(p) and p not in converted):
         role = _file_role(path.name) if path.is_file() else None
         if role is None:
             unknown.append(path)
@@ -130,7 +151,7 @@ def _scan_patient(folder: Path) -> tuple[_Patient, list[Path], list[str]]:
             files[kind][sequence] = path
     problems += [f"{mask}: a mask without its image {s}.nii.gz" for s, mask in files["mask"].items()
                  if s not in files["image"]]
-    if not files["image"]:
+    if not files["image"] and not converted:
         problems.append(f"{folder}: no image file ({_EXPECTED_NAMES})")
     return _Patient(folder, files["image"], files["mask"]), unknown, problems
 
