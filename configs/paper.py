@@ -49,8 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a patient's lesions together nor whether they were stratified (not stated).
     config.data.folds = "assigned"
     config.data.workers = 2  # ours: preprocessing processes (no effect on the patches)
-    # ours: data checks to switch off, joined by '+': constant_image, large_mask, shared_image,
-    # unclaimed_mask_value.
+    # ours: data checks to switch off, joined by '+' (fll_jax/data/checks.py ALLOWABLE): constant_image,
+    # large_mask, shared_image, unclaimed_mask_value, separate_parts, box_outside.
     config.data.allow = ""
     # Preprocessing (fll_jax/data/preprocess.py). Fixed there, not config fields: the crop rule's
     # thresholds (paper: < 16 mm -> 32 mm cube, 16-32 mm -> 64 mm, larger "cropped by dilating

@@ -77,3 +77,14 @@ def test_documented_configs_and_config_strings_load():
                 raise AssertionError(f"{where}: --config {file}:{arg} fails: {error}") from error
             loaded += 1
     assert loaded > 20  # the pattern still finds the configs
+
+
+def test_tests_the_docs_cite_exist():
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    cited = {(path.name, file, name) for path in texts
+             for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", path.read_text())}
+    defined = {path.name: set(re.findall(r"^def (test_\w+)\(", path.read_text(), re.M))
+               for path in (ROOT / "tests").glob("test_*.py")}
+    missing = sorted(f"{doc}: {file}::{name}" for doc, file, name in cited if name not in defined.get(file, ()))
+    assert not missing, "tests the docs cite that do not exist:\n" + "\n".join(missing)
+    assert len(cited) > 100  # the pattern still finds the citations

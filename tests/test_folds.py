@@ -109,3 +109,23 @@ def test_the_data_check_lists_the_fold_problems_training_would_meet(tmp_path):
     config.data.num_folds, config.train.folds = 3, (0, 1, 2)
     with pytest.warns(UserWarning, match="not stratified"):
         assert check_data(config) == []
+
+
+def test_a_manifests_own_folds_left_for_drawn_ones_are_named_in_a_warning(tmp_path):
+    import dataclasses
+    import warnings
+
+    from fll_jax.data.manifest import read_manifest
+
+    config = quick.get_config()
+    path = _dataset(tmp_path, config)
+    config.data.num_folds, config.train.folds = 3, (0, 1, 2)
+    with warnings.catch_warnings(record=True) as caught:  # no fold column: nothing to leave
+        warnings.simplefilter("always")
+        describe_data(config)
+    assert not [w for w in caught if "fold column" in str(w.message)]
+    records = read_manifest(path)
+    write_manifest([dataclasses.replace(r, fold=None if r.split == "test" else k) for k, r in enumerate(records)], path)
+    with pytest.warns(UserWarning, match=f"{path} gives folds .*--config.data.folds manifest"):
+        _, folds, _ = describe_data(config)
+    assert sorted(folds) == [TEST_FOLD, 0, 1, 2]  # drawn, as data.folds says

@@ -18,6 +18,7 @@ reuse the same patches. Folds are assigned here, from the manifest, each time a 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import ml_collections
@@ -111,8 +112,13 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
 
 
 def _assigned_folds(config: ml_collections.ConfigDict, records: list) -> list[int]:
-    """The folds drawn from data.fold_seed (data.folds 'assigned'); FoldError when they cannot be."""
+    """The folds drawn from data.fold_seed (data.folds 'assigned'); FoldError when they cannot be.
+    A warning when the manifest gives folds of its own, which these replace."""
     data = config.data
+    if any(r.fold is not None for r in records):
+        warnings.warn(f"{manifest_path(config)} gives folds (its fold column), but data.folds is 'assigned': folds "
+                      f"drawn from data.fold_seed replace them. To train on the manifest's folds (a data set's "
+                      f"official ones), set --config.data.folds manifest and data.num_folds to their number.")
     return assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
                         num_folds=data.num_folds, seed=data.fold_seed).tolist()
 
