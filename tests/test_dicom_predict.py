@@ -188,7 +188,7 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     assert not _files_holding(tmp_path / "out", NEEDLES)
 
 
-def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path):
+def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path, monkeypatch):
     from fll_jax.data.folders import FolderError, build_manifest
     from fll_jax.data.manifest import read_manifest
 
@@ -208,6 +208,12 @@ def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path):
         assert record.images == read_series_table(root / subject) and sorted(record.images) == sorted(SEQUENCES)
         assert record.images["dwi"].name.endswith("_b800.nii.gz") and record.box_mm is not None
     assert [(r.label, r.split) for r in records] == [(CLASSES.index("hcc"), "dev"), (CLASSES.index("cyst"), "test")]
+    # A volume named for its sequence by hand is taken over series.csv's choice for that sequence.
+    by_hand = root / subjects[0] / "t2w.nii.gz"
+    by_hand.symlink_to(records[0].images["t1w"])
+    record = read_manifest(build_manifest(root, overwrite=True))[0]
+    assert record.images["t2w"].name == "t2w.nii.gz" and record.images["dwi"] == records[0].images["dwi"]
+    by_hand.unlink()
 
     # A guess made ambiguous by hand, or a stray file among the converted ones, is refused by name.
     table = root / subjects[1] / "series.csv"
@@ -218,6 +224,12 @@ def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path):
     message = str(refused.value)
     assert "2 volumes guessed t2w" in message and str(table) in message
     assert f"{root / subjects[0] / 'notes.txt'}: not a sequence file" in message
+    # Without pydicom (a bare install) the converted folders are refused by name, not with a traceback.
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    monkeypatch.delitem(sys.modules, "fll_jax.data.dicom")
+    with pytest.raises(FolderError, match=re.escape(f"{root / subjects[0] / 'series.csv'}: a converted DICOM folder "
+                                                    "is read with pydicom")):
+        build_manifest(root, overwrite=True)
 
 
 def test_a_study_of_two_patients_is_refused(tmp_path):

@@ -126,6 +126,6 @@ def test_a_manifests_own_folds_left_for_drawn_ones_are_named_in_a_warning(tmp_pa
     assert not [w for w in caught if "fold column" in str(w.message)]
     records = read_manifest(path)
     write_manifest([dataclasses.replace(r, fold=None if r.split == "test" else k) for k, r in enumerate(records)], path)
-    with pytest.warns(UserWarning, match=f"{path} gives folds .*--config.data.folds manifest"):
+    with pytest.warns(UserWarning, match=f"{path} gives folds .*data.folds 'manifest'"):
         _, folds, _ = describe_data(config)
     assert sorted(folds) == [TEST_FOLD, 0, 1, 2]  # drawn, as data.folds says

@@ -940,7 +940,8 @@ def converted_files(subject_dir: str | Path) -> set[Path]:
         return set()
     with open(path, newline="", encoding="utf-8") as f:
         names = [r["file"] for r in csv.DictReader(f) if r.get("status") == "written" and r.get("file")]
-    return {path} | {path.parent / n for n in names} | {path.parent / (n[: -len(".nii.gz")] + ".json") for n in names}
+    return {path} | {path.parent / n for n in names} | {path.parent / (n.removesuffix(".gz").removesuffix(".nii") + ".json")
+                                                      for n in names}
 
 
 def read_series_table(subject_dir: str | Path) -> dict[str, Path]:

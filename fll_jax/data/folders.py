@@ -13,8 +13,9 @@ records into it (`write_folders`, used by data_prep/phantom_to_folders.py). The 
 
 ``<seq>`` is one of t2w, dwi, adc, t1w, lap, pvp, dp, spelled exactly so. A patient folder
 that data_prep/dicom_to_nifti.py wrote (it holds series.csv) gives its images by series.csv's
-sequence_guess column instead (fll_jax.data.dicom.read_series_table), so a converted study needs
-only labels.csv (a lesion found by ``box_mm``, or by a ``<seq>_mask`` file added beside them). A mask holds 0 for
+sequence_guess column (fll_jax.data.dicom.read_series_table) for every sequence no
+``<seq>.nii.gz`` there names, so a converted study needs only labels.csv (a lesion found by
+``box_mm``, or by a ``<seq>_mask`` file added beside them). A mask holds 0 for
 background and one value per lesion (the row's ``mask_value``), as in a manifest
 (fll_jax/data/manifest.py). A sequence whose image is not in the folder is absent for all of
 the patient's lesions. Names starting with '.' (.DS_Store, editor files) are skipped; any
@@ -118,27 +119,33 @@ def _hidden(path: Path) -> bool:
 # ----------------------------------------------------------------------------- reader
 
 
-def _converted_images(folder: Path, images: dict[str, Path], problems: list[str]) -> set[Path]:
+def _converted_images(folder: Path, problems: list[str]) -> tuple[dict[str, Path], set[Path]]:
     """For a patient folder data_prep/dicom_to_nifti.py wrote (it holds series.csv): the volumes
-    its sequence_guess column chooses, added to images, and every file the conversion wrote."""
+    its sequence_guess column chooses, and every file the conversion wrote; nothing otherwise."""
     if not (folder / SERIES_FILE).is_file():
-        return set()
-    from fll_jax.data.dicom import DicomError, converted_files, read_series_table  # pydicom: the dicom extra
+        return {}, set()
     try:
-        images.update(read_series_table(folder))
+        from fll_jax.data.dicom import DicomError, converted_files, read_series_table
+    except ImportError:
+        problems.append(f"{folder / SERIES_FILE}: a converted DICOM folder is read with pydicom; install it "
+                        "(pip install -e \".[dicom]\")")
+        return {}, set()
+    try:
+        chosen = read_series_table(folder)
     except DicomError as error:
         problems.append(str(error))
+        chosen = {}
     else:
-        if not images:
+        if not chosen:
             problems.append(f"{folder / SERIES_FILE}: no written volume has a sequence_guess; fill in the column")
-    return converted_files(folder)
+    return chosen, converted_files(folder)
 
 
 def _scan_patient(folder: Path) -> tuple[_Patient, list[Path], list[str]]:
     """A patient folder's sequence files, the entries that name no sequence, and problems."""
     files: dict[str, dict[str, Path]] = {"image": {}, "mask": {}}
     unknown, problems = [], []
-    converted = _converted_images(folder, files["image"], problems)
+    chosen, converted = _converted_images(folder, problems)
     for path in sorted(p for p in folder.iterdir() if not _hidden(p) and p not in converted):
         role = _file_role(path.name) if path.is_file() else None
         if role is None:
@@ -149,8 +156,11 @@ def _scan_patient(folder: Path) -> tuple[_Patient, list[Path], list[str]]:
             problems.append(f"{path}: a second {sequence} {kind} beside {files[kind][sequence].name}; keep one")
         else:
             files[kind][sequence] = path
-    problems += [f"{mask}: a mask without its image {s}.nii.gz" for s, mask in files["mask"].items()
-                 if s not in files["image"]]
+    # A file named for a sequence is chosen by hand; series.csv chooses the others.
+    files["image"] = {**chosen, **files["image"]}
+    problems += [f"{mask}: a mask without its image {s}.nii.gz" + (f" (nor a {s} volume in {SERIES_FILE})" if converted
+                                                                  else "")
+                 for s, mask in files["mask"].items() if s not in files["image"]]
     if not files["image"] and not converted:
         problems.append(f"{folder}: no image file ({_EXPECTED_NAMES})")
     return _Patient(folder, files["image"], files["mask"]), unknown, problems

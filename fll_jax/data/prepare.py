@@ -117,8 +117,8 @@ def _assigned_folds(config: ml_collections.ConfigDict, records: list) -> list[in
     data = config.data
     if any(r.fold is not None for r in records):
         warnings.warn(f"{manifest_path(config)} gives folds (its fold column), but data.folds is 'assigned': folds "
-                      f"drawn from data.fold_seed replace them. To train on the manifest's folds (a data set's "
-                      f"official ones), set --config.data.folds manifest and data.num_folds to their number.")
+                      "drawn from data.fold_seed replace them. A run trains on the manifest's folds (a data set's "
+                      "official ones) with data.folds 'manifest' and data.num_folds their number.", stacklevel=2)
     return assign_folds([r.patient_id for r in records], [r.label for r in records], [r.split for r in records],
                         num_folds=data.num_folds, seed=data.fold_seed).tolist()
 
