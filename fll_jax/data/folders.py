@@ -158,9 +158,9 @@ def _scan_patient(folder: Path) -> tuple[_Patient, list[Path], list[str]]:
             files[kind][sequence] = path
     # A file named for a sequence is chosen by hand; series.csv chooses the others.
     files["image"] = {**chosen, **files["image"]}
-    problems += [f"{mask}: a mask without its image {s}.nii.gz" + (f" (nor a {s} volume in {SERIES_FILE})" if converted
-                                                                  else "")
-                 for s, mask in files["mask"].items() if s not in files["image"]]
+    nor = f" (nor a volume guessed that sequence in {SERIES_FILE})" if converted else ""
+    problems += [f"{mask}: a mask without its image {s}.nii.gz{nor}" for s, mask in files["mask"].items()
+                 if s not in files["image"]]
     if not files["image"] and not converted:
         problems.append(f"{folder}: no image file ({_EXPECTED_NAMES})")
     return _Patient(folder, files["image"], files["mask"]), unknown, problems
