@@ -154,7 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.confidence = 0.95  # paper: "95% confidence intervals" (Statistical analysis)
-    # Interval rule of the report's Table 3 (its other intervals always use 'bcd'). paper:
+    # Interval rule of every proportion and likelihood ratio in the report, reader study and
+    # sweep comparison (Table 3, the summary, subgroups). paper:
     # "modified Wilson method" (Statistical analysis), its cut-off x* and the likelihood-ratio
     # interval not stated. 'paper' (ours: modified Wilson with x* = 2 at every n and the
     # log-method LR interval with z = 1.96, inferred because they reproduce Table 3's printed

@@ -10,6 +10,7 @@ from fll_jax.constants import NUM_CLASSES, class_index, to_binary
 from fll_jax.evaluation.comparison import ComparisonError, Task, compare, load_points, write_comparison
 from fll_jax.evaluation.paired import mcnemar_exact
 from fll_jax.evaluation.predictions import PredictionsError
+from fll_jax.evaluation.stats import proportion
 
 N = 70  # lesions per split, ten of each class, two lesions per patient
 RESAMPLES = 300  # enough for the interval checks here, and quick
@@ -179,7 +180,24 @@ def test_intervals_are_at_the_points_confidence_and_mixed_levels_are_refused(swe
         width = {level: (t[f"{key}_hi"] - t[f"{key}_lo"]).dropna() for level, t in (("80", at_80), ("95", at_95))}
         assert len(width["80"]) >= 2 and (width["80"] < width["95"]).all(), key
     (tmp_path / "base" / "config.json").write_text(json.dumps({"evaluation": {"confidence": 0.9}}))
-    with pytest.raises(ComparisonError, match=r"different confidence levels \('base' 0.9, 'sequences=all-lap' 0.8\)"):
+    with pytest.raises(ComparisonError, match=r"different evaluation.confidence \('base' 0.9, 'sequences=all-lap' 0.8\)"):
+        write_comparison(tmp_path, resamples=RESAMPLES)
+
+
+def test_accuracy_intervals_follow_the_points_interval_rule_and_mixed_rules_are_refused(tmp_path):
+    """Points run under the paper's rule get its accuracy intervals, as in their reports (the
+    comparison had always used Brown, Cai & DasGupta's)."""
+    three_wrong = np.arange(N) >= 3  # 67 of 70: where the rules' Poisson cut-offs (x* = 2 and 3) part
+    _write_points(tmp_path, {"base": three_wrong, "seed=1": three_wrong}, lambda frame: frame)
+    for name in ("base", "seed=1"):
+        (tmp_path / name / "config.json").write_text(json.dumps({"evaluation": {"interval_rule": "paper"}}))
+    paths = write_comparison(tmp_path, resamples=RESAMPLES)
+    row = pd.read_csv(paths[1]).set_index(["split", "point"]).loc[("test", "base")]
+    assert [row["acc"], row["acc_lo"], row["acc_hi"]] == pytest.approx(list(proportion(67, N, 0.95, "paper")))
+    assert row["acc_hi"] != pytest.approx(proportion(67, N, 0.95, "bcd")[2])
+    assert "for accuracy the paper's rule" in paths[0].read_text()
+    (tmp_path / "seed=1" / "config.json").write_text(json.dumps({"evaluation": {"interval_rule": "bcd"}}))
+    with pytest.raises(ComparisonError, match=r"different evaluation.interval_rule \('base' paper, 'seed=1' bcd\)"):
         write_comparison(tmp_path, resamples=RESAMPLES)
 
 

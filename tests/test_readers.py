@@ -13,11 +13,12 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.inter_rater import cohens_kappa
 
 from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_workdir
+from fll_jax.constants import CLASSES
 from fll_jax.evaluation.paired import paired_bootstrap
 from fll_jax.evaluation.readers import (
     ReadersError, compare_paired, load_readers, parse_class, reader_markdown, reader_study, simulate_readers, write_reader_study,
 )
-from fll_jax.evaluation.stats import modified_wilson
+from fll_jax.evaluation.stats import modified_wilson, proportion
 
 EXAMPLE_CSV = Path(__file__).resolve().parents[1] / "experiments" / "example_readers.csv"
 N, MODEL_CORRECT = 113, 90
@@ -207,6 +208,25 @@ def test_reader_study_intervals_follow_the_configured_confidence(tmp_path):
     assert reader["accuracy_ci"] == pytest.approx(list(modified_wilson(correct, reader["n"], 0.9)[1:]))
     text = (workdir / "reader_study.md").read_text()
     assert "| ACC (90% CI) |" in text and "pooled ACC (90% CI, patients resampled)" in text and "95%" not in text
+
+
+def test_reader_and_model_accuracies_follow_the_runs_interval_rule(tmp_path):
+    """Under the paper's rule the reader study's intervals are the report's (x* = 2 at every n);
+    they had always followed Brown, Cai & DasGupta's."""
+    workdir = write_synthetic_workdir(tmp_path / "run")
+    config = json.loads((workdir / "config.json").read_text())
+    config["evaluation"] = {"confidence": 0.95, "interval_rule": "paper"}
+    (workdir / "config.json").write_text(json.dumps(config))
+    test = synthetic_predictions(0).query("split == 'test'")
+    # Three wrong calls in 113: where the rules' Poisson cut-offs (x* = 2 and 3) part.
+    calls = [CLASSES[(label + (i < 3)) % len(CLASSES)] for i, label in enumerate(test["label7"])]
+    csv = tmp_path / "readers.csv"
+    pd.DataFrame({"reader_id": "R1", "group": "experts", "lesion_id": test["lesion_id"],
+                  "predicted_class": calls}).to_csv(csv, index=False)
+    reader = write_reader_study(workdir, csv)["readers"]["R1"]
+    assert [reader["accuracy"], *reader["accuracy_ci"]] == pytest.approx(list(proportion(110, 113, 0.95, "paper")))
+    assert reader["accuracy_ci"][1] != pytest.approx(proportion(110, 113, 0.95, "bcd")[2])
+    assert "Accuracy intervals follow the paper's rule" in (workdir / "reader_study.md").read_text()
 
 
 def test_a_groups_pooled_accuracy_interval_resamples_lesions_not_reads():

@@ -227,7 +227,7 @@ def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path, monkey
     assert column["plr"] == pytest.approx(list(expected["plr"])) and column["npv"] == pytest.approx(list(expected["npv"]))
     assert column["plr"] != metrics["test"]["ensemble"]["table3_argmax"][BINARY_COLUMN]["plr"]
     text = (paper / "report.md").read_text()
-    assert "Confidence level 0.9." in text and "Table 3 follows the paper's rule: modified Wilson with x* = 2" in text
+    assert "Confidence level 0.9." in text and "likelihood ratio follows the paper's rule: modified Wilson with x* = 2" in text
     assert "95%" not in text and "95 %" not in text
     assert text.count("| ACC (90% CI) |") == 2 and "AUC (90% CI, DeLong)" in text
     assert "ACC 7-way (90% CI)" in text.split("## Subgroups")[1]
@@ -235,6 +235,37 @@ def test_interval_rule_and_confidence_come_from_the_config(run, tmp_path, monkey
     auc, (lower, upper) = ours["test"]["ensemble"]["auc_binary"], ours["test"]["ensemble"]["auc_binary_ci"]
     assert legend.get_title().get_text() == "AUC (90% CI, DeLong)"
     assert legend.get_texts()[0].get_text() == f"benign vs malignant: {auc:.3f} ({lower:.3f}-{upper:.3f})"
+
+
+def test_one_accuracy_has_one_interval_under_either_rule(run, tmp_path):
+    """The summary's, Table 3's and the subgroups' accuracies all follow evaluation.interval_rule
+    (the summary and subgroups had used Brown, Cai & DasGupta's rule under the paper's: two
+    intervals for one two-way accuracy)."""
+    from fll_jax.evaluation.stats import proportion
+
+    workdir, _ = run
+    frame = pd.read_csv(workdir / "predictions.csv")
+    test = frame["split"] == "test"
+    # Three two-way errors in 113: where the rules' Poisson cut-offs (x* = 2 and 3) part.
+    call = frame.loc[test, "label2"].to_numpy(float)
+    call[:3] = 1 - call[:3]
+    frame.loc[test, "ensemble_p2_1"], frame.loc[test, "ensemble_p2_0"] = 0.1 + 0.8 * call, 0.9 - 0.8 * call
+    config = json.loads((workdir / "config.json").read_text())
+    uppers = {}
+    for rule in ("paper", "bcd"):
+        folder = tmp_path / rule
+        folder.mkdir()
+        frame.to_csv(folder / "predictions.csv", index=False)
+        (folder / "config.json").write_text(json.dumps({**config, "evaluation": {"confidence": 0.95, "interval_rule": rule}}))
+        ens = write_report(folder)["test"]["ensemble"]
+        expected = proportion(110, 113, 0.95, rule)
+        assert [ens["accuracy_2way"], *ens["accuracy_2way_ci"]] == pytest.approx(list(expected))
+        assert ens["table3_argmax"][BINARY_COLUMN]["accuracy"] == pytest.approx(list(expected))
+        for factor in json.loads((folder / "metrics.json").read_text())["subgroups"].values():
+            for level in factor["two_way"]["levels"].values():
+                assert level["accuracy_ci"] == pytest.approx(list(proportion(level["correct"], level["n"], 0.95, rule)[1:]))
+        uppers[rule] = expected[2]
+    assert uppers["paper"] != pytest.approx(uppers["bcd"])
 
 
 def test_cohort_table_matches_a_direct_computation(run):

@@ -6,8 +6,9 @@ and AUC (DeLong CI), and its difference from its reference: McNemar's exact test
 calls, DeLong's paired test on the AUCs, patient-level paired bootstrap intervals of both
 differences (lesion-level, and said so, where predictions.csv has no patient ids), and Holm's
 correction across the sweep's points. Points that differ only in the seed also get the spread
-over seeds. Intervals are at the level the points' own reports use (evaluation.confidence in
-their config.json; 0.95 where none has one).
+over seeds. Intervals are at the confidence level, and accuracies' intervals under the interval
+rule, that the points' own reports use (evaluation.confidence and evaluation.interval_rule in
+their config.json; 0.95 and 'bcd' where none has one).
 
 Two tasks: 'main' (seven-way accuracy, binary-head AUC: the paper's headline numbers) or a pair of
 classes such as hcc:fnh (accuracy of calling the larger of the two class probabilities on lesions
@@ -34,7 +35,7 @@ from fll_jax.evaluation.predictions import (
     ENSEMBLE, check_patient_ids, load_predictions, probabilities,
 )
 from fll_jax.evaluation.report import evaluation_settings
-from fll_jax.evaluation.stats import ci_label, modified_wilson
+from fll_jax.evaluation.stats import RULE_NAMES, ci_label, proportion
 from fll_jax.files import read_json, save_figure, write_csv, write_text
 from fll_jax.train.workdir import (
     CONFIG_FILE, EVALUATED_FILE, FINGERPRINT_FILE, evaluated_current, read_config, trained_code,
@@ -164,16 +165,19 @@ def sweep_notes(root: Path, names) -> list[str]:
     return notes
 
 
-def sweep_confidence(root: str | Path, names) -> float:
-    """The level of the points' intervals: evaluation.confidence in their config.json, as their
-    reports use it; 0.95 where no point has a config.json. ComparisonError if points disagree."""
-    levels = {name: evaluation_settings(read_config(Path(root) / name).to_dict())[0]
-              for name in names if (Path(root) / name / CONFIG_FILE).exists()}
-    if len(set(levels.values())) > 1:
-        listed = ", ".join(f"{name!r} {level:g}" for name, level in levels.items())
-        raise ComparisonError(f"{root}: the points' reports use different confidence levels ({listed}); "
-                              "compare points of one evaluation.confidence")
-    return next(iter(levels.values()), 0.95)
+def sweep_statistics(root: str | Path, names) -> tuple[float, str]:
+    """(confidence, interval rule) of the points' intervals: evaluation.confidence and
+    evaluation.interval_rule in their config.json, as their reports use them; 0.95 and 'bcd' where
+    no point has a config.json. ComparisonError if points disagree."""
+    settings = {name: evaluation_settings(read_config(Path(root) / name).to_dict())
+                for name in names if (Path(root) / name / CONFIG_FILE).exists()}
+    for index, field in enumerate(("confidence", "interval_rule")):
+        values = {name: setting[index] for name, setting in settings.items()}
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{name!r} {value}" for name, value in values.items())
+            raise ComparisonError(f"{root}: the points' reports use different evaluation.{field} ({listed}); "
+                                  f"compare points of one evaluation.{field}")
+    return next(iter(settings.values()), (0.95, "bcd"))
 
 
 def _split(frame: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -199,9 +203,9 @@ def _paired(point: pd.DataFrame, reference: pd.DataFrame, names: tuple[str, str]
         raise ComparisonError(f"points {names[0]!r} and {names[1]!r} disagree on {split} labels")
 
 
-def _point_metrics(frame: pd.DataFrame, task: Task, confidence: float) -> dict:
+def _point_metrics(frame: pd.DataFrame, task: Task, confidence: float, rule: str) -> dict:
     correct, truth, score = task.outcomes(frame)
-    acc, acc_lo, acc_hi = modified_wilson(int(correct.sum()), len(correct), confidence)
+    acc, acc_lo, acc_hi = proportion(int(correct.sum()), len(correct), confidence, rule)
     auc = delong_auc(truth, score, confidence)
     return {"n": len(correct), "acc": acc, "acc_lo": acc_lo, "acc_hi": acc_hi,
             "auc": auc["auc"], "auc_lo": auc["lower"], "auc_hi": auc["upper"]}
@@ -249,13 +253,15 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
 
 
 def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], reference: str | None = None,
-            task: Task = Task(), seed: int = 0, resamples: int = RESAMPLES, confidence: float = 0.95) -> pd.DataFrame:
+            task: Task = Task(), seed: int = 0, resamples: int = RESAMPLES, confidence: float = 0.95,
+            rule: str = "bcd") -> pd.DataFrame:
     """One row per point and split: metrics, the paired comparison with its reference, Holm's p.
 
     A point's reference is `reference` if given, else for an evaluate-only point its trained
     point, else 'base'. Holm's correction runs over the compared points of each split and test.
     The bootstrap draws the point's patients, or its lesions where it has no patient ids
-    (column bootstrap_unit: 'patients' or 'lesions'). Intervals are at level `confidence`.
+    (column bootstrap_unit: 'patients' or 'lesions'). Intervals are at level `confidence`, the
+    accuracy's under the interval rule `rule` (fll_jax.evaluation.stats.RULES).
     """
     if reference is not None and reference not in points:
         raise ComparisonError(f"reference {reference!r} is not a finished point; finished: {', '.join(points)}")
@@ -270,7 +276,7 @@ def compare(points: dict[str, pd.DataFrame], trained: dict[str, str | None], ref
                 paired, ref_rows, folds = _shared_folds(rows, task.rows(_split(points[ref], split)))
                 _paired(paired, ref_rows, (name, ref), split)
             # n, ACC and AUC on the lesions the differences are on (the folds both validated)
-            record.update(_point_metrics(paired if len(paired) else rows, task, confidence))
+            record.update(_point_metrics(paired if len(paired) else rows, task, confidence, rule))
             if compared:
                 record["paired_folds"] = folds
                 if len(paired):
@@ -336,13 +342,14 @@ def _bootstrap_note(table: pd.DataFrame, resamples: int) -> str:
 
 
 def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
-                        resamples: int = RESAMPLES, confidence: float = 0.95, notes: Sequence[str] = ()) -> str:
+                        resamples: int = RESAMPLES, confidence: float = 0.95, notes: Sequence[str] = (),
+                        rule: str = "bcd") -> str:
     """comparison.md; `notes`: paragraphs on what the reader must know first (sweep_notes)."""
     acc, auc = task.metric_names
     lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
              "Each point against its reference on the same lesions. Intervals are "
-             f"{ci_label(confidence)}s: modified Wilson "
-             f"for accuracy, DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
+             f"{ci_label(confidence)}s: for accuracy {RULE_NAMES[rule]} (config evaluation.interval_rule), "
+             f"DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
              "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
              "A point validated on other folds than its reference is compared on the folds both validated, "
              "named beside n; its n, accuracy and AUC are then those of these folds.", ""]
@@ -407,16 +414,17 @@ def plot_forest(table: pd.DataFrame, task: Task, path: Path, confidence: float =
 def write_comparison(root: str | Path, reference: str | None = None, task: Task = Task(),
                      resamples: int = RESAMPLES) -> list[Path]:
     """comparison[_vs_<reference>][_<pair>].md, .csv and forest[...].png in the sweep's folder, at
-    the points' confidence level (sweep_confidence); returns their paths. A reference given by name
+    the points' confidence level and interval rule (sweep_statistics); returns their paths. A reference given by name
     has files of its own, so the default comparison stays. The forest plot is left out (and an
     earlier one removed) when no point was paired with its reference."""
     root = Path(root)
     points, trained = load_points(root)
-    confidence = sweep_confidence(root, points)
-    table = compare(points, trained, reference, task, resamples=resamples, confidence=confidence)
+    confidence, rule = sweep_statistics(root, points)
+    table = compare(points, trained, reference, task, resamples=resamples, confidence=confidence, rule=rule)
     spread = seed_spread(table)
     suffix = ("" if reference is None else f"_vs_{reference}") + ("" if task.pair is None else f"_{task.name}")
-    markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence, sweep_notes(root, points))
+    markdown = comparison_markdown(table, spread, task, root.name, resamples, confidence, sweep_notes(root, points),
+                                   rule)
     paths = [write_text(root / f"comparison{suffix}.md", markdown), write_csv(table, root / f"comparison{suffix}.csv")]
     forest = root / f"forest{suffix}.png"
     if table["mcnemar_p"].notna().any():

@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_curve
 
 from fll_jax.constants import CLASSES
-from fll_jax.evaluation.stats import Interval, binary_metrics, modified_wilson
+from fll_jax.evaluation.stats import Interval, binary_metrics, proportion
 
 BINARY_COLUMN = "two_way"
 TABLE3_COLUMNS: tuple[str, ...] = (BINARY_COLUMN, *CLASSES)
@@ -205,14 +205,16 @@ def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> 
 
 
 def summary_metrics(
-    label7: np.ndarray, p7: np.ndarray, label2: np.ndarray, p2: np.ndarray, confidence: float = 0.95
+    label7: np.ndarray, p7: np.ndarray, label2: np.ndarray, p2: np.ndarray, confidence: float = 0.95,
+    rule: str = "bcd",
 ) -> dict:
-    """Headline numbers at argmax: accuracies (with CIs), AUCs, macro F1, kappa, challenge score."""
+    """Headline numbers at argmax: accuracies (with CIs under the interval rule), AUCs, macro F1,
+    kappa, challenge score."""
     label7, label2 = np.asarray(label7, int), np.asarray(label2, int)
     pred7, pred2 = np.argmax(p7, axis=1), np.argmax(p2, axis=1)
     n = len(label7)
-    acc7: Interval = modified_wilson(int(np.sum(pred7 == label7)), n, confidence)
-    acc2: Interval = modified_wilson(int(np.sum(pred2 == label2)), n, confidence)
+    acc7: Interval = proportion(int(np.sum(pred7 == label7)), n, confidence, rule)
+    acc2: Interval = proportion(int(np.sum(pred2 == label2)), n, confidence, rule)
     aucs = auc_table(label7, p7, label2, p2, confidence)
     # Macro over the classes that occur (in truth or calls): a class absent from a small split is no error.
     present = np.unique(np.r_[label7, pred7])

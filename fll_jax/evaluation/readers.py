@@ -30,7 +30,7 @@ from fll_jax.evaluation.figures import plot_confusion
 from fll_jax.evaluation.paired import bootstrap_clusters, paired_bootstrap
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import evaluation_settings
-from fll_jax.evaluation.stats import ci_label, format_interval, format_value, modified_wilson
+from fll_jax.evaluation.stats import RULE_NAMES, ci_label, format_interval, format_value, proportion
 from fll_jax.files import read_json, write_csv, write_json, write_text
 from fll_jax.train.workdir import CONFIG_FILE, WorkdirError, models_digest, read_config
 
@@ -148,20 +148,22 @@ def agreement(calls_a: np.ndarray, calls_b: np.ndarray) -> dict:
             "z": z if np.isfinite(z) else None, "p": p if np.isfinite(p) else None}
 
 
-def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: float = 0.95) -> dict:
-    """Per reader and group accuracy, confusion matrices, model comparisons and agreement."""
+def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: float = 0.95,
+                 rule: str = "bcd") -> dict:
+    """Per reader and group accuracy, confusion matrices, model comparisons and agreement; the
+    accuracies' intervals follow the interval rule (fll_jax.evaluation.stats.RULES)."""
     test = _test_rows(predictions)
     unknown = sorted(set(readers["lesion_id"]) - set(test.index))
     if unknown:
         raise ReadersError(f"readers CSV names {len(unknown)} lesions not in the test split, e.g. {', '.join(unknown[:5])}")
     clusters, unit = bootstrap_clusters(test)
     clusters = pd.Series(clusters, index=test.index)
-    out: dict = {"confidence": confidence, "bootstrap_unit": unit, "readers": {}, "groups": {}}
+    out: dict = {"confidence": confidence, "interval_rule": rule, "bootstrap_unit": unit, "readers": {}, "groups": {}}
     for reader_id, rows in readers.groupby("reader_id", sort=True):
         lesions = test.loc[rows["lesion_id"]]
         truth, calls, model = lesions["label7"].to_numpy(int), rows["call"].to_numpy(int), lesions["model_call"].to_numpy(int)
-        est, lo, hi = modified_wilson(int(np.sum(calls == truth)), len(truth), confidence)
-        m_est, m_lo, m_hi = modified_wilson(int(np.sum(model == truth)), len(truth), confidence)
+        est, lo, hi = proportion(int(np.sum(calls == truth)), len(truth), confidence, rule)
+        m_est, m_lo, m_hi = proportion(int(np.sum(model == truth)), len(truth), confidence, rule)
         out["readers"][reader_id] = {
             "group": rows["group"].iloc[0],
             "n": len(truth),
@@ -211,7 +213,7 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
     read = sorted(set(readers["lesion_id"]))
     truth = test.loc[read, "label7"].to_numpy(int)
     model_calls = test.loc[read, "model_call"].to_numpy(int)
-    est, lo, hi = modified_wilson(int(np.sum(model_calls == truth)), len(read), confidence)
+    est, lo, hi = proportion(int(np.sum(model_calls == truth)), len(read), confidence, rule)
     out["model"] = {
         "n": len(read), "correct": int(np.sum(model_calls == truth)), "accuracy": est, "accuracy_ci": [lo, hi],
         "confusion": confusion_matrix(truth, model_calls, labels=list(range(NUM_CLASSES))).tolist(),
@@ -259,6 +261,7 @@ def reader_markdown(study: dict, source_note: str) -> str:
         f"Model (test ensemble, argmax) on the {model['n']} lesions read: {model['correct']}/{model['n']} = "
         + format_interval((model["accuracy"], *model["accuracy_ci"])), "",
         "## Readers", "",
+        f"Accuracy intervals follow {RULE_NAMES[study['interval_rule']]} (config evaluation.interval_rule). "
         "McNemar: exact test on the paired calls (primary). Fisher (paper style): Fisher's exact test on the "
         "correct/incorrect counts as two independent samples, the test that reproduces the paper's p-values.", "",
         f"| reader | group | n | ACC ({ci}) | model ACC | model only right | reader only right | p McNemar exact | p Fisher (paper style) |",
@@ -327,7 +330,8 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
     """Reader study of a workdir: reader_study.md, reader_study.json and figures/confusion_reader_*.png.
 
     Without readers_csv, simulated readers are written to workdir/simulated_readers.csv and used,
-    and the report says so. Intervals are at the run's evaluation.confidence, as in its report.
+    and the report says so. Intervals are at the run's evaluation.confidence and follow its
+    evaluation.interval_rule, as in its report.
     The figures of an earlier study's readers go; its files are replaced only after this study
     has been computed.
 
@@ -337,7 +341,7 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
     workdir = Path(workdir)
     predictions = load_predictions(workdir / "predictions.csv")
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
-    confidence, _ = evaluation_settings(config)
+    confidence, rule = evaluation_settings(config)
     earlier = workdir / "reader_study.json"
     if readers_csv is None:
         real = _real_readers(workdir)
@@ -353,7 +357,8 @@ def write_reader_study(workdir: str | Path, readers_csv: str | Path | None = Non
         source = {"readers_csv": str(readers_csv)}
     if str((config.get("data") or {}).get("source", "")).lower() == "phantom":
         note += "\n\n> **Data: synthetic phantom.** These results are not evidence of clinical performance."
-    study = {**reader_study(predictions, load_readers(readers_csv), confidence), **source, "models": _models(workdir)}
+    study = {**reader_study(predictions, load_readers(readers_csv), confidence, rule), **source,
+             "models": _models(workdir)}
     names = [CLASS_NAMES[c] for c in CLASSES]
     figures = workdir / "figures"
     for stale in figures.glob("confusion_reader_*.png"):  # an earlier study's readers must not pass for this one's

@@ -80,7 +80,7 @@ def _model_block(frame: pd.DataFrame, model: str, thresholds: dict | None, confi
     """Summary, AUCs, Table 3 columns and confusion matrices of one model on some rows."""
     p7, p2 = probabilities(frame, model)
     label7, label2 = frame["label7"].to_numpy(int), frame["label2"].to_numpy(int)
-    block = disc.summary_metrics(label7, p7, label2, p2, confidence)
+    block = disc.summary_metrics(label7, p7, label2, p2, confidence, rule)
     block["auc"] = disc.auc_table(label7, p7, label2, p2, confidence)
     block["table3_argmax"] = disc.table3(label7, p7, label2, p2, None, confidence, rule)
     if thresholds is not None:
@@ -90,16 +90,15 @@ def _model_block(frame: pd.DataFrame, model: str, thresholds: dict | None, confi
     return block
 
 
-def _fold_summary(frame: pd.DataFrame, model: str, confidence: float) -> dict:
+def _fold_summary(frame: pd.DataFrame, model: str, confidence: float, rule: str) -> dict:
     p7, p2 = probabilities(frame, model)
-    return disc.summary_metrics(frame["label7"].to_numpy(int), p7, frame["label2"].to_numpy(int), p2, confidence)
+    return disc.summary_metrics(frame["label7"].to_numpy(int), p7, frame["label2"].to_numpy(int), p2, confidence, rule)
 
 
 def evaluate(frame: pd.DataFrame, confidence: float = 0.95, rule: str = "bcd") -> dict:
     """Every metric of the report from a checked predictions frame (see load_predictions).
 
-    rule: the interval rule of Table 3 (fll_jax.evaluation.stats.RULES); other proportions
-    always use Brown, Cai & DasGupta's.
+    rule: the interval rule (fll_jax.evaluation.stats.RULES) of every proportion and likelihood ratio.
     """
     test, val = frame[frame["split"] == "test"], frame[frame["split"] == "val"]
     thresholds = None
@@ -112,18 +111,18 @@ def evaluate(frame: pd.DataFrame, confidence: float = 0.95, rule: str = "bcd") -
         cols = [f"{model}_p7_{k}" for k in range(len(CLASSES))] + [f"{model}_p2_{k}" for k in range(2)]
         on_test = test[test[cols].notna().all(axis=1)]
         if len(on_test):
-            metrics["test"][model] = _fold_summary(on_test, model, confidence)
+            metrics["test"][model] = _fold_summary(on_test, model, confidence, rule)
     if len(val):
         metrics["val"][ENSEMBLE] = _model_block(val, ENSEMBLE, None, confidence, rule)
         for model in model_names(frame):
             own = val[val["fold"] == int(model[len("fold"):])]
             if len(own):
-                metrics["val"][model] = _fold_summary(own, model, confidence)
+                metrics["val"][model] = _fold_summary(own, model, confidence, rule)
     metrics["operating_points"] = {"table3_argmax": ARGMAX_NOTE, "validation_thresholds": thresholds}
     p7, p2 = probabilities(test, ENSEMBLE)
     correct7 = p7.argmax(1) == test["label7"].to_numpy(int)
     correct2 = p2.argmax(1) == test["label2"].to_numpy(int)
-    metrics["subgroups"] = subgroups(test, correct7, correct2, confidence)
+    metrics["subgroups"] = subgroups(test, correct7, correct2, confidence, rule)
     metrics["missing_sequences"] = missing_counts(frame)
     metrics["cohort"] = cohort_table(frame)
     return metrics
@@ -521,8 +520,8 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
         f"Confidence level {confidence:g}. Proportions (accuracy, sensitivity, specificity, "
         "PPV, NPV): modified Wilson interval (Brown, Cai & DasGupta 2001; one-sided Poisson bound when the "
         "count or its complement is at most x*). Likelihood ratios: log method (Simel, Samsa & Matchar 1991); "
-        f"'-' marks an undefined bound; a PLR without false positives reads '∞ (-, ∞)'. Table 3 follows {RULE_NAMES[statistics['interval_rule']]} "
-        "(config evaluation.interval_rule); every other interval Brown, Cai & DasGupta's. AUC: DeLong "
+        f"'-' marks an undefined bound; a PLR without false positives reads '∞ (-, ∞)'. Every proportion and "
+        f"likelihood ratio follows {RULE_NAMES[statistics['interval_rule']]} (config evaluation.interval_rule). AUC: DeLong "
         "variance with a Wald interval clipped to [0, 1], undefined ('-') at an AUC of 0 or 1. Macro F1 and "
         "Cohen's kappa on the seven-way argmax (kappa undefined when only one class occurs); (F1 + kappa)/2 "
         "is the LLD-MMRI challenge score.",

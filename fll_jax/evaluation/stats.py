@@ -7,7 +7,8 @@ J. Clin. Epidemiol. 44:763-770). Everything else comes from statsmodels and scip
 Two interval rules (RULES): 'paper' reproduces the paper's Table 3 (modified Wilson cut-off
 x* = 2 at every n, and the likelihood-ratio quantile 1.96 as Simel et al. print it); 'bcd'
 follows Brown, Cai & DasGupta (x* = 2 up to n = 50, 3 above) and takes the quantile from the
-confidence level.
+confidence level. A report uses its run's rule (config evaluation.interval_rule) for every
+proportion and likelihood ratio, so one accuracy never gets two intervals.
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ def modified_wilson(x: int, n: int, confidence: float = 0.95, x_star: int | None
     return (x / n, float(max(0.0, lower)), float(min(1.0, upper)))
 
 
+def proportion(x: int, n: int, confidence: float = 0.95, rule: str = "bcd") -> Interval:
+    """x/n with the modified Wilson interval of the rule: x* = 2 at every n for 'paper', Brown,
+    Cai & DasGupta's x* for 'bcd' (module docstring)."""
+    return modified_wilson(x, n, confidence, 2 if check_rule(rule) == "paper" else None)
+
+
 def likelihood_ratio(a: int, n_a: int, b: int, n_b: int, confidence: float = 0.95,
                      rule: str = "bcd") -> Interval:
     """Ratio (a/n_a) / (b/n_b) with the log-method interval (Simel et al. 1991).
@@ -112,10 +119,8 @@ def binary_metrics(
     tp, fp, fn, tn = (int(v) for v in (tp, fp, fn, tn))
     pos, neg = tp + fn, fp + tn
 
-    x_star = 2 if check_rule(rule) == "paper" else None
-
     def prop(x: int, n: int) -> Interval:
-        return modified_wilson(x, n, confidence, x_star)
+        return proportion(x, n, confidence, rule)
 
     return {
         "accuracy": prop(tp + tn, pos + neg),

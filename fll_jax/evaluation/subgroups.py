@@ -11,7 +11,7 @@ import pandas as pd
 from scipy import stats
 
 from fll_jax.evaluation.cohort import UNTESTED
-from fll_jax.evaluation.stats import modified_wilson
+from fll_jax.evaluation.stats import proportion
 
 # The paper's cropping rule: below 16 mm, 16-32 mm, above 32 mm.
 SIZE_EDGES_MM: tuple[float, float] = (16.0, 32.0)
@@ -54,9 +54,11 @@ def overall_test(correct: np.ndarray, levels: np.ndarray) -> float | None:
 
 
 def subgroup_table(
-    correct: np.ndarray, levels: np.ndarray, confidence: float = 0.95, order: list[str] | None = None
+    correct: np.ndarray, levels: np.ndarray, confidence: float = 0.95, order: list[str] | None = None,
+    rule: str = "bcd",
 ) -> dict:
-    """Per level: n, correct, accuracy (modified Wilson CI) and tests of this level vs the rest.
+    """Per level: n, correct, accuracy (modified Wilson CI under the interval rule) and tests of
+    this level vs the rest.
 
     Levels appear in ``order`` where given (others after it, alphabetically). Lesions of level
     'unknown' (not recorded) keep their row but are no group: they are in no test, neither as a
@@ -73,7 +75,7 @@ def subgroup_table(
             [np.sum(correct & inside), np.sum(~correct & inside)],
             [np.sum(correct & outside), np.sum(~correct & outside)],
         ])
-        est, lo, hi = modified_wilson(int(table[0, 0]), int(inside.sum()), confidence)
+        est, lo, hi = proportion(int(table[0, 0]), int(inside.sum()), confidence, rule)
         rest = int(outside.sum())
         untested = level == UNTESTED
         rows[level] = {
@@ -87,7 +89,8 @@ def subgroup_table(
     return {"levels": rows, "overall_chi2_p": overall_test(correct[known], levels[known])}
 
 
-def subgroups(frame: pd.DataFrame, correct7: np.ndarray, correct2: np.ndarray, confidence: float = 0.95) -> dict:
+def subgroups(frame: pd.DataFrame, correct7: np.ndarray, correct2: np.ndarray, confidence: float = 0.95,
+              rule: str = "bcd") -> dict:
     """Seven-way and two-way accuracy by background, scanner and size bin."""
     levels = {
         "background": frame["background"].astype(str).to_numpy(),
@@ -97,8 +100,8 @@ def subgroups(frame: pd.DataFrame, correct7: np.ndarray, correct2: np.ndarray, c
     order = {"size_bin": size_bins()}
     return {
         factor: {
-            "seven_way": subgroup_table(correct7, levels[factor], confidence, order.get(factor)),
-            "two_way": subgroup_table(correct2, levels[factor], confidence, order.get(factor)),
+            "seven_way": subgroup_table(correct7, levels[factor], confidence, order.get(factor), rule),
+            "two_way": subgroup_table(correct2, levels[factor], confidence, order.get(factor), rule),
         }
         for factor in FACTORS
     }
