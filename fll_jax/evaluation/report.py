@@ -481,7 +481,9 @@ def report_markdown(metrics: dict, figures: list[str], saliency: list[str] = (),
             "",
             "Operating point: per column, the probability threshold (malignant probability for the two-way "
             "column, that class's probability for the others) maximising Youden's J on the out-of-fold "
-            f"validation rows: {shown}. Columns are then independent one-vs-rest decisions. The paper's "
+            f"validation rows: {shown}. Columns are then independent one-vs-rest decisions. Each out-of-fold "
+            "probability comes from one fold model and each test probability is the mean of all of them, which "
+            "is less extreme, so a threshold may sit off the ensemble's own best point. The paper's "
             "Table 3 looks like this kind of table: its seven columns imply 49 false positives but only 4 "
             "false negatives, which no single argmax confusion matrix can give.",
             "",
