@@ -508,6 +508,39 @@ def test_two_studies_of_one_patient_are_told_apart_and_a_choice_spanning_both_is
                                                     "dwi": subject_dir / "7_ep2d_diff.nii.gz"}
 
 
+def test_a_series_csv_saved_by_a_spreadsheet_is_read_and_a_damaged_one_is_named(tmp_path):
+    study = tmp_path / "study"
+    _stack(MR_SMALL, study, 3, 2.0, SeriesDescription="T2 TSE FS")
+    [result] = _convert(study, tmp_path / "out")
+    subject_dir = result.nifti.parent
+    text = (subject_dir / "series.csv").read_text(encoding="utf-8")
+    # Saved as "CSV UTF-8": a byte-order mark before the header (it had hidden the column 'file').
+    (subject_dir / "series.csv").write_text(text, encoding="utf-8-sig")
+    assert dicom.read_series_table(subject_dir) == {"t2w": result.nifti}
+    assert dicom.converted_files(subject_dir) >= {result.nifti, subject_dir / "series.csv"}
+    (subject_dir / "series.csv").write_text(text.replace("T2 TSE FS", "T2 TSE FS Leber ä"), encoding="cp1252")
+    with pytest.raises(dicom.DicomError, match=r"series.csv: not UTF-8 text .*; save it as CSV UTF-8"):
+        dicom.read_series_table(subject_dir)
+    (subject_dir / "series.csv").write_text(text.split("\n", 1)[1], encoding="utf-8")  # header deleted
+    with pytest.raises(dicom.DicomError, match=r"series.csv: no column file, status, sequence_guess"):
+        dicom.converted_files(subject_dir)
+
+
+def test_replacing_a_conversion_leaves_none_of_its_volumes_and_names_the_files_it_keeps(tmp_path, capsys):
+    out = tmp_path / "out"
+    _stack(MR_SMALL, tmp_path / "first", 3, 2.0, SeriesNumber=5, SeriesDescription="T2 TSE FS")
+    [old] = _convert(tmp_path / "first", out)
+    subject_dir = old.nifti.parent
+    shutil.copy(old.nifti, subject_dir / "lap.nii.gz")  # added by hand to the first conversion
+    _stack(MR_SMALL, tmp_path / "second", 3, 2.0, SeriesNumber=4, SeriesDescription="T2 HASTE",
+           SeriesInstanceUID=generate_uid())
+    [new] = _convert(tmp_path / "second", out, overwrite=True)
+    assert new.nifti != old.nifti and not old.nifti.exists()
+    assert sorted(p.name for p in subject_dir.iterdir()) == sorted(
+        ["series.csv", "lap.nii.gz", new.nifti.name, new.nifti.name.replace(".nii.gz", ".json")])
+    assert "kept lap.nii.gz, which it did not write" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 

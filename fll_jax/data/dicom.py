@@ -782,6 +782,23 @@ def _write_series_csv(results: Sequence[SeriesResult], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
+def _read_series_csv(path: Path) -> list[dict]:
+    """The rows of a series.csv, also after a spreadsheet's save (a byte-order mark); DicomError
+    naming the file when it is not UTF-8 or lacks the columns its readers need."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
+    except UnicodeDecodeError as error:
+        raise DicomError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                         "CSV UTF-8") from None
+    missing = [c for c in ("file", "status", "sequence_guess") if c not in columns]
+    if missing:
+        raise DicomError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(columns) or 'none'}); "
+                         "keep the header dicom_to_nifti.py wrote, or convert the study again")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The study
 
@@ -846,8 +863,7 @@ def study_subjects(study_dir: str | Path, *, salt: str | None = None,
 def converted_studies(subject_dir: str | Path) -> set[str]:
     """The study labels a converted patient's series.csv names (empty for one written before the
     study column)."""
-    with open(Path(subject_dir) / "series.csv", newline="", encoding="utf-8") as f:
-        return {(row.get("study") or "").strip() for row in csv.DictReader(f)} - {""}
+    return {(row.get("study") or "").strip() for row in _read_series_csv(Path(subject_dir) / "series.csv")} - {""}
 
 
 def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | None = None,
@@ -887,6 +903,7 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
     results = []
     for subject_id, members in sorted(subjects.items()):
         subject_dir, taken = out_dir / subject_id, set()
+        _clear_conversion(subject_dir, log)
         studies = [study or "no StudyInstanceUID" for study in _studies(members)]
         if len(studies) > 1:
             log(f"{subject_id}: {len(studies)} studies of one patient ({', '.join(studies)}, earliest first); the "
@@ -897,6 +914,19 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
         _write_series_csv(subject_results, subject_dir / "series.csv")
         results += subject_results
     return results
+
+
+def _clear_conversion(subject_dir: Path, log: Callable[[str], None]) -> None:
+    """Deletes what an earlier conversion of the patient wrote (its series.csv lists it), so that no
+    volume of the replaced study stays beside the new ones; says which other files stay."""
+    replaced = converted_files(subject_dir)
+    for path in replaced:
+        path.unlink(missing_ok=True)
+    kept = sorted(p.name for p in subject_dir.iterdir() if p.is_file()) if replaced else []
+    if kept:
+        log(f"{subject_dir.name}: replaced the earlier conversion; kept {', '.join(kept)}, which it did not write: "
+            "a volume named for a sequence wins over series.csv and a mask must fit its image, so delete "
+            "those made for the earlier study")
 
 
 def _one_study(rows: Sequence[dict], path: Path) -> None:
@@ -938,8 +968,7 @@ def converted_files(subject_dir: str | Path) -> set[Path]:
     path = Path(subject_dir) / "series.csv"
     if not path.is_file():
         return set()
-    with open(path, newline="", encoding="utf-8") as f:
-        names = [r["file"] for r in csv.DictReader(f) if r.get("status") == "written" and r.get("file")]
+    names = [r["file"] for r in _read_series_csv(path) if r.get("status") == "written" and r.get("file")]
     return {path} | {path.parent / n for n in names} | {path.parent / (n.removesuffix(".gz").removesuffix(".nii") + ".json")
                                                       for n in names}
 
@@ -961,8 +990,7 @@ def read_series_table(subject_dir: str | Path) -> dict[str, Path]:
     path = Path(subject_dir) / "series.csv"
     if not path.is_file():
         raise DicomError(f"{path}: not found; convert the study first (data_prep/dicom_to_nifti.py)")
-    with open(path, newline="", encoding="utf-8") as f:
-        guessed = [r for r in csv.DictReader(f) if (r.get("sequence_guess") or "").strip()]
+    guessed = [r for r in _read_series_csv(path) if (r.get("sequence_guess") or "").strip()]
     rows = [r for r in guessed if r.get("status") == "written"]
     candidates: dict[str, list[dict]] = {}
     for row in rows:
