@@ -233,6 +233,27 @@ def test_a_bad_release_is_refused_naming_every_file_and_case(release, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_fractional_box_and_a_cut_off_volume_are_refused_naming_them(release, tmp_path):
+    root, _ = release
+    path = root / "labels" / "Annotation.json"
+    info = json.loads(path.read_text())
+    original = path.read_text()
+    arterial = next(e for e in info["Annotation_info"]["MR1"] if e["phase"] == "C+A")
+    arterial["annotation"]["lesion"]["0"]["bbox"]["3D_box"]["x_min"] += 0.7  # it had been cut to a whole voxel
+    path.write_text(json.dumps(info))
+    with pytest.raises(ReleaseError) as error:
+        convert_release(root, tmp_path / "out")
+    assert any("case MR1" in p and "C+A" in p and "not whole voxel indices (x_min" in p for p in error.value.problems)
+    path.write_text(original)
+    # An interrupted download: the header reads, the voxels do not.
+    t2 = next(e for e in info["Annotation_info"]["MR3"] if e["phase"] == "T2WI")
+    image = root / "images" / "MR3" / t2["studyUID"] / f"{t2['seriesUID']}.nii.gz"
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
+    with pytest.raises(ReleaseError, match=f"cannot read the voxels of {image} .*download it again"):
+        convert_release(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_outputs_are_not_overwritten(release, tmp_path):
     root, _ = release
     manifest = convert_release(root, tmp_path / "out").manifest

@@ -44,7 +44,7 @@ from fll_jax.data.boxes import VoxelBox as Box
 from fll_jax.data.boxes import format_box
 from fll_jax.data.manifest import UNLABELLED as MANIFEST_UNLABELLED
 from fll_jax.data.manifest import LesionRecord, ManifestError, write_manifest
-from fll_jax.files import atomic_path, staged_folder, write_json, write_nifti, write_text
+from fll_jax.files import atomic_path, no_empty_folder_left, staged_folder, write_json, write_nifti, write_text
 
 # Our class names in the challenge's label order 0..6.
 CHALLENGE_CLASSES: tuple[str, ...] = ("haemangioma", "icc", "abscess", "metastasis", "cyst", "fnh", "hcc")
@@ -433,6 +433,10 @@ def _lesions(entry: Mapping, shape: Sequence[int]) -> tuple[dict[int, Box], dict
         except (KeyError, TypeError, ValueError):
             problems.append(f"lesion {key!r}: no 3D_box with {', '.join(_BOX_KEYS)}")
             continue
+        fractional = [f"{k} {values[k]!r}" for k in _BOX_KEYS if float(values[k]) != int(values[k])]
+        if fractional:  # voxel indices: a fraction means another convention, not a box to round
+            problems.append(f"lesion {key}: box coordinates are not whole voxel indices ({', '.join(fractional)})")
+            continue
         if min(box) < 0 or any(box[a] > box[a + 3] or box[a + 3] >= shape[a] for a in range(3)):
             problems.append(f"lesion {key}: box {format_box(box)} (x y z min, x y z max) is outside the "
                             f"volume of shape {tuple(shape)} or inverted")
@@ -595,9 +599,13 @@ def _far_apart(lesion: _Lesion, phases: Mapping[str, _Phase]) -> bool:
 
 def _copy_with_geometry(source: Path, target: Path, geometry: PhaseGeometry) -> None:
     """The release's stored voxels and their scaling, unchanged, under the header its JSON describes."""
-    src = nib.load(str(source))
-    write_nifti(src.dataobj.get_unscaled(), geometry.affine(), target, header=src.header,
-                scaling=(src.dataobj.slope, src.dataobj.inter))
+    try:
+        src = nib.load(str(source))
+        stored = src.dataobj.get_unscaled()
+    except Exception as e:  # a cut-off download: nibabel and gzip raise EOFError, zlib.error, OSError...
+        raise ReleaseError(f"cannot read the voxels of {source} ({type(e).__name__}: {e}); download it again. "
+                           "Nothing was written") from None
+    write_nifti(stored, geometry.affine(), target, header=src.header, scaling=(src.dataobj.slope, src.dataobj.inter))
 
 
 _OUTPUTS = {"labelled": "manifest.csv", "unlabelled": "unlabelled.csv"}  # row kind -> file in out_dir
@@ -765,7 +773,8 @@ def convert_release(release_dir: str | Path, out_dir: str | Path, phase_map: Map
                            tally.problems)
 
     _check_targets(out_dir, overwrite)
-    written = _write_outputs(out_dir, tally)
+    with no_empty_folder_left(out_dir):
+        written = _write_outputs(out_dir, tally)
     _report(tally.missing, tally.disagreements, tally.far, len(set(cases) - listed))
     return Conversion(manifest=written["labelled"], unlabelled=written["unlabelled"],
                       lesions=len(tally.rows["labelled"]), unlabelled_lesions=len(tally.rows["unlabelled"]),
