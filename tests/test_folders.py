@@ -340,6 +340,9 @@ def test_an_existing_manifest_is_replaced_only_when_asked(tmp_path):
     assert read_manifest(path)[0].label == 0
     build_manifest(root, overwrite=True)
     assert read_manifest(path)[0].label == CLASSES.index("hcc")
+    for overwrite in (False, True):  # a folder given as the manifest had raised IsADirectoryError
+        with pytest.raises(FolderError, match=f"{root / 'P1'} is a folder; give the manifest's file name"):
+            build_manifest(root, root / "P1", overwrite=overwrite)
 
 
 def test_a_prediction_manifest_may_leave_labels_empty_and_gets_no_split(tmp_path, capsys):

@@ -462,13 +462,15 @@ def build_manifest(root: str | Path, out: str | Path | None = None, test_fractio
       overwrite: replace an existing manifest whose content differs (an identical one is kept).
 
     Raises:
-      FolderError: every problem of the folder layout and labels.csv.
+      FolderError: every problem of the folder layout and labels.csv; `out` a folder.
       ManifestError: problems read_manifest finds in the files (mask values, grids, boxes), each
         named by labels.csv and its line (the manifest is not written).
       FileExistsError: `out` exists with other content and overwrite is False.
     """
     root = Path(root)
     out = root / MANIFEST_FILE if out is None else Path(out)
+    if out.is_dir():
+        raise FolderError(f"{out} is a folder; give the manifest's file name, such as {out / MANIFEST_FILE}")
     records, lines = _read_rows(root, labelled, ignore_unknown_files)
     if labelled and not any(r.split for r in records):
         records = draw_test_split(records, test_fraction, seed)
