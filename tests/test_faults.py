@@ -379,6 +379,25 @@ def test_empty_predictions_csv_is_named_with_its_remedy(tmp_path):
         load_predictions(tmp_path / "predictions.csv")
 
 
+def test_a_predictions_csv_cut_or_with_a_row_repeated_is_refused_and_a_rerun_writes_it_again(run):
+    """A file cut at a line boundary still parses: the run's lesions (fingerprint.json) tell it
+    from a whole one. It had been reported as a smaller run, and ablate skipped it as finished."""
+    folder, config = run
+    workdir, data = folder / "run", prepare_source(config).fingerprint
+    path = workdir / "predictions.csv"
+    intact = path.read_text()
+    lines = intact.splitlines(keepends=True)
+    assert is_finished(workdir, config, data)
+    for damaged, problem in (("".join(lines[:-4]), r"lacks 4 \(val "), ("".join(lines + lines[1:2]), r"repeats 1 \(test ")):
+        path.write_text(damaged)
+        assert not is_finished(workdir, config, data)
+        with pytest.raises(StateFileError, match=f"predictions.csv is not the run's whole predictions: it {problem}"
+                                                 ".*rerun the training command"):
+            write_report(workdir)
+    cross_validate(config, workdir)
+    assert path.read_text() == intact and is_finished(workdir, config, data)
+
+
 def test_truncated_patch_cache_is_rebuilt(run, capsys):
     folder, config = run
     npz = next((folder / "data" / "patches").glob("*.npz"))

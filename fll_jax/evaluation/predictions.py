@@ -75,6 +75,17 @@ def probabilities(frame: pd.DataFrame, model: str = ENSEMBLE) -> tuple[np.ndarra
     return frame[cols7].to_numpy(np.float64), frame[cols2].to_numpy(np.float64)
 
 
+def row_problems(frame: pd.DataFrame, expected: set[tuple[str, str]]) -> list[str]:
+    """How the frame's (split, lesion_id) rows differ from `expected`, each of which it must hold
+    once: the rows lacking, those of no expected lesion, those repeated (each list shortened)."""
+    found = list(zip(frame["split"], frame["lesion_id"]))
+    counts = pd.Series(found, dtype=object).value_counts()
+    kinds = (("lacks", sorted(expected - set(found))), ("holds rows of no lesion of the run:", sorted(set(found) - expected)),
+             ("repeats", sorted(row for row, n in counts.items() if n > 1)))
+    return [f"{kind} {len(rows)} ({', '.join(f'{split} {lesion}' for split, lesion in rows[:SHOWN_ROWS])}"
+            f"{', ...' if len(rows) > SHOWN_ROWS else ''})" for kind, rows in kinds if rows]
+
+
 def load_predictions(path: str | Path) -> pd.DataFrame:
     """Read predictions.csv and check it; errors name the file, the row and the problem."""
     path = Path(path)

@@ -23,7 +23,8 @@ from fll_jax.evaluation.stats import (
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import (
-    CONFIG_FILE, WorkdirError, fold_code_versions, folds_text, made_by, models_digest, models_folder, read_config,
+    CONFIG_FILE, FINGERPRINT_FILE, WorkdirError, fold_code_versions, folds_text, made_by, models_digest, models_folder,
+    predictions_problem, read_config,
 )
 
 ROW_NAMES = {
@@ -573,6 +574,9 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
         raise StateFileError(f"{workdir / 'predictions.csv'} holds the predictions of "
                              f"{', '.join(model_names(frame)) or 'no fold model'}, but {CONFIG_FILE} lists folds "
                              f"{folds_text(folds)}; rerun the training command: it writes them again")
+    problem = predictions_problem(workdir, folds) if folds is not None and (workdir / FINGERPRINT_FILE).exists() else None
+    if problem:
+        raise StateFileError(f"{problem}; rerun the training command: it writes it again from the fold models")
     metrics = evaluate(frame, *evaluation_settings(config))
     metrics = {"data": data_description(config), "run": run_description(config, workdir, models), **metrics}
     metrics = json_safe(metrics)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import ml_collections
 
 from fll_jax.data.digests import sha256_of
 from fll_jax.data.fingerprint import describe_changes
+from fll_jax.data.folds import TEST_FOLD
+from fll_jax.evaluation.predictions import PredictionsError, load_predictions, row_problems
 from fll_jax.files import StateFileError, read_json, write_json
 
 CONFIG_FILE = "config.json"
@@ -273,11 +275,30 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
         return False  # a damaged config.json or metrics.json: the rerun writes it again
     if sorted((metrics.get("run") or {}).get("folds") or []) != sorted(config.train.folds):
         return False  # results of other folds: the rerun trains the new ones and ensembles these
+    if predictions_problem(workdir, config.train.folds):
+        return False  # a cut or edited predictions.csv: the rerun writes it again from the fold models
     reported = metrics.get("statistics") or {}
     wanted = _flatten(json.loads(config.to_json()))
     if any(reported.get(key.rsplit(".", 1)[-1]) != wanted.get(key) for key in REPORT_SETTINGS):
         return False  # rerunning rewrites the report under the new settings, without training
     return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
+
+
+def predictions_problem(workdir: str | Path, folds: Sequence[int]) -> str | None:
+    """Why the run's predictions.csv is not the whole run's (a damaged file, or not each test
+    lesion and each development lesion of `folds` once, as fingerprint.json lists them), or None."""
+    path = Path(workdir) / "predictions.csv"
+    try:
+        frame = load_predictions(path)
+        lesions = read_fingerprint(Path(workdir)).get("data", {}).get("lesions")
+    except (StateFileError, PredictionsError) as error:
+        return str(error)
+    if not lesions:  # a run recorded before lesions were (or data given without them)
+        return None
+    expected = {("test" if entry["fold"] == TEST_FOLD else "val", lesion) for lesion, entry in lesions.items()
+                if entry["fold"] == TEST_FOLD or entry["fold"] in folds}
+    problems = row_problems(frame, expected)
+    return f"{path} is not the run's whole predictions: it {'; '.join(problems)}" if problems else None
 
 
 def trained_code(workdir: str | Path) -> list[str]:
