@@ -146,6 +146,24 @@ def test_finished_points_are_skipped_on_rerun(ran):
     assert [row["status"] for row in read_sweep(root)] == ["finished earlier", "failed", "finished earlier"]
 
 
+def test_a_second_sweep_on_a_running_sweeps_folder_is_refused_touching_nothing(ran, tmp_path):
+    """It had rewritten the running point's log and recorded that point failed in sweep.json."""
+    from fll_jax.ablation.runner import run_sweep
+    from fll_jax.train.workdir import WorkdirError, hold_run
+
+    root, points, *_ = ran
+    copy = tmp_path / "sweep"
+    shutil.copytree(root, copy)
+    before = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    ran_points = []
+    with hold_run(copy, held_by="an ablate.py running this sweep"):  # the first sweep, still running
+        with pytest.raises(WorkdirError, match=r"sweep is in use by another command \(an ablate.py running this "
+                                               r"sweep\); nothing was changed.*another --workdir for this sweep"):
+            run_sweep(points, copy, ran_points.append, lambda config: {})
+    assert not ran_points
+    assert {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_the_evaluate_only_point_hides_the_sequence_from_the_trained_models(ran):
     root, *_ = ran
     assert not list((root / "hide=dwi").glob("fold*"))  # no models of its own

@@ -276,6 +276,8 @@ def test_only_a_finished_run_with_models_of_its_own_predicts(trained, tmp_path):
 def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     """It would be read as one more patient's folder, and stay one after the run. A failed run
     leaves no output folder."""
+    from fll_jax.train.workdir import hold_run
+
     (tmp_path / "cases").mkdir()
     command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}",
                f"--folder={tmp_path / 'cases'}", f"--out_dir={tmp_path / 'cases' / 'predict'}"]
@@ -287,3 +289,11 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
                             cwd=Path(__file__).parents[1],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "no labels.csv" in result.stderr and not (tmp_path / "out").exists()
+    # An output folder another prediction is writing into is refused untouched (the second had replaced the first's files).
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.csv").write_text("the first prediction's")
+    with hold_run(tmp_path / "out"):
+        result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}", "--overwrite"],
+                                cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert result.returncode == 1 and "out is in use by another command (a predict.py writing into it)" in result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["predictions.csv"]

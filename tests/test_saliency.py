@@ -469,7 +469,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     run = tmp_path / "run"
     # The run called p4/l1 a haemangioma (class 2) and p6/l1 an abscess (class 3).
     _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 2),
-                                               ("p6/l1", "val", 1, 6, 3)])
+                                               ("p6/l1", "val", 1, 6, 3), ("p5/l1", "val", 0, 5, 5)])
     write_json(run / "fingerprint.json", run_fingerprint(config, prepare.describe_data(config)[2]))
     write_json(run / "config.json", config.to_dict())
     settings = explain.Settings(steps=8, chunk=16)
@@ -522,14 +522,20 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     # Explaining holds the run's folder as training does: neither runs into the other.
     with hold_run(run), pytest.raises(WorkdirError, match="is in use"):
         explain.explain_workdir(run, num_per_class=1, score=True, settings=settings)
+    # Two explanations into one folder neither run into each other (the second had replaced the first's).
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with hold_run(out), pytest.raises(WorkdirError, match=r"explain/test is in use by another command \(an explain.py "
+                                                          r"writing into it\).*give another --out_dir"):
+        explain.explain_workdir(run, num_per_class=2, score=True, settings=settings, overwrite=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
-    # Split 'val': the development lesion, by the one fold model that held it out. Fold 1 was
+    # Split 'val': each development lesion, by the one fold model that held it out. Fold 1 was
     # trained by other code than this: the maps say so.
     write_json(run / "fold1" / "done.json", {"code": ["fll_jax 000000000000"]})
     val = explain.explain_workdir(run, num_per_class=None, split="val", settings=settings)
     assert [note for note in val["notes"] if "trained by fll_jax 000000000000 and are applied here by" in note]
     lesions = pd.read_csv(run / "explain" / "val" / "lesions.csv")
-    assert val["num_lesions"] == 1 and list(lesions["model"]) == ["fold1"]
+    assert val["num_lesions"] == 2 and list(lesions["model"]) == ["fold1", "fold0"]
     patch = preprocess_lesion(records[2])
     alone = ClassScore.from_model(model, variables[1], chunk=16)
     expected = alone.predict(explain.lesion_input(patch.image, patch.mask, config))[3]
@@ -594,7 +600,7 @@ def test_explain_workdir_end_to_end(tmp_path, monkeypatch, tiny):
     monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config), raising=False)
     # Nor are this run's, once it was trained again under the same settings (its predictions changed).
     _predictions_csv(run / "predictions.csv", [("p0/l1", "test", -1, 0, 0), ("p4/l1", "test", -1, 4, 4),
-                                               ("p6/l1", "val", 1, 6, 3)])
+                                               ("p6/l1", "val", 1, 6, 3), ("p5/l1", "val", 0, 5, 5)])
     with pytest.raises(FileExistsError, match="this one before it was trained again"):
         explain.explain_workdir(run, num_per_class=1, settings=explain.Settings(steps=4, chunk=16))
     # The report no longer shows them as this run's maps.

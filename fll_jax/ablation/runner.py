@@ -13,7 +13,7 @@ import ml_collections
 from fll_jax.ablation.points import Point
 from fll_jax.files import read_json, write_json
 from fll_jax.code_version import code_version
-from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, is_finished, trained_code
+from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, hold_run, is_finished, trained_code
 
 SWEEP_FILE = "sweep.json"
 LOGS = "logs"
@@ -117,6 +117,13 @@ def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], 
         also has a note saying so); also written to root/sweep.json after each point.
     """
     root = Path(root)
+    # A second sweep driver would rewrite the running point's log and record it failed.
+    with hold_run(root, held_by="an ablate.py running this sweep", remedy="use another --workdir for this sweep"):
+        return _run_points(points, root, run, data)
+
+
+def _run_points(points: Sequence[Point], root: Path, run: Callable[[Point], None],
+                data: Callable[[ml_collections.ConfigDict], dict]) -> list[dict]:
     rows: list[dict] = []
     for point in points:
         start = time.perf_counter()

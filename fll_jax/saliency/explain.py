@@ -45,7 +45,9 @@ from fll_jax.data.checks import parse_allow
 from fll_jax.data.preprocess import PreprocessOptions, preprocess_lesion
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import write_report
-from fll_jax.files import read_json, save_figure, staged_folder, write_csv, write_json, write_text
+from fll_jax.files import (
+    no_empty_folder_left, read_json, save_figure, staged_folder, write_csv, write_json, write_text,
+)
 from fll_jax.models import build_model
 from fll_jax.saliency.gradcam import grad_cam, last_stage_voxels
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
@@ -263,18 +265,20 @@ def explain_workdir(
         raise ValueError(f"num_per_class {num_per_class}: must be at least 1, or None for every lesion")
     workdir = Path(workdir)
     run = models_digest(workdir)  # refuses a folder without a finished run before holding it
-    # Held for reading its models: training or a --restart (which would delete the maps) waits,
-    # evaluate-only points of a sweep read it meanwhile.
-    with hold_run(workdir, reading=True):
-        return _explain(workdir, run, num_per_class, split, score, settings, out_dir, overwrite)
+    out, default = _out_folder(workdir, split, out_dir)
+    # The run is held for reading its models: training or a --restart (which would delete the maps)
+    # waits, evaluate-only points of a sweep read it meanwhile. The output folder is held alone:
+    # two requests into it would replace each other's maps unsaid.
+    with (hold_run(workdir, reading=True), no_empty_folder_left(out.parent), no_empty_folder_left(out),
+          hold_run(out, held_by="an explain.py writing into it", remedy="give another --out_dir")):
+        return _explain(workdir, run, num_per_class, split, score, settings, out, default, overwrite)
 
 
 def _explain(workdir: Path, run: str, num_per_class: int | None, split: str, score: bool, settings: Settings,
-             out_dir: str | Path | None, overwrite: bool) -> dict:
+             out: Path, default: bool, overwrite: bool) -> dict:
     # Looked up at call time: the training code owns it (and tests stand in for it).
     from fll_jax.train.checkpoints import load_fold_models
 
-    out, default = _out_folder(workdir, split, out_dir)
     request = json.loads(json.dumps({"run": run, "split": split, "num_per_class": num_per_class,
                                      "score": score, "settings": request_settings(settings, score)}))
     run_config = read_config(workdir)  # what load_fold_models reads, here without loading any model

@@ -58,6 +58,7 @@ RUN_OUTPUTS = (CONFIG_FILE, FINGERPRINT_FILE, EVALUATED_FILE, "predictions.csv",
                "tensorboard", "explain", "reader_study.json", "reader_study.md", "simulated_readers.csv",
                "missing_at_inference.json", "predict", "fold*")
 RESTART = "pass --restart to delete it and start over, or use another --workdir"
+HELD_BY_RUN = "training, evaluating or explaining its models"
 
 
 class WorkdirError(FileExistsError):
@@ -206,11 +207,13 @@ def _check_run(workdir: Path, current: dict) -> None:
 
 
 @contextlib.contextmanager
-def hold_run(workdir: str | Path, reading: bool = False) -> Iterator[None]:
+def hold_run(workdir: str | Path, reading: bool = False, held_by: str = HELD_BY_RUN,
+             remedy: str = "use another --workdir") -> Iterator[None]:
     """Hold `workdir` for this command: while it runs, another command's hold_run on the same
     folder raises WorkdirError instead of running into it. Commands that only read the folder's
     models (reading=True: explain, predict, reports, evaluate-only points) may hold it together;
-    training (made if absent) holds it alone.
+    training (made if absent) holds it alone. `held_by` and `remedy` word the refusal for
+    folders of other kinds (a sweep's, an output folder).
 
     The lock belongs to the folder itself (no lock file to go stale): the system releases it when
     the process ends, however it ends. In a run of several processes process 0 takes it and every
@@ -235,9 +238,8 @@ def hold_run(workdir: str | Path, reading: bool = False) -> Iterator[None]:
         busy = primary_says(busy)
     try:
         if busy:
-            raise WorkdirError(f"{workdir} is in use by another command (training, evaluating or explaining its "
-                               "models); nothing was changed. Wait for it to end"
-                               + ("." if reading else ", or use another --workdir."))
+            raise WorkdirError(f"{workdir} is in use by another command ({held_by}); nothing was changed. Wait for "
+                               "it to end" + ("." if reading else f", or {remedy}."))
         yield
     finally:
         if handle is not None:
