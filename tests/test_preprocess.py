@@ -10,8 +10,10 @@ import pytest
 
 import fll_jax.data
 from fll_jax.constants import SEQUENCES
-from fll_jax.data.preprocess import PreprocessError, crop_size_mm, preprocess_lesion, preprocess_manifest
-from tests.lesion_files import oblique_affine, record, voxel_to_world, write_patient, write_sequence
+from fll_jax.data.preprocess import (
+    PreprocessError, PreprocessOptions, crop_size_mm, preprocess_lesion, preprocess_manifest,
+)
+from tests.lesion_files import oblique_affine, record, voxel_to_world, world_grid, write_patient, write_sequence
 
 SIZE = 32
 
@@ -86,6 +88,29 @@ def test_off_centre_landmark_keeps_its_world_position(tmp_path):
         bright = weighted_centroid_world(patch.image[s] > 127, patch.patch_affine[s])
         assert np.linalg.norm(bright - landmark) < 1.0
         assert np.linalg.norm(weighted_centroid_world(patch.mask[s], patch.patch_affine[s]) - lesion) < 1.0
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "linear"])
+def test_slices_stored_in_either_order_give_the_same_patch(tmp_path, interpolation):
+    """5 mm slices sampled every 1 mm put grid points on the faces between slices: nearest
+    sampling had taken the slice above or below by storage order (18 % of a nearest image's
+    voxels and 6 % of the mask's differed)."""
+    shape, affine = (48, 48, 12), np.diag([0.78125, 0.78125, 5.0, 1.0])
+    affine[:3, 3] = (-18.0, -18.0, -30.0)
+    world = world_grid(shape, affine)
+    image = 100 + 20 * np.random.default_rng(0).standard_normal(shape)
+    lesion = ((world - np.array([3.0, -2.0, 0.0])[:, None, None, None]) ** 2).sum(0) <= 10 ** 2
+    image[lesion] += 150
+    flip = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, shape[2] - 1], [0, 0, 0, 1.0]])
+    options = PreprocessOptions(lesion_size="longest", normalise="volume", interpolation=interpolation)
+    patches = []
+    for name, order, stored in (("up", slice(None), affine), ("down", slice(None, None, -1), affine @ flip)):
+        nib.save(nib.Nifti1Image(image[:, :, order].astype(np.float32), stored), tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(lesion[:, :, order].astype(np.uint8), stored), tmp_path / f"{name}_mask.nii.gz")
+        lesion_record = record({"t2w": tmp_path / f"{name}.nii.gz"}, {"t2w": tmp_path / f"{name}_mask.nii.gz"})
+        patches.append(preprocess_lesion(lesion_record, size=64, options=options))
+    np.testing.assert_array_equal(patches[0].image, patches[1].image)
+    np.testing.assert_array_equal(patches[0].mask, patches[1].mask)
 
 
 def test_crop_box_by_diameter_and_large_lesion_context(tmp_path):

@@ -34,7 +34,9 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    the volume reaches the outer faces of its edge voxels; beyond it the image takes the
    volume's minimum, 0 once normalised). A lesion none of whose voxels the grid meets is an
    error, not an absent sequence. Rotated, flipped or oblique grids need nothing
-   special. A cube wider than S mm is sampled directly at its final spacing (side / S mm)
+   special, except that nearest sampling breaks ties in world space: a grid point on the face
+   between two voxels (common: 1 mm steps on 5 mm slices) takes the voxel on its +x, +y, +z
+   side (TIE_BREAK_MM), whichever order the file stores them in. A cube wider than S mm is sampled directly at its final spacing (side / S mm)
    instead: a 1 mm grid there would only be shrunk again by step 5, at up to (side / S)^3
    times the cost.
 5. Resize the cube to S^3 (the image linearly, as the paper resizes its crops to 64^3; the
@@ -88,7 +90,10 @@ LARGE_SCALE, LARGE_MARGIN_MM = 1.25, 8.0  # large lesions: side = 1.25 E + 8 mm
 MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 6  # 6: NIfTI spatial units (metres, microns) read as millimetres
+PREPROCESS_VERSION = 7  # 7: nearest sampling's ties broken in world space, not by storage order
+# A world shift far above the coordinates' rounding error and far below any voxel: nearest
+# sampling rounds x.5 up in voxel index, which points +world or -world as the file stores it.
+TIE_BREAK_MM = np.full(3, 1e-6)
 
 LESION_SIZES = ("longest", "equivalent")
 NORMALISATIONS = ("volume", "patch")
@@ -459,10 +464,12 @@ def _preprocess(record, size: int, cache: dict, allow: frozenset[str], options: 
             continue
         volume, centre = lesions[seq].volume, geometry[seq][0]
         coords = _cube_coords(volume.affine, centre, side, size)
+        nearest = _cube_coords(volume.affine, centre + TIE_BREAK_MM, side, size)
         # Beyond the scan: the volume's minimum, 0 once normalised.
-        img = _sample(volume.image, coords, order=options.order, outside=volume.value_range[0])
+        img = _sample(volume.image, nearest if options.order == 0 else coords, order=options.order,
+                      outside=volume.value_range[0])
         img = _resize(img, size, order=1)
-        msk = _resize(_sample(lesions[seq].mask, coords, order=0), size, order=0)
+        msk = _resize(_sample(lesions[seq].mask, nearest, order=0), size, order=0)
         if not msk.any():  # else the model would take the sequence for absent
             raise PreprocessError(f"lesion {record.lesion_id!r}: {seq}: no voxel of its lesion reaches the patch's "
                                   f"{side / size:.2g} mm sampling grid (a lesion thinner than that spacing)")
