@@ -139,6 +139,34 @@ def test_damaged_best_checkpoint_is_refused_with_its_path_and_remedy(run):
 
 # 3. A stale patch cache.
 
+def test_an_image_rewritten_while_it_is_preprocessed_leaves_no_patches_under_its_old_bytes(run, monkeypatch, capsys):
+    """Hashed, then rewritten before its lesions were read: their patches (of the new bytes) had
+    been kept under the old bytes' key, for any later run with the old file to reuse."""
+    folder, config = run
+    old = prepare_source(config)
+    image = Path(old.fingerprint["lesions"]["D00_L1"]["files"]["t2w_image"]["path"])
+    intact, nifti = image.read_bytes(), nib.load(image)
+    rewritten = nib.Nifti1Image(np.asarray(nifti.dataobj) * 2.0 + 50.0, nifti.affine)
+    for cache in ("patches", "lesion_patches"):  # every lesion is preprocessed
+        shutil.rmtree(folder / "data" / cache)
+    preprocess = prepare.preprocess_manifest
+
+    def rewritten_meanwhile(records, **kwargs):
+        nib.save(rewritten, image)  # another program, between the hashing and the reading
+        return preprocess(records, **kwargs)
+
+    monkeypatch.setattr(prepare, "preprocess_manifest", rewritten_meanwhile)
+    with pytest.raises(prepare.DataError, match=rf"(?s)patches of lesions D00_L1, D00_L2 were discarded.*{image}: rewritten"):
+        prepare_source(config)
+    assert len(list((folder / "data" / "lesion_patches").iterdir())) == 23
+    assert not list((folder / "data" / "patches").iterdir())
+    monkeypatch.setattr(prepare, "preprocess_manifest", preprocess)
+    image.write_bytes(intact)  # the old file back: its lesions are made from it, not taken from the rewrite
+    capsys.readouterr()
+    np.testing.assert_array_equal(prepare_source(config).patches.image, old.patches.image)
+    assert "reused the patches of 23 of 25 lesions" in capsys.readouterr().out
+
+
 def test_changed_images_are_preprocessed_again_never_reused(run, monkeypatch, capsys):
     folder, config = run
     old = prepare_source(config)

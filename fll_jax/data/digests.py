@@ -26,12 +26,24 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp(path: Path, missing_ok: bool = False) -> list[int] | None:
+    """What tells a rewritten file: size, modification and change times, inode (None: no file)."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise
+    return [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+
+
 class FileDigests:
     """Callable path -> {'size': bytes, 'sha256': hex}, with a persistent cache."""
 
     def __init__(self, cache_file: str | Path | None = None):
         self.cache_file = None if cache_file is None else Path(cache_file)
         self._cache: dict[str, dict] = {}
+        self._looked_up: dict[str, list[int]] = {}  # path -> its stamp when this object first read it
         self._dirty = False
         if self.cache_file is not None and self.cache_file.exists():
             try:
@@ -42,14 +54,20 @@ class FileDigests:
 
     def __call__(self, path: str | Path) -> dict:
         path = Path(path).absolute()
-        status = os.stat(path)
-        stamp = [status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino]
+        stamp = _stamp(path)
+        self._looked_up.setdefault(str(path), stamp)
         entry = self._cache.get(str(path))
         if not (isinstance(entry, dict) and entry.get("stamp") == stamp and "sha256" in entry):
             entry = {"stamp": stamp, "sha256": sha256_of(path)}
             self._cache[str(path)] = entry
             self._dirty = True
         return {"size": stamp[0], "sha256": entry["sha256"]}
+
+    def changed(self, paths) -> list[Path]:
+        """Those of `paths` looked up here whose size, times or inode differ now from then
+        (rewritten, replaced or deleted since), absolute."""
+        paths = [Path(p).absolute() for p in paths]
+        return [p for p in paths if str(p) in self._looked_up and _stamp(p, missing_ok=True) != self._looked_up[str(p)]]
 
     def save(self) -> None:
         """Write the cache (atomically) if anything was hashed since it was read."""

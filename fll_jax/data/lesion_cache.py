@@ -46,6 +46,12 @@ class LesionCache:
         if path is not None:
             write_npz(path, {name: getattr(patch, name) for name in _ARRAYS + _SCALARS})
 
+    def discard(self, lesion_id: str) -> None:
+        """Delete the lesion's stored patches (patches not of the bytes its key names)."""
+        path = self._path(lesion_id)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
     def _path(self, lesion_id: str) -> Path | None:
         key = self._keys.get(lesion_id)
         return None if key is None else self.folder / f"{key}.npz"

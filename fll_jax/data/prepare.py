@@ -18,6 +18,7 @@ reuse the same patches. Folds are assigned here, from the manifest, each time a 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from pathlib import Path
 
@@ -174,6 +175,7 @@ def prepare_source(config: ml_collections.ConfigDict):
         path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow,
                              options=options, cache=cache)
         digests.save()
+        _check_inputs_unchanged(records, digests, cache, Path(data.root) / "records" / key)
         return TFDSSource(path, fold_of, fingerprint)
     npz = Path(data.root) / "patches" / f"{key}.npz"
     patches = None
@@ -185,7 +187,28 @@ def prepare_source(config: ml_collections.ConfigDict):
     if patches is None:
         patches = preprocess_manifest(records, workers=data.workers, allow=allow, options=options, cache=cache)
         patches.save_npz(npz)
+        _check_inputs_unchanged(records, digests, cache, npz)
     return NumpySource(patches, fold_of, fingerprint)
+
+
+def _check_inputs_unchanged(records: list, digests: FileDigests, cache: LesionCache, built: Path) -> None:
+    """DataError when input files were rewritten while their lesions were preprocessed: patches of
+    the new bytes would stay under the old bytes' key. Those lesions' patches and the set built
+    (`built`: the npz or the records folder) are deleted first."""
+    files = {r.lesion_id: [Path(p).absolute() for p in (*r.images.values(), *r.masks.values())] for r in records}
+    changed = set(digests.changed([p for paths in files.values() for p in paths]))
+    if not changed:
+        return
+    lesions = [lesion for lesion, paths in files.items() if changed.intersection(paths)]
+    for lesion in lesions:
+        cache.discard(lesion)
+    if built.is_dir():
+        shutil.rmtree(built)
+    built.unlink(missing_ok=True)
+    raise DataError(problem_report(
+        "input files changed while the data was being prepared, so the patches of lesions "
+        f"{', '.join(lesions)} were discarded; run the command again once the files are final:",
+        [f"{path}: rewritten, replaced or deleted during preprocessing" for path in sorted(changed)]))
 
 
 def check_data(config: ml_collections.ConfigDict) -> list[str]:
