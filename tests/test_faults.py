@@ -527,13 +527,23 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
         check_config(ml_collections.ConfigDict(old))
 
 
-def test_manifest_without_test_rows_fails_before_training(finished, tmp_path):
+def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_before_training(finished, tmp_path):
     folder, _ = finished
     shutil.copytree(folder / "cohort", tmp_path / "cohort")
     config = _config(tmp_path)
     config.data.root = str(folder / "data")
     _edit_manifest(config, lambda rs: [r for r in rs if r.split == "dev"])
     with pytest.raises(DataError, match="no test split"):
+        cross_validate(config, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # A used sequence no development lesion has (LLD-MMRI's ADC): its branch had trained on zeros unsaid.
+    shutil.rmtree(tmp_path / "cohort")
+    shutil.copytree(folder / "cohort", tmp_path / "cohort")
+    unseen = config.sequences[-1]
+    _edit_manifest(config, lambda rs: [r if r.split == "test" else dataclasses.replace(
+        r, images={s: p for s, p in r.images.items() if s != unseen},
+        masks={s: p for s, p in r.masks.items() if s != unseen}) for r in rs])
+    with pytest.raises(DataError, match=f"no development lesion has {unseen}, which config.sequences uses"):
         cross_validate(config, tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
