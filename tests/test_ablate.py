@@ -266,6 +266,9 @@ def test_an_evaluate_only_point_is_evaluated_again_once_its_trained_models_chang
     # Compared before it is: the comparison says its difference is not the hidden sequence's alone.
     [comparison] = [p for p in write_comparison(copy, resamples=50) if p.suffix == ".md"]
     assert f"**`hide=dwi` evaluated fold models of `{BASE}` that have changed since**" in comparison.read_text()
+    # Its out-of-fold rows meet checkpoints chosen for the base on those lesions: the comparison says so.
+    assert ("Evaluate-only points (`hide=dwi`) reuse their trained point's checkpoints, each chosen as its fold's "
+            "best on those same validation lesions") in comparison.read_text()
 
     def run(point):
         run_point(point, copy, source)

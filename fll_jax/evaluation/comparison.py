@@ -138,8 +138,9 @@ def load_points(root: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, st
 
 def sweep_notes(root: Path, names) -> list[str]:
     """What a reader of the comparison must know first: evaluate-only points whose trained point's
-    models changed since, points whose models different versions of the code trained, and folders
-    of finished results that sweep.json does not count."""
+    models changed since, that evaluate-only points' out-of-fold rows favour their trained point,
+    points whose models different versions of the code trained, and folders of finished results
+    that sweep.json does not count."""
     notes = []
     for name in names:
         trained = _trained_point(root, name)
@@ -147,6 +148,12 @@ def sweep_notes(root: Path, names) -> list[str]:
             notes.append(f"**`{name}` evaluated fold models of `{trained}` that have changed since** (trained again, "
                          "or other folds): its difference from them is not its setting's alone. Rerun ablate.py: it "
                          "evaluates the point again.")
+    evaluated = [name for name in names if _trained_point(root, name) is not None]
+    if evaluated:
+        notes.append("Evaluate-only points (" + ", ".join(f"`{name}`" for name in evaluated) + ") reuse their trained "
+                     "point's checkpoints, each chosen as its fold's best on those same validation lesions with "
+                     "nothing hidden: on the out-of-fold rows that choice favours the trained point, so part of "
+                     "their difference there is selection. Their test rows are free of it.")
     code = {name: trained_code(root / name) for name in names if (root / name / "metrics.json").exists()}
     if len({version for versions in code.values() for version in versions}) > 1:
         notes.append("**The points' models were trained by different versions of the code**, so a difference may "
