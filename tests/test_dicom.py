@@ -539,6 +539,10 @@ def test_replacing_a_conversion_leaves_none_of_its_volumes_and_names_the_files_i
     assert sorted(p.name for p in subject_dir.iterdir()) == sorted(
         ["series.csv", "lap.nii.gz", new.nifti.name, new.nifti.name.replace(".nii.gz", ".json")])
     assert "kept lap.nii.gz, which it did not write" in capsys.readouterr().out
+    (subject_dir / "series.csv").write_bytes(b"\xff\xfe damaged")  # not UTF-8: said, and replaced all the same
+    [again] = _convert(tmp_path / "second", out, overwrite=True)
+    assert "the earlier conversion's files are left as they are" in capsys.readouterr().out
+    assert dicom.read_series_table(subject_dir) == {"t2w": again.nifti}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -919,7 +919,11 @@ def convert_study(study_dir: str | Path, out_dir: str | Path, *, salt: str | Non
 def _clear_conversion(subject_dir: Path, log: Callable[[str], None]) -> None:
     """Deletes what an earlier conversion of the patient wrote (its series.csv lists it), so that no
     volume of the replaced study stays beside the new ones; says which other files stay."""
-    replaced = converted_files(subject_dir)
+    try:
+        replaced = converted_files(subject_dir)
+    except DicomError as error:  # a damaged earlier series.csv must not stop the conversion that replaces it
+        log(f"{subject_dir.name}: the earlier conversion's files are left as they are: {error}")
+        replaced = set()
     for path in replaced:
         path.unlink(missing_ok=True)
     kept = sorted(p.name for p in subject_dir.iterdir() if p.is_file()) if replaced else []

@@ -36,9 +36,9 @@ file, or the ellipsoid inscribed in a box: fll_jax/data/boxes.py):
    error, not an absent sequence. Rotated, flipped or oblique grids need nothing
    special, except that nearest sampling breaks ties in world space: a grid point on the face
    between two voxels (common: 1 mm steps on 5 mm slices) takes the voxel on its +x, +y, +z
-   side (TIE_BREAK_MM), whichever order the file stores them in. A cube wider than S mm is sampled directly at its final spacing (side / S mm)
-   instead: a 1 mm grid there would only be shrunk again by step 5, at up to (side / S)^3
-   times the cost.
+   side (TIE_BREAK_MM), whichever order the file stores them in. A cube wider than S mm is
+   sampled directly at its final spacing (side / S mm) instead: a 1 mm grid there would only be
+   shrunk again by step 5, at up to (side / S)^3 times the cost.
 5. Resize the cube to S^3 (the image linearly, as the paper resizes its crops to 64^3; the
    mask nearest; voxel extents aligned).
 6. Blur the binary mask with a Gaussian of sigma MASK_SIGMA_VOXELS voxels of a 64^3 patch

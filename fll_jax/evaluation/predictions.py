@@ -80,7 +80,8 @@ def row_problems(frame: pd.DataFrame, expected: set[tuple[str, str]]) -> list[st
     once: the rows lacking, those of no expected lesion, those repeated (each list shortened)."""
     found = list(zip(frame["split"], frame["lesion_id"]))
     counts = pd.Series(found, dtype=object).value_counts()
-    kinds = (("lacks", sorted(expected - set(found))), ("holds rows of no lesion of the run:", sorted(set(found) - expected)),
+    kinds = (("lacks", sorted(expected - set(found))),
+             ("holds rows of no lesion of the run:", sorted(set(found) - expected)),
              ("repeats", sorted(row for row, n in counts.items() if n > 1)))
     return [f"{kind} {len(rows)} ({', '.join(f'{split} {lesion}' for split, lesion in rows[:SHOWN_ROWS])}"
             f"{', ...' if len(rows) > SHOWN_ROWS else ''})" for kind, rows in kinds if rows]

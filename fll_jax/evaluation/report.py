@@ -574,7 +574,9 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
         raise StateFileError(f"{workdir / 'predictions.csv'} holds the predictions of "
                              f"{', '.join(model_names(frame)) or 'no fold model'}, but {CONFIG_FILE} lists folds "
                              f"{folds_text(folds)}; rerun the training command: it writes them again")
-    problem = predictions_problem(workdir, folds) if folds is not None and (workdir / FINGERPRINT_FILE).exists() else None
+    problem = None
+    if folds is not None and (workdir / FINGERPRINT_FILE).exists():
+        problem = predictions_problem(workdir, folds)
     if problem:
         raise StateFileError(f"{problem}; rerun the training command: it writes it again from the fold models")
     metrics = evaluate(frame, *evaluation_settings(config))
