@@ -23,7 +23,7 @@ from fll_jax.evaluation.stats import (
 from fll_jax.evaluation.subgroups import FACTORS, subgroups
 from fll_jax.files import StateFileError, read_json, write_json, write_text
 from fll_jax.train.workdir import (
-    CONFIG_FILE, FINGERPRINT_FILE, WorkdirError, fold_code_versions, folds_text, made_by, models_digest, models_folder,
+    CONFIG_FILE, WorkdirError, fold_code_versions, folds_text, made_by, models_digest, models_folder,
     predictions_problem, read_config,
 )
 
@@ -574,9 +574,7 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
         raise StateFileError(f"{workdir / 'predictions.csv'} holds the predictions of "
                              f"{', '.join(model_names(frame)) or 'no fold model'}, but {CONFIG_FILE} lists folds "
                              f"{folds_text(folds)}; rerun the training command: it writes them again")
-    problem = None
-    if folds is not None and (workdir / FINGERPRINT_FILE).exists():
-        problem = predictions_problem(workdir, folds)
+    problem = None if folds is None else predictions_problem(workdir, folds, frame)
     if problem:
         raise StateFileError(f"{problem}; rerun the training command: it writes it again from the fold models")
     metrics = evaluate(frame, *evaluation_settings(config))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import pandas as pd
 
 from fll_jax.data.digests import sha256_of
 from fll_jax.data.fingerprint import describe_changes
@@ -286,12 +287,15 @@ def is_finished(workdir: str | Path, config: ml_collections.ConfigDict, data: di
     return not fingerprint_changes(read_fingerprint(workdir), run_fingerprint(config, data))
 
 
-def predictions_problem(workdir: str | Path, folds: Sequence[int]) -> str | None:
-    """Why the run's predictions.csv is not the whole run's (a damaged file, or not each test
-    lesion and each development lesion of `folds` once, as fingerprint.json lists them), or None."""
+def predictions_problem(workdir: str | Path, folds: Sequence[int], frame: pd.DataFrame | None = None) -> str | None:
+    """Why the run's predictions.csv (`frame` if already read) is not the whole run's (a damaged
+    file, or not each test lesion and each development lesion of `folds` once, as
+    fingerprint.json lists them), or None; None too for a folder without fingerprint.json."""
     path = Path(workdir) / "predictions.csv"
+    if not (Path(workdir) / FINGERPRINT_FILE).exists():
+        return None
     try:
-        frame = load_predictions(path)
+        frame = load_predictions(path) if frame is None else frame
         lesions = read_fingerprint(Path(workdir)).get("data", {}).get("lesions")
     except (StateFileError, PredictionsError) as error:
         return str(error)
