@@ -17,7 +17,7 @@ from fll_jax.data.preprocess import preprocess_lesion
 from fll_jax.evaluation.report import saliency_markdown, write_report
 from fll_jax.files import write_json
 from fll_jax.saliency import outputs, scoring
-from fll_jax.saliency.gradcam import grad_cam
+from fll_jax.saliency.gradcam import grad_cam, to_input_grid
 from fll_jax.saliency.gradients import smoothgrad, vanilla_gradient
 from fll_jax.saliency.importance import attribution_shares, sequence_importance
 from fll_jax.saliency.integrated_gradients import adaptive_nodes, integrated_gradients, make_baseline, quadrature_rule
@@ -222,6 +222,20 @@ def test_gradcam_shape_and_sign(tiny):
         np.testing.assert_allclose(out["features"][:, i], fmap.mean(axis=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sequence names"):
         grad_cam(score, x, ("t2w",))
+
+
+def test_gradcam_cells_are_drawn_on_the_input_voxels_they_are_centred_on():
+    # 64^3 through a total stride of 32 (padding k // 2) gives cells centred on voxels 0 and 32.
+    cam = jnp.asarray(np.random.default_rng(0).random((2, 2, 2)), jnp.float32)
+    up = np.asarray(to_input_grid(cam, (64, 64, 64)))
+    assert up[0, 0, 0] == pytest.approx(float(cam[0, 0, 0])) and up[32, 32, 32] == pytest.approx(float(cam[1, 1, 1]))
+    assert up[63, 63, 63] == pytest.approx(float(cam[1, 1, 1]))
+    assert up[16, 0, 0] == pytest.approx(float(cam[:, 0, 0].mean()))
+    # A stride of 16 (a stem of stride 1) over 40 voxels gives 3 cells, on voxels 0, 16 and 32.
+    line = np.asarray(to_input_grid(jnp.arange(3.0).reshape(3, 1, 1), (40, 2, 2)))[:, 0, 0]
+    np.testing.assert_allclose(line[[0, 8, 16, 32, 39]], [0, 0.5, 1, 2, 2])
+    with pytest.raises(ValueError, match="3 cells does not come from 64"):
+        to_input_grid(jnp.zeros((3, 1, 1)), (64, 64, 64))
 
 
 def test_importance_shares_sum_to_one(tiny):

@@ -8,8 +8,9 @@ therefore split at the pooled features: a zero offset is added to each branch's 
 `nn.intercept_methods` (public Flax API; no change to the model), dF/d(offset) = dF/df, and
 the feature maps come from the sown intermediates, all in one forward and backward pass.
 
-The map per sequence is ReLU(sum_k alpha_k A_k), upsampled to the input patch with
-jax.image.resize (trilinear); for an ensemble, the mean of the fold models' maps. F is the
+The map per sequence is ReLU(sum_k alpha_k A_k), interpolated linearly onto the input grid
+with each cell at the input voxel it is centred on (`to_input_grid`); for an ensemble, the mean
+of the fold models' maps. F is the
 score's output: Selvaraju et al. use the logit, so build the ClassScore with output='logit'
 to follow them exactly.
 """
@@ -21,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.ndimage import map_coordinates
 
 from fll_jax.saliency.target import HEADS, ClassScore
 
@@ -61,10 +63,29 @@ def _build(score: ClassScore, names: tuple[str, ...]):
             fmap = fmaps[n][0].astype(jnp.float32)  # [d, h, w, K]
             weights = grads[n][0] / np.prod(fmap.shape[:3])
             cam = jax.nn.relu(jnp.einsum("dhwk,k->dhw", fmap, weights))
-            cams.append(jax.image.resize(cam, x.shape[2:5], method="trilinear"))
+            cams.append(to_input_grid(cam, x.shape[2:5]))
         return jnp.stack(cams)
 
     return maps
+
+
+def to_input_grid(cam: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """A last-stage map [d, h, w] on the input grid `shape`, linear between cells, each edge cell's
+    value held beyond it.
+
+    Every strided layer (stem, max-pool, each stage's first block) pads k // 2, so cell i of a
+    grid that a stride of s made from n voxels (n / s rounded up) is centred on input voxel s * i,
+    not where a resize of the whole map to n voxels would draw it (s * i + (s - 1) / 2).
+    """
+    coords = []
+    for n, cells in zip(shape, cam.shape):
+        stride = 1
+        while -(-n // stride) > cells:  # each strided layer halves the grid, rounding up
+            stride *= 2
+        if -(-n // stride) != cells:
+            raise ValueError(f"a last stage of {cells} cells does not come from {n} input voxels by halving")
+        coords.append(jnp.arange(n, dtype=jnp.float32) / stride)
+    return map_coordinates(cam, jnp.meshgrid(*coords, indexing="ij"), order=1, mode="nearest")
 
 
 def grad_cam(score: ClassScore, x: np.ndarray, sequences: Sequence[str], *, index: int | None = None) -> np.ndarray:
