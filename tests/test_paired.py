@@ -100,3 +100,27 @@ def test_bootstrap_of_a_single_patient_is_undefined_not_of_zero_width():
     assert paired_bootstrap(mean, []) == (None, None)  # a split without lesions of the compared classes
     lower, upper = paired_bootstrap(mean, np.arange(40))
     assert lower < values.mean() < upper
+
+
+def test_both_paired_tests_count_a_patients_lesions_as_one():
+    # Every patient of the published example given three identical lesions: as many patients, as
+    # much evidence. With the patients as the unit, both tests give the single-lesion answers;
+    # with the lesions, three times the data.
+    data = pd.read_csv(ASAH)
+    poor = (data["outcome"] == "Poor").to_numpy()
+    wfns, s100b = data["wfns"].to_numpy(float), data["s100b"].to_numpy(float)
+    once = delong_paired(poor, wfns, s100b)
+    patients = np.repeat(np.arange(len(poor)), 3)
+    thrice = [np.repeat(v, 3) for v in (poor, wfns, s100b)]
+    clustered = delong_paired(*thrice, clusters=patients.astype(str))
+    assert clustered["se"] == pytest.approx(once["se"], rel=1e-12) and clustered["p"] == pytest.approx(once["p"])
+    assert delong_paired(*thrice)["se"] < 0.6 * once["se"]
+    right_a, right_b = wfns > 2, s100b > 0.2
+    assert mcnemar_exact(np.repeat(right_a, 3), np.repeat(right_b, 3), patients)["p"] == pytest.approx(
+        mcnemar_exact(right_a, right_b)["p"], rel=1e-12)
+    # Four patients of six lesions right only by a, one only by b: a sign test on five patients,
+    # P(|sum of five +-1| >= 3) = 12 / 32, not McNemar's 24 against 6 lesions (p = 0.0014).
+    a = np.r_[np.ones(24, bool), np.zeros(6, bool)]
+    clusters = np.repeat(np.arange(5), 6)
+    assert mcnemar_exact(a, ~a, clusters)["p"] == pytest.approx(12 / 32)
+    assert mcnemar_exact(a, ~a)["p"] < 0.002

@@ -14,7 +14,7 @@ from statsmodels.stats.inter_rater import cohens_kappa
 
 from eval_fixtures import TEST_COUNTS, synthetic_predictions, write_synthetic_workdir
 from fll_jax.constants import CLASSES
-from fll_jax.evaluation.paired import paired_bootstrap
+from fll_jax.evaluation.paired import mcnemar_exact, paired_bootstrap
 from fll_jax.evaluation.readers import (
     ReadersError, compare_paired, load_readers, parse_class, reader_markdown, reader_study, simulate_readers, write_reader_study,
 )
@@ -245,7 +245,8 @@ def test_a_groups_pooled_accuracy_interval_resamples_lesions_not_reads():
 
 def test_a_groups_pooled_accuracy_interval_resamples_patients_with_all_their_lesions():
     """Six lesions a patient, read right or wrong patient by patient: the pooled interval is as
-    wide as the patients allow (resampling lesions one by one had given half its width)."""
+    wide as the patients allow (resampling lesions one by one had given half its width), and
+    McNemar's test counts patients."""
     predictions = synthetic_predictions(0)
     test = predictions["split"] == "test"
     predictions.loc[test, "patient_id"] = [f"T{k // 6}" for k in range(test.sum())]
@@ -262,6 +263,12 @@ def test_a_groups_pooled_accuracy_interval_resamples_patients_with_all_their_les
     assert by_patient[1] - by_patient[0] > 1.5 * (by_lesion[1] - by_lesion[0])
     assert np.allclose([lo, hi], by_patient, atol=0.03) and study["bootstrap_unit"] == "patients"
     assert "pooled ACC (95% CI, patients resampled)" in reader_markdown(study, "")
+    # McNemar against the model takes the patients as its unit too.
+    model_ok = lesions[[f"ensemble_p7_{k}" for k in range(7)]].to_numpy().argmax(1) == lesions["label7"].to_numpy()
+    by_patient_p = mcnemar_exact(model_ok, ok, np.arange(len(ok)) // 6)["p"]
+    assert study["readers"]["R1"]["vs_model"]["mcnemar_exact_p"] == pytest.approx(by_patient_p)
+    assert by_patient_p != pytest.approx(mcnemar_exact(model_ok, ok)["p"])
+    assert "each patient one unit" in reader_markdown(study, "")
 
 
 def test_a_new_study_replaces_the_earlier_readers_figures_and_keeps_a_real_study(tmp_path):

@@ -3,9 +3,9 @@
 For the test split (the fold models' ensemble) and the out-of-fold validation rows (each lesion
 scored by the model that did not train on it), every point gets its accuracy (modified Wilson CI)
 and AUC (DeLong CI), and its difference from its reference: McNemar's exact test on the correct
-calls, DeLong's paired test on the AUCs, patient-level paired bootstrap intervals of both
-differences (lesion-level, and said so, where predictions.csv has no patient ids), and Holm's
-correction across the sweep's points. Points that differ only in the seed also get the spread
+calls, DeLong's paired test on the AUCs, paired bootstrap intervals of both differences, all
+three with each patient as one unit (lesions, and said so, where predictions.csv has no patient
+ids), and Holm's correction across the sweep's points. Points that differ only in the seed also get the spread
 over seeds. Intervals are at the confidence level, and accuracies' intervals under the interval
 rule, that the points' own reports use (evaluation.confidence and evaluation.interval_rule in
 their config.json; 0.95 and 'bcd' where none has one).
@@ -233,8 +233,9 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
     if not len(correct):  # no lesion of the task in this split: nothing to test, nor to count in Holm's correction
         return {k: None for k in ("d_acc", "d_acc_lo", "d_acc_hi", "only_point", "only_reference", "mcnemar_p",
                                   "d_auc", "d_auc_lo", "d_auc_hi", "delong_p")} | {"bootstrap_unit": clusters[1]}
-    mc = mcnemar_exact(correct, ref_correct)
-    dl = delong_paired(truth, score, ref_score)
+    groups, unit = clusters
+    mc = mcnemar_exact(correct, ref_correct, groups)
+    dl = delong_paired(truth, score, ref_score, clusters=groups)
 
     def d_acc(rows: np.ndarray) -> float:
         return float(np.mean(correct[rows]) - np.mean(ref_correct[rows]))
@@ -248,7 +249,6 @@ def _difference(frame: pd.DataFrame, reference: pd.DataFrame, task: Task, seed: 
         b = rank_auc(truth[rows], ref_score[rows])
         return math.nan if a is None or b is None else a - b
 
-    groups, unit = clusters
     acc_ci = paired_bootstrap(d_acc, groups, confidence, resamples, seed)
     auc_ci = paired_bootstrap(d_auc, groups, confidence, resamples, seed)
     return {
@@ -334,18 +334,19 @@ def _p(row: pd.Series, key: str) -> str:
 
 
 def _bootstrap_note(table: pd.DataFrame, resamples: int) -> str:
-    """What the Δ intervals resampled: patients, or lesions one by one for points without patient ids."""
+    """The unit of the Δ intervals and tests: patients, or lesions one by one for points without patient ids."""
     by_lesion = sorted(set(table.loc[table["bootstrap_unit"] == LESIONS, "point"]))
     by_patient = set(table.loc[table["bootstrap_unit"] == PATIENTS, "point"])
-    caveat = ("no patient_id in predictions.csv, so lesions are resampled one by one as if each were its own "
-              "patient; where patients have several lesions these intervals are too narrow")
+    caveat = ("no patient_id in predictions.csv, so each lesion counts as its own patient; where patients have "
+              "several lesions these intervals are too narrow and these p too small")
     if not by_lesion:
-        return f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples)."
+        return (f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples), and the tests below "
+                "with each patient as one unit.")
     if not by_patient:
-        return f"Δ intervals by a paired bootstrap over lesions ({resamples:,} resamples): {caveat}."
+        return f"Δ intervals by a paired bootstrap over lesions ({resamples:,} resamples), tests over lesions: {caveat}."
     points = ", ".join(f"`{name}`" for name in by_lesion)
-    return (f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples), except over lesions "
-            f"for {points}: {caveat}.")
+    return (f"Δ intervals by a paired bootstrap over patients ({resamples:,} resamples), and the tests below "
+            f"with each patient as one unit, except over lesions for {points}: {caveat}.")
 
 
 def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, sweep: str,
@@ -356,8 +357,9 @@ def comparison_markdown(table: pd.DataFrame, spread: pd.DataFrame, task: Task, s
     lines = [f"# Sweep comparison: {sweep}", "", f"Task: {task.title}.", "",
              "Each point against its reference on the same lesions. Intervals are "
              f"{ci_label(confidence)}s: for accuracy {RULE_NAMES[rule]} (config evaluation.interval_rule), "
-             f"DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC) and "
-             "DeLong's paired test (AUC), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
+             f"DeLong for AUC. {_bootstrap_note(table, resamples)} p: McNemar's exact test (ACC; exact over "
+             "sign flips of each patient's discordant lesions) and DeLong's paired test (AUC; Obuchowski's "
+             "variance for clustered data), Holm-adjusted over the sweep's points in brackets; * marks Holm p < 0.05. "
              "A point validated on other folds than its reference is compared on the folds both validated, "
              "named beside n; its n, accuracy and AUC are then those of these folds.", ""]
     for note in notes:

@@ -5,6 +5,7 @@ Probabilities arrive as arrays: p7 [N, 7] (seven-way) and p2 [N, 2] (benign/mali
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 from scipy import stats
@@ -56,23 +57,28 @@ def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[y_true].sum() - m * (m + 1) / 2) / (m * n))
 
 
-def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
-                  confidence: float = 0.95) -> dict[str, float | None]:
+def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray, confidence: float = 0.95,
+                  clusters: Sequence | None = None) -> dict[str, float | None]:
     """DeLong's test of two correlated AUCs (two scores of the same cases; DeLong, DeLong &
     Clarke-Pearson 1988): AUC a, AUC b, their difference a - b with its standard error, Wald
-    interval, z and two-sided p. Undefined (None) without both classes or fewer than two of
-    either; identical ROC curves give z = 0, p = 1, and a difference with zero variance (the
-    placement values constant in both scores) no interval, z or p: the asymptotic test does not apply."""
+    interval, z and two-sided p. With `clusters` (each lesion's patient) the variance is
+    Obuchowski's (1997) for clustered data, which sums the placement values of each patient; with
+    one lesion per patient (clusters None) it is DeLong's. Undefined (None) without both classes,
+    or with fewer than two lesions (patients) having either; identical ROC curves give z = 0,
+    p = 1, and a difference with zero variance (the placement values constant in both scores) no
+    interval, z or p: the asymptotic test does not apply."""
+    empty = {k: None for k in ("auc_a", "auc_b", "difference", "se", "lower", "upper", "z", "p")}
     a, b = placements(y_true, score_a), placements(y_true, score_b)
-    if a is None or min(len(a[0]), len(a[1])) < 2:
-        return {k: None for k in ("auc_a", "auc_b", "difference", "se", "lower", "upper", "z", "p")}
-    m, n = len(a[0]), len(a[1])
-    # Covariance of the two AUCs: the placement values' covariance over positives and over negatives.
-    cov = np.cov(np.vstack([a[0], b[0]])) / m + np.cov(np.vstack([a[1], b[1]])) / n
+    if a is None:
+        return empty
+    y = np.asarray(y_true).astype(bool)
+    groups = np.arange(len(y)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
     auc_a, auc_b = float(a[0].mean()), float(b[0].mean())
     difference = auc_a - auc_b
-    variance = max(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]), 0.0)
-    se = math.sqrt(variance)
+    variance = _clustered_variance(a[0] - b[0], a[1] - b[1], difference, groups[y], groups[~y])
+    if variance is None:
+        return empty
+    se = math.sqrt(max(variance, 0.0))
     if se == 0.0 and difference != 0:
         return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se,
                 "lower": None, "upper": None, "z": None, "p": None}
@@ -81,6 +87,25 @@ def delong_paired(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray,
     half = stats.norm.ppf(0.5 + confidence / 2) * se
     return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se,
             "lower": float(difference - half), "upper": float(difference + half), "z": z, "p": p}
+
+
+def _clustered_variance(v_pos: np.ndarray, v_neg: np.ndarray, theta: float, pos_groups: np.ndarray,
+                        neg_groups: np.ndarray) -> float | None:
+    """Obuchowski's (1997) variance of theta, the mean of placement values v_pos (positives) and
+    v_neg (negatives), or of their differences between two scores; groups: each lesion's cluster
+    index. None with fewer than two clusters holding positives or negatives."""
+    m, n = len(v_pos), len(v_neg)
+    k = int(max(pos_groups.max(), neg_groups.max())) + 1
+    # Each cluster's placement total, less what theta predicts for its number of lesions.
+    pos = np.bincount(pos_groups, v_pos, k) - np.bincount(pos_groups, minlength=k) * theta
+    neg = np.bincount(neg_groups, v_neg, k) - np.bincount(neg_groups, minlength=k) * theta
+    with_pos, with_neg = len(np.unique(pos_groups)), len(np.unique(neg_groups))
+    if min(with_pos, with_neg) < 2:
+        return None
+    s10 = with_pos / ((with_pos - 1) * m) * np.sum(pos**2)
+    s01 = with_neg / ((with_neg - 1) * n) * np.sum(neg**2)
+    s11 = k / (k - 1) * np.sum(pos * neg)  # zero when no cluster holds both classes
+    return float(s10 / m + s01 / n + 2 * s11 / (m * n))
 
 
 def delong_auc(y_true: np.ndarray, score: np.ndarray, confidence: float = 0.95) -> dict[str, float | None]:

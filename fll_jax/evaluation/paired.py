@@ -1,6 +1,7 @@
 """Paired comparison of two models on the same lesions: McNemar's exact test on their correct
 calls, a patient-level paired bootstrap interval for any difference, and Holm's correction.
-DeLong's test of two correlated AUCs is fll_jax.evaluation.discrimination.delong_paired."""
+DeLong's test of two correlated AUCs is fll_jax.evaluation.discrimination.delong_paired; both
+tests take the patients as their unit where patients have several lesions."""
 from __future__ import annotations
 
 import gc
@@ -8,23 +9,41 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from fll_jax.evaluation.predictions import missing_patient_ids
 
 
-def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, float | int]:
-    """McNemar's exact (binomial) test of two models' correct/incorrect calls on the same lesions.
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray, clusters: Sequence | None = None
+                  ) -> dict[str, float | int]:
+    """McNemar's exact test of two models' correct/incorrect calls on the same lesions, with each
+    patient as one unit when `clusters` gives the lesions' patients.
 
     Returns a_only (lesions only a gets right), b_only (only b), and the two-sided p; with no
-    discordant lesion p is 1.
+    discordant lesion p is 1. The test is exact under sign flips of the patients' totals (a_only
+    minus b_only of each; under the null, negating any of them is as likely):
+    p = P(|sum of +-d_k| >= |sum of d_k|). With one lesion per patient (clusters None) this is
+    McNemar's exact binomial test; with several, a patient's lesions are not counted as
+    independent evidence, as the patient bootstrap's intervals do not count them.
     """
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
     if a.shape != b.shape:
         raise ValueError(f"paired calls differ in number: {a.shape} against {b.shape}")
-    table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
-    return {"a_only": table[0][1], "b_only": table[1][0], "p": float(mcnemar(table, exact=True).pvalue)}
+    groups = np.arange(len(a)) if clusters is None else np.unique(np.asarray(clusters), return_inverse=True)[1]
+    totals = np.bincount(groups, (a & ~b).astype(int) - (~a & b).astype(int)).astype(int) if len(a) else np.zeros(0, int)
+    return {"a_only": int(np.sum(a & ~b)), "b_only": int(np.sum(~a & b)), "p": _sign_flip_p(totals)}
+
+
+def _sign_flip_p(totals: np.ndarray) -> float:
+    """Two-sided exact p of sum(totals) when each total's sign is a fair coin (integer totals)."""
+    sizes = np.abs(totals[totals != 0])
+    span = int(sizes.sum())
+    dist = np.zeros(2 * span + 1)  # dist[span + s] = P(sum = s)
+    dist[span] = 1.0
+    for size in sizes:
+        dist = 0.5 * (np.roll(dist, size) + np.roll(dist, -size))  # no wrap: |sum| stays <= span
+    sums = np.arange(-span, span + 1)
+    return float(min(1.0, dist[np.abs(sums) >= abs(int(totals.sum()))].sum()))
 
 
 # What a bootstrap draws: the patients, or the lesions one by one where no patient ids are known.

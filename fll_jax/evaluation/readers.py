@@ -9,7 +9,8 @@ model and a reader taken as independent samples reproduces all three (90/113 aga
 midpoints give 0.069, 0.430 and 0.291, disagree with the abstract for two groups). No McNemar variant (exact, mid-p, chi-square with or without
 continuity correction) reproduces them with any discordant counts those accuracies allow
 (tests/test_readers.py). McNemar's exact test is the right test for paired calls on the same
-lesions, so it is the primary comparison here; the Fisher p is reported as 'paper style'.
+lesions, so it is the primary comparison here, with each patient as one unit (a patient's
+lesions look alike); the Fisher p is reported as 'paper style'.
 """
 from __future__ import annotations
 
@@ -22,12 +23,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score
-from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.inter_rater import cohens_kappa
 
 from fll_jax.constants import CLASS_NAMES, CLASSES, NUM_CLASSES
 from fll_jax.evaluation.figures import plot_confusion
-from fll_jax.evaluation.paired import bootstrap_clusters, paired_bootstrap
+from fll_jax.evaluation.paired import bootstrap_clusters, mcnemar_exact, paired_bootstrap
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, probabilities
 from fll_jax.evaluation.report import evaluation_settings
 from fll_jax.evaluation.stats import RULE_NAMES, ci_label, format_interval, format_value, proportion
@@ -118,20 +118,20 @@ def _test_rows(predictions: pd.DataFrame) -> pd.DataFrame:
     return test.set_index("lesion_id")
 
 
-def compare_paired(truth: np.ndarray, model: np.ndarray, reader: np.ndarray) -> dict:
-    """Model against one reader on the same lesions: McNemar exact (paired) and Fisher (the paper's style)."""
+def compare_paired(truth: np.ndarray, model: np.ndarray, reader: np.ndarray, clusters: np.ndarray | None = None
+                   ) -> dict:
+    """Model against one reader on the same lesions: McNemar exact (paired; each patient one unit
+    when `clusters` gives the lesions' patients) and Fisher (the paper's style)."""
     model_ok, reader_ok = model == truth, reader == truth
-    b = int(np.sum(model_ok & ~reader_ok))  # model right, reader wrong
-    c = int(np.sum(~model_ok & reader_ok))
+    paired = mcnemar_exact(model_ok, reader_ok, clusters)
     n = len(truth)
-    table = [[int(np.sum(model_ok & reader_ok)), b], [c, int(np.sum(~model_ok & ~reader_ok))]]
     unpaired = [[int(model_ok.sum()), n - int(model_ok.sum())], [int(reader_ok.sum()), n - int(reader_ok.sum())]]
     return {
         "model_correct": int(model_ok.sum()),
         "reader_correct": int(reader_ok.sum()),
-        "model_only_correct": b,
-        "reader_only_correct": c,
-        "mcnemar_exact_p": float(mcnemar(table, exact=True).pvalue),
+        "model_only_correct": paired["a_only"],
+        "reader_only_correct": paired["b_only"],
+        "mcnemar_exact_p": paired["p"],
         "fisher_unpaired_p": float(stats.fisher_exact(unpaired).pvalue),
     }
 
@@ -173,7 +173,7 @@ def reader_study(predictions: pd.DataFrame, readers: pd.DataFrame, confidence: f
             "macro_f1": float(f1_score(truth, calls, labels=np.unique(np.r_[truth, calls]), average="macro",
                                        zero_division=0)),
             "confusion": confusion_matrix(truth, calls, labels=list(range(NUM_CLASSES))).tolist(),
-            "vs_model": compare_paired(truth, model, calls),
+            "vs_model": compare_paired(truth, model, calls, clusters.loc[rows["lesion_id"]].to_numpy()),
         }
     for group, rows in readers.groupby("group", sort=False):
         ids = sorted(rows["reader_id"].unique())
@@ -262,8 +262,9 @@ def reader_markdown(study: dict, source_note: str) -> str:
         + format_interval((model["accuracy"], *model["accuracy_ci"])), "",
         "## Readers", "",
         f"Accuracy intervals follow {RULE_NAMES[study['interval_rule']]} (config evaluation.interval_rule). "
-        "McNemar: exact test on the paired calls (primary). Fisher (paper style): Fisher's exact test on the "
-        "correct/incorrect counts as two independent samples, the test that reproduces the paper's p-values.", "",
+        f"McNemar: exact test on the paired calls, each {study['bootstrap_unit'][:-1]} one unit (primary). "
+        "Fisher (paper style): Fisher's exact test on the correct/incorrect counts as two independent samples, "
+        "the test that reproduces the paper's p-values.", "",
         f"| reader | group | n | ACC ({ci}) | model ACC | model only right | reader only right | p McNemar exact | p Fisher (paper style) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
