@@ -19,7 +19,8 @@ _RELEASE = flags.DEFINE_string("release", None, "The release folder (images/, la
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for manifest.csv, unlabelled.csv and images/.")
 _TEST_FOLD = flags.DEFINE_string(
     "test_fold", "5", "Official fold (val_fold<k>.txt) held out as the test split, or 'none' to keep all five "
-    "folds for development (the config then needs its test data from another manifest).")
+    "folds for development (training refuses a manifest without test rows: add another set's as split "
+    "'test' first; docs/lld_mmri.md).")
 _PHASE_MAP = flags.DEFINE_string(
     "phase_map", "", "Phase=sequence pairs joined by ',' (default: "
     + ",".join(f"{p}={s}" for p, s in lld_mmri.DEFAULT_PHASE_MAP.items()) + ").")

@@ -527,7 +527,7 @@ def test_invalid_config_fails_before_the_workdir_is_touched(finished, tmp_path):
         check_config(ml_collections.ConfigDict(old))
 
 
-def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_before_training(finished, tmp_path):
+def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_before_training_and_in_the_check(finished, tmp_path):
     folder, _ = finished
     shutil.copytree(folder / "cohort", tmp_path / "cohort")
     config = _config(tmp_path)
@@ -536,6 +536,7 @@ def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_b
     with pytest.raises(DataError, match="no test split"):
         cross_validate(config, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    assert [p for p in check_data(config) if "no test split" in p]  # preprocess.py --check says so too
     # A used sequence no development lesion has (LLD-MMRI's ADC): its branch had trained on zeros unsaid.
     shutil.rmtree(tmp_path / "cohort")
     shutil.copytree(folder / "cohort", tmp_path / "cohort")
@@ -546,6 +547,7 @@ def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_b
     with pytest.raises(DataError, match=f"no development lesion has {unseen}, which config.sequences uses"):
         cross_validate(config, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    assert [p for p in check_data(config) if f"no development lesion has {unseen}" in p]
 
 
 def test_latin1_infinite_diameter_and_soft_masks_are_named(finished, tmp_path):

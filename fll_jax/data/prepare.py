@@ -21,6 +21,7 @@ import dataclasses
 import shutil
 import warnings
 from pathlib import Path
+from typing import Mapping
 
 import ml_collections
 
@@ -29,7 +30,7 @@ from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import CHECKS_VERSION, duplicate_problems, parse_allow, problem_report
 from fll_jax.data.digests import FileDigests
 from fll_jax.data.fingerprint import content_key, file_digests, lesion_fingerprints, patch_key
-from fll_jax.data.folds import FoldError, assign_folds, given_fold_problems, given_folds
+from fll_jax.data.folds import TEST_FOLD, FoldError, assign_folds, given_fold_problems, given_folds
 from fll_jax.data.lesion_cache import LesionCache
 from fll_jax.data.manifest import ManifestError, read_manifest, scan_manifest
 from fll_jax.data.numpy_source import NumpySource
@@ -98,18 +99,25 @@ def describe_data(config: ml_collections.ConfigDict, digests: FileDigests | None
     problems = duplicate_problems(records, files, parse_allow(data.allow))
     if problems:
         raise DataError(problem_report("the data leaks between lesions or patients:", problems))
-    if data.folds == "manifest":
-        try:
-            folds = given_folds([r.lesion_id for r in records], [r.patient_id for r in records],
-                                [r.fold for r in records], [r.split for r in records], data.num_folds).tolist()
-        except FoldError as error:
-            raise DataError(f"{manifest_path(config)}: fold column: {error}") from None
-    else:
-        folds = _assigned_folds(config, records)
+    try:
+        folds = _folds(config, records)
+    except FoldError as error:
+        if data.folds != "manifest":
+            raise
+        raise DataError(f"{manifest_path(config)}: fold column: {error}") from None
     lesions = lesion_fingerprints(records, folds, files)
     settings = preprocessing(config)
     return records, folds, {"patches": content_key(lesions, *settings.values()), "preprocessing": settings,
                             "lesions": lesions}
+
+
+def _folds(config: ml_collections.ConfigDict, records: list) -> list[int]:
+    """Each record's fold (TEST_FOLD for test rows), the manifest's or drawn; FoldError when they cannot be."""
+    data = config.data
+    if data.folds == "manifest":
+        return given_folds([r.lesion_id for r in records], [r.patient_id for r in records],
+                           [r.fold for r in records], [r.split for r in records], data.num_folds).tolist()
+    return _assigned_folds(config, records)
 
 
 def _assigned_folds(config: ml_collections.ConfigDict, records: list) -> list[int]:
@@ -136,6 +144,31 @@ def _fold_problems(config: ml_collections.ConfigDict, path: Path, records: list)
     except FoldError as error:
         return [f"{path}: folds (data.folds 'assigned'): {error}"]
     return []
+
+
+def fit_problems(config: ml_collections.ConfigDict, lesions: Mapping[str, Mapping]) -> list[str]:
+    """What keeps a data set from training under a config, one problem each: no test split, a
+    used sequence that no development lesion has, a fold too small to fill one batch.
+
+    lesions: the data fingerprint's lesion entries (fll_jax.data.fingerprint), each with its
+    fold and, for data read from a manifest, its files.
+    """
+    folds = [int(entry["fold"]) for entry in lesions.values()]
+    problems = []
+    dev_files = [entry["files"] for entry in lesions.values() if entry["fold"] != TEST_FOLD and "files" in entry]
+    unseen = [s for s in config.sequences if dev_files and not any(f"{s}_image" in files for files in dev_files)]
+    if unseen:
+        problems.append(f"no development lesion has {', '.join(unseen)}, which config.sequences uses: its branch "
+                        "would learn from absent inputs only; leave it out of --config.sequences")
+    if TEST_FOLD not in folds:
+        problems.append("the data has no test split (no manifest row with split 'test'), "
+                        "on which the fold models are ensembled")
+    for fold in config.train.folds:
+        train = sum(f not in (TEST_FOLD, fold) for f in folds)
+        if train < config.train.batch_size:
+            problems.append(f"fold {fold}: {train} training lesion(s) cannot fill one batch of "
+                            f"train.batch_size = {config.train.batch_size}")
+    return problems
 
 
 def preprocessing(config: ml_collections.ConfigDict) -> dict:
@@ -229,9 +262,12 @@ def check_data(config: ml_collections.ConfigDict) -> list[str]:
         records, problems = scan_manifest(path)
     except ManifestError as error:
         return error.problems
-    problems += _fold_problems(config, path, records)
+    fold_problems = _fold_problems(config, path, records)
     allow = parse_allow(config.data.allow)
     digests = _digests(config)
-    problems += duplicate_problems(records, file_digests(records, digests), allow)
+    files = file_digests(records, digests)
+    problems += fold_problems + duplicate_problems(records, files, allow)
     digests.save()
+    if not fold_problems:
+        problems += fit_problems(config, lesion_fingerprints(records, _folds(config, records), files))
     return problems + lesion_problems(records, workers=config.data.workers, allow=allow)

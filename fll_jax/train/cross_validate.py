@@ -14,8 +14,7 @@ import pandas as pd
 from fll_jax.config_check import check_config
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.checks import problem_report
-from fll_jax.data.folds import TEST_FOLD
-from fll_jax.data.prepare import DataError
+from fll_jax.data.prepare import DataError, fit_problems
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
@@ -35,29 +34,13 @@ META_COLUMNS = ("patient_id", "lesion_id", "label7", "label2", "background", "sc
 
 
 def check_source(config: ml_collections.ConfigDict, source) -> None:
-    """DataError unless the data is fingerprinted and holds a test split, enough lesions for every
-    fold, and every used sequence in some development lesion."""
-    problems = []
-    if getattr(source, "fingerprint", None) is None:
-        problems.append("the source carries no data fingerprint (make it with fll_jax.data.prepare.prepare_source, "
-                        "or use a NumpySource)")
-    # Files are listed for data read from a manifest (a PatchSet's lesions list none).
-    dev = [entry["files"] for entry in ((getattr(source, "fingerprint", None) or {}).get("lesions") or {}).values()
-           if entry.get("fold") != TEST_FOLD and "files" in entry]
-    unseen = [s for s in config.sequences if dev and not any(f"{s}_image" in files for files in dev)]
-    if unseen:
-        problems.append(f"no development lesion has {', '.join(unseen)}, which config.sequences uses: its branch "
-                        "would learn from absent inputs only; leave it out of --config.sequences")
-    try:
-        source.num_examples("test")
-    except ValueError:
-        problems.append("the data has no test split (no manifest row with split 'test'), "
-                        "on which the fold models are ensembled")
-    for fold in config.train.folds:
-        train = source.num_examples([f for f in range(config.data.num_folds) if f != fold])
-        if train < config.train.batch_size:
-            problems.append(f"fold {fold}: {train} training lesion(s) cannot fill one batch of "
-                            f"train.batch_size = {config.train.batch_size}")
+    """DataError unless the data is fingerprinted and fits the config (fll_jax.data.prepare.fit_problems)."""
+    fingerprint = getattr(source, "fingerprint", None)
+    if fingerprint is None:
+        problems = ["the source carries no data fingerprint (make it with fll_jax.data.prepare.prepare_source, "
+                    "or use a NumpySource)"]
+    else:
+        problems = fit_problems(config, fingerprint["lesions"])
     if problems:
         raise DataError(problem_report("the data does not fit the config:", problems))
 
