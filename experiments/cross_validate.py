@@ -50,7 +50,11 @@ def main(argv):
               f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
         return
     from fll_jax.train.cross_validate import cross_validate
+    from fll_jax.train.workdir import folds_text
 
+    folds, num_folds = sorted(config.train.folds), config.data.num_folds
+    if folds != list(range(num_folds)):  # `folds=3` trains fold 3 of five, not a three-fold split
+        print(f"training folds {folds_text(folds)} of data.num_folds = {num_folds}; the test ensemble is their mean")
     with reported_as("cross_validate"):
         metrics = cross_validate(config, FLAGS.workdir, restart=FLAGS.restart)
     ens = metrics["test"]["ensemble"]
