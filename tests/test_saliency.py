@@ -338,6 +338,12 @@ def test_native_nifti_maps_keep_the_grid_and_peak_at_the_lesion(tmp_path):
         assert near[peak], (s, peak)
         # Zero far from the patch.
         assert data[0, 0, 0] == 0 and data.max() > 0.5
+    # The last image with its header in metres: the same map, written in millimetres.
+    in_metres = nib.Nifti1Image(np.asarray(native.dataobj), np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ native.affine)
+    in_metres.header.set_xyzt_units("meter")
+    metres = outputs.write_native_map(mask16, affine, in_metres, tmp_path / "metres_map.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(metres).dataobj), data)
+    np.testing.assert_allclose(nib.load(metres).affine, native.affine, atol=1e-6)
 
 
 def test_input_grid_affine_matches_the_resampling():

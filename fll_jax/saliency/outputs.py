@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from fll_jax.constants import SEQUENCE_NAMES
+from fll_jax.data.nifti_units import affine_mm
 from fll_jax.files import save_figure, write_nifti
 from fll_jax.saliency.importance import SequenceImportance
 
@@ -142,7 +143,8 @@ def patch_to_native(
 def write_native_map(
     volume: np.ndarray, patch_affine: np.ndarray, native_image: str | Path | nib.Nifti1Image, path: str | Path
 ) -> Path:
-    """Write a patch map as NIfTI on the native image's grid (its shape and affine)."""
+    """Write a patch map as NIfTI on the native image's grid (its shape, and its affine in mm, as
+    the patch's: a header in metres would otherwise place the map 1,000 times too close)."""
     native = nib.load(native_image) if isinstance(native_image, (str, Path)) else native_image
-    data = patch_to_native(volume, patch_affine, native.shape, native.affine)
-    return write_nifti(data, native.affine, path)
+    affine = affine_mm(native)
+    return write_nifti(patch_to_native(volume, patch_affine, native.shape, affine), affine, path)
