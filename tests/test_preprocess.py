@@ -552,7 +552,22 @@ def test_one_mask_value_marking_two_lesions_is_refused_unless_allowed(tmp_path):
     assert lesion_problems([both], workers=1, allow=frozenset({"separate_parts"})) == []
     speck = [lesions[0], (voxel_to_world(affine, (12, 12, 3)), 0.5, 1)]
     images, masks = write_patient(tmp_path / "P1", (16, 16, 6), affine, speck)
-    assert lesion_problems([record(images, masks, patient_id="P1", lesion_id="P1_L1")], workers=1) == []
+    with_speck = record(images, masks, patient_id="P1", lesion_id="P1_L1")
+    assert lesion_problems([with_speck], workers=1) == []
+    # The speck is no part of the lesion: the same patches as the same images with it erased.
+    clean = {}
+    for s, path in masks.items():
+        mask = nib.load(path)
+        data = np.asarray(mask.dataobj).copy()
+        assert data[12, 12, 3] == 1
+        data[12, 12, 3] = 0
+        clean[s] = tmp_path / f"{s}_clean_mask.nii.gz"
+        nib.save(nib.Nifti1Image(data, mask.affine), clean[s])
+    a, b = (preprocess_manifest([r], size=8, workers=1) for r in (with_speck, record(images, clean, patient_id="P1",
+                                                                                        lesion_id="P1_L1")))
+    np.testing.assert_array_equal(a.patch_affine, b.patch_affine)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
     # A five-voxel lesion on a thick-slice grid and a one-voxel speck (3.2 mm^3, under a 3 mm ball's
     # 14 mm^3): a fifth of the lesion, yet no second lesion.
     small = np.zeros((12, 12, 5), np.uint8)

@@ -107,24 +107,45 @@ def box_outside_problems(overhang: float, path: Path, box: Sequence[float], allo
             "mistyped or sign-flipped coordinate (a viewer's LPS x and y are negated in RAS+)?" + _hint("box_outside")]
 
 
+def _parts(lesion: np.ndarray, affine: np.ndarray) -> tuple[tuple, np.ndarray, np.ndarray, np.ndarray]:
+    """(the lesion's bounding block, its parts labelled 1..n in that block, their sizes in voxels,
+    which of them are specks: under MIN_PART_FRACTION of the largest part or MIN_PART_MM3)."""
+    # Only the lesion's bounding block is labelled: a whole 512 x 512 x 200 volume takes seconds.
+    block = ndimage.find_objects(lesion.astype(np.uint8))[0]
+    parts, _ = ndimage.label(lesion[block], structure=np.ones((3, 3, 3)))  # touching by a corner is one part
+    sizes = np.bincount(parts.ravel())[1:]
+    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
+    specks = (sizes < MIN_PART_FRACTION * sizes.max()) | (sizes * voxel_mm3 < MIN_PART_MM3)
+    specks[np.argmax(sizes)] = False  # the largest part is the lesion, however small
+    return block, parts, sizes, specks
+
+
 def separate_part_problems(lesion: np.ndarray, affine: np.ndarray, path: Path, lesion_id: str,
                            allow: frozenset[str]) -> list[str]:
     """A lesion's mask in separate parts of similar size: two lesions under one value (a binary mask
     of several) would be cropped and sized as one, around the liver between them."""
     if "separate_parts" in allow or not lesion.any():
         return []
-    # Only the lesion's bounding block is labelled: a whole 512 x 512 x 200 volume takes seconds.
-    block = ndimage.find_objects(lesion.astype(np.uint8))[0]
-    parts, count = ndimage.label(lesion[block], structure=np.ones((3, 3, 3)))  # touching by a corner is one part
-    if count < 2:
+    _, _, sizes, specks = _parts(lesion, affine)
+    if (~specks).sum() < 2:
         return []
-    sizes = np.sort(np.bincount(parts.ravel())[1:])[::-1]
-    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
-    if sizes[1] < MIN_PART_FRACTION * sizes[0] or sizes[1] * voxel_mm3 < MIN_PART_MM3:
-        return []
-    return [f"{path}: lesion {lesion_id}'s mask value marks {count} separate parts (the two largest {sizes[0]} and "
-            f"{sizes[1]} voxels): several lesions under one value? Give each its own value (scipy.ndimage.label "
-            "numbers them) and its own row" + _hint("separate_parts")]
+    largest = np.sort(sizes)[::-1]
+    return [f"{path}: lesion {lesion_id}'s mask value marks {len(sizes)} separate parts (the two largest "
+            f"{largest[0]} and {largest[1]} voxels): several lesions under one value? Give each its own value "
+            "(scipy.ndimage.label numbers them) and its own row" + _hint("separate_parts")]
+
+
+def without_specks(lesion: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The lesion's mask without the specks that separate_part_problems lets pass (a stray voxel of
+    the annotation 60 mm away had moved the crop's centre by 24 mm and widened it by half)."""
+    if not lesion.any():
+        return lesion
+    block, parts, _, specks = _parts(lesion, affine)
+    if not specks.any():
+        return lesion
+    kept = lesion.copy()
+    kept[block] = np.isin(parts, np.flatnonzero(~specks) + 1).astype(lesion.dtype)
+    return kept
 
 
 def unclaimed_value_problems(path: Path, values: set[int], claimed: set[int], patient_id: str,

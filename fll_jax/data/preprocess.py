@@ -76,7 +76,7 @@ from fll_jax.data.boxes import (
 )
 from fll_jax.data.checks import (
     box_outside_problems, image_problems, lesion_extent_problems, mask_value_problems, problem_report,
-    separate_part_problems, unclaimed_value_problems,
+    separate_part_problems, unclaimed_value_problems, without_specks,
 )
 from fll_jax.data.nifti_units import affine_mm
 from fll_jax.data.patchset import PatchSet
@@ -90,7 +90,7 @@ LARGE_SCALE, LARGE_MARGIN_MM = 1.25, 8.0  # large lesions: side = 1.25 E + 8 mm
 MASK_SIGMA_VOXELS = 2.0  # at S = 64; scaled by S / 64
 PERCENTILES = (0.5, 99.5)
 # Part of every patch cache key: bump it when a change here changes the patches.
-PREPROCESS_VERSION = 7  # 7: nearest sampling's ties broken in world space, not by storage order
+PREPROCESS_VERSION = 8  # 8: a mask's specks left out of the lesion (7: ties broken in world space)
 # A world shift far above the coordinates' rounding error and far below any voxel: nearest
 # sampling rounds x.5 up in voxel index, which points +world or -world as the file stores it.
 TIE_BREAK_MM = np.full(3, 1e-6)
@@ -395,6 +395,7 @@ def _lesion_volumes(record, cache: dict, allow: frozenset[str]) -> dict[str, _Le
         problems += lesion_extent_problems(lesion, volume.mask_path, record.lesion_id, allow)
         if volume.labels is not None:  # a box's ellipsoid is one part
             problems += separate_part_problems(lesion, volume.affine, volume.mask_path, record.lesion_id, allow)
+            lesion = without_specks(lesion, volume.affine)
         elif seq not in record.boxes:  # box_mm, one box for sequences of different fields of view
             overhang = world_box_overhang(record.box_mm, volume.image.shape, volume.affine)
             problems += box_outside_problems(overhang, Path(record.images[seq]), record.box_mm, allow)
