@@ -123,6 +123,8 @@ def main(argv):
         if FLAGS.folder and out_dir.resolve().is_relative_to(Path(FLAGS.folder).resolve()):
             # It would be read as one more patient's folder, and stay one after the run.
             raise PredictionError(f"--out_dir {out_dir} lies inside --folder {FLAGS.folder}; choose a folder outside it")
+        if not Path(FLAGS.workdir).is_dir():  # else the default out_dir would make it, empty
+            raise PredictionError(f"--workdir {FLAGS.workdir}: no such folder (a finished training run's workdir)")
     # The output folder is held alone: two predictions into it would replace each other's files.
     with (reported_as("predict"), hold_run(FLAGS.workdir, reading=True), no_empty_folder_left(out_dir),
           hold_run(out_dir, held_by="a predict.py writing into it", remedy="give another --out_dir"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from fll_jax.data.lld_mmri import CHALLENGE_CLASSES
 from fll_jax.data.manifest import UNLABELLED
 from fll_jax.data.prepare import preprocessing
 from fll_jax.data.preprocess import preprocess_lesion
-from fll_jax.files import write_json
+from fll_jax.files import StateFileError, write_json
 from fll_jax.saliency.explain import lesion_input
 from tests.helpers import tiny_config
 from tests.test_saliency import SIZE, USED, _record
@@ -271,6 +272,11 @@ def test_only_a_finished_run_with_models_of_its_own_predicts(trained, tmp_path):
     lesions["dev1"]["files"].pop("lap_image")
     write_json(run / "fingerprint.json", {"settings": {}, "data": {"lesions": lesions}})
     assert absent_in_training(ensemble) == 1
+    # A damaged record: the remedy is the training command's, which predict.py (no --restart) is not.
+    (run / "fingerprint.json").write_text("{")
+    with pytest.raises(StateFileError, match=re.escape("its training command (experiments/cross_validate.py) with "
+                                                       "--restart deletes the run")):
+        absent_in_training(ensemble)
 
 
 def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
@@ -284,7 +290,12 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     result = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("predict: --out_dir") and "lies inside --folder" in result.stderr
     assert list((tmp_path / "cases").iterdir()) == []
+    # A mistyped --workdir is named, and the default output folder does not make it.
+    result = subprocess.run([*command[:2], f"--workdir={tmp_path / 'typo' / 'run'}", command[3]],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert result.returncode == 1 and "typo/run: no such folder" in result.stderr and not (tmp_path / "typo").exists()
     # A run that fails (here: no labels.csv) leaves no empty output folder behind.
+    (tmp_path / "run").mkdir()
     result = subprocess.run([*command[:-1], f"--out_dir={tmp_path / 'out'}", "--allow=unclaimed_mask_value"],
                             cwd=Path(__file__).parents[1],
                             capture_output=True, text=True)

@@ -216,9 +216,15 @@ def test_a_header_without_orientation_is_read_with_a_warning_naming_the_file(val
         nifti.set_qform(None, code=0)
         nifti.set_sform(None, code=0)
         nib.save(nifti, path)
+    # DWI as ANALYZE 7.5 files, whose header has no orientation field at all.
+    for files in (images, masks):
+        nifti = nib.load(files["dwi"])
+        files["dwi"] = files["dwi"].with_name(files["dwi"].name.replace(".nii.gz", ".img"))
+        nib.save(nib.AnalyzeImage(np.asarray(nifti.dataobj), nifti.affine), files["dwi"])
     with pytest.warns(UserWarning, match="no orientation") as caught:
         patch = preprocess_lesion(record(images, masks), size=8)
-    assert {str(images["t2w"]), str(masks["t2w"])} <= {str(w.message).split(": ")[0] for w in caught}
+    named = {str(w.message).split(": ")[0] for w in caught}
+    assert {str(images["t2w"]), str(masks["t2w"]), str(images["dwi"])} <= named
     assert not any(str(images["adc"]) in str(w.message) for w in caught)
     assert patch.present.all() and patch.diameter_mm == pytest.approx(expected.diameter_mm, rel=0.05)
 

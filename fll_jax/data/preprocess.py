@@ -521,7 +521,8 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     except Exception as error:  # nibabel, gzip and zlib each raise their own types
         raise PreprocessError(f"{path}: cannot read the {what} as NIfTI ({type(error).__name__}: {error})") from error
     if unoriented:
-        warnings.warn(f"{path}: the header gives no orientation (qform and sform codes 0), so its voxel axes are read "
+        warnings.warn(f"{path}: the header gives no orientation (qform and sform codes 0, or an ANALYZE header), so "
+                      "its voxel axes are read "
                       "as left, anterior, superior (nibabel's default); if its sequences were acquired in other "
                       "planes, their patches are not aligned with each other. Convert it with its orientation "
                       "(e.g. from the DICOM series) to be sure", stacklevel=2)
@@ -532,10 +533,13 @@ def _read_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
-def _unoriented(nifti) -> bool:
-    """A NIfTI whose header sets neither affine (qform and sform codes 0: an ANALYZE-style file)."""
-    header = nifti.header
-    return "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
+def _unoriented(image) -> bool:
+    """An image whose header gives no orientation: a NIfTI that sets neither affine (qform and
+    sform codes 0) or an ANALYZE 7.5 one (.hdr/.img, which has no field for it)."""
+    header = image.header
+    if "qform_code" in header:
+        return int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0
+    return isinstance(image, nib.analyze.AnalyzeImage)
 
 
 def _lesion_geometry(lesion: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

@@ -108,7 +108,10 @@ def fingerprint_changes(stored: dict, current: dict) -> list[str]:
 
 
 def read_fingerprint(workdir: Path) -> dict:
-    return read_json(Path(workdir) / FINGERPRINT_FILE, f"the run's record is damaged; {RESTART}")
+    # Also read by commands without --restart (predict, explain, reports): the remedy names the training command.
+    return read_json(Path(workdir) / FINGERPRINT_FILE, "the run's record is damaged; its training command "
+                     "(experiments/cross_validate.py) with --restart deletes the run and trains it again, or use "
+                     "another --workdir")
 
 
 def _outputs(workdir: Path) -> list[Path]:
