@@ -140,9 +140,10 @@ def main(argv):
             (out_dir / MANIFEST).unlink()
             print(f"deleted {out_dir / MANIFEST}: the lesions of the earlier --folder run whose outputs this one replaced")
     print(frame[["lesion_id", "label", "missing", "predicted", "predicted_binary"]].to_string(index=False))
-    labelled = frame[frame["label"] != ""]
+    labelled = frame[(frame["label"] != "") & ~frame["development_images"]]
     if len(labelled):
-        print(f"accuracy on the {len(labelled)} labelled lesion(s): {(labelled['label'] == labelled['predicted']).mean():.2f}")
+        print(f"accuracy on the {len(labelled)} labelled lesion(s) new to the run: "
+              f"{(labelled['label'] == labelled['predicted']).mean():.2f}")
     print(f"wrote {out_dir / 'predictions.csv'} and {out_dir / 'challenge.json'}")
 
 

@@ -17,7 +17,8 @@ test metrics with that sequence hidden from every test lesion (besides the run's
 ones), without retraining.
 
 Outputs of predict_records in out_dir: predictions.csv (one row per lesion: ids, true label when known, missing
-sequences, the predicted class, both heads' probabilities and the lesion's saliency folder),
+sequences, the predicted class, whether its images are among the run's development images, both
+heads' probabilities and the lesion's saliency folder),
 challenge.json (the LLD-MMRI submission format, fll_jax/data/lld_mmri.py: one entry per case, a
 release case's other lesions left out), models.json (the fold models that made them) and, with
 saliency, saliency/<name>/ (the integrated-gradients overlay, importance chart and a NIfTI map
@@ -37,6 +38,7 @@ import pandas as pd
 
 from fll_jax.constants import BINARY_CLASSES, CLASSES, PATCH_SIZE, SEQUENCES, to_binary
 from fll_jax.data.checks import parse_allow, problem_report
+from fll_jax.data.digests import FileDigests
 from fll_jax.data.lld_mmri import case_rows, write_predictions_json
 from fll_jax.data.manifest import UNLABELLED
 from fll_jax.data.numpy_source import pad_batch
@@ -123,10 +125,21 @@ def absent_in_training(ensemble: Ensemble) -> int:
     return sum(any(f"{s}_image" not in f for s in ensemble.config.sequences) for f in files)
 
 
+def development_images(ensemble: Ensemble, records: Sequence) -> np.ndarray:
+    """bool per record: whether any of its images is, byte for byte, an image of the run's
+    development lesions (from the run's data fingerprint), which every fold model but one trained on."""
+    lesions = read_fingerprint(ensemble.workdir).get("data", {}).get("lesions", {})
+    seen = {f["sha256"] for entry in lesions.values() if entry.get("split") == "dev"
+            for name, f in entry.get("files", {}).items() if name.endswith("_image")}
+    digest = FileDigests()  # in memory: new files are hashed once each
+    return np.array([any(digest(path)["sha256"] in seen for path in r.images.values()) for r in records], bool)
+
+
 def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray,
-                     saliency: bool = False) -> pd.DataFrame:
+                     saliency: bool = False, development: np.ndarray | None = None) -> pd.DataFrame:
     """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes,
-    and with saliency each lesion's folder of maps (its id made a file name, so not guessable)."""
+    whether its images are the run's development images (`development`), and with saliency each
+    lesion's folder of maps (its id made a file name, so not guessable)."""
     folders = [""] * len(records)
     if saliency:
         from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
@@ -139,6 +152,7 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
         "missing": [missing_text(row) for row in patches.present],
         "predicted": [CLASSES[k] for k in p7.argmax(1)],
         "predicted_binary": [BINARY_CLASSES[k] for k in p2.argmax(1)],
+        "development_images": np.zeros(len(records), bool) if development is None else development,
         "saliency": folders,
     })
     for k, name in enumerate(BINARY_CLASSES):
@@ -206,7 +220,13 @@ def predict_records(
         print(f"{', '.join(hidden)} hidden from every lesion, as in the run's evaluation (evaluation.hidden_sequences)")
         patches = dataclasses.replace(patches, present=hide_sequences({"present": patches.present}, hidden)["present"])
     p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
-    frame = prediction_frame(records, patches, p2, p7, saliency)
+    development = development_images(ensemble, records)
+    if development.any():
+        ids = [r.lesion_id for r, seen in zip(records, development) if seen]
+        print(f"warning: {len(ids)} lesion(s) have images of the run's development lesions, which its fold models "
+              f"trained on (column development_images), e.g. {', '.join(ids[:3])}: their predictions are not "
+              "those of unseen cases")
+    frame = prediction_frame(records, patches, p2, p7, saliency, development)
     used = [SEQUENCES.index(s) for s in config.sequences]
     lacking = int((~patches.present[:, used]).any(axis=1).sum())
     if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):

@@ -278,6 +278,7 @@ def test_the_command_refuses_an_earlier_runs_folder_before_converting_anything(t
     out = tmp_path / "out"
     out.mkdir()
     (out / "predictions.csv").write_text("an earlier run's")
+    (tmp_path / "run").mkdir()  # a folder, as a run's is
     command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}", f"--dicom={tmp_path / 'study'}",
                "--box_mm=-4 -46 4 8 -34 16", f"--out_dir={out}"]
     result = subprocess.run(command, cwd=Path(__file__).parents[1], env={**os.environ, "FLL_DICOM_SALT": SALT},

@@ -18,6 +18,7 @@ import pytest
 from fll_jax.constants import CLASSES
 from fll_jax.data.lld_mmri import CHALLENGE_CLASSES
 from fll_jax.data.manifest import UNLABELLED
+from fll_jax.data.digests import sha256_of
 from fll_jax.data.prepare import preprocessing
 from fll_jax.data.preprocess import preprocess_lesion
 from fll_jax.files import StateFileError, write_json
@@ -44,8 +45,11 @@ def trained(tmp_path_factory):
     lacking = dataclasses.replace(complete, lesion_id="a_l2", images=no_lap,
                                   masks={s: complete.masks[s] for s in no_lap})
     workdir = root / "run"
+    # The run trained on a lesion of patient a's images (the same bytes), with all the model's sequences.
+    trained_on = {"split": "dev", "fold": 0, "files": {f"{s}_image": {"sha256": sha256_of(complete.images[s])}
+                                                       for s in USED}}
     write_json(workdir / "fingerprint.json",
-               {"settings": {}, "data": {"preprocessing": preprocessing(config), "lesions": {}}})
+               {"settings": {}, "data": {"preprocessing": preprocessing(config), "lesions": {"x": trained_on}}})
     return config, model, variables, workdir, [complete, unlabelled, lacking]
 
 
@@ -72,6 +76,7 @@ def test_predictions_are_the_fold_mean_with_absent_sequences_flagged(trained, en
     written = pd.read_csv(tmp_path / "predictions.csv", keep_default_na=False)
     assert list(written["lesion_id"]) == ["a_l1", "b_l1", "a_l2"]
     assert list(written["label"]) == ["hcc", "", "hcc"] and list(written["missing"]) == ["", "", "lap"]
+    assert list(written["development_images"]) == [True, False, True]  # a's images were trained on
     for i, record in enumerate(records):
         np.testing.assert_allclose(frame.loc[i, [f"p_{c}" for c in CLASSES]].to_numpy(float),
                                    _expected_p7(trained, record), rtol=1e-5)
