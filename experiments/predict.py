@@ -6,7 +6,8 @@ r"""A trained workdir's five-model ensemble on new lesions (fll_jax/inference.py
       --box_mm "x0 y0 z0 x1 y1 z1" --out_dir runs/demo/predict --saliency
 
 A manifest may leave label and split empty; a folder follows docs/folders.md; a DICOM study is
-converted (docs/dicom.md) into out_dir/nifti/ and its lesion given as a world box in mm (RAS+).
+converted (docs/dicom.md) into out_dir/nifti/ and its lesions given as world boxes in mm (RAS+),
+one --box_mm each.
 Writes out_dir/predictions.csv, challenge.json and models.json (which fold models made them), and
 saliency/ with --saliency. Lesions the model cannot take (another preprocessing, none of its
 sequences) are refused, naming each.
@@ -37,8 +38,9 @@ flags.DEFINE_string("folder", None, "A folder in the layout of docs/folders.md (
 flags.DEFINE_bool("ignore_unknown_files", False, "With --folder: skip files in patient folders that name no sequence "
                   "(notes, a liver segmentation) instead of refusing them.")
 flags.DEFINE_string("dicom", None, "A DICOM study folder of one patient (needs --box_mm).")
-flags.DEFINE_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm, RAS+ "
-                    "(a viewer's LPS coordinates with x and y negated).")
+flags.DEFINE_multi_string("box_mm", None, "With --dicom: the lesion's box, 'x0 y0 z0 x1 y1 z1' in world mm, RAS+ "
+                          "(a viewer's LPS coordinates with x and y negated); repeat it for several lesions of the "
+                          "study, the k-th named <subject>_L<k>.")
 flags.DEFINE_string("salt", None, "With --dicom: the de-identification salt (default: $FLL_DICOM_SALT).")
 flags.DEFINE_string("id_map", None, "With --dicom: instead of a salt, a CSV patient_id,subject_id.")
 flags.DEFINE_string("mapping", None, "With --dicom: a site's sequence rules (docs/dicom.md), tried before the defaults.")
@@ -71,24 +73,26 @@ def _records(out_dir: Path, staged_manifest: Path | None) -> list:
         manifest = build_manifest(FLAGS.folder, out=staged_manifest, labelled=False, overwrite=True,
                                   ignore_unknown_files=FLAGS.ignore_unknown_files)
         return read_manifest(manifest, labelled=False)
-    return [_dicom_record(out_dir)]
+    return _dicom_records(out_dir)
 
 
-def _dicom_record(out_dir: Path):
+def _dicom_records(out_dir: Path) -> list:
     from fll_jax.data.boxes import parse_world_box
-    from fll_jax.inference import dicom_record
+    from fll_jax.inference import dicom_records
 
     if not FLAGS.box_mm:
         raise app.UsageError("--dicom needs --box_mm: the lesion's box in world mm")
-    try:
-        box = parse_world_box(FLAGS.box_mm)
-    except ValueError as e:
-        raise app.UsageError(f"--box_mm: {e}") from None
+    boxes = []
+    for k, text in enumerate(FLAGS.box_mm, 1):
+        try:
+            boxes.append(parse_world_box(text))
+        except ValueError as e:
+            raise app.UsageError(f"--box_mm {text!r} (lesion {k}): {e}") from None
     salt = FLAGS.salt if FLAGS.salt or FLAGS.id_map else os.environ.get("FLL_DICOM_SALT")
-    record = dicom_record(FLAGS.dicom, out_dir / NIFTI, box, salt=salt, id_map=FLAGS.id_map, mapping=FLAGS.mapping,
-                          reconvert=FLAGS.reconvert)
-    print(f"{record.patient_id}: " + ", ".join(f"{s} <- {p.name}" for s, p in record.images.items()))
-    return record
+    records = dicom_records(FLAGS.dicom, out_dir / NIFTI, boxes, salt=salt, id_map=FLAGS.id_map,
+                            mapping=FLAGS.mapping, reconvert=FLAGS.reconvert)
+    print(f"{records[0].patient_id}: " + ", ".join(f"{s} <- {p.name}" for s, p in records[0].images.items()))
+    return records
 
 
 def _folder_runs_manifest(out_dir: Path) -> bool:

@@ -138,8 +138,9 @@ def development_images(ensemble: Ensemble, records: Sequence) -> np.ndarray:
 def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray,
                      saliency: bool = False, development: np.ndarray | None = None) -> pd.DataFrame:
     """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes,
-    whether its images are the run's development images (`development`), and with saliency each
-    lesion's folder of maps (its id made a file name, so not guessable)."""
+    whether its images are the run's development images (`development`), its world box when a
+    box gives it, and with saliency each lesion's folder of maps (its id made a file name, so not
+    guessable)."""
     folders = [""] * len(records)
     if saliency:
         from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
@@ -153,6 +154,7 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
         "predicted": [CLASSES[k] for k in p7.argmax(1)],
         "predicted_binary": [BINARY_CLASSES[k] for k in p2.argmax(1)],
         "development_images": np.zeros(len(records), bool) if development is None else development,
+        "box_mm": ["" if r.box_mm is None else " ".join(f"{v:g}" for v in r.box_mm) for r in records],
         "saliency": folders,
     })
     for k, name in enumerate(BINARY_CLASSES):
@@ -305,10 +307,11 @@ def missing_at_inference(workdir: str | Path, source=None) -> dict:
     return result
 
 
-def dicom_record(study: str | Path, nifti_dir: str | Path, box_mm: Sequence[float], *, salt: str | None = None,
-                 id_map: str | Path | None = None, mapping: str | Path | None = None, reconvert: bool = False):
-    """One patient's DICOM study as a lesion record, the lesion given by a world box (RAS+ mm), a
-    volume per sequence picked by the patient's series.csv under nifti_dir.
+def dicom_records(study: str | Path, nifti_dir: str | Path, boxes: Sequence[Sequence[float]], *,
+                  salt: str | None = None, id_map: str | Path | None = None, mapping: str | Path | None = None,
+                  reconvert: bool = False) -> list:
+    """One patient's DICOM study as lesion records, lesion k (<subject>_L<k>, from 1) given by the
+    k-th world box (RAS+ mm), a volume per sequence picked by the patient's series.csv under nifti_dir.
 
     This study converted there before keeps that conversion, with any edits of its series.csv
     (the remedy for an ambiguous sequence), unless reconvert; another study of the patient
@@ -342,6 +345,6 @@ def dicom_record(study: str | Path, nifti_dir: str | Path, box_mm: Sequence[floa
     else:
         convert_study(study, nifti_dir, salt=salt, id_map=id_map, mapping=mapping, overwrite=reconvert)
     images = read_series_table(subject_dir)
-    return LesionRecord(patient_id=subject, lesion_id=f"{subject}_L1", label=UNLABELLED, mask_value=1,
-                        images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
-                        diameter_mm=None, split="", box_mm=tuple(box_mm))
+    return [LesionRecord(patient_id=subject, lesion_id=f"{subject}_L{k}", label=UNLABELLED, mask_value=1,
+                         images=images, masks={}, scanner="unknown", field_strength=None, background="unknown",
+                         diameter_mm=None, split="", box_mm=tuple(box)) for k, box in enumerate(boxes, 1)]

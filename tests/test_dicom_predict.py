@@ -1,5 +1,5 @@
 """A DICOM study, written here slice by slice (tests/dicom_files.py), through conversion
-(fll_jax/data/dicom.py) to a prediction (fll_jax.inference.dicom_record, predict_records)."""
+(fll_jax/data/dicom.py) to a prediction (fll_jax.inference.dicom_records, predict_records)."""
 from __future__ import annotations
 
 import gzip
@@ -134,7 +134,7 @@ def _files_holding(folder: Path, needles: list[bytes]) -> list[tuple[Path, bytes
 
 
 def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_path):  # noqa: F811
-    from fll_jax.inference import dicom_record, predict_records
+    from fll_jax.inference import dicom_records, predict_records
 
     _, _, _, workdir, _ = trained
     centre, radius = np.array([2.0, -40.0, 10.0]), 6.0
@@ -143,10 +143,12 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     assert _files_holding(tmp_path / "study", NEEDLES[:1])
     box_mm = (*(centre - radius), *(centre + radius))
 
-    record = dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT)
+    other_box = (*(centre - radius / 2), *(centre + radius / 2))
+    record, other = dicom_records(tmp_path / "study", tmp_path / "nifti", [box_mm, other_box], salt=SALT)
 
     subject = hashed_subject_id(PATIENT["patient_id"], SALT)
     assert record.patient_id == subject and record.lesion_id == f"{subject}_L1"
+    assert other.lesion_id == f"{subject}_L2" and other.box_mm == other_box and other.images == record.images
     assert sorted(record.images) == sorted(SEQUENCES) and record.box_mm == box_mm
     assert all(Path(p).parent == tmp_path / "nifti" / subject for p in record.images.values())
     assert re.search(r"_b800\.nii\.gz$", Path(record.images["dwi"]).name), record.images["dwi"]
@@ -163,22 +165,23 @@ def test_a_dicom_study_is_predicted_end_to_end(trained, ensemble_models, tmp_pat
     rows = table.read_text().splitlines()
     t2w = next(i for i, line in enumerate(rows) if ",t2w," in line)
     table.write_text("\n".join([*rows[:t2w], rows[t2w].replace(",t2w,", ",,"), *rows[t2w + 1:]]) + "\n")
-    assert "t2w" not in dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT).images
-    assert dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT, reconvert=True).images == record.images
+    assert "t2w" not in dicom_records(tmp_path / "study", tmp_path / "nifti", [box_mm], salt=SALT)[0].images
+    assert dicom_records(tmp_path / "study", tmp_path / "nifti", [box_mm], salt=SALT,
+                         reconvert=True)[0].images == record.images
     # Another study of the patient (a follow-up) is not predicted on this one's volumes, nor a new
     # mapping ignored.
     _write_study(tmp_path / "follow_up", tmp_path / "scratch2", centre, radius, PATIENT)
     with pytest.raises(DicomError, match="holds a conversion of another study of this patient"):
-        dicom_record(tmp_path / "follow_up", tmp_path / "nifti", box_mm, salt=SALT)
+        dicom_records(tmp_path / "follow_up", tmp_path / "nifti", [box_mm], salt=SALT)
     with pytest.raises(DicomError, match="--mapping takes effect when a study is converted"):
-        dicom_record(tmp_path / "study", tmp_path / "nifti", box_mm, salt=SALT, mapping=tmp_path / "rules.json")
+        dicom_records(tmp_path / "study", tmp_path / "nifti", [box_mm], salt=SALT, mapping=tmp_path / "rules.json")
 
     frame = predict_records(workdir, [record], tmp_path / "out", workers=1)
     written = pd.read_csv(tmp_path / "out" / "predictions.csv", keep_default_na=False, dtype=str)
     assert len(written) == 1
     row = written.iloc[0]
     assert row["patient_id"] == subject and row["lesion_id"] == f"{subject}_L1"
-    assert row["missing"] == "" and row["label"] == ""
+    assert row["missing"] == "" and row["label"] == "" and row["box_mm"] == " ".join(f"{v:g}" for v in box_mm)
     p7 = row[[f"p_{c}" for c in CLASSES]].astype(float).to_numpy()
     assert p7.sum() == pytest.approx(1.0, abs=1e-4) and np.all(p7 > 0)
     assert row["predicted"] == CLASSES[int(np.argmax(p7))] == frame.loc[0, "predicted"]
@@ -233,7 +236,7 @@ def test_converted_studies_and_a_labels_file_make_a_training_manifest(tmp_path, 
 
 
 def test_a_study_of_two_patients_is_refused(tmp_path):
-    from fll_jax.inference import dicom_record
+    from fll_jax.inference import dicom_records
 
     study, study_uid = tmp_path / "study", pydicom.uid.generate_uid()
     shape, affine = (8, 8, 3), np.diag([2.0, 2.0, 3.0, 1.0])
@@ -242,10 +245,10 @@ def test_a_study_of_two_patients_is_refused(tmp_path):
     write_series(study / "b", volume, affine, "T2 TSE FS", 2, patient_id="PAT-456", patient_name="Roe^Richard",
                  study_uid=study_uid)
     with pytest.raises(DicomError, match=re.escape(f"{study}: holds 2 patients")):
-        dicom_record(study, tmp_path / "nifti", (0, 0, 0, 4, 4, 4), salt=SALT)
+        dicom_records(study, tmp_path / "nifti", [(0, 0, 0, 4, 4, 4)], salt=SALT)
     assert not (tmp_path / "nifti").exists()  # refused before anything was converted
     # One patient's study is taken.
-    record = dicom_record(study / "a", tmp_path / "nifti_a", (0, 0, 0, 4, 4, 4), salt=SALT)
+    record, = dicom_records(study / "a", tmp_path / "nifti_a", [(0, 0, 0, 4, 4, 4)], salt=SALT)
     assert record.patient_id == hashed_subject_id("PAT-123", SALT) and list(record.images) == ["t2w"]
 
 
