@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCES, to_binary
+from fll_jax.constants import CLASSES, NUM_CLASSES, SEQUENCE_NAMES, SEQUENCES, to_binary
 from fll_jax.data.preprocess import preprocess_lesion
 from fll_jax.evaluation.report import saliency_markdown, write_report
 from fll_jax.files import write_json
@@ -355,13 +355,19 @@ def test_input_grid_affine_matches_the_resampling():
     assert outputs.axial_axis(affine) == 2
 
 
-def test_lesion_figure_and_slice(tmp_path):
+def test_lesion_figure_and_slice(tmp_path, monkeypatch):
     x = _lesion_input()
     mask = np.zeros((2, SIZE, SIZE, SIZE))
     mask[:, 4:12, 4:12, 9] = 1.0
     assert outputs.largest_lesion_slice(mask, axis=2) == 9
     shown = outputs.lesion_figure(x[..., 0], mask, x[..., 0] - 0.3, USED, tmp_path / "o.png", title="t")
     assert shown == 9 and (tmp_path / "o.png").stat().st_size > 1000
+    # A sequence the lesion lacks (no mask) is titled absent, not left a black panel unexplained.
+    mask[1] = 0.0
+    saved = []
+    monkeypatch.setattr(outputs, "save_figure", lambda fig, path, dpi: saved.append(fig))
+    outputs.lesion_figure(x[..., 0], mask, x[..., 0] - 0.3, USED, tmp_path / "o.png", title="t")
+    assert [ax.get_title() for ax in saved[0].axes] == [SEQUENCE_NAMES[USED[0]], f"{SEQUENCE_NAMES[USED[1]]} (absent)"]
 
 
 def test_importance_figure_names_the_map_it_shows(tmp_path):
@@ -376,6 +382,8 @@ def test_importance_figure_names_the_map_it_shows(tmp_path):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[0] == "|Grad-CAM| share" and "occlusion" in legend[1] and not any("IG" in t for t in legend)
     assert (tmp_path / "i.png").stat().st_size > 1000
+    fig = outputs.importance_figure(imp, tmp_path / "i.png", title="t", share_label="s", present=[True, False])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][1].endswith("(absent)")
 
 
 def test_lesion_folder_names_are_one_per_id():

@@ -485,7 +485,7 @@ def write_lesion_maps(folder: Path, record, x: np.ndarray, lesion: LesionMap, af
         lesion_figure(x[..., 0], x[..., 1], gradcam, sequences, folder / GRADCAM_OVERLAY, title=gradcam_title,
                       axis=axis, slice_index=shown)
     importance_figure(lesion.importance, folder / "importance.png", title=importance_title,
-                      share_label=share_label(MAP_NAMES[method]))
+                      share_label=share_label(MAP_NAMES[method]), present=input_present(x))
     for i in present:
         s = sequences[i]
         write_native_map(lesion.attributions[i], affines[i], record.images[s], folder / f"{s}_{method}.nii.gz")

@@ -68,8 +68,8 @@ def lesion_figure(
     """PNG: every used sequence on the slice of largest lesion area, attribution overlaid.
 
     The signed attribution is drawn red (supports the class) / blue (against) on one colour
-    scale shared by all sequences, so panels compare; the lesion outline is drawn in green.
-    Returns the slice index shown.
+    scale shared by all sequences, so panels compare; the lesion outline is drawn in green, and
+    a sequence the lesion lacks (no mask anywhere) is titled absent. Returns the slice index shown.
     """
     index = largest_lesion_slice(mask, axis) if slice_index is None else slice_index
     limit = float(np.abs(np.take(attributions, index, axis=axis + 1)).max()) or 1.0
@@ -83,7 +83,7 @@ def lesion_figure(
         ax.imshow(heat, cmap="bwr", origin="lower", vmin=-limit, vmax=limit, alpha=alpha)
         # Default X, Y put Z[i, j] at pixel centre (j, i), as imshow does; origin= would shift it by half a pixel.
         ax.contour(_slice(msk, axis, index), levels=[0.5], colors="lime", linewidths=0.6)
-        ax.set_title(SEQUENCE_NAMES.get(name, name), fontsize=9)
+        ax.set_title(SEQUENCE_NAMES.get(name, name) + ("" if msk.any() else " (absent)"), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
@@ -91,13 +91,16 @@ def lesion_figure(
     return index
 
 
-def importance_figure(importance: SequenceImportance, path: str | Path, *, title: str, share_label: str) -> Figure:
+def importance_figure(importance: SequenceImportance, path: str | Path, *, title: str, share_label: str,
+                      present: Sequence[bool] | None = None) -> Figure:
     """Bar chart: the map's attribution share and the occlusion share per sequence, side by side.
 
     share_label names the map whose share the first bars show (e.g. '|IG| share'), since
-    importance.attribution_share is that of whichever map was computed. Returns the saved Figure.
+    importance.attribution_share is that of whichever map was computed; a sequence not `present`
+    is labelled absent (its bars are zero). Returns the saved Figure.
     """
-    names = [SEQUENCE_NAMES.get(s, s) for s in importance.sequences]
+    present = [True] * len(importance.sequences) if present is None else present
+    names = [SEQUENCE_NAMES.get(s, s) + ("" if p else "\n(absent)") for s, p in zip(importance.sequences, present)]
     pos = np.arange(len(names))
     fig = Figure(figsize=(1.6 + 0.8 * len(names), 3.4), layout="constrained")
     ax = fig.subplots()
