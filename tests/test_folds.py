@@ -108,6 +108,11 @@ def test_the_data_check_lists_the_fold_problems_training_would_meet(tmp_path):
                                   "fewer than num_folds=4"]
     config.data.num_folds, config.train.folds = 3, (0, 1, 2)
     with pytest.warns(UserWarning, match="not stratified"):
+        # Folds of two training lesions cannot fill the quick config's batches of 8: training would refuse them.
+        problems = check_data(config)
+    assert len(problems) == 3 and all("training lesion(s) cannot fill one batch" in p for p in problems)
+    config.train.batch_size = 2
+    with pytest.warns(UserWarning, match="not stratified"):
         assert check_data(config) == []
 
 
