@@ -138,7 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.folds = (0, 1, 2, 3, 4)  # paper: all five folds trained, one model each (Model evaluation)
     # paper: "the model showing the best performance on the validation dataset was selected" for
     # each of the five experiments (Model evaluation), the metric not stated; ours: seven-way
-    # validation accuracy, ties to the lower validation loss.
+    # validation accuracy, ties to the lower seven-way validation cross-entropy (`neg_loss`, its
+    # negative; the binary head's loss is not part of it).
     config.train.select_metric = "accuracy_7way"
     config.train.log_every = 10  # ours: steps between progress-bar updates
     # ours: chance of hiding each present sequence of a training lesion (never all of them), so the

@@ -83,7 +83,7 @@ def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
     metrics = {
         "accuracy_7way": float(np.mean(pred["p7"].argmax(-1) == label7)),
         "accuracy_2way": float(np.mean(pred["p2"].argmax(-1) == label2)),
-        "neg_loss": float(np.mean(np.log(p7))),
+        "neg_loss": float(np.mean(np.log(p7))),  # minus the 7-way head's cross-entropy
     }
     both = len(np.unique(label2)) == 2
     metrics["auc_binary"] = float(roc_auc_score(label2, pred["p2"][:, 1])) if both else float("nan")
@@ -91,7 +91,7 @@ def validation_metrics(pred: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _is_better(new: dict, best: dict | None, metric: str) -> bool:
-    """Higher selected metric wins; ties go to the lower validation loss. An undefined metric
+    """Higher selected metric wins; ties go to the lower seven-way cross-entropy. An undefined metric
     (the binary AUC of a validation fold with one binary class, NaN every epoch) ties."""
     if best is None:
         return True
