@@ -44,8 +44,11 @@ def main(argv):
 
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.count_params:
+        from fll_jax.config_check import check_config
         from fll_jax.models import count_params
 
+        with reported_as("cross_validate"):
+            check_config(config, data_source=False)  # a mistyped model field is named, not a traceback
         print(f"{count_params(config.model, config.sequences, config.input_size):,} parameters "
               f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
         return

@@ -577,6 +577,9 @@ def test_entry_point_prints_the_problem_without_a_traceback(tmp_path):
     assert done.returncode == 1
     assert "cross_validate: invalid config:\ntrain.epochs = 0: must be an integer >= 1" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "new").exists()
+    done = subprocess.run([*command[:3], "configs/quick.py", "--config.model.depth", "7", "--count_params", *command[4:]],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "model: unknown ResNet depth 7" in done.stderr and "Traceback" not in done.stderr
     # A saliency setting that cannot work is a usage error, named before any model is read.
     done = subprocess.run([sys.executable, "experiments/explain.py", "--workdir", str(tmp_path / "none"), "--steps", "1"],
                           cwd=ROOT, capture_output=True, text=True)
