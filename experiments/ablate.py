@@ -73,14 +73,13 @@ def main(argv):
         import jax
 
         jax.distributed.initialize()
-    from fll_jax.ablation.points import SweepError
+    from fll_jax.ablation.points import SweepError, check_points
     from fll_jax.ablation.runner import data_sources, not_run, point_finished, run_point, run_sweep, subprocess_runner
 
     root = Path(FLAGS.workdir)
     with reported_as("ablate"):
         points = _points()
         if FLAGS.emit == "slurm":
-            from fll_jax.ablation.points import check_points
             from fll_jax.ablation.slurm import Resources, write_slurm
 
             check_points(points, FLAGS.slurm_nodes * FLAGS.slurm_gpus_per_node)
@@ -90,6 +89,7 @@ def main(argv):
             paths = write_slurm(points, root, [sys.executable, *_command()], resources, Path.cwd(), FLAGS.compare)
             print(f"{len(points)} points; wrote {', '.join(map(str, paths))}\nsubmit with: bash {paths[-1]}")
             return
+        check_points(points)  # else a bad base config would be recorded as every point failing
         sources = data_sources(in_turn=FLAGS.distributed)
         if FLAGS.prepare_only:
             for point in points:
