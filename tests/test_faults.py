@@ -531,11 +531,12 @@ def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_b
     folder, _ = finished
     shutil.copytree(folder / "cohort", tmp_path / "cohort")
     config = _config(tmp_path)
-    config.data.root = str(folder / "data")
     _edit_manifest(config, lambda rs: [r for r in rs if r.split == "dev"])
     with pytest.raises(DataError, match="no test split"):
         cross_validate(config, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    # Refused before any lesion was preprocessed, which on real data can take an hour.
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["file_digests.json"]
     assert [p for p in check_data(config) if "no test split" in p]  # preprocess.py --check says so too
     # A used sequence no development lesion has (LLD-MMRI's ADC): its branch had trained on zeros unsaid.
     shutil.rmtree(tmp_path / "cohort")

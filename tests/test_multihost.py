@@ -81,10 +81,10 @@ def test_process_0_prepares_the_data_before_the_others_check_it(monkeypatch):
         events = []
         monkeypatch.setattr(cv, "is_primary", lambda: primary)
         monkeypatch.setattr(cv, "sync_processes", lambda name: events.append(name))
-        monkeypatch.setattr(prepare, "prepare_source", lambda config: events.append("prepare") or "source")
+        monkeypatch.setattr(prepare, "prepare_source", lambda config, fit=False: events.append(f"prepare fit={fit}") or "source")
         assert cv.prepared_in_turn(None) == "source"
         # All at once, each process built the same patch cache and records over the others'.
-        assert events == (["prepare", "data prepared"] if primary else ["data prepared", "prepare"])
+        assert events == (["prepare fit=True", "data prepared"] if primary else ["data prepared", "prepare fit=True"])
 
 
 def test_a_sweep_point_on_several_processes_prepares_its_data_in_turn(monkeypatch):
@@ -96,9 +96,9 @@ def test_a_sweep_point_on_several_processes_prepares_its_data_in_turn(monkeypatc
     events = []
     monkeypatch.setattr(cv, "is_primary", lambda: False)
     monkeypatch.setattr(cv, "sync_processes", lambda name: events.append(name))
-    monkeypatch.setattr(prepare, "prepare_source", lambda config: events.append("prepare") or "source")
+    monkeypatch.setattr(prepare, "prepare_source", lambda config, fit=False: events.append(f"prepare fit={fit}") or "source")
     sources = data_sources(in_turn=True)  # ablate.py --point ... --distributed
     assert [sources(tiny_config()) for _ in range(2)] == ["source", "source"]
-    assert events == ["data prepared", "prepare"]  # after process 0, and once per data setting
+    assert events == ["data prepared", "prepare fit=True"]  # after process 0, and once per data setting
     events.clear()
-    assert data_sources()(tiny_config()) == "source" and events == ["prepare"]  # one process: no barrier
+    assert data_sources()(tiny_config()) == "source" and events == ["prepare fit=False"]  # one process: no barrier

@@ -171,23 +171,36 @@ def fit_problems(config: ml_collections.ConfigDict, lesions: Mapping[str, Mappin
     return problems
 
 
+def refuse_misfit(config: ml_collections.ConfigDict, lesions: Mapping[str, Mapping]) -> None:
+    """DataError listing every fit_problems of the data under the config."""
+    problems = fit_problems(config, lesions)
+    if problems:
+        raise DataError(problem_report("the data does not fit the config:", problems))
+
+
 def preprocessing(config: ml_collections.ConfigDict) -> dict:
     """What a config's patches depend on beyond the lesions: a model trained on others is refused them."""
     options = PreprocessOptions.from_config(config.data)
     return {"version": PREPROCESS_VERSION, "patch_size": PATCH_SIZE, **dataclasses.asdict(options)}
 
 
-def prepare_source(config: ml_collections.ConfigDict):
+def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     """The training/evaluation source of a config (TFDSSource or NumpySource), with its `fingerprint`.
+
+    fit: also refuse data that cannot train under the config (refuse_misfit) before any lesion
+    is preprocessed, which on a real data set can take an hour.
 
     Raises:
         ConfigError: the config cannot run (every bad field listed), before anything is made.
+        DataError: the data cannot be used (or, with fit, cannot train under the config).
     """
     check_config(config)
     data = config.data
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
+    if fit:
+        refuse_misfit(config, fingerprint["lesions"])
     # Patches made before this version's checks, or with checks switched off, are kept apart from
     # the others: reused by a run that keeps those checks, they would pass it lesions it refuses.
     checked = (f"checks{CHECKS_VERSION}",) + (("allow=" + "+".join(sorted(allow)),) if allow else ())

@@ -14,7 +14,7 @@ import pandas as pd
 from fll_jax.config_check import check_config
 from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.checks import problem_report
-from fll_jax.data.prepare import DataError, fit_problems
+from fll_jax.data.prepare import DataError, refuse_misfit
 from fll_jax.evaluation.predictions import missing_text
 from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
@@ -37,23 +37,22 @@ def check_source(config: ml_collections.ConfigDict, source) -> None:
     """DataError unless the data is fingerprinted and fits the config (fll_jax.data.prepare.fit_problems)."""
     fingerprint = getattr(source, "fingerprint", None)
     if fingerprint is None:
-        problems = ["the source carries no data fingerprint (make it with fll_jax.data.prepare.prepare_source, "
-                    "or use a NumpySource)"]
-    else:
-        problems = fit_problems(config, fingerprint["lesions"])
-    if problems:
-        raise DataError(problem_report("the data does not fit the config:", problems))
+        raise DataError(problem_report("the data does not fit the config:", [
+            "the source carries no data fingerprint (make it with fll_jax.data.prepare.prepare_source, "
+            "or use a NumpySource)"]))
+    refuse_misfit(config, fingerprint["lesions"])
 
 
 def prepared_in_turn(config: ml_collections.ConfigDict):
     """prepare_source in process 0 first; the others then find the data built and only check it.
     (All at once, each process would build the same cache files and take another's half-built
-    records for damaged ones.)"""
+    records for damaged ones.) Data that cannot train under the config is refused before it is
+    preprocessed."""
     from fll_jax.data.prepare import prepare_source
 
-    source = prepare_source(config) if is_primary() else None
+    source = prepare_source(config, fit=True) if is_primary() else None
     sync_processes("data prepared")
-    return source if source is not None else prepare_source(config)
+    return source if source is not None else prepare_source(config, fit=True)
 
 
 # The programs of the settings built last in this process (a rerun, a fold model loaded again, a
