@@ -23,7 +23,7 @@ _ROOT = flags.DEFINE_string("root", None, "The study folder: labels.csv and one 
 _OUT = flags.DEFINE_string("out", "", "The manifest to write (default: <root>/manifest.csv).")
 _TEST_FRACTION = flags.DEFINE_float(
     "test_fraction", 0.2, "Share of patients drawn for the test split when labels.csv has no split column.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of that draw.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of that draw.", lower_bound=0)
 _UNLABELLED = flags.DEFINE_bool("unlabelled", False, "A prediction manifest: labels may be empty, no split is drawn.")
 _IGNORE_UNKNOWN = flags.DEFINE_bool(
     "ignore_unknown_files", False, "Skip files in patient folders that name no sequence instead of refusing them.")

@@ -13,18 +13,17 @@ from fll_jax.errors import no_stray_arguments
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for patients/, manifest.csv, phantom_truth.json.")
 _SCALE = flags.DEFINE_enum("scale", "quick", list(phantom.SCALES), "Cohort size (see fll_jax.data.phantom.SCALES).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the cohort.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the cohort.", lower_bound=0)
 _ATYPICAL_RATE = flags.DEFINE_float(
-    "atypical_rate", 0.1, "Fraction of lesions showing a confuser class's pattern on one or two sequences.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "Processes generating patients in parallel.")
+    "atypical_rate", 0.1, "Fraction of lesions showing a confuser class's pattern on one or two sequences.",
+    lower_bound=0, upper_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 2, "Processes generating patients in parallel.", lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing phantom in --out_dir.")
 flags.mark_flag_as_required("out_dir")
 
 
 def main(argv):
     no_stray_arguments(argv)
-    if not 0.0 <= _ATYPICAL_RATE.value <= 1.0:
-        raise app.UsageError(f"--atypical_rate must lie in [0, 1], got {_ATYPICAL_RATE.value}")
     try:
         manifest = phantom.generate_phantom(
             _OUT_DIR.value, scale=_SCALE.value, seed=_SEED.value, atypical_rate=_ATYPICAL_RATE.value,

@@ -28,8 +28,10 @@ _MANIFEST = flags.DEFINE_string("manifest", "data/phantom_quick_seed0/manifest.c
 _OUT_DIR = flags.DEFINE_string("out_dir", "data/phantom_folders", "New (or empty) folder for the layout.")
 _BOXES_ONLY = flags.DEFINE_bool("boxes_only", False, "Write lesion boxes in labels.csv instead of mask files.")
 _DROP = flags.DEFINE_list("drop", [], "Sequences left out for every patient (comma list, e.g. adc,dwi).")
-_DROP_RATE = flags.DEFINE_float("drop_rate", 0.0, "Share of patients that lose one random sequence.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the patients and sequences --drop_rate removes.")
+_DROP_RATE = flags.DEFINE_float("drop_rate", 0.0, "Share of patients that lose one random sequence.",
+                                 lower_bound=0, upper_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the patients and sequences --drop_rate removes.",
+                              lower_bound=0)
 
 
 def _dropped(names: list[str]) -> set[str]:
@@ -47,8 +49,6 @@ def _dropped(names: list[str]) -> set[str]:
 
 def _random_drops(records: list[LesionRecord], rate: float, seed: int) -> dict[str, str]:
     """Patient -> the one sequence removed, for round(rate * patients) patients with two or more."""
-    if not 0 <= rate <= 1:
-        raise app.UsageError(f"--drop_rate must lie in [0, 1], got {rate}")
     present = {r.patient_id: r.sequences for r in records}
     rng = np.random.default_rng(seed)
     chosen = rng.choice(sorted(present), size=round(rate * len(present)), replace=False)

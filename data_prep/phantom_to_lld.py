@@ -29,8 +29,10 @@ from fll_jax.errors import no_stray_arguments, reported_as
 
 _MANIFEST = flags.DEFINE_string("manifest", "data/phantom_quick_seed0/manifest.csv", "The phantom's manifest.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "data/lld_phantom_quick_seed0", "Folder for the release layout.")
-_UNLABELLED = flags.DEFINE_integer("unlabelled", 3, "Test patients written as unlabelled (-1) cases.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the folds and of the choice of unlabelled patients.")
+_UNLABELLED = flags.DEFINE_integer("unlabelled", 3, "Test patients written as unlabelled (-1) cases.",
+                                     lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the folds and of the choice of unlabelled patients.",
+                              lower_bound=0)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier release in --out_dir.")
 
 # Release phase -> phantom sequence.

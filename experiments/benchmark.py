@@ -35,16 +35,17 @@ from fll_jax.train.sharding import shard_batch
 from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, rng_settings
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Config to benchmark.")
-flags.DEFINE_integer("batch", 16, "Global batch size.")
-flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.")
+flags.DEFINE_integer("batch", 16, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "Timed steps after the first (compiling) one.", lower_bound=1)
 flags.DEFINE_list("variants", ["s2d", "direct"],
                   "s2d | direct (the strided convolutions' implementation), optionally _native | _folded.")
-flags.DEFINE_integer("stored", PATCH_SIZE, "Side of the stored patch fed to the step.")
+flags.DEFINE_integer("stored", PATCH_SIZE, "Side of the stored patch fed to the step.", lower_bound=1)
 flags.DEFINE_bool("inference", False, "Also time the five-model ensemble's inference (lesions/s).")
-flags.DEFINE_integer("inference_batch", 256, "Lesions per inference call.")
+flags.DEFINE_integer("inference_batch", 256, "Lesions per inference call.", lower_bound=1)
 flags.DEFINE_bool("saliency", False, "Also time the five-model ensemble's integrated gradients (ms per lesion).")
-flags.DEFINE_integer("ig_steps", 64, "Integrated-gradients steps (gradient evaluations along the path).")
-flags.DEFINE_integer("ig_lesions", 4, "Lesions timed after the compiling one.")
+flags.DEFINE_integer("ig_steps", 64, "Integrated-gradients steps (gradient evaluations along the path).",
+                     lower_bound=2)
+flags.DEFINE_integer("ig_lesions", 4, "Lesions timed after the compiling one.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 

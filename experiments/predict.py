@@ -48,7 +48,7 @@ flags.DEFINE_bool("reconvert", False, "With --dicom: convert the study again, re
                   "out_dir/nifti/ and any edits of its series.csv.")
 flags.DEFINE_string("out_dir", None, "Output folder (default: <workdir>/predict).")
 flags.DEFINE_bool("saliency", False, "Also write integrated-gradients maps in each sequence's native space.")
-flags.DEFINE_integer("workers", 2, "Preprocessing processes.")
+flags.DEFINE_integer("workers", 2, "Preprocessing processes.", lower_bound=1)
 flags.DEFINE_string("allow", "", "Data checks to switch off for these lesions, joined by '+' (fll_jax/data/checks.py), "
                     "e.g. unclaimed_mask_value to predict some of the lesions a patient's mask holds.")
 flags.DEFINE_bool("overwrite", False, "Replace earlier outputs in --out_dir (saliency/ too, even without --saliency).")

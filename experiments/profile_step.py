@@ -32,8 +32,8 @@ from fll_jax.train.sharding import shard_batch
 from fll_jax.train.step import DEVICE_KEYS, rng_settings, seq_indices
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Config whose model and input size are profiled.")
-flags.DEFINE_integer("batch", 8, "Global batch size.")
-flags.DEFINE_integer("iters", 5, "Timed calls after the first (compiling) one.")
+flags.DEFINE_integer("batch", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("iters", 5, "Timed calls after the first (compiling) one.", lower_bound=1)
 flags.DEFINE_string("trace", None, "Write a jax.profiler trace of --iters whole train steps into this folder.")
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,7 @@ from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "Run directory holding predictions.csv.", required=True)
 flags.DEFINE_string("readers", None, "Readers CSV; without it, simulated readers are written and used.")
-flags.DEFINE_integer("seed", 0, "Seed of the simulated readers.")
+flags.DEFINE_integer("seed", 0, "Seed of the simulated readers.", lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Let simulated readers replace a study of real readers.")
 FLAGS = flags.FLAGS
 

@@ -587,6 +587,18 @@ def test_entry_point_prints_the_problem_without_a_traceback(tmp_path):
     assert done.returncode == 1 and "steps 1: ig needs at least 2" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command, problem", [
+    ("data_prep/make_phantom.py --scale quick --out_dir OUT --seed -1", "flag --seed=-1: -1 is not a non-negative integer"),
+    ("data_prep/make_phantom.py --scale quick --out_dir OUT --atypical_rate 1.5", "1.5 is not a number in the range [0, 1]"),
+    ("experiments/profile_step.py --batch 0 --trace OUT", "flag --batch=0: 0 is not a positive integer"),
+])
+def test_a_number_flag_out_of_its_range_is_named_before_anything_is_made(tmp_path, command, problem):
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command.split()]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and problem in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
     # absl reads `--restart False` as --restart plus a stray word: the finished run would be deleted.
     folder, _ = run
