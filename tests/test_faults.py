@@ -379,6 +379,26 @@ def test_empty_config_json_is_named_by_the_report_and_rewritten_by_a_rerun(run):
     assert {k: v for k, v in after.items() if k != "config.json"} == {k: v for k, v in before.items() if k != "config.json"}
 
 
+def test_a_hand_edited_config_json_is_refused_before_its_models_are_applied(run):
+    from fll_jax.train.checkpoints import load_fold_models
+
+    folder, _ = run
+    workdir = folder / "run"
+    recorded = read_json(workdir / "config.json", "")
+    edited = json.loads(json.dumps(recorded))
+    edited["data"]["normalise"] = "volume" if recorded["data"]["normalise"] == "patch" else "patch"
+    edited["train"]["log_every"] += 1  # a speed knob: not a setting the models depend on
+    write_json(workdir / "config.json", edited)
+    # predict.py would have preprocessed new cases otherwise than the models' training data.
+    with pytest.raises(WorkdirError, match=r"(?s)run/config.json differs from the settings its models were trained "
+                                           r"under .*setting data.normalise: .*Restore those values") as error:
+        load_fold_models(workdir)
+    assert "log_every" not in str(error.value)
+    recorded["train"]["log_every"] += 1
+    write_json(workdir / "config.json", recorded)
+    assert len(load_fold_models(workdir)[1]) == 2
+
+
 def test_a_finished_run_is_the_same_run_with_strided_convolutions_computed_another_way(run):
     folder, config = run
     workdir = folder / "run"

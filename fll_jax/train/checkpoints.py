@@ -190,10 +190,11 @@ def load_fold_models(workdir: str | Path) -> tuple[Any, list[dict[str, Any]], ml
     """(model, the best variables of every configured fold, config) of a finished workdir
     (WorkdirError for an unfinished or evaluate-only one)."""
     from fll_jax.train.cross_validate import build_steps
-    from fll_jax.train.workdir import check_has_models, read_config
+    from fll_jax.train.workdir import check_has_models, check_recorded_settings, read_config
 
     workdir = Path(workdir)
     config = read_config(workdir)
     check_has_models(workdir, config.train.folds)
+    check_recorded_settings(workdir, config)
     steps = build_steps(config, steps_per_epoch=1, devices=jax.devices()[:1])
     return steps.model, [best_variables(workdir / f"fold{f}", steps.state_target) for f in config.train.folds], config

@@ -446,6 +446,19 @@ def check_same_data(workdir: str | Path, data: dict) -> None:
                            + "\nRestore the data, or retrain with --restart.")
 
 
+def check_recorded_settings(workdir: str | Path, config: ml_collections.ConfigDict) -> None:
+    """WorkdirError unless config (the run's config.json) has the settings its models were trained
+    under (fingerprint.json): an edited config.json would apply them with another preprocessing or
+    build another network for their weights."""
+    workdir = Path(workdir)
+    stored = {"settings": read_fingerprint(workdir).get("settings", {}), "data": {}}
+    changes = fingerprint_changes(stored, run_fingerprint(config, {}))
+    if changes:
+        raise WorkdirError(f"{workdir / CONFIG_FILE} differs from the settings its models were trained under "
+                           f"({workdir / FINGERPRINT_FILE}), so it was edited since:\n  " + "\n  ".join(changes)
+                           + "\nRestore those values; rerunning the run's training command writes it again.")
+
+
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config of a run's folder; StateFileError naming the file if it is missing or damaged."""
     path = Path(workdir) / CONFIG_FILE
