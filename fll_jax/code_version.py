@@ -17,21 +17,31 @@ PACKAGE = Path(__file__).resolve().parent
 UNRECORDED = "an unrecorded version"
 
 
-def _digest() -> str:
-    """'fll_jax' and 12 hex digits of the sha256 of the package's .py files, path and content
-    (regular files only, none hidden: an editor's lock link or a notebook's checkpoint copy is
-    not the package's code)."""
+# The modules that turn a lesion's files into its patches (fll_jax/data/preprocess.py).
+PREPROCESSING_FILES = ("data/preprocess.py", "data/checks.py", "data/boxes.py", "data/nifti_units.py")
+
+
+def _digest(paths) -> str:
+    """'fll_jax' and 12 hex digits of the sha256 of the files, path and content (regular files
+    only, none hidden: an editor's lock link or a notebook's checkpoint copy is not the package's
+    code)."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(paths):
         relative = path.relative_to(PACKAGE)
         if path.is_file() and not any(part.startswith(".") for part in relative.parts):
             digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return f"fll_jax {digest.hexdigest()[:12]}"
 
 
-LOADED = _digest()
+LOADED = _digest(PACKAGE.rglob("*.py"))
+PREPROCESSING_LOADED = _digest(PACKAGE / name for name in PREPROCESSING_FILES)
 
 
 def code_version() -> str:
     """The digest of the package's source files as this process first imported it."""
     return LOADED
+
+
+def preprocessing_code() -> str:
+    """The digest of the preprocessing modules (PREPROCESSING_FILES) as this process first imported them."""
+    return PREPROCESSING_LOADED

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import ml_collections
@@ -249,6 +250,20 @@ def test_lesions_cached_before_a_new_check_are_checked_and_a_run_they_pass_is_re
 
 
 # 4. Leaks the manifest's paths hide.
+
+def test_patches_cached_by_other_preprocessing_code_of_the_same_version_are_warned_of_once(run, monkeypatch):
+    _, config = run
+    # An edit of preprocess.py that kept PREPROCESS_VERSION: the cached patches are those of the old code.
+    monkeypatch.setattr(prepare, "preprocessing_code", lambda: "fll_jax edited")
+    with pytest.warns(UserWarning, match=r"preprocessing code \(fll_jax/data/preprocess.py, .*\) is fll_jax edited, but "
+                                         r"the patches cached under .* were made by fll_jax [0-9a-f]{12}: they are "
+                                         r"reused as they are\. .*raise PREPROCESS_VERSION"):
+        prepare_source(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_source(config)
+    assert not [w for w in caught if "preprocessing code" in str(w.message)]
+
 
 def test_one_image_under_two_patients_and_one_lesion_listed_twice_are_refused(run):
     folder, config = run

@@ -8,6 +8,8 @@ Layout under config.data.root (default data/):
   lesion_patches/<k>.npz     each lesion's patches, named after what they are made from
                              (fll_jax.data.lesion_cache), so that a changed data set
                              preprocesses only its changed lesions
+  preprocessing_code.json    per PREPROCESS_VERSION, the digest of the preprocessing code that
+                             last made patches here (an edit that kept the version is warned of)
 
 <key> names the lesions' content (labels, mask values, metadata and the bytes of every image
 and mask file), the patch size, the preprocessing version and the version of the data checks
@@ -25,6 +27,7 @@ from typing import Mapping
 
 import ml_collections
 
+from fll_jax.code_version import PREPROCESSING_FILES, preprocessing_code
 from fll_jax.config_check import check_config
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.checks import CHECKS_VERSION, duplicate_problems, parse_allow, problem_report
@@ -38,11 +41,12 @@ from fll_jax.data.patchset import PatchSet
 from fll_jax.data.preprocess import (
     PREPROCESS_VERSION, PreprocessOptions, lesion_problems, mask_claims, preprocess_manifest,
 )
-from fll_jax.files import StateFileError
+from fll_jax.files import StateFileError, read_json, write_json
 
 BACKENDS = ("tfds", "numpy")
 SOURCES = ("phantom", "manifest")
 FOLD_SOURCES = ("assigned", "manifest")
+CODE_RECORD = "preprocessing_code.json"
 
 
 class DataError(ValueError):
@@ -201,6 +205,7 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     records, folds, fingerprint = describe_data(config, digests)
     if fit:
         refuse_misfit(config, fingerprint["lesions"])
+    _note_preprocessing_code(Path(data.root))
     # Patches made before this version's checks, or with checks switched off, are kept apart from
     # the others: reused by a run that keeps those checks, they would pass it lesions it refuses.
     checked = (f"checks{CHECKS_VERSION}",) + (("allow=" + "+".join(sorted(allow)),) if allow else ())
@@ -235,6 +240,27 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
         patches.save_npz(npz)
         _check_inputs_unchanged(records, digests, cache, npz)
     return NumpySource(patches, fold_of, fingerprint)
+
+
+def _note_preprocessing_code(root: Path) -> None:
+    """Warn when the preprocessing code differs from the code that last made patches under root
+    with this PREPROCESS_VERSION: the caches are named by the version, not the code, so patches
+    made before the edit are reused as they are. Then record this code."""
+    path = root / CODE_RECORD
+    try:
+        made = read_json(path, "") if path.is_file() else {}
+    except StateFileError:
+        made = {}  # only a record for this warning: written again below
+    earlier = made.get(str(PREPROCESS_VERSION))
+    if earlier == preprocessing_code():
+        return
+    if earlier is not None:
+        files = ", ".join(f"fll_jax/{name}" for name in PREPROCESSING_FILES)
+        warnings.warn(f"the preprocessing code ({files}) is {preprocessing_code()}, but the patches cached under "
+                      f"{root} with PREPROCESS_VERSION {PREPROCESS_VERSION} were made by {earlier}: they are reused "
+                      "as they are. If your edit changes what preprocessing makes, raise PREPROCESS_VERSION in "
+                      "fll_jax/data/preprocess.py so that every patch is made again.", stacklevel=2)
+    write_json(path, {**made, str(PREPROCESS_VERSION): preprocessing_code()})
 
 
 def _check_inputs_unchanged(records: list, digests: FileDigests, cache: LesionCache, built: Path) -> None:
