@@ -208,9 +208,13 @@ def test_hiding_each_sequence_keeps_the_runs_own_hidden_sequences_hidden(run, tm
     assert list(full) == ["none", *config.sequences]
     hiding = tmp_path / "hiding"
     shutil.copytree(workdir, hiding)
+    # As if trained with --config.evaluation.hidden_sequences lap: its config and its record say so.
     stored = json.loads((hiding / "config.json").read_text())
     stored["evaluation"]["hidden_sequences"] = ["lap"]
     (hiding / "config.json").write_text(json.dumps(stored))
+    fingerprint = json.loads((hiding / "fingerprint.json").read_text())
+    fingerprint["settings"]["evaluation.hidden_sequences"] = ["lap"]
+    (hiding / "fingerprint.json").write_text(json.dumps(fingerprint))
     result = missing_at_inference(hiding, source)
     rows = {row["hidden"]: row for row in result["rows"]}
     assert result["hidden_by_run"] == ["lap"] and list(rows) == ["none", *(s for s in config.sequences if s != "lap")]
