@@ -2,6 +2,7 @@
 import dataclasses
 import math
 import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from fll_jax.train.ahead import compile_ahead
-from fll_jax.train.checkpoints import FoldCheckpoints
+from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.loop import (
     NonFiniteLossError, Steps, _is_better, fold_steps_per_epoch, train_fold, validation_metrics,
@@ -274,6 +275,30 @@ def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, 
     ckpt.save_latest(5, state(5), {**meta, "epoch": 5, "best": {"epoch": 5}})
     ckpt.wait()
     assert ckpt.best.all_steps() == [5]
+    ckpt.close()
+
+
+def test_a_full_disk_is_named_before_a_checkpoint_is_written_and_a_failed_write_in_one_line(setup, tmp_path,
+                                                                                             monkeypatch):
+    import fll_jax.train.checkpoints as checkpoints
+
+    target = setup[3].state_target
+    state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), target)
+    ckpt = FoldCheckpoints(tmp_path, target)
+    need = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: SimpleNamespace(free=need // 2))
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: {need / 2e6:.1f} MB free on its disk, less than the "
+                                              rf"{need / 1e6:.1f} MB of the next checkpoint; free some space, then rerun"):
+        ckpt.save_latest(0, state, {"epoch": 0, "best": None, "history": []})
+    assert ckpt.latest.all_steps() == [] and not list((tmp_path / "latest").iterdir())
+    monkeypatch.undo()
+    # A write that fails on the way (orbax raises it from its threads at the next wait) is one CheckpointError.
+    monkeypatch.setattr(ckpt.latest, "wait_until_finished", lambda: (_ for _ in ()).throw(ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params/0": Failed to write: No space left on device [28]')))
+    with pytest.raises(CheckpointError, match=r"a checkpoint could not be written \(no space left on device\); "
+                                              r"once that is fixed, rerun the same command"):
+        ckpt.wait()
+    monkeypatch.undo()
     ckpt.close()
 
 

@@ -8,9 +8,12 @@ cannot be read or does not match them raises CheckpointError naming its path and
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -81,19 +84,45 @@ class FoldCheckpoints:
         return (f"delete {fold_dir} and rerun the same command to train this fold again "
                 "(or pass --restart to start the whole run over)")
 
+    @contextlib.contextmanager
+    def _writing(self, host: Any = None) -> Iterator[None]:
+        """CheckpointError for a failed write: orbax raises a save's error from its background
+        threads at the next save or wait, as a long chain of tracebacks. With `host` (the arrays
+        about to be saved), a disk without room for them is named before orbax starts writing."""
+        if host is not None:
+            need = sum(leaf.nbytes for leaf in jax.tree.leaves(host))
+            free = shutil.disk_usage(self.directory).free
+            if free < need:
+                raise CheckpointError(f"{self.directory}: {free / 1e6:.1f} MB free on its disk, less than the "
+                                      f"{need / 1e6:.1f} MB of the next checkpoint; free some space, then rerun the "
+                                      "same command: the fold resumes from its last complete checkpoint")
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as error:  # tensorstore, orbax and asyncio raise many types
+            text = str(error)
+            cause = ("no space left on device" if "No space left on device" in text
+                     else f"{type(error).__name__}: {text.split('See full TensorStore details')[0].strip()[:300]}")
+            raise CheckpointError(f"{self.directory}: a checkpoint could not be written ({cause}); once that is "
+                                  "fixed, rerun the same command: the fold resumes from its last complete "
+                                  "checkpoint") from error
+
     def save_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
         host = _on_host(state)
         check = {"arrays": integrity.checksums(host), "meta": _json_digest(meta)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
-        self.latest.save(epoch, args=args)
+        with self._writing(host):
+            self.latest.save(epoch, args=args)
         self._named_best = meta["best"] and meta["best"]["epoch"]
 
     def save_best(self, epoch: int, state: TrainState) -> None:
         self.wait()  # drops the best epochs older than the one latest/ names (at most one epoch's wait)
         host = _on_host(variables_of(state))
-        self.best.save(epoch, args=ocp.args.Composite(variables=ocp.args.StandardSave(host),
-                                                      checksums=ocp.args.JsonSave({"arrays": integrity.checksums(host)})))
+        with self._writing(host):
+            self.best.save(epoch, args=ocp.args.Composite(
+                variables=ocp.args.StandardSave(host), checksums=ocp.args.JsonSave({"arrays": integrity.checksums(host)})))
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, name: str, target: Any, **items) -> dict:
         """{name: the arrays in target's shapes and shardings, verified, and each other item} of one
@@ -165,8 +194,9 @@ class FoldCheckpoints:
     def wait(self) -> None:
         """Wait until every save is on disk, then delete the best epochs older than the one the
         latest/ checkpoint names: no resume can need them."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        with self._writing():
+            self.latest.wait_until_finished()
+            self.best.wait_until_finished()
         if self._named_best is not None:
             for step in self.best.all_steps():
                 if step < self._named_best:
