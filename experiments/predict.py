@@ -112,6 +112,12 @@ def _folder_runs_manifest(out_dir: Path) -> bool:
 
 def main(argv):
     no_stray_arguments(argv)
+    # Given with another input, they would be ignored without a word (a box never applied).
+    for needed, names in (("dicom", ("box_mm", "salt", "id_map", "mapping", "reconvert")),
+                          ("folder", ("ignore_unknown_files",))):
+        stray = [f"--{name}" for name in names if FLAGS[name].present]
+        if stray and not getattr(FLAGS, needed):
+            raise app.UsageError(f"{', '.join(stray)}: used only with --{needed}, which is not given")
     logging.set_verbosity(logging.ERROR)  # orbax's INFO lines
     from fll_jax.data.checks import parse_allow
     from fll_jax.files import atomic_path, no_empty_folder_left

@@ -289,3 +289,12 @@ def test_the_command_refuses_an_earlier_runs_folder_before_converting_anything(t
     assert result.returncode != 0 and "predictions.csv exist(s)" in result.stderr and "--overwrite" in result.stderr
     # The study was not converted into the folder (its nifti/ would have sat beside the earlier predictions).
     assert [p.name for p in out.iterdir()] == ["predictions.csv"]
+
+
+def test_dicom_flags_without_dicom_are_refused_not_ignored(tmp_path):
+    (tmp_path / "run").mkdir()
+    command = [sys.executable, "experiments/predict.py", f"--workdir={tmp_path / 'run'}", f"--manifest={tmp_path / 'm.csv'}",
+               "--box_mm=-4 -46 4 8 -34 16", "--reconvert", f"--out_dir={tmp_path / 'out'}"]
+    result = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--box_mm, --reconvert: used only with --dicom, which is not given" in result.stderr
+    assert not (tmp_path / "out").exists()
