@@ -6,7 +6,9 @@ only bury that. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 
@@ -42,7 +44,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def reported_as(program: str) -> Iterator[None]:
-    """Exit with status 1 and the message of a user error (no traceback), prefixed by the program."""
+    """Exit with status 1 and the message of a user error (no traceback), prefixed by the program.
+
+    SIGTERM (a scheduler's time limit or preemption, `kill`) ends the block like Ctrl-C does, by an
+    exception, so that its cleanup runs: staging folders are removed and earlier outputs stay whole.
+    Its default action ends the process at once, leaving them behind."""
+    def stopped(signum: int, frame) -> None:
+        raise SystemExit(f"{program}: stopped by {signal.Signals(signum).name}; rerun the same command to go on")
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, stopped) if main_thread else None
     try:
         yield
     except user_errors() as error:
@@ -50,6 +61,9 @@ def reported_as(program: str) -> Iterator[None]:
         # "Event loop is closed" noise below the message as their threads are torn down.
         sys.unraisablehook = lambda unraisable: None
         raise SystemExit(f"{program}: {error}") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def no_stray_arguments(argv: list[str]) -> None:

@@ -756,6 +756,22 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
+def test_a_command_stopped_by_sigterm_cleans_up_as_after_ctrl_c(tmp_path):
+    # SLURM's time limit and preemption send SIGTERM, whose default action skips every cleanup.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old").write_text("the earlier outputs")
+    code = ("import sys, time\nfrom fll_jax.errors import reported_as\nfrom fll_jax.files import staged_folder\n"
+            "with reported_as('demo'), staged_folder(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'new').write_text('half written')\n    print('ready', flush=True)\n    time.sleep(120)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert worker.stdout.readline() == "ready\n"
+    worker.terminate()
+    _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 1 and "demo: stopped by SIGTERM; rerun the same command to go on" in stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "old").is_file()  # no staging left
+
+
 def test_a_staged_folder_replaces_the_old_one_whole_or_leaves_it(tmp_path, monkeypatch):
     from fll_jax import files
 
