@@ -9,7 +9,7 @@ with --overwrite.
 from absl import app, flags
 
 from fll_jax.data import phantom
-from fll_jax.errors import no_stray_arguments
+from fll_jax.errors import no_stray_arguments, reported_as
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for patients/, manifest.csv, phantom_truth.json.")
 _SCALE = flags.DEFINE_enum("scale", "quick", list(phantom.SCALES), "Cohort size (see fll_jax.data.phantom.SCALES).")
@@ -24,12 +24,10 @@ flags.mark_flag_as_required("out_dir")
 
 def main(argv):
     no_stray_arguments(argv)
-    try:
+    with reported_as("make_phantom"):
         manifest = phantom.generate_phantom(
             _OUT_DIR.value, scale=_SCALE.value, seed=_SEED.value, atypical_rate=_ATYPICAL_RATE.value,
             workers=_WORKERS.value, overwrite=_OVERWRITE.value)
-    except FileExistsError as e:
-        raise app.UsageError(str(e)) from None
     print(f"wrote {manifest}")
 
 
