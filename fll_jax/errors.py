@@ -50,6 +50,7 @@ def reported_as(program: str) -> Iterator[None]:
     exception, so that its cleanup runs: staging folders are removed and earlier outputs stay whole.
     Its default action ends the process at once, leaving them behind."""
     def stopped(signum: int, frame) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second one (a sweep driver passing it on) must not cut the cleanup
         raise SystemExit(f"{program}: stopped by {signal.Signals(signum).name}; rerun the same command to go on")
 
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers

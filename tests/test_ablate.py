@@ -5,6 +5,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -215,6 +216,22 @@ def test_collecting_records_the_points_tasks_left_so_each_keeps_its_trained_poin
     assert load_points(copy)[1] == {BASE: None, "hide=dwi": BASE}
 
 
+def test_a_rerun_with_other_settings_is_refused_before_any_point_runs_or_sweep_json_changes(ran, tmp_path):
+    root, points, *_ = ran
+    copy = shutil.copytree(root, tmp_path / "sweep")
+    before = (copy / "sweep.json").read_bytes()
+    changed = []
+    for point in points:  # as after --config.train.epochs 2 on the command line
+        config = point.config.copy_and_resolve_references()
+        config.train.epochs = 2
+        changed.append(type(point)(point.name, config, point.trained))
+    calls = []
+    with pytest.raises(SweepError, match=rf"(?s)holds runs of other settings .*\n  {BASE}: setting train.epochs: 1 -> 2"
+                                         r"\n  hide=dwi: setting train.epochs: 1 -> 2\nUse another --workdir"):
+        run_sweep(changed, copy, calls.append, lambda config: synthetic_source().fingerprint)
+    assert calls == [] and (copy / "sweep.json").read_bytes() == before
+
+
 def test_points_reused_after_the_code_changed_say_so_and_their_comparison_flags_it(ran, tmp_path, monkeypatch):
     """A rerun after a code change had skipped every finished point without a word, and compared
     them with points the new code trained."""
@@ -286,6 +303,29 @@ def test_a_point_that_fails_in_its_own_process_is_reported(tmp_path):
     with pytest.raises(PointError, match=r"(?s)exit status 3.*out of memory"):
         subprocess_runner(crash, tmp_path)(point)
     assert "step 1" in (tmp_path / "logs" / "base.log").read_text()
+
+
+def test_a_sweep_driver_stopped_by_sigterm_lets_its_point_clean_up_and_keeps_its_log(tmp_path):
+    point = ("import sys, time\nfrom fll_jax.errors import reported_as\nwith reported_as('point'):\n"
+             "    try:\n        print('training', flush=True)\n        time.sleep(120)\n"
+             "    finally:\n        print('cleaned up', flush=True)\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "base.log").write_text("the finished run's log\n")
+    driver = ("import sys, types\nfrom fll_jax.ablation.runner import subprocess_runner\nfrom fll_jax.errors import "
+              "reported_as\nwith reported_as('ablate'):\n"
+              f"    subprocess_runner(['-c', {point!r}], sys.argv[1])(types.SimpleNamespace(name='base'))\n")
+    process = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "logs" / "base.log"
+    while "training" not in log.read_text():
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    process.terminate()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and "ablate: stopped by SIGTERM" in stderr
+    # The point ended through its own cleanup, not SIGKILL; the earlier log is kept, the attempt appended.
+    text = log.read_text()
+    assert text.startswith("the finished run's log\n--- ") and "--point=base\n" in text
+    assert text.endswith("\ntraining\ncleaned up\npoint: stopped by SIGTERM; rerun the same command to go on\n")
 
 
 def test_the_slurm_scripts_run_one_multi_host_task_per_point(tmp_path):

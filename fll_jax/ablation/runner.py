@@ -2,6 +2,7 @@
 reported and the others go on; sweep.json records every point's outcome."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -10,13 +11,18 @@ from typing import Callable, Sequence
 
 import ml_collections
 
-from fll_jax.ablation.points import Point
+from fll_jax.ablation.points import Point, SweepError
 from fll_jax.files import read_json, write_json
 from fll_jax.code_version import code_version
-from fll_jax.train.workdir import RESTART, WorkdirError, evaluated_current, hold_run, is_finished, trained_code
+from fll_jax.train.workdir import (
+    FINGERPRINT_FILE, RESTART, WorkdirError, evaluated_current, fingerprint_changes, hold_run, is_finished,
+    read_fingerprint, run_fingerprint, trained_code,
+)
 
 SWEEP_FILE = "sweep.json"
 LOGS = "logs"
+# How long a point stopped with its driver may take to finish its cleanup (a checkpoint being saved).
+STOP_WAIT_S = 120
 
 
 class PointError(RuntimeError):
@@ -77,6 +83,18 @@ def _last_lines(path: Path, count: int = 6) -> str:
     return "\n".join([line for line in lines if line][-count:])
 
 
+def _stop(process: subprocess.Popen, signal_it: bool) -> None:
+    """Let a point's process end with its cleanup: SIGTERM when signal_it (Ctrl-C reaches it
+    already, in the driver's process group), at most STOP_WAIT_S seconds, then SIGKILL."""
+    if signal_it:
+        process.terminate()
+    try:
+        process.wait(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def subprocess_runner(command: Sequence[str], root: str | Path) -> Callable[[Point], None]:
     """run(point): `command --point=<name>` in a fresh Python process (so a crash or the memory one
     point holds cannot touch the next), its output in root/logs/<name>.log."""
@@ -85,9 +103,16 @@ def subprocess_runner(command: Sequence[str], root: str | Path) -> Callable[[Poi
     def run(point: Point) -> None:
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{point.name}.log"
-        with open(log, "w") as out:
-            code = subprocess.call([sys.executable, *command, f"--point={point.name}"], stdout=out,
-                                   stderr=subprocess.STDOUT)
+        args = [sys.executable, *command, f"--point={point.name}"]
+        with open(log, "a") as out:  # appended: a refused rerun must not replace a finished point's log
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(args)}\n")
+            out.flush()
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                code = process.wait()
+            except BaseException as stop:  # the driver stopped: so does the point, after its own cleanup
+                _stop(process, signal_it=not isinstance(stop, KeyboardInterrupt))
+                raise
         if code:
             raise PointError(f"exit status {code}; the end of {log}:\n{_last_lines(log)}")
 
@@ -119,7 +144,23 @@ def run_sweep(points: Sequence[Point], root: str | Path, run: Callable[[Point], 
     root = Path(root)
     # A second sweep driver would rewrite the running point's log and record it failed.
     with hold_run(root, held_by="an ablate.py running this sweep", remedy="use another --workdir for this sweep"):
+        other = _other_runs(points, root, data)
+        if other:  # each would fail, and sweep.json then count finished runs as failed points
+            raise SweepError(f"{root} holds runs of other settings or data than this sweep's points; nothing was "
+                             "changed:\n  " + "\n  ".join(other) + "\nUse another --workdir for this sweep, or "
+                             "delete those points' folders to run them again.")
         return _run_points(points, root, run, data)
+
+
+def _other_runs(points: Sequence[Point], root: Path, data: Callable[[ml_collections.ConfigDict], dict]) -> list[str]:
+    """A line for each point whose folder holds a run of other settings or data, naming what differs."""
+    lines = []
+    for point in points:
+        if (root / point.name / FINGERPRINT_FILE).exists():
+            changes = fingerprint_changes(read_fingerprint(root / point.name), run_fingerprint(point.config, data(point.config)))
+            if changes:
+                lines.append(f"{point.name}: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}")
+    return lines
 
 
 def _run_points(points: Sequence[Point], root: Path, run: Callable[[Point], None],
