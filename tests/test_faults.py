@@ -584,6 +584,18 @@ def test_manifest_without_test_rows_or_with_a_sequence_no_dev_lesion_has_fails_b
         cross_validate(config, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert [p for p in check_data(config) if f"no development lesion has {unseen}" in p]
+    # Lesions with none of the model's sequences: trained on and scored from absent inputs alone.
+    shutil.rmtree(tmp_path / "cohort")
+    shutil.copytree(folder / "cohort", tmp_path / "cohort")
+    blind = read_manifest(config.data.manifest, check_files=False, check_masks=False)[:2]
+    _edit_manifest(config, lambda rs: [r if r not in blind else dataclasses.replace(
+        r, images={s: p for s, p in r.images.items() if s not in config.sequences},
+        masks={s: p for s, p in r.masks.items() if s not in config.sequences}) for r in rs])
+    problem = (f"2 lesion(s) have none of the sequences the model sees ({', '.join(config.sequences)}): "
+               f"{blind[0].lesion_id}, {blind[1].lesion_id}; leave them out")
+    with pytest.raises(DataError, match=re.escape(problem)):
+        cross_validate(config, tmp_path / "new")
+    assert [p for p in check_data(config) if problem in p]
 
 
 def test_latin1_infinite_diameter_and_soft_masks_are_named(finished, tmp_path):

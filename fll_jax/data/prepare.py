@@ -152,7 +152,8 @@ def _fold_problems(config: ml_collections.ConfigDict, path: Path, records: list)
 
 def fit_problems(config: ml_collections.ConfigDict, lesions: Mapping[str, Mapping]) -> list[str]:
     """What keeps a data set from training under a config, one problem each: no test split, a
-    used sequence that no development lesion has, a fold too small to fill one batch.
+    used sequence that no development lesion has, lesions with none of the sequences the model
+    sees, a fold too small to fill one batch.
 
     lesions: the data fingerprint's lesion entries (fll_jax.data.fingerprint), each with its
     fold and, for data read from a manifest, its files.
@@ -164,6 +165,14 @@ def fit_problems(config: ml_collections.ConfigDict, lesions: Mapping[str, Mappin
     if unseen:
         problems.append(f"no development lesion has {', '.join(unseen)}, which config.sequences uses: its branch "
                         "would learn from absent inputs only; leave it out of --config.sequences")
+    # Such a lesion would be trained on and scored from its absent inputs alone (predict.py refuses it).
+    seen = [s for s in config.sequences if s not in config.evaluation.hidden_sequences]
+    blind = [lesion for lesion, entry in lesions.items()
+             if "files" in entry and not any(f"{s}_image" in entry["files"] for s in seen)]
+    if blind:
+        problems.append(f"{len(blind)} lesion(s) have none of the sequences the model sees ({', '.join(seen)}): "
+                        f"{', '.join(blind[:5])}{' ...' if len(blind) > 5 else ''}; leave them out of the manifest, "
+                        "or use sequences each lesion has one of")
     if TEST_FOLD not in folds:
         problems.append("the data has no test split (no manifest row with split 'test'), "
                         "on which the fold models are ensembled")
