@@ -13,6 +13,7 @@ scripts are written only when every point's config passes its check on the job's
 --config.* overrides change the base config of every point. docs/ablations.md has the details.
 """
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def _points():
 
     path, _, arg = config_flags.get_config_filename(FLAGS["config"]).partition(":")
     return collect_points(load_sweep(path), arg or None, FLAGS.config)
+
+
+def _point_devices() -> int:
+    """The devices each point's process will have, asked of a new process: the driver leaves JAX,
+    and the GPUs, to its points (a multi-host driver has initialised it already)."""
+    if FLAGS.distributed:
+        import jax
+
+        return jax.device_count()
+    count = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"], capture_output=True,
+                           text=True, check=True)
+    return int(count.stdout.split()[-1])
 
 
 def _command() -> list[str]:
@@ -89,7 +102,8 @@ def main(argv):
             paths = write_slurm(points, root, [sys.executable, *_command()], resources, Path.cwd(), FLAGS.compare)
             print(f"{len(points)} points; wrote {', '.join(map(str, paths))}\nsubmit with: bash {paths[-1]}")
             return
-        check_points(points)  # else a bad base config would be recorded as every point failing
+        # Else a bad base config would be recorded as every point failing.
+        check_points(points, _point_devices() if not (FLAGS.point or FLAGS.prepare_only or FLAGS.collect) else 1)
         sources = data_sources(in_turn=FLAGS.distributed)
         if FLAGS.prepare_only:
             for point in points:

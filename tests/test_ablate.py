@@ -425,6 +425,12 @@ def test_a_sweep_of_a_bad_base_config_is_refused_before_its_folder_is_made(tmp_p
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "ablate: point base: invalid config:\ntrain.epochs = 0: must be an integer >= 1" in result.stderr
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "data").exists()
+    # Checked on the devices the points will have (the suite's four), not one.
+    result = subprocess.run([sys.executable, "experiments/ablate.py", "--config=configs/ablations/fusions.py:quick",
+                             "--config.train.batch_size=6", f"--config.data.root={tmp_path / 'data'}",
+                             f"--workdir={tmp_path / 'sweep'}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1 and "train.batch_size = 6: must divide evenly over the 4 devices" in result.stderr
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "data").exists()
 
 
 def test_an_evaluate_only_point_needs_its_finished_trained_point(ran, tmp_path):
