@@ -88,7 +88,10 @@ class PointAdder:
 
     def __call__(self, **settings) -> None:
         text = ",".join(f"{key}={_setting_text(value)}" for key, value in settings.items())
-        config = apply_config_string(self.base.copy_and_resolve_references(), text)
+        try:
+            config = apply_config_string(self.base.copy_and_resolve_references(), text)
+        except ValueError as error:  # the sweep file's mistake: named with the call, not a traceback
+            raise SweepError(f"add({', '.join(f'{k}={v!r}' for k, v in settings.items())}): {error}") from None
         self.configs.setdefault(point_name(config, self.base), config)
 
 
