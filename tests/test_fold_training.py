@@ -1,6 +1,7 @@
 """Fold training: resuming after a kill gives the uninterrupted result; NaN stops cleanly."""
 import dataclasses
 import math
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -300,6 +301,26 @@ def test_a_full_disk_is_named_before_a_checkpoint_is_written_and_a_failed_write_
         ckpt.wait()
     monkeypatch.undo()
     ckpt.close()
+
+
+def test_a_checkpoint_of_another_models_shapes_is_named_not_restored(setup, tmp_path):
+    target = setup[3].state_target
+    state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), target)
+    ckpt = FoldCheckpoints(tmp_path, target)
+    ckpt.save_best(0, state)
+    ckpt.close()
+    # The model's code edited since (a wider layer): orbax had read the old shapes, and Flax then failed.
+    path, wide = next((path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(target.params) if leaf.ndim == 2)
+    edited = target.replace(params=jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.device_put(np.zeros((a.shape[0], a.shape[1] + 1), a.dtype), a.sharding) if p == path else a,
+        target.params))
+    ckpt = FoldCheckpoints(tmp_path, edited)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"has other shapes than the one saved (['params']{jax.tree_util.keystr(path)} {wide.shape} stored, "
+            f"{(wide.shape[0], wide.shape[1] + 1)} built): the model's code changed since it was trained")):
+        ckpt.restore_best()
+    ckpt.close()
+    assert FoldCheckpoints(tmp_path, target).restore_best()["params"] is not None
 
 
 def test_an_undefined_selection_metric_leaves_the_choice_to_the_loss():
