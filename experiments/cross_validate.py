@@ -50,7 +50,8 @@ def main(argv):
         with reported_as("cross_validate"):
             check_config(config, data_source=False)  # a mistyped model field is named, not a traceback
         print(f"{count_params(config.model, config.sequences, config.input_size):,} parameters "
-              f"({len(config.sequences)} branches, depth {config.model.depth}, width {config.model.width})")
+              f"({len(config.sequences)} sequences, {config.model.fusion} fusion, depth {config.model.depth}, "
+              f"width {config.model.width})")
         return
     from fll_jax.train.cross_validate import cross_validate
     from fll_jax.train.workdir import folds_text
