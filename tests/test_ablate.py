@@ -317,7 +317,7 @@ def test_a_sweep_driver_stopped_by_sigterm_lets_its_point_clean_up_and_keeps_its
               f"    subprocess_runner(['-c', {point!r}], sys.argv[1])(types.SimpleNamespace(name='base'))\n")
     process = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "logs" / "base.log"
-    while "training" not in log.read_text():
+    while "\ntraining\n" not in log.read_text():  # the line the point prints, not its code in the header
         assert process.poll() is None, process.stderr.read()
         time.sleep(0.2)
     process.terminate()
