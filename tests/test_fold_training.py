@@ -68,6 +68,38 @@ def _kill_after(setup, fold_dir, last_epoch: int) -> None:
         train_fold(config, 1, source, steps, fold_dir, on_epoch_end=kill)
 
 
+class RecordingWriter:
+    """A SummaryWriter's add_scalar and flush, recording (tag, step)."""
+
+    def __init__(self):
+        self.points = []
+
+    def add_scalar(self, tag, value, step):
+        self.points.append((tag, step))
+
+    def flush(self):
+        pass
+
+
+def test_a_stop_right_after_a_checkpoint_loses_no_epoch_from_the_logs(setup, tmp_path, monkeypatch):
+    """Stopped as epoch 1's latest/ was saved, the run resumes at epoch 2: epoch 1 had never been logged."""
+    config, source, spe, steps = setup
+    save_latest = FoldCheckpoints.save_latest
+
+    def stop_after_saving(self, epoch, state, meta):
+        save_latest(self, epoch, state, meta)
+        raise Killed
+
+    monkeypatch.setattr(FoldCheckpoints, "save_latest", stop_after_saving)
+    first, second = RecordingWriter(), RecordingWriter()
+    with pytest.raises(Killed):
+        train_fold(config, 1, source, steps, tmp_path / "run", writer=first)
+    monkeypatch.undo()
+    train_fold(config, 1, source, steps, tmp_path / "run", writer=second)
+    epochs = [step // spe - 1 for tag, step in first.points + second.points if tag == "fold1/epoch"]
+    assert epochs == list(range(config.train.epochs))
+
+
 def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path):
     config, source, spe, steps = setup
     # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.

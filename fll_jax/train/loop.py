@@ -226,14 +226,15 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
             record = {"epoch": epoch, "train": train_metrics, "val": val}
             meta["history"].append(record)
             meta["epoch"] = epoch
+            step = int(jax.device_get(state.step))
+            # The rate of the epoch's last update, beside the metrics of its updates. Logged before
+            # the saves: a stop after a save would resume past this epoch, never to log it.
+            _log(writer, fold, step, epoch, float(schedule(step - 1)), {**train_metrics, **throughput}, val)
             if _is_better(val, meta["best"] and meta["best"]["val"], config.train.select_metric):
                 meta["best"] = record
                 ckpt.save_best(epoch, state)
             if (epoch + 1) % config.train.checkpoint_every == 0 or epoch + 1 == config.train.epochs:
                 ckpt.save_latest(epoch, state, meta)
-            step = int(jax.device_get(state.step))
-            # The rate of the epoch's last update, beside the metrics of its updates.
-            _log(writer, fold, step, epoch, float(schedule(step - 1)), {**train_metrics, **throughput}, val)
             bar.update(1)
             bar.set_postfix(loss=f"{train_metrics['loss']:.3f}", val_acc7=f"{val['accuracy_7way']:.2f}")
             if on_epoch_end is not None:
