@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import json
 import shutil
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
