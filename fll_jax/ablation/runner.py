@@ -15,8 +15,8 @@ from fll_jax.ablation.points import Point, SweepError
 from fll_jax.files import read_json, write_json
 from fll_jax.code_version import code_version
 from fll_jax.train.workdir import (
-    FINGERPRINT_FILE, RESTART, WorkdirError, evaluated_current, fingerprint_changes, hold_run, is_finished,
-    read_fingerprint, run_fingerprint, trained_code,
+    FINGERPRINT_FILE, RESTART, WorkdirError, evaluated_current, hold_run, is_finished, run_changes, run_fingerprint,
+    trained_code,
 )
 
 SWEEP_FILE = "sweep.json"
@@ -156,10 +156,11 @@ def _other_runs(points: Sequence[Point], root: Path, data: Callable[[ml_collecti
     """A line for each point whose folder holds a run of other settings or data, naming what differs."""
     lines = []
     for point in points:
-        if (root / point.name / FINGERPRINT_FILE).exists():
-            changes = fingerprint_changes(read_fingerprint(root / point.name), run_fingerprint(point.config, data(point.config)))
-            if changes:
-                lines.append(f"{point.name}: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}")
+        if not (root / point.name / FINGERPRINT_FILE).exists():
+            continue  # no run recorded: its data need not be prepared here
+        changes = run_changes(root / point.name, run_fingerprint(point.config, data(point.config)))
+        if changes:
+            lines.append(f"{point.name}: {'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}")
     return lines
 
 

@@ -198,10 +198,16 @@ def check_same_folds(trained: str | Path, folds) -> None:
                            f"{folds_text(folds)}; give it the trained run's folds")
 
 
+def run_changes(workdir: Path, current: dict) -> list[str]:
+    """What differs between the run recorded in `workdir` (its fingerprint.json) and the run
+    `current` fingerprints (fingerprint_changes); [] when no run is recorded there."""
+    return fingerprint_changes(read_fingerprint(workdir), current) if (workdir / FINGERPRINT_FILE).exists() else []
+
+
 def _check_run(workdir: Path, current: dict) -> None:
     """WorkdirError unless `workdir` is empty of run outputs or holds the run `current` fingerprints."""
     if (workdir / FINGERPRINT_FILE).exists():
-        changes = fingerprint_changes(read_fingerprint(workdir), current)
+        changes = run_changes(workdir, current)
         if changes:
             raise WorkdirError(f"{workdir} holds a run that differs from this one; nothing was changed. "
                                f"What differs:\n  " + "\n  ".join(changes) + f"\nTo run this one, {RESTART}.")
