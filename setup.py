@@ -36,6 +36,7 @@ setup(
         "cuda": ["jax[cuda12]"],
         # The TensorBoard viewer (the training job writes its logs with tensorboardX either way).
         "tensorboard": ["tensorboard>=2.16"],
-        "test": ["pytest>=8", "pytest-xdist>=3.8", "chex>=0.1.87", "pydicom>=3.0"],
+        # tensorboard: the tests read the training logs with TensorBoard's own loader.
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "chex>=0.1.87", "pydicom>=3.0", "tensorboard>=2.16"],
     },
 )

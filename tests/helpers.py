@@ -114,3 +114,14 @@ def recorded_compiles():
     finally:
         jax.config.update("jax_log_compiles", before)
         logger.removeHandler(handler)
+
+
+def tensorboard_scalars(logdir) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{run: {tag: [(step, value), ...]}} as TensorBoard loads `logdir` (each folder of event
+    files is a run, named by its path under `logdir`), purges included."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    return {run: {tag: [(event.step, event.value) for event in multiplexer.Scalars(run, tag)] for tag in tags["scalars"]}
+            for run, tags in multiplexer.Runs().items()}

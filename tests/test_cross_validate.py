@@ -14,7 +14,7 @@ import fll_jax.train.cross_validate as cv_module
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.step import seq_indices
 from fll_jax.train.workdir import WorkdirError, hold_run
-from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
+from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tensorboard_scalars, tiny_config
 
 
 # Rows of synthetic_source: 0-7 fold 0, 8-15 fold 1, ..., 40-47 the test split.
@@ -38,7 +38,7 @@ def test_workdir_holds_config_predictions_metrics_report(run):
     assert json.loads((workdir / "config.json").read_text())["model"]["fusion"] == "paper"
     for name in ("predictions.csv", "metrics.json", "report.md"):
         assert (workdir / name).is_file(), name
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((workdir / "tensorboard" / "fold0").glob("events.out.tfevents.*"))
     saved = json.loads((workdir / "metrics.json").read_text())
     assert saved["test"]["ensemble"]["accuracy_7way"] == pytest.approx(metrics["test"]["ensemble"]["accuracy_7way"])
     assert 0.0 <= saved["test"]["ensemble"]["auc_binary"] <= 1.0
@@ -124,8 +124,12 @@ def test_a_rerun_drops_or_adds_folds_training_only_the_new_ones(run, tmp_path, c
     # More folds: fold 1 alone is trained, and the results are those of a run of both from the start.
     cross_validate(config, tmp_path / "run", source=source)
     assert (tmp_path / "run" / "fold1" / "done.json").exists()
-    # TensorBoard shows each fold list's scores beside its own settings (one session each).
-    assert sorted(p.name for p in (tmp_path / "run" / "tensorboard" / "hparams").iterdir()) == ["folds=0", "folds=0+1"]
+    # TensorBoard shows each fold list's scores beside its own settings (one session each), once:
+    # the rerun's scores replace the first run's.
+    sessions = {run: tags for run, tags in tensorboard_scalars(tmp_path / "run" / "tensorboard").items()
+                if run.startswith("hparams/")}
+    assert sorted(sessions) == ["hparams/folds=0", "hparams/folds=0+1"]
+    assert all(len(tags["test/auc_binary"]) == 1 for tags in sessions.values())
     assert {p: p.read_bytes() for p in (tmp_path / "run" / "fold0").rglob("*") if p.is_file()} == fold0
     assert (tmp_path / "run" / "predictions.csv").read_text() == (workdir / "predictions.csv").read_text()
     # Results beside a damaged config.json are of unknown folds: deleted too before it is rewritten.
@@ -168,31 +172,27 @@ def test_every_process_of_a_run_is_refused_when_process_0_finds_the_folder_in_us
 
 
 def test_tensorboard_has_rates_norms_throughput_and_hparams(run):
-    import tensorflow as tf
-
     from fll_jax.train.step import learning_rate_schedule
 
     config, workdir, source, _, _ = run
-    scalars = {}
-    for path in (workdir / "tensorboard").rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    # One TensorBoard run per fold, so that its charts lay the folds over each other.
+    shown = tensorboard_scalars(workdir / "tensorboard")
+    assert {"fold0", "fold1", "hparams/folds=0+1"} <= set(shown)
     steps_per_epoch = source.num_examples([1, 2, 3, 4]) // config.train.batch_size
     # Against the global step: one point per epoch, at the end of the epoch.
-    rate = dict(scalars["fold0/train/learning_rate"])
+    rate = dict(shown["fold0"]["train/learning_rate"])
     assert sorted(rate) == [steps_per_epoch * (e + 1) for e in range(config.train.epochs)]
     # The fold's own schedule, at the epoch's last update.
     schedule = learning_rate_schedule(config, steps_per_epoch)
     assert rate[steps_per_epoch] == pytest.approx(float(schedule(steps_per_epoch - 1)), rel=1e-5)
     for tag in ("grad_norm", "param_norm", "steps_per_s", "lesions_per_s", "loss"):
-        values = [v for _, v in scalars[f"fold1/train/{tag}"]]
+        values = [v for _, v in shown["fold1"][f"train/{tag}"]]
         assert len(values) == config.train.epochs and all(v > 0 for v in values), tag
-    lesions, steps = (dict(scalars[f"fold0/train/{k}"]) for k in ("lesions_per_s", "steps_per_s"))
+    lesions, steps = (dict(shown["fold0"][f"train/{k}"]) for k in ("lesions_per_s", "steps_per_s"))
     assert all(lesions[s] == pytest.approx(steps[s] * config.train.batch_size) for s in lesions)
-    assert "fold0/val/accuracy_7way" in scalars
+    assert "val/accuracy_7way" in shown["fold0"]
     # The settings as hparams, with the test scores beside them.
-    assert "test/accuracy_7way" in scalars and list((workdir / "tensorboard" / "hparams" / "folds=0+1").glob("events.*"))
+    assert len(shown["hparams/folds=0+1"]["test/accuracy_7way"]) == 1
 
 
 def test_hiding_each_sequence_keeps_the_runs_own_hidden_sequences_hidden(run, tmp_path):

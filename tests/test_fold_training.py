@@ -18,7 +18,7 @@ from fll_jax.train.loop import (
 )
 from fll_jax.train.resident import ResidentData
 from fll_jax.train.step import learning_rate_schedule
-from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tiny_config
+from tests.helpers import TRAINED, recorded_compiles, synthetic_source, tensorboard_scalars, tiny_config
 
 
 class Killed(Exception):
@@ -68,21 +68,10 @@ def _kill_after(setup, fold_dir, last_epoch: int) -> None:
         train_fold(config, 1, source, steps, fold_dir, on_epoch_end=kill)
 
 
-class RecordingWriter:
-    """A SummaryWriter's add_scalar and flush, recording (tag, step)."""
-
-    def __init__(self):
-        self.points = []
-
-    def add_scalar(self, tag, value, step):
-        self.points.append((tag, step))
-
-    def flush(self):
-        pass
-
-
-def test_a_stop_right_after_a_checkpoint_loses_no_epoch_from_the_logs(setup, tmp_path, monkeypatch):
-    """Stopped as epoch 1's latest/ was saved, the run resumes at epoch 2: epoch 1 had never been logged."""
+def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_path, monkeypatch):
+    """Stopped right after epoch 1's latest/ was saved, then after epoch 2 (whose checkpoint comes
+    at epoch 3): each epoch is shown once, with the values of the run that finished. Epoch 1 had
+    been missing (logged after the save), epoch 2 shown twice (the resumed run repeats it)."""
     config, source, spe, steps = setup
     save_latest = FoldCheckpoints.save_latest
 
@@ -91,13 +80,23 @@ def test_a_stop_right_after_a_checkpoint_loses_no_epoch_from_the_logs(setup, tmp
         raise Killed
 
     monkeypatch.setattr(FoldCheckpoints, "save_latest", stop_after_saving)
-    first, second = RecordingWriter(), RecordingWriter()
     with pytest.raises(Killed):
-        train_fold(config, 1, source, steps, tmp_path / "run", writer=first)
+        train_fold(config, 1, source, steps, tmp_path / "run", tmp_path / "logs")
     monkeypatch.undo()
-    train_fold(config, 1, source, steps, tmp_path / "run", writer=second)
-    epochs = [step // spe - 1 for tag, step in first.points + second.points if tag == "fold1/epoch"]
-    assert epochs == list(range(config.train.epochs))
+
+    def stop(fold, epoch):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_fold(config, 1, source, steps, tmp_path / "run", tmp_path / "logs", on_epoch_end=stop)
+    train_fold(config, 1, source, steps, tmp_path / "run", tmp_path / "logs")
+    shown = tensorboard_scalars(tmp_path / "logs")
+    assert list(shown) == ["fold1"]
+    assert shown["fold1"]["epoch"] == [(spe * (e + 1), e) for e in range(config.train.epochs)]
+    losses = [record["train"]["loss"] for record in straight["history"]]
+    assert [step for step, _ in shown["fold1"]["train/loss"]] == [spe * (e + 1) for e in range(config.train.epochs)]
+    np.testing.assert_allclose([value for _, value in shown["fold1"]["train/loss"]], losses, rtol=1e-5)
 
 
 def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path):
@@ -217,27 +216,20 @@ def test_each_fold_decays_its_learning_rate_over_its_own_steps(setup, tmp_path, 
     monkeypatch.setattr(loop, "learning_rate_schedule",
                         lambda config, steps_per_epoch: sized.append(steps_per_epoch) or learning_rate_schedule(
                             config, steps_per_epoch))
-    ran, logged = {}, {}
-
-    class Writer:  # TensorBoard's add_scalar and flush
-        def add_scalar(self, tag, value, step):
-            logged[tag] = value
-
-        def flush(self):
-            pass
-
+    ran = {}
     for fold in (0, 1):
         counting = CountingSource(source)
         batches = counting.train_batches
         counting.train_batches = lambda *args, **kwargs: (ran.setdefault(fold, []).append(b) or b
                                                            for b in batches(*args, **kwargs))
-        train_fold(config, fold, counting, steps, tmp_path / f"fold{fold}", writer=Writer())
+        train_fold(config, fold, counting, steps, tmp_path / f"fold{fold}", tmp_path / "logs")
     assert sized == [len(ran[0]), len(ran[1])] and len(ran[0]) != len(ran[1])
     # One epoch is the whole schedule: the logged rate is its last update's, just above 0 (the
     # next step's, logged before, was 0).
+    shown = tensorboard_scalars(tmp_path / "logs")
     for fold in (0, 1):
         last = float(learning_rate_schedule(config, len(ran[fold]))(len(ran[fold]) - 1))
-        assert logged[f"fold{fold}/train/learning_rate"] == pytest.approx(last) and last > 0
+        assert shown[f"fold{fold}"]["train/learning_rate"] == [(len(ran[fold]), pytest.approx(last))] and last > 0
 
 
 def test_nan_weights_are_never_saved_and_the_message_names_the_last_real_checkpoint(setup, tmp_path):

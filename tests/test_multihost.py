@@ -63,8 +63,8 @@ def test_two_processes_run_cross_validation_like_one(tmp_path):
     # one process, of the same sizes (a record's length depends only on its tag and step).
     assert not (shared / "fold3").exists() and sorted(p.name for p in (shared / "figures").iterdir()) == sorted(
         p.name for p in (single / "figures").iterdir())
-    sizes = [sorted(p.stat().st_size for p in (d / "tensorboard").glob("events.*")) for d in (shared, single)]
-    assert sizes[0] == sizes[1] and len(sizes[0]) == 2  # the training scalars, the hparams writer's
+    sizes = [sorted(p.stat().st_size for p in (d / "tensorboard").rglob("events.*")) for d in (shared, single)]
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 3  # fold 0's scalars, the hparams writer's and its session's
     # Each process read only its half of every batch of 8: together, exactly what one process read.
     first, second = (np.load(tmp_path / f"read{k}.npy").reshape(-1, 4) for k in range(2))
     np.testing.assert_array_equal(np.concatenate([first, second], axis=1).ravel(), read)

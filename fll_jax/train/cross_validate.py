@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -145,9 +146,6 @@ def cross_validate(
     resumes where it stopped; a rerun with other settings or other data is refused
     (WorkdirError naming what changed) unless restart=True, which deletes the earlier run first.
     """
-    from tensorboardX import SummaryWriter
-
-
     workdir = Path(workdir).absolute()
     with rng_settings(config):
         check_config(config, jax.device_count(), data_source=source is None)
@@ -162,15 +160,11 @@ def cross_validate(
         # the first fold to train compiles its programs while it initialises; a finished run trains none
         unfinished = [f for f in config.train.folds if not fold_finished(workdir / f"fold{f}", steps.state_target)]
         steps.ahead = compile_ahead(config, steps, source, resident, unfinished[0]) if unfinished else None
-        writer = SummaryWriter(str(workdir / "tensorboard")) if is_primary() else None
-        try:
-            for fold in config.train.folds:
-                # A fold that trains (again) makes the earlier models' results stale before its done.json comes.
-                train_fold(config, fold, source, steps, workdir / f"fold{fold}", writer, on_epoch_end, resident,
-                           on_train_start=lambda _: discard_results(workdir))
-        finally:
-            if writer is not None:
-                writer.close()
+        logdir = workdir / "tensorboard" if is_primary() else None  # process 0 logs
+        for fold in config.train.folds:
+            # A fold that trains (again) makes the earlier models' results stale before its done.json comes.
+            train_fold(config, fold, source, steps, workdir / f"fold{fold}", logdir, on_epoch_end, resident,
+                       on_train_start=lambda _: discard_results(workdir))
         predictions = ensemble_predictions(config, source, steps, workdir)
         metrics = write_results(workdir, predictions)
         if is_primary():
@@ -198,9 +192,12 @@ def log_hparams(logdir: Path, config: ml_collections.ConfigDict, test: dict) -> 
     hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings_fingerprint(config).items()}
     scores = {f"test/{k}": float(test[k]) for k in ("accuracy_7way", "auc_binary") if test.get(k) is not None}
     # One TensorBoard session per fold list: it shows a session's first settings beside its last
-    # scores, and a rerun may train other folds (FOLD_SELECTION).
+    # scores, and a rerun may train other folds (FOLD_SELECTION). A rerun's record replaces the
+    # earlier one's: each had added its scores to the session again.
+    name = f"hparams/folds={folds_text(config.train.folds)}"
+    shutil.rmtree(logdir / name, ignore_errors=True)
     with SummaryWriter(str(logdir)) as writer:
-        writer.add_hparams(hparams, scores, name=f"hparams/folds={folds_text(config.train.folds)}")
+        writer.add_hparams(hparams, scores, name=name)
 
 
 def trained_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

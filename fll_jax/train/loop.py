@@ -114,7 +114,7 @@ def train_fold(
     source,
     steps: Steps,
     fold_dir: Path,
-    writer=None,
+    logdir: Path | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
     resident: ResidentData | None = None,
     on_train_start: Callable[[int], None] | None = None,
@@ -125,7 +125,8 @@ def train_fold(
     first epoch trains (not for a finished fold, nor when restoring it fails).
 
     With `resident` (the development lesions on the devices) each epoch and validation pass is
-    one device call (fll_jax.train.resident); otherwise batches stream from `source`.
+    one device call (fll_jax.train.resident); otherwise batches stream from `source`. With
+    `logdir`, each epoch is logged to the TensorBoard run `logdir/fold<k>` (fold_log).
 
     A fold is finished when done.json exists and its best checkpoint is there; done.json is
     written only once that checkpoint verifies. A fold whose best checkpoint is gone is trained
@@ -156,7 +157,7 @@ def train_fold(
             if is_primary():
                 done.unlink()
             ckpt.clear()
-        return _train(config, fold, train_folds, source, steps, ckpt, done, writer, on_epoch_end, resident,
+        return _train(config, fold, train_folds, source, steps, ckpt, done, logdir, on_epoch_end, resident,
                       on_train_start)
     finally:
         ckpt.wait()
@@ -176,7 +177,7 @@ def fold_finished(fold_dir: Path, state_target: TrainState) -> bool:
 
 
 def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt: FoldCheckpoints, done: Path,
-           writer, on_epoch_end, resident: ResidentData | None, on_train_start) -> dict:
+           logdir: Path | None, on_epoch_end, resident: ResidentData | None, on_train_start) -> dict:
     steps_per_epoch = fold_steps_per_epoch(config, source, fold)
     schedule = replicate(learning_rate_schedule(config, steps_per_epoch), steps.mesh)
     try:
@@ -203,6 +204,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
     if on_train_start is not None and meta["epoch"] + 1 < config.train.epochs:
         on_train_start(fold)
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
+    writer = fold_log(logdir, fold, int(jax.device_get(state.step))) if logdir is not None else None
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
@@ -229,7 +231,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
             step = int(jax.device_get(state.step))
             # The rate of the epoch's last update, beside the metrics of its updates. Logged before
             # the saves: a stop after a save would resume past this epoch, never to log it.
-            _log(writer, fold, step, epoch, float(schedule(step - 1)), {**train_metrics, **throughput}, val)
+            _log(writer, step, epoch, float(schedule(step - 1)), {**train_metrics, **throughput}, val)
             if _is_better(val, meta["best"] and meta["best"]["val"], config.train.select_metric):
                 meta["best"] = record
                 ckpt.save_best(epoch, state)
@@ -242,6 +244,8 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
                 on_epoch_end(fold, epoch)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
     ckpt.wait()
     if ckpt.best_step() != meta["best"]["epoch"]:
         raise CheckpointError(f"{ckpt.directory / 'best'} holds epoch {ckpt.best_step()}, not the best epoch "
@@ -307,14 +311,25 @@ def _validation_predictions(config, fold: int, val_batches: list[dict] | None, s
                                   steps.mesh)
 
 
-def _log(writer, fold: int, step: int, epoch: int, learning_rate: float, train: dict, val: dict) -> None:
+def fold_log(logdir: Path, fold: int, step: int):
+    """The fold's TensorBoard run, `logdir/fold<k>`, for a fold whose state is at global `step`.
+
+    TensorBoard hides what an earlier attempt logged after `step` (purge_step): a resumed fold
+    trains again the epochs after its latest checkpoint, and each would otherwise show twice.
+    """
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(Path(logdir) / f"fold{fold}"), purge_step=step + 1)
+
+
+def _log(writer, step: int, epoch: int, learning_rate: float, train: dict, val: dict) -> None:
     """Scalars against the fold's global step: learning rate, epoch, training metrics (loss parts,
     gradient and parameter norms, throughput) and validation metrics."""
     if writer is None:
         return
-    writer.add_scalar(f"fold{fold}/train/learning_rate", learning_rate, step)
-    writer.add_scalar(f"fold{fold}/epoch", epoch, step)
+    writer.add_scalar("train/learning_rate", learning_rate, step)
+    writer.add_scalar("epoch", epoch, step)
     for name, metrics in (("train", train), ("val", val)):
         for key, value in metrics.items():
-            writer.add_scalar(f"fold{fold}/{name}/{key}", value, step)
+            writer.add_scalar(f"{name}/{key}", value, step)
     writer.flush()
