@@ -160,7 +160,7 @@ def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_pa
     assert len(resident.rows([1])) == source.num_examples([1])
     try:
         with recorded_compiles() as compiles:
-            steps.ahead = compile_ahead(config, steps, source, resident, 1)  # as cross_validate starts it
+            steps.ahead = compile_ahead(config, steps, source, resident, [1])  # as cross_validate starts it
             on_device = train_fold(config, 1, source, steps, tmp_path / "resident", resident=resident)
     finally:
         steps.ahead = None  # the module's other tests share these steps
@@ -175,6 +175,31 @@ def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_pa
             value, other = a[part][key], b[part][key]
             assert math.isclose(value, other, rel_tol=1e-4 if early else 1e-2, abs_tol=1e-5) or (
                 math.isnan(value) and math.isnan(other)), (a["epoch"], part, key, value, other)
+
+
+def test_a_resident_fold_of_another_size_trains_on_programs_compiled_ahead(setup, tmp_path):
+    """Fold 0 holds four of fold 2's lesions: its epoch has fewer steps and its validation more
+    batches than fold 1's. Its programs compile in the background while fold 1 trains; they had
+    compiled inside its first epoch, whose steps/s then read about 16x low."""
+    from fll_jax.data.numpy_source import NumpySource
+
+    config, source, _, steps = setup
+    config = config.copy_and_resolve_references()
+    config.train.epochs = 1
+    fold_of = dict(zip(source.patches.lesion_id.tolist(), source.fold.tolist()))
+    for lesion in [k for k, f in fold_of.items() if f == 2][:4]:
+        fold_of[lesion] = 0
+    source = NumpySource(source.patches, fold_of)
+    resident = ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size, steps.mesh)
+    try:
+        with recorded_compiles() as compiles:
+            steps.ahead = compile_ahead(config, steps, source, resident, [1, 0])
+            for fold in (1, 0):
+                train_fold(config, fold, source, steps, tmp_path / f"fold{fold}", resident=resident)
+    finally:
+        steps.ahead = None  # the module's other tests share these steps
+    threads = {thread for name, thread in compiles if name in ("jit(train_epoch)", "jit(predict_rows)")}
+    assert threads and all(thread.startswith("compile-ahead") for thread in threads), threads
 
 
 def _poisoned(steps: Steps, from_step: int) -> Steps:

@@ -1,4 +1,5 @@
-"""The fold loop's programs compiled in background threads while the first fold initialises.
+"""The fold loop's programs compiled in background threads while the first fold initialises
+(and, for resident data, a later fold's while the earlier ones train).
 
 XLA compiles outside Python's lock, so the train step and the validation call compile while
 the main thread initialises the state op by op and reads the data. Each program is lowered
@@ -6,8 +7,9 @@ from the shapes, dtypes and shardings its first call will have, so that call fin
 """
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Hashable, Sequence
 
 import jax
 import ml_collections
@@ -21,21 +23,24 @@ from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, rng_settings
 
 
 class CompileAhead:
-    """Programs compiling in threads; wait() blocks until all are done and re-raises a failure."""
+    """Programs compiling in threads, each once; wait(fold) blocks until that fold's are done and
+    re-raises a failure."""
 
-    def __init__(self, config: ml_collections.ConfigDict, jobs: list[Callable[[], object]]):
-        self._pool = ThreadPoolExecutor(max(1, len(jobs)), thread_name_prefix="compile-ahead")
+    def __init__(self, config: ml_collections.ConfigDict, jobs: dict[int, dict[Hashable, Callable[[], object]]]):
+        unique = {key: job for fold_jobs in jobs.values() for key, job in fold_jobs.items()}
+        pool = ThreadPoolExecutor(max(1, len(unique)), thread_name_prefix="compile-ahead")
 
         def run(job):
             with rng_settings(config):  # thread-local: the programs must be the main thread's
                 return job()
 
-        self._futures = [self._pool.submit(run, job) for job in jobs]
+        started = {key: pool.submit(run, job) for key, job in unique.items()}
+        pool.shutdown(wait=False)  # the submitted programs still compile; its threads end with them
+        self._futures = {fold: [started[key] for key in fold_jobs] for fold, fold_jobs in jobs.items()}
 
-    def wait(self) -> None:
-        for future in self._futures:
+    def wait(self, fold: int) -> None:
+        for future in self._futures.get(fold, ()):
             future.result()
-        self._pool.shutdown()
 
 
 def _spec(batch: dict, keys, size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -46,23 +51,37 @@ def _spec(batch: dict, keys, size: int, sharding) -> dict[str, jax.ShapeDtypeStr
 
 
 def compile_ahead(config: ml_collections.ConfigDict, steps: Steps, source, resident: ResidentData | None,
-                  fold: int) -> CompileAhead:
-    """Start compiling what training `fold` calls first: its epoch (the streamed step, or the
+                  folds: Sequence[int]) -> CompileAhead:
+    """Start compiling what training each of `folds` calls: its epoch (the streamed step, or the
     resident scan) and its validation pass. The streamed shapes come from one evaluation batch
-    of `source`."""
+    of `source` and serve every fold; a resident epoch and validation pass have their fold's
+    number of batches, so folds of other sizes need programs of their own, which compile while
+    the first folds train (inside a fold's first epoch, the compile had been timed as training)."""
     variables = variables_of(steps.state_target)
     if resident is None:
-        batch = next(iter(source.eval_batches([fold], config.train.eval_batch_size)))
+        batch = next(iter(source.eval_batches([folds[0]], config.train.eval_batch_size)))
         sharding = data_sharding(steps.mesh)
         train = _spec(batch, DEVICE_KEYS, config.train.batch_size, sharding)
         val = _spec(batch, PREDICT_KEYS, config.train.eval_batch_size, sharding)
-        jobs = [lambda: steps.train.lower(steps.state_target, train, steps.schedule).compile(),
-                lambda: steps.predict.lower(variables, val).compile()]
-    else:
+        shared = {"train": lambda: steps.train.lower(steps.state_target, train, steps.schedule).compile(),
+                  "predict": lambda: steps.predict.lower(variables, val).compile()}
+        return CompileAhead(config, {fold: shared for fold in folds})
+    jobs = {}
+    for fold in folds:
         train_folds = [f for f in range(config.data.num_folds) if f != fold]
         # any seed and epoch: an epoch's shape depends only on the fold
-        epoch = put_indices(resident.epoch_indices(train_folds, config.train.batch_size, seed=0, epoch=0), steps.mesh)
-        val = put_indices(validation_indices(resident, fold, config.train.eval_batch_size), steps.mesh)
-        jobs = [lambda: steps.train_epoch.lower(steps.state_target, resident.arrays, epoch, steps.schedule).compile(),
-                lambda: steps.predict_rows.lower(variables, resident.arrays, val).compile()]
+        epoch = resident.epoch_indices(train_folds, config.train.batch_size, seed=0, epoch=0)
+        val = validation_indices(resident, fold, config.train.eval_batch_size)
+        jobs[fold] = {("epoch", epoch.shape): functools.partial(_compile_epoch, steps, resident, epoch),
+                      ("validation", val.shape): functools.partial(_compile_validation, steps, resident, val)}
     return CompileAhead(config, jobs)
+
+
+def _compile_epoch(steps: Steps, resident: ResidentData, indices: np.ndarray):
+    return steps.train_epoch.lower(steps.state_target, resident.arrays, put_indices(indices, steps.mesh),
+                                   steps.schedule).compile()
+
+
+def _compile_validation(steps: Steps, resident: ResidentData, indices: np.ndarray):
+    return steps.predict_rows.lower(variables_of(steps.state_target), resident.arrays,
+                                    put_indices(indices, steps.mesh)).compile()

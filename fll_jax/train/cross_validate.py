@@ -157,9 +157,9 @@ def cross_validate(
         steps = build_steps(config, fold_steps_per_epoch(config, source, config.train.folds[0]))
         resident = (ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size,
                                              steps.mesh) if config.train.resident_data else None)
-        # the first fold to train compiles its programs while it initialises; a finished run trains none
+        # the folds to train compile their programs while the first initialises; a finished run trains none
         unfinished = [f for f in config.train.folds if not fold_finished(workdir / f"fold{f}", steps.state_target)]
-        steps.ahead = compile_ahead(config, steps, source, resident, unfinished[0]) if unfinished else None
+        steps.ahead = compile_ahead(config, steps, source, resident, unfinished) if unfinished else None
         logdir = workdir / "tensorboard" if is_primary() else None  # process 0 logs
         for fold in config.train.folds:
             # A fold that trains (again) makes the earlier models' results stale before its done.json comes.

@@ -49,7 +49,7 @@ class Steps:
     state_target: TrainState  # the state's shapes, dtypes and shardings: what checkpoints restore into
     train_epoch: Callable | None = None  # (state, resident arrays, indices, schedule) -> (state, metrics)
     predict_rows: Callable | None = None  # (variables, resident arrays, indices) -> probabilities
-    ahead: CompileAhead | None = None  # the first fold's programs, compiling in background threads
+    ahead: CompileAhead | None = None  # the folds' programs, compiling in background threads
 
 
 def hide_sequences(batch: dict, hidden: Sequence[str]) -> dict:
@@ -200,7 +200,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
     # validation pass took 0.40 s reading them anew each epoch, 0.21 s reading them once).
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
     if steps.ahead is not None:
-        steps.ahead.wait()  # else the first epoch would compile its programs a second time
+        steps.ahead.wait(fold)  # else the first epoch would compile its programs a second time
     if on_train_start is not None and meta["epoch"] + 1 < config.train.epochs:
         on_train_start(fold)
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
