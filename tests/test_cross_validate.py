@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from fll_jax.constants import NUM_CLASSES
+from fll_jax.evaluation.predictions import weight_columns
 from fll_jax.train.augment import prepare_inputs
 from fll_jax.train.checkpoints import load_fold_models
 import fll_jax.train.cross_validate as cv_module
@@ -65,6 +66,21 @@ def test_ensemble_is_the_mean_of_the_fold_models(run):
     assert len(val) == source.num_examples([0, 1])
     # Out-of-fold rows carry only their own fold model's probabilities.
     assert val[val.fold == 0]["fold1_p7_0"].isna().all()
+    assert not [c for c in pred if "_w_" in c]  # the paper fusion learns no sequence weights
+
+
+def test_the_attention_fusions_sequence_weights_are_written_beside_the_probabilities(tmp_path):
+    """Each model's and the ensemble's (the fold models' mean): over the sequences a lesion has."""
+    config = tiny_config(f"folds=0+1,epochs=1,{TRAINED},fusion=attention")
+    cross_validate(config, tmp_path / "run", source=synthetic_source(lacking=LACKING))
+    pred = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    ensemble = pred[weight_columns("ensemble", config.sequences)].to_numpy()
+    absent = np.array([[s in str(m).split("+") for s in config.sequences] for m in pred["missing"].fillna("")])
+    assert absent.any() and np.all(ensemble[absent] == 0) and np.all(ensemble[~absent] > 0)
+    np.testing.assert_allclose(ensemble.sum(axis=1), 1.0, rtol=1e-5)
+    test = pred.split == "test"
+    folds = [pred.loc[test, weight_columns(f"fold{k}", config.sequences)].to_numpy() for k in (0, 1)]
+    np.testing.assert_allclose(ensemble[test], (folds[0] + folds[1]) / 2, atol=1e-6)
 
 
 def test_missing_sequences_are_listed_and_counted(run):

@@ -63,6 +63,11 @@ def prob_columns(model: str) -> tuple[list[str], list[str]]:
     return [f"{model}_p2_{k}" for k in range(2)], [f"{model}_p7_{k}" for k in range(NUM_CLASSES)]
 
 
+def weight_columns(model: str, sequences) -> list[str]:
+    """Column names of a model's learned sequence weights (the attention fusions'), one per sequence."""
+    return [f"{model}_w_{s}" for s in sequences]
+
+
 def model_names(frame: pd.DataFrame) -> list[str]:
     """Fold models present in the frame's columns (fold0, fold1, ...), in fold order."""
     folds = {int(m.group(1)) for c in frame.columns if (m := re.fullmatch(r"fold(\d+)_p7_0", c))}

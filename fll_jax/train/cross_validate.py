@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 
 from fll_jax.config_check import check_config
-from fll_jax.constants import NUM_CLASSES
 from fll_jax.data.checks import problem_report
 from fll_jax.data.prepare import DataError, refuse_misfit
-from fll_jax.evaluation.predictions import missing_text
+from fll_jax.evaluation.predictions import ENSEMBLE, missing_text, prob_columns, weight_columns
 from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
 from fll_jax.train.ahead import compile_ahead
@@ -91,9 +90,12 @@ def build_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, devices
     return dataclasses.replace(_BUILT[key], schedule=replicate(learning_rate_schedule(config, steps_per_epoch), mesh))
 
 
-def _prob_columns(prefix: str, pred: dict) -> dict[str, np.ndarray]:
-    cols = {f"{prefix}_p2_{k}": pred["p2"][:, k] for k in range(2)}
-    cols.update({f"{prefix}_p7_{k}": pred["p7"][:, k] for k in range(NUM_CLASSES)})
+def _model_columns(model: str, pred: dict, sequences) -> dict[str, np.ndarray]:
+    """A model's probability columns, and its sequence weights' where its fusion learns them."""
+    names2, names7 = prob_columns(model)
+    cols = {**dict(zip(names2, pred["p2"].T)), **dict(zip(names7, pred["p7"].T))}
+    if "sequence_weights" in pred:
+        cols.update(zip(weight_columns(model, sequences), pred["sequence_weights"].T))
     return cols
 
 
@@ -123,11 +125,13 @@ def ensemble_predictions(config: ml_collections.ConfigDict, source, steps: Steps
         test_probs.append((fold, test))
         val = run_predictions(steps, variables, source.eval_batches([fold], config.train.eval_batch_size), hidden)
         val_frame = _meta_frame(val, "val", fold)
-        val_frames.append(val_frame.assign(**_prob_columns(f"fold{fold}", val), **_prob_columns("ensemble", val)))
+        val_frames.append(val_frame.assign(**_model_columns(f"fold{fold}", val, config.sequences),
+                                           **_model_columns(ENSEMBLE, val, config.sequences)))
     for fold, test in test_probs:
-        test_frame = test_frame.assign(**_prob_columns(f"fold{fold}", test))
-    mean = {k: np.mean([t[k] for _, t in test_probs], axis=0) for k in ("p2", "p7")}
-    test_frame = test_frame.assign(**_prob_columns("ensemble", mean))
+        test_frame = test_frame.assign(**_model_columns(f"fold{fold}", test, config.sequences))
+    mean = {k: np.mean([t[k] for _, t in test_probs], axis=0) for k in ("p2", "p7", "sequence_weights")
+            if k in test_probs[0][1]}
+    test_frame = test_frame.assign(**_model_columns(ENSEMBLE, mean, config.sequences))
     return pd.concat([test_frame, *val_frames], ignore_index=True)
 
 

@@ -195,13 +195,17 @@ def train_step(state: TrainState, batch: dict, schedule: Schedule, *, model: nn.
 
 
 def predict(variables: dict, batch: dict, *, model: nn.Module, config) -> dict:
-    """Class probabilities of both heads for a batch, without augmentation."""
+    """Class probabilities of both heads for a batch, without augmentation, and the attention
+    fusions' sequence_weights [B, S] (over config.sequences)."""
     x = prepare_inputs(batch, seq_indices(config), config.input_size)
     outputs = model.apply(variables, x, train=False)
-    return {
+    probs = {
         "p2": jax.nn.softmax(outputs["logits2"].astype(jnp.float32)),
         "p7": jax.nn.softmax(outputs["logits7"].astype(jnp.float32)),
     }
+    if "sequence_weights" in outputs:
+        probs["sequence_weights"] = outputs["sequence_weights"].astype(jnp.float32)
+    return probs
 
 
 def compile_steps(model: nn.Module, tx, config, mesh: Mesh) -> tuple[Callable, Callable, Callable]:
