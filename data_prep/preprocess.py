@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fll_jax.data.prepare import check_data, prepare_source
-from fll_jax.errors import no_stray_arguments, reported_as
+from fll_jax.errors import no_stray_arguments, parse_config_flags, reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, folds, leaks, "
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -20,6 +20,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fll_jax.errors import parse_config_flags
+
 config_flags.DEFINE_config_file("config", None, "Ablation config (configs/ablations/X.py[:quick|paper]).")
 flags.DEFINE_string("workdir", None, "The sweep's folder; each point runs in WORKDIR/<point name>.")
 flags.DEFINE_string("point", None, "Run only this point, in this process (what each subprocess and SLURM task does).")
@@ -137,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from fll_jax.constants import PATCH_SIZE
 from fll_jax.data.random_batch import random_batch
-from fll_jax.errors import no_stray_arguments
+from fll_jax.errors import no_stray_arguments, parse_config_flags
 from fll_jax.models.conv import folds_depth
 from fll_jax.train.checkpoints import variables_of
 from fll_jax.train.cross_validate import build_steps
@@ -180,4 +180,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -15,6 +15,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fll_jax.errors import parse_config_flags
+
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_string("workdir", "runs/demo", "Where config, checkpoints, predictions and report go.")
 flags.DEFINE_bool("count_params", False, "Print the model's parameter count and exit without training.")
@@ -67,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_config_flags)

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -75,3 +76,42 @@ def no_stray_arguments(argv: list[str]) -> None:
 
         raise app.UsageError(f"unexpected argument(s): {' '.join(argv[1:])} (a boolean flag is set as --flag=false or "
                              "--noflag, not with a separate word)")
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for a command with a `--config` file flag (app.run's flags_parser),
+    with a config that cannot be read named in one line: ml_collections answers an override of
+    no setting (`--config.model.fusoin`) and a missing config file with a traceback, and embeds
+    one in its message when the file's get_config refuses its config string."""
+    import ast
+
+    from absl import flags
+
+    def refuse(message: str):
+        sys.stderr.write(f"{Path(argv[0]).stem}: {message}\n")
+        sys.exit(1)
+
+    try:
+        args = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value
+        if config is not None:
+            config.to_dict  # ml_collections' stand-in for a file that failed to load raises when read
+        return args
+    except (KeyError, AttributeError) as error:  # an override of no setting
+        text = str(error.args[0]) if error.args else ""
+        while text[:1] in ("'", '"'):  # the message, quoted by KeyError and again by ml_collections
+            try:
+                text = ast.literal_eval(text)
+            except (SyntaxError, ValueError):  # the key's own quotes, before a hint
+                break
+        name, *hint = text.splitlines() or [""]
+        name = name.strip("'\"")
+        named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0].split(".")]
+        refuse(f"{', '.join(named) or '--config.*'}: no such setting {name}" + "".join(f"; {line}" for line in hint))
+    except OSError as error:
+        refuse(f"--config: {str(error).splitlines()[-1].strip()}")
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if "Traceback (most recent call last):" in lines:  # the config file's own error, last
+            lines = [lines[0].rstrip(":"), lines[-1]]
+        refuse(": ".join(lines))

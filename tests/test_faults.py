@@ -646,6 +646,25 @@ def test_a_number_flag_out_of_its_range_is_named_before_anything_is_made(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, problem", [
+    ("experiments/cross_validate.py --config configs/quick.py --config.model.fusoin attention --workdir OUT",
+     'cross_validate: --config.model.fusoin: no such setting fusoin; Did you mean "fusion" instead of "fusoin"?'),
+    ("experiments/ablate.py --config configs/ablations/fusions.py:quick --config.nosuch 1 --workdir OUT",
+     "ablate: --config.nosuch: no such setting nosuch"),
+    ("data_prep/preprocess.py --config configs/quik.py",
+     "preprocess: --config: [Errno 2] No such file or directory: 'configs/quik.py'"),
+    ("experiments/cross_validate.py --config configs/quick.py:fusoin=x --workdir OUT",
+     "cross_validate: flag --config=configs/quick.py:fusoin=x: Error whilst parsing config file: ValueError: bad "
+     "config string item 'fusoin=x'"),
+])
+def test_a_config_that_cannot_be_read_is_named_in_one_line(tmp_path, command, problem):
+    """ml_collections had answered a mistyped override or config file with a traceback."""
+    args = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command.split()]
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith(problem) and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
     # absl reads `--restart False` as --restart plus a stray word: the finished run would be deleted.
     folder, _ = run
