@@ -74,20 +74,21 @@ class Ensemble:
 
         return build_steps(self.config, steps_per_epoch=1, devices=jax.devices()[:1]).predict
 
-    def batch_probabilities(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(p2, p7) of a padded batch's valid rows: the mean over the fold models, as in cross-validation."""
+    def batch_probabilities(self, batch: dict) -> dict[str, np.ndarray]:
+        """p2 and p7 (and the attention fusions' sequence_weights) of a padded batch's valid rows:
+        the mean over the fold models, as in cross-validation."""
         inputs = {k: batch[k] for k in PREDICT_KEYS}
         with rng_settings(self.config):
             outs = [jax.device_get(self._predict(v, inputs)) for v in self.variables]
         valid = np.asarray(batch["valid"], bool)
-        return tuple(np.mean([o[head] for o in outs], axis=0)[valid] for head in ("p2", "p7"))
+        return {key: np.mean([o[key] for o in outs], axis=0)[valid] for key in outs[0]}
 
-    def probabilities(self, patches: PatchSet, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(p2 [N, 2], p7 [N, 7]) of every lesion of a PatchSet."""
+    def probabilities(self, patches: PatchSet, batch_size: int) -> dict[str, np.ndarray]:
+        """p2 [N, 2], p7 [N, 7] (and sequence_weights [N, S]) of every lesion of a PatchSet."""
         parts = [self.batch_probabilities(pad_batch(patches.select(np.arange(start, min(start + batch_size, len(patches)))),
                                                     batch_size))
                  for start in range(0, len(patches), batch_size)]
-        return np.concatenate([p2 for p2, _ in parts]), np.concatenate([p7 for _, p7 in parts])
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def load_ensemble(workdir: str | Path) -> Ensemble:
@@ -135,12 +136,14 @@ def development_images(ensemble: Ensemble, records: Sequence) -> np.ndarray:
     return np.array([any(digest(path)["sha256"] in seen for path in r.images.values()) for r in records], bool)
 
 
-def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: np.ndarray,
+def prediction_frame(records: Sequence, patches: PatchSet, probs: dict[str, np.ndarray], sequences: Sequence[str],
                      saliency: bool = False, development: np.ndarray | None = None) -> pd.DataFrame:
-    """predictions.csv: one row per lesion, probabilities of both heads and the predicted classes,
-    whether its images are the run's development images (`development`), its world box when a
-    box gives it, and with saliency each lesion's folder of maps (its id made a file name, so not
-    guessable)."""
+    """predictions.csv: one row per lesion, probabilities of both heads (`probs`: the ensemble's)
+    and the predicted classes, whether its images are the run's development images
+    (`development`), its world box when a box gives it, with saliency each lesion's folder of
+    maps (its id made a file name, so not guessable), and the learned weight of each of
+    `sequences` where the fusion learns them."""
+    p2, p7 = probs["p2"], probs["p7"]
     folders = [""] * len(records)
     if saliency:
         from fll_jax.saliency.explain import safe_name  # the maps' module: plotting, loaded only with them
@@ -161,6 +164,9 @@ def prediction_frame(records: Sequence, patches: PatchSet, p2: np.ndarray, p7: n
         frame[f"p_{name}"] = p2[:, k]
     for k, name in enumerate(CLASSES):
         frame[f"p_{name}"] = p7[:, k]
+    if "sequence_weights" in probs:
+        for k, name in enumerate(sequences):
+            frame[f"w_{name}"] = probs["sequence_weights"][:, k]
     return frame
 
 
@@ -221,14 +227,15 @@ def predict_records(
         # As the run was evaluated: its metrics describe the ensemble without these sequences.
         print(f"{', '.join(hidden)} hidden from every lesion, as in the run's evaluation (evaluation.hidden_sequences)")
         patches = dataclasses.replace(patches, present=hide_sequences({"present": patches.present}, hidden)["present"])
-    p2, p7 = ensemble.probabilities(patches, config.train.eval_batch_size)
+    probs = ensemble.probabilities(patches, config.train.eval_batch_size)
+    p7 = probs["p7"]
     development = development_images(ensemble, records)
     if development.any():
         ids = [r.lesion_id for r, seen in zip(records, development) if seen]
         print(f"warning: {len(ids)} lesion(s) have images of the run's development lesions, which its fold models "
               f"trained on (column development_images), e.g. {', '.join(ids[:3])}: their predictions are not "
               "those of unseen cases")
-    frame = prediction_frame(records, patches, p2, p7, saliency, development)
+    frame = prediction_frame(records, patches, probs, config.sequences, saliency, development)
     used = [SEQUENCES.index(s) for s in config.sequences]
     lacking = int((~patches.present[:, used]).any(axis=1).sum())
     if lacking and config.train.sequence_dropout == 0 and not absent_in_training(ensemble):
@@ -289,9 +296,9 @@ def missing_at_inference(workdir: str | Path, source=None) -> dict:
     for hidden in (None, *(s for s in config.sequences if s not in by_run)):
         p2, p7, label7 = [], [], []
         for batch in source.eval_batches("test", config.train.eval_batch_size):
-            q2, q7 = ensemble.batch_probabilities(hide_sequences(batch, by_run + ([hidden] if hidden else [])))
-            p2.append(q2)
-            p7.append(q7)
+            probs = ensemble.batch_probabilities(hide_sequences(batch, by_run + ([hidden] if hidden else [])))
+            p2.append(probs["p2"])
+            p7.append(probs["p7"])
             label7.append(batch["label7"][batch["valid"]])
         p2, p7, label7 = np.concatenate(p2), np.concatenate(p7), np.concatenate(label7)
         label2 = to_binary(label7)

@@ -82,6 +82,7 @@ def test_predictions_are_the_fold_mean_with_absent_sequences_flagged(trained, en
                                    _expected_p7(trained, record), rtol=1e-5)
     # Without LAP the lesion is another input to the model: its probabilities move.
     assert not np.allclose(frame.loc[0, "p_cyst":].to_numpy(float), frame.loc[2, "p_cyst":].to_numpy(float))
+    assert not [c for c in written if c.startswith("w_")]  # the paper fusion learns no sequence weights
     challenge = json.loads((tmp_path / "challenge.json").read_text())
     assert [c["image_id"] for c in challenge] == ["a_l1", "b_l1", "a_l2"]
     ours = frame.loc[0, [f"p_{c}" for c in CLASSES]].to_numpy(float)
@@ -94,6 +95,26 @@ def test_predictions_are_the_fold_mean_with_absent_sequences_flagged(trained, en
     # Earlier predictions are not replaced unasked.
     with pytest.raises(FileExistsError, match="predictions.csv"):
         predict_records(workdir, records, tmp_path, workers=1)
+
+
+def test_the_attention_fusions_sequence_weights_are_predicted_beside_the_probabilities(trained, tmp_path, monkeypatch):
+    """As in a run's predictions.csv: the fold models' mean, 0 for the sequence a lesion lacks."""
+    import fll_jax.train.checkpoints as checkpoints
+    from fll_jax.inference import predict_records
+    from fll_jax.models import build_model
+
+    config, _, _, workdir, records = trained
+    config = config.copy_and_resolve_references()
+    config.model.fusion = "attention"
+    model = build_model(config.model, config.sequences)
+    x = np.zeros((1, len(USED), SIZE, SIZE, SIZE, 2), np.float32)
+    variables = [model.init(jax.random.PRNGKey(k), x, train=False) for k in (3, 4)]
+    monkeypatch.setattr(checkpoints, "load_fold_models", lambda workdir: (model, variables, config))
+    frame = predict_records(workdir, records, tmp_path, workers=1)
+    weights = pd.read_csv(tmp_path / "predictions.csv")[[f"w_{s}" for s in config.sequences]].to_numpy()
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+    lap = list(config.sequences).index("lap")
+    assert list(frame["missing"]) == ["", "", "lap"] and weights[2, lap] == 0 and np.all(np.delete(weights, lap, 1) > 0)
 
 
 def test_lesions_the_model_cannot_take_are_refused(trained, ensemble_models, tmp_path):
