@@ -19,6 +19,40 @@ def _run(config, devices, batch, num_steps):
     return steps, state, losses
 
 
+# The fusions first: by the tests after them, other modules have put the four-device train step
+# of TRAINED in the persistent compilation cache (compiled at once by three workers, it had cost
+# three compiles).
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "fusion=paper",
+        "fusion=concat",
+        "fusion=attention",
+        "fusion=late",
+        "fusion=shared",
+        # one branch: the paper fusion's class head then has no phase branch to add (the
+        # two-branch cases above already give it a partial group of each head's, adc and lap)
+        "sequences=t2w,fusion=paper",
+    ],
+)
+def test_fusions_and_subsets_learn_a_fixed_batch(arg):
+    config = tiny_config(arg + ",width=2")
+    config.sequences = config.sequences if "sequences" in arg else ("adc", "lap")
+    config.augment.enabled = False
+    config.optim.warmup_epochs = 0
+    config.optim.learning_rate = 1e-2
+    # One device: the claim is about the fusion, and a one-device step compiles sooner.
+    _, state, losses = _run(config, jax.devices()[:1], random_batch(), 6)
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    branches = {k for k in state.params if k.startswith("branch_")}
+    if config.model.fusion == "shared":
+        # One backbone for every sequence, no per-sequence branch weights.
+        assert not branches and "backbone" in state.params
+    else:
+        assert branches == {f"branch_{s}" for s in config.sequences}
+
+
 def test_four_devices_match_one_device_and_compile_once():
     assert jax.device_count() == 4
     config = tiny_config(TRAINED)
@@ -56,8 +90,7 @@ def test_a_branch_whose_sequence_no_lesion_had_keeps_its_running_averages():
     running averages stay as they were, while the other branches' move."""
     from fll_jax.constants import SEQUENCES
 
-    config = tiny_config(TRAINED)
-    config.train.sequence_dropout = 0.0  # the other branches see their images
+    config = tiny_config(TRAINED)  # the one-device program of the test above
     batch = random_batch()
     k = SEQUENCES.index("dwi")
     batch["image"][:, k] = batch["mask"][:, k] = 0
@@ -69,37 +102,6 @@ def test_a_branch_whose_sequence_no_lesion_had_keeps_its_running_averages():
     jax.tree.map(np.testing.assert_array_equal, after["branch_dwi"], before["branch_dwi"])
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after["branch_t2w"], before["branch_t2w"])
     assert all(jax.tree.leaves(moved))
-
-
-@pytest.mark.parametrize(
-    "arg",
-    [
-        "fusion=paper",
-        "fusion=concat",
-        "fusion=attention",
-        "fusion=late",
-        "fusion=shared",
-        # one branch: the paper fusion's class head then has no phase branch to add (the
-        # three-branch cases above already give it a partial set, t2w+adc+lap)
-        "sequences=t2w,fusion=paper",
-    ],
-)
-def test_fusions_and_subsets_learn_a_fixed_batch(arg):
-    config = tiny_config(arg + ",width=2")
-    config.sequences = config.sequences if "sequences" in arg else ("t2w", "adc", "lap")
-    config.augment.enabled = False
-    config.optim.warmup_epochs = 0
-    config.optim.learning_rate = 1e-2
-    # One device: the claim is about the fusion, and a one-device step compiles sooner.
-    _, state, losses = _run(config, jax.devices()[:1], random_batch(), 6)
-    assert all(np.isfinite(losses))
-    assert losses[-1] < losses[0]
-    branches = {k for k in state.params if k.startswith("branch_")}
-    if config.model.fusion == "shared":
-        # One backbone for every sequence, no per-sequence branch weights.
-        assert not branches and "backbone" in state.params
-    else:
-        assert branches == {f"branch_{s}" for s in config.sequences}
 
 
 def test_placed_host_arrays_give_every_device_its_own_buffer():
