@@ -1,5 +1,5 @@
 """The fold loop's programs compiled in background threads while the first fold initialises
-(and, for resident data, a later fold's while the earlier ones train).
+(and, for resident data, a later fold's while the fold before it trains).
 
 XLA compiles outside Python's lock, so the train step and the validation call compile while
 the main thread initialises the state op by op and reads the data. Each program is lowered
@@ -8,7 +8,7 @@ from the shapes, dtypes and shardings its first call will have, so that call fin
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Hashable, Sequence
 
 import jax
@@ -23,24 +23,33 @@ from fll_jax.train.step import DEVICE_KEYS, PREDICT_KEYS, rng_settings
 
 
 class CompileAhead:
-    """Programs compiling in threads, each once; wait(fold) blocks until that fold's are done and
-    re-raises a failure."""
+    """Programs compiling in threads, each once: the first fold's at once, a later fold's while
+    the fold before it trains (so that a stopped run waits for one fold's compiles at most).
+    wait(fold) blocks until that fold's are done and re-raises a failure."""
 
     def __init__(self, config: ml_collections.ConfigDict, jobs: dict[int, dict[Hashable, Callable[[], object]]]):
-        unique = {key: job for fold_jobs in jobs.values() for key, job in fold_jobs.items()}
-        pool = ThreadPoolExecutor(max(1, len(unique)), thread_name_prefix="compile-ahead")
+        self._config, self._jobs, self._order = config, jobs, list(jobs)
+        self._started: dict[Hashable, Future] = {}
+        self._pool = ThreadPoolExecutor(max([1, *map(len, jobs.values())]), thread_name_prefix="compile-ahead")
+        if self._order:
+            self._start(self._order[0])
 
-        def run(job):
-            with rng_settings(config):  # thread-local: the programs must be the main thread's
-                return job()
+    def _start(self, fold: int) -> None:
+        for key, job in self._jobs.get(fold, {}).items():
+            if key not in self._started:
+                self._started[key] = self._pool.submit(self._run, job)
 
-        started = {key: pool.submit(run, job) for key, job in unique.items()}
-        pool.shutdown(wait=False)  # the submitted programs still compile; its threads end with them
-        self._futures = {fold: [started[key] for key in fold_jobs] for fold, fold_jobs in jobs.items()}
+    def _run(self, job: Callable[[], object]) -> object:
+        with rng_settings(self._config):  # thread-local: the programs must be the main thread's
+            return job()
 
     def wait(self, fold: int) -> None:
-        for future in self._futures.get(fold, ()):
-            future.result()
+        self._start(fold)
+        for key in self._jobs.get(fold, {}):
+            self._started[key].result()
+        later = self._order[self._order.index(fold) + 1:] if fold in self._order else []
+        if later:
+            self._start(later[0])  # compiles while this fold trains
 
 
 def _spec(batch: dict, keys, size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -56,9 +65,9 @@ def compile_ahead(config: ml_collections.ConfigDict, steps: Steps, source, resid
     resident scan) and its validation pass. The streamed shapes come from one evaluation batch
     of `source` and serve every fold; a resident epoch and validation pass have their fold's
     number of batches, so folds of other sizes need programs of their own, which compile while
-    the first folds train (inside a fold's first epoch, the compile had been timed as training)."""
-    variables = variables_of(steps.state_target)
+    the fold before trains (inside a fold's first epoch, the compile had been timed as training)."""
     if resident is None:
+        variables = variables_of(steps.state_target)
         batch = next(iter(source.eval_batches([folds[0]], config.train.eval_batch_size)))
         sharding = data_sharding(steps.mesh)
         train = _spec(batch, DEVICE_KEYS, config.train.batch_size, sharding)
