@@ -145,6 +145,16 @@ def test_a_fold_resumed_or_reused_by_other_code_says_so_and_the_report_names_bot
         == "Code: fll_jax a trained every fold model; fll_jax later wrote this report."
 
 
+def _moved(source, from_fold: int, to_fold: int):
+    """The source with four of `from_fold`'s lesions moved to `to_fold`."""
+    from fll_jax.data.numpy_source import NumpySource
+
+    fold_of = dict(zip(source.patches.lesion_id.tolist(), source.fold.tolist()))
+    for lesion in [k for k, f in fold_of.items() if f == from_fold][:4]:
+        fold_of[lesion] = to_fold
+    return NumpySource(source.patches, fold_of)
+
+
 def test_resident_data_trains_as_the_streamed_batches_do(setup, straight, tmp_path):
     """Each epoch as one scan over device-resident lesions: the same batches, so the same history.
 
@@ -181,15 +191,10 @@ def test_a_resident_fold_of_another_size_trains_on_programs_compiled_ahead(setup
     """Fold 0 holds four of fold 2's lesions: its epoch has fewer steps and its validation more
     batches than fold 1's. Its programs compile in the background while fold 1 trains; they had
     compiled inside its first epoch, whose steps/s then read about 16x low."""
-    from fll_jax.data.numpy_source import NumpySource
-
     config, source, _, steps = setup
     config = config.copy_and_resolve_references()
     config.train.epochs = 1
-    fold_of = dict(zip(source.patches.lesion_id.tolist(), source.fold.tolist()))
-    for lesion in [k for k, f in fold_of.items() if f == 2][:4]:
-        fold_of[lesion] = 0
-    source = NumpySource(source.patches, fold_of)
+    source = _moved(source, 2, 0)
     resident = ResidentData.from_source(source, range(config.data.num_folds), config.train.eval_batch_size, steps.mesh)
     try:
         with recorded_compiles() as compiles:
@@ -227,16 +232,12 @@ def test_each_fold_decays_its_learning_rate_over_its_own_steps(setup, tmp_path, 
     epochs early in the larger folds (frozen weights, drifting batch statistics) and never
     reached it in the smaller ones."""
     import fll_jax.train.loop as loop
-    from fll_jax.data.numpy_source import NumpySource
 
     config, source, _, steps = setup
     config = config.copy_and_resolve_references()
     config.train.epochs = 1
     # Four of fold 1's lesions moved to fold 0: 28 training lesions without fold 0, 36 without fold 1.
-    fold_of = dict(zip(source.patches.lesion_id.tolist(), source.fold.tolist()))
-    for lesion in [k for k, f in fold_of.items() if f == 1][:4]:
-        fold_of[lesion] = 0
-    source = NumpySource(source.patches, fold_of)
+    source = _moved(source, 1, 0)
     sized = []
     monkeypatch.setattr(loop, "learning_rate_schedule",
                         lambda config, steps_per_epoch: sized.append(steps_per_epoch) or learning_rate_schedule(
