@@ -201,10 +201,11 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
     val_batches = None if resident is not None else list(source.eval_batches([fold], config.train.eval_batch_size))
     if steps.ahead is not None:
         steps.ahead.wait(fold)  # else the first epoch would compile its programs a second time
-    if on_train_start is not None and meta["epoch"] + 1 < config.train.epochs:
+    training = meta["epoch"] + 1 < config.train.epochs
+    if on_train_start is not None and training:
         on_train_start(fold)
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
-    writer = fold_log(logdir, fold, int(jax.device_get(state.step))) if logdir is not None else None
+    writer = fold_log(logdir, fold, int(jax.device_get(state.step))) if logdir is not None and training else None
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
