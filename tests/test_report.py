@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -339,6 +340,33 @@ def test_cohort_age_and_sex_rows_only_when_present(tmp_path):
     assert name.startswith("Fisher's exact (Monte Carlo") and categorical_test(np.array([[3, 1], [1, 4], [2, 0]]))[1] == p
     assert categorical_test(np.array([[5, 0]])) == (None, None)
     assert categorical_test(np.array([[0, 1], [0, 1], [1, 0]]))[1] == pytest.approx(1.0)  # scipy answers an array here
+
+
+def test_the_patients_age_and_sex_come_from_patients_csv_beside_the_run(run, tmp_path):
+    """The table a user keeps beside the run, which no command rewrites: ages and sexes added to
+    predictions.csv, as the docs had said, were lost when a rerun of the training rewrote it."""
+    from fll_jax.evaluation.cohort import cohort_table
+    from fll_jax.evaluation.predictions import PredictionsError, load_predictions
+
+    workdir, metrics = run
+    shutil.copytree(workdir, tmp_path / "run")
+    frame = load_predictions(workdir / "predictions.csv")
+    patients = sorted(frame.patient_id.unique())
+    ages = dict(zip(patients, np.random.default_rng(2).integers(25, 85, len(patients))))
+    # One patient unlisted (its cells stay empty); sex left out (no sex row).
+    pd.DataFrame({"patient_id": patients[1:], "age": [ages[p] for p in patients[1:]]}).to_csv(
+        tmp_path / "run" / "patients.csv", index=False)
+    cohort = write_report(tmp_path / "run")["cohort"]
+    expected = cohort_table(frame.assign(age=frame.patient_id.map({p: ages[p] for p in patients[1:]})))
+    assert cohort["rows"]["age"] == json.loads(json.dumps(expected["rows"]["age"])) and "sex" not in cohort["rows"]
+    assert "Age (years, per patient)" in (tmp_path / "run" / "report.md").read_text()
+    assert "age" not in metrics["cohort"]["rows"]  # the run without the table
+    for table, problem in (({"patient_id": [patients[0]] * 2, "age": [50, 51]}, "listed more than once: " + patients[0]),
+                           ({"patient_id": patients[:2], "age": ["50", "fifty"]}, "age is not a number on row(s) 3"),
+                           ({"patient_id": patients[:2], "weight": [70, 80]}, "needs a patient_id column and an age")):
+        pd.DataFrame(table).to_csv(tmp_path / "run" / "patients.csv", index=False)
+        with pytest.raises(PredictionsError, match=r"patients\.csv: .*" + re.escape(problem)):
+            write_report(tmp_path / "run")
 
 
 def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_calls_or_negative_lesions_undefined():

@@ -9,9 +9,13 @@ test on a normality check; a categorical row uses Pearson's chi-square (with
 Yates' correction on 2x2 tables, as the paper's subgroup p-values do) unless an expected count
 is below 5, then Fisher's exact test (exact on 2x2 tables, seeded Monte Carlo on larger ones,
 which needs scipy >= 1.15).
-Age and sex rows appear only when the frame has 'age' / 'sex' columns.
+Age and sex rows appear only when the frame has 'age' / 'sex' columns: from the patient table
+a user keeps beside a run (patients.csv, read here; no command writes it), or added to
+predictions.csv by hand as before (a rerun of the training rewrites that file without them).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +23,7 @@ from scipy import stats
 from scipy.stats.contingency import expected_freq
 
 from fll_jax.constants import CLASSES
+from fll_jax.evaluation.predictions import SHOWN_ROWS, PredictionsError
 
 COHORTS: tuple[str, ...] = ("development", "test")
 COLUMNS: tuple[str, ...] = ("total", *COHORTS)
@@ -26,6 +31,9 @@ SPLIT_OF = {"development": "val", "test": "test"}
 # Levels shown but left out of a test: a missing value is no category of the population.
 UNTESTED = "unknown"
 MIN_EXPECTED = 5
+# The patients' age (years) and sex, per patient_id, in a file of the user's beside the run.
+PATIENTS_FILE = "patients.csv"
+PATIENT_COLUMNS = ("age", "sex")
 # Random tables of the Monte Carlo Fisher test; seeded so that a report regenerates identically.
 FISHER_RESAMPLES = 9999
 FISHER_SEED = 0
@@ -36,6 +44,46 @@ def _cohorts(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """'total' (development and test together), 'development' and 'test' rows."""
     parts = {name: frame[frame["split"] == split] for name, split in SPLIT_OF.items()}
     return {"total": pd.concat(parts.values()), **parts}
+
+
+def with_patients(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """The predictions frame with the age and sex that `path` (a patients.csv: patient_id, then age
+    and/or sex) gives each patient, on every row of its lesions; the frame itself when there is no
+    such file. Patients it does not list get empty cells.
+
+    Raises:
+        PredictionsError: the file cannot be read, lacks patient_id or both of age and sex, lists a
+            patient twice, has an age that is not a number, or gives a column predictions.csv
+            already has; the message names the file and the rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        return frame
+    try:
+        table = pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PredictionsError(f"{path}: not a readable CSV table ({e})") from None
+    given = [c for c in PATIENT_COLUMNS if c in table]
+    if "patient_id" not in table or not given:
+        raise PredictionsError(f"{path}: needs a patient_id column and an age or a sex column; it has "
+                               f"{', '.join(map(str, table.columns)) or 'none'}")
+    problems = []
+    repeated = table["patient_id"][table["patient_id"].duplicated()].unique().tolist()
+    if repeated:
+        problems.append(f"patient(s) listed more than once: {', '.join(repeated[:SHOWN_ROWS])}")
+    if "age" in given:
+        age = pd.to_numeric(table["age"], errors="coerce")
+        bad = np.flatnonzero(age.isna() & table["age"].notna())
+        if len(bad):
+            problems.append("age is not a number on row(s) " + ", ".join(str(i + 2) for i in bad[:SHOWN_ROWS]))
+        table["age"] = age
+    clashing = [c for c in given if c in frame]
+    if clashing:
+        problems.append(f"predictions.csv has its own {' and '.join(clashing)} column(s): keep them in one of the two files")
+    if problems:
+        raise PredictionsError(f"{path}: " + "; ".join(problems))
+    ids = frame["patient_id"].astype(str)
+    return frame.assign(**{c: ids.map(dict(zip(table["patient_id"], table[c]))) for c in given})
 
 
 def _patients_known(frame: pd.DataFrame) -> bool:

@@ -14,7 +14,7 @@ import pandas as pd
 from fll_jax.code_version import code_version
 from fll_jax.constants import BINARY_CLASSES, CLASS_NAMES, CLASSES, SEQUENCE_NAMES, SEQUENCES
 from fll_jax.evaluation import discrimination as disc
-from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, cohort_table
+from fll_jax.evaluation.cohort import COLUMNS as COHORT_COLUMNS, PATIENTS_FILE, cohort_table, with_patients
 from fll_jax.evaluation.figures import plot_confusion, plot_roc
 from fll_jax.evaluation.predictions import ENSEMBLE, load_predictions, missing_sequences, model_names, probabilities
 from fll_jax.evaluation.stats import (
@@ -555,7 +555,8 @@ def write_figures(frame: pd.DataFrame, metrics: dict, out_dir: Path) -> list[str
 
 
 def write_report(workdir: str | Path, models: Path | None = None) -> dict:
-    """Read workdir/predictions.csv and config.json; write metrics.json, report.md and figures/.
+    """Read workdir/predictions.csv, config.json and the user's patients.csv if there is one (the
+    patients' age and sex, cohort.with_patients); write metrics.json, report.md and figures/.
     `models`: the folder of the fold models that made the predictions (default: the run's own,
     or the trained run an evaluate-only run records).
 
@@ -566,7 +567,7 @@ def write_report(workdir: str | Path, models: Path | None = None) -> dict:
     metrics['cohort'] the development-against-test table (cohort.cohort_table, the paper's Table 2).
     """
     workdir = Path(workdir)
-    frame = load_predictions(workdir / "predictions.csv")
+    frame = with_patients(load_predictions(workdir / "predictions.csv"), workdir / PATIENTS_FILE)
     config = read_config(workdir).to_dict() if (workdir / CONFIG_FILE).exists() else {}
     folds = (config.get("train") or {}).get("folds")
     if folds is not None and model_names(frame) != [f"fold{f}" for f in sorted(folds)]:
