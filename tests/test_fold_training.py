@@ -71,11 +71,15 @@ def _kill_after(setup, fold_dir, last_epoch: int) -> None:
 def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_path, monkeypatch):
     """Stopped right after epoch 1's latest/ was saved, then after epoch 2 (whose checkpoint comes
     at epoch 3): each epoch is shown once, with the values of the run that finished. Epoch 1 had
-    been missing (logged after the save), epoch 2 shown twice (the resumed run repeats it)."""
+    been missing (logged after the save), epoch 2 shown twice (the resumed run repeats it). An
+    epoch is on disk before its checkpoint is saved, so a SIGKILL then loses none (tensorboardX's
+    writer had held the events of up to two minutes in memory)."""
     config, source, spe, steps = setup
     save_latest = FoldCheckpoints.save_latest
+    on_disk = []
 
     def stop_after_saving(self, epoch, state, meta):
+        on_disk.extend(tensorboard_scalars(tmp_path / "logs")["fold1"].items())
         save_latest(self, epoch, state, meta)
         raise Killed
 
@@ -83,6 +87,8 @@ def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_pat
     with pytest.raises(Killed):
         train_fold(config, 1, source, steps, tmp_path / "run", tmp_path / "logs")
     monkeypatch.undo()
+    # every scalar of epochs 0 and 1 (the last of them logged just before the save)
+    assert len(on_disk) > 10 and all([step for step, _ in points] == [spe, 2 * spe] for _, points in on_disk), on_disk
 
     def stop(fold, epoch):
         if epoch == 2:

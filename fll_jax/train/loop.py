@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from fll_jax.code_version import UNRECORDED, code_version
 from fll_jax.constants import SEQUENCES
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints, LostBestError, variables_of
+from fll_jax.train.fold_log import FoldLog
 from fll_jax.train.integrity import all_finite
 from fll_jax.train.resident import ResidentData, put_indices, validation_predictions
 from fll_jax.train.sharding import is_primary, process_share, put_local, replicate, shard_batch, sync_processes
@@ -126,7 +127,7 @@ def train_fold(
 
     With `resident` (the development lesions on the devices) each epoch and validation pass is
     one device call (fll_jax.train.resident); otherwise batches stream from `source`. With
-    `logdir`, each epoch is logged to the TensorBoard run `logdir/fold<k>` (fold_log).
+    `logdir`, each epoch is logged to the TensorBoard run `logdir/fold<k>` (FoldLog).
 
     A fold is finished when done.json exists and its best checkpoint is there; done.json is
     written only once that checkpoint verifies. A fold whose best checkpoint is gone is trained
@@ -205,7 +206,7 @@ def _train(config, fold: int, train_folds: list[int], source, steps: Steps, ckpt
     if on_train_start is not None and training:
         on_train_start(fold)
     bar = tqdm(total=config.train.epochs, initial=meta["epoch"] + 1, desc=f"fold {fold}", unit="epoch", dynamic_ncols=True)
-    writer = fold_log(logdir, fold, int(jax.device_get(state.step))) if logdir is not None and training else None
+    writer = FoldLog(logdir, fold, int(jax.device_get(state.step))) if logdir is not None and training else None
     try:
         for epoch in range(meta["epoch"] + 1, config.train.epochs):
             if resident is None:
@@ -310,17 +311,6 @@ def _validation_predictions(config, fold: int, val_batches: list[dict] | None, s
         return run_predictions(steps, variables, val_batches)
     return validation_predictions(resident, steps.predict_rows, variables, fold, config.train.eval_batch_size,
                                   steps.mesh)
-
-
-def fold_log(logdir: Path, fold: int, step: int):
-    """The fold's TensorBoard run, `logdir/fold<k>`, for a fold whose state is at global `step`.
-
-    TensorBoard hides what an earlier attempt logged after `step` (purge_step): a resumed fold
-    trains again the epochs after its latest checkpoint, and each would otherwise show twice.
-    """
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(Path(logdir) / f"fold{fold}"), purge_step=step + 1)
 
 
 def _log(writer, step: int, epoch: int, learning_rate: float, train: dict, val: dict) -> None:

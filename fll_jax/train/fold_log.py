@@ -1,0 +1,42 @@
+"""A fold's TensorBoard run, written as it is logged, so that an epoch once flushed survives a kill.
+
+tensorboardX's SummaryWriter hands its events to a thread that writes them to disk at most every
+two minutes, and its flush() does not wait for that thread. An epoch logged shortly before a
+SIGKILL (the OOM killer, a lost node) was then lost for good: the resumed run hides what the
+stopped one logged after its latest checkpoint and repeats only the epochs after it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
+
+
+class FoldLog:
+    """Scalars of one fold against its global step, in the TensorBoard run `logdir/fold<k>`.
+
+    Opened at the fold's global `step` (its resumed state's, or 0), it hides from TensorBoard what
+    an earlier attempt logged after that step (a session start at step + 1, which TensorBoard
+    reads as a purge): a resumed fold trains again the epochs after its latest checkpoint, and
+    each would otherwise show twice.
+    """
+
+    def __init__(self, logdir: str | Path, fold: int, step: int):
+        folder = Path(logdir) / f"fold{fold}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(folder / "events"))
+        self._events.write_event(Event(wall_time=time.time(), step=step + 1,
+                                       session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
+
+    def flush(self) -> None:
+        """Everything logged so far, on disk (fsync)."""
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
