@@ -1,9 +1,10 @@
 """A fold's TensorBoard run, written as it is logged, so that an epoch once flushed survives a kill.
 
-tensorboardX's SummaryWriter hands its events to a thread that writes them to disk at most every
-two minutes, and its flush() does not wait for that thread. An epoch logged shortly before a
-SIGKILL (the OOM killer, a lost node) was then lost for good: the resumed run hides what the
-stopped one logged after its latest checkpoint and repeats only the epochs after it.
+tensorboardX's SummaryWriter hands its events to a thread through a queue, and its flush() writes
+only what that thread has taken; the rest reaches the disk at the thread's next flush, up to two
+minutes later. An epoch's last scalars, logged just before a SIGKILL (the OOM killer, a lost
+node), were then lost for good: the resumed run hides what the stopped one logged after its
+latest checkpoint and repeats only the epochs after it.
 """
 from __future__ import annotations
 
