@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from configs.ablations import base_config, fusions, loso, missing, sequences_and_fusions, single, subsets
+from configs.ablations import attention, base_config, fusions, loso, missing, sequences_and_fusions, single, subsets
 from fll_jax.ablation.points import BASE, SweepError, check_points, collect_points, load_sweep
 from fll_jax.ablation.runner import PointError, read_sweep, run_point, run_sweep, subprocess_runner
 from fll_jax.ablation.slurm import EVAL_SCRIPT, SUBMIT_SCRIPT, TRAIN_SCRIPT, Resources, write_slurm
@@ -38,6 +38,16 @@ def test_points_are_named_from_what_differs_from_the_base():
         "fusion=concat", "fusion=attention", "fusion=late", "fusion=shared"]
     with pytest.raises(ValueError, match="unknown base"):
         base_config("huge")
+
+
+def test_the_attention_sweep_sets_the_scoring_width_of_the_attention_fusion():
+    points = collect_points(attention.sweep, "quick", base_config("quick"))
+    assert [p.name for p in points] == [BASE, "fusion=attention"] + [
+        f"attention_hidden={h},fusion=attention" for h in (16, 32, 256, 512)]
+    assert [p.config.model.attention_hidden for p in points] == [None, None, 16, 32, 256, 512]
+    check_points(points)
+    with pytest.raises(ValueError, match=r"^config string item attention_hidden=wide: attention_hidden must be an integer$"):
+        apply_config_string(base_config("quick"), "attention_hidden=wide")
 
 
 def test_evaluate_only_points_follow_the_points_whose_models_they_use():

@@ -353,6 +353,22 @@ def test_a_reordered_manifest_or_another_preprocessing_is_named_as_such(finished
     assert fingerprint_changes(stored, current) == [f"preprocessing {data['preprocessing']} -> {newer}"]
 
 
+def test_a_run_recorded_before_a_setting_existed_is_the_same_run_at_the_value_it_had():
+    """model.attention_hidden came after runs were recorded without it: unset (None), it is the
+    width they trained with, so they resume; set, it is named as a change."""
+    from configs import quick
+    from fll_jax.train.workdir import run_fingerprint
+
+    config = quick.get_config()
+    current = run_fingerprint(config, {"lesions": {}})
+    stored = {"settings": {k: v for k, v in current["settings"].items() if k != "model.attention_hidden"},
+              "data": current["data"]}
+    assert "model.attention_hidden" in current["settings"] and fingerprint_changes(stored, current) == []
+    config.model.attention_hidden = 32
+    assert fingerprint_changes(stored, run_fingerprint(config, {"lesions": {}})) == [
+        "setting model.attention_hidden: '(absent)' -> 32"]
+
+
 def test_truncated_latest_checkpoint_is_reported_with_its_path(run):
     folder, config = run
     (folder / "run" / "fold1" / "done.json").unlink()

@@ -323,6 +323,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
         (dict(shortcut="C"), ("t2w",), "known: A, B"),
         (dict(dtype="float16"), ("t2w",), "known: bfloat16, float32"),
         (dict(conv_impl="cudnn"), ("t2w",), "known: auto, native, folded"),
+        (dict(attention_hidden=0), ("t2w",), "attention_hidden must be an integer >= 1, or None"),
         ({}, ("t2w", "flair"), "unknown sequence 'flair'"),
         ({}, ("t2w", "t2w"), "repeat"),
         ({}, (), "at least one"),
@@ -334,6 +335,17 @@ def test_bad_names_fail_listing_the_known_ones(overrides, sequences, message):
         config[key] = value
     with pytest.raises(ValueError, match=message):
         build_model(config, sequences)
+
+
+@pytest.mark.parametrize("fusion", ["attention", "shared"])
+def test_the_attention_width_is_the_configs_or_128_capped_at_the_features(fusion):
+    """Unset, model.attention_hidden is the width every run before it had: 128, or the features'
+    (8 x model.width) if narrower."""
+    x = jnp.zeros((1, 2, 16, 16, 16, 2))
+    for width, hidden, expected in ((2, None, 16), (32, None, 128), (2, 5, 5), (2, 40, 40)):
+        model = build_model(_tiny_config(fusion=fusion, width=width, attention_hidden=hidden), ("t2w", "dwi"))
+        params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]["fusion"]["attention"]
+        assert params["key"]["kernel"].shape == (8 * width, expected)
 
 
 def test_wrong_input_shape_is_reported():

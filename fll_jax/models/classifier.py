@@ -64,6 +64,7 @@ class MultiSequenceClassifier(nn.Module):
     space_to_depth: bool = False
     dtype: str = "float32"
     fold_depth: bool = False
+    attention_hidden: int | None = None  # the attention fusions' scoring width; None: their default
 
     def _backbone(self, **kwargs) -> nn.Module:
         return lookup(BACKBONES, self.backbone, "backbone")(
@@ -102,7 +103,8 @@ class MultiSequenceClassifier(nn.Module):
                          x[:, i], train, _statistics_mask(present[:, i]))
                      for i, seq in enumerate(self.sequences)]
         feats = jnp.where(present[..., None], jnp.stack(feats, axis=1), 0.0)
-        outputs = fusion(self.sequences, self.dropout, name="fusion")(feats, present, train)
+        options = {"attention_hidden": self.attention_hidden} if fusion.pools_by_attention else {}
+        outputs = fusion(self.sequences, self.dropout, **options, name="fusion")(feats, present, train)
         return dict(outputs, features=feats, present=present)
 
 
@@ -122,6 +124,11 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
     lookup(STAGE_SIZES, model_config.depth, "ResNet depth")
     lookup({s: s for s in SHORTCUTS}, model_config.shortcut, "shortcut type")
     lookup(DTYPES, model_config.dtype, "dtype")
+    attention_hidden = model_config.get("attention_hidden")
+    if attention_hidden is not None and (isinstance(attention_hidden, bool) or not isinstance(attention_hidden, int)
+                                         or attention_hidden < 1):
+        raise ValueError(f"attention_hidden must be an integer >= 1, or None (the default width), "
+                         f"not {attention_hidden!r}")
     return MultiSequenceClassifier(
         sequences=sequences,
         fusion=model_config.fusion,
@@ -136,6 +143,7 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
         dtype=model_config.dtype,
         # Configs written before the key existed get its default.
         fold_depth=folds_depth(model_config.get("conv_impl", "auto")),
+        attention_hidden=attention_hidden,
     )
 
 

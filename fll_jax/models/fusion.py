@@ -6,7 +6,8 @@ the head inputs); it is called with the features (zero for a sequence the lesion
 Each knows which sequences are present: the concatenating fusions see the zeros plus the
 presence flags, the attention fusions give absent sequences no weight, late fusion averages
 the present sequences' logits only.
-`shared_backbone` tells the classifier to use one branch's weights for every sequence.
+`shared_backbone` tells the classifier to use one branch's weights for every sequence;
+the fusions with `pools_by_attention` also take `attention_hidden`, their scoring MLP's width.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 
 from fll_jax.constants import BINARY_CLASSES, NUM_CLASSES, SEQUENCES
 from fll_jax.models.initializers import normal_flat, variance_scaling_flat
+
+# The scoring MLP's width when none is set (model.attention_hidden None), or the features' if narrower.
+AUTO_ATTENTION_HIDDEN = 128
 
 # LeCun-scaled normal (Flax's Dense default scale), drawn flat: fast to compile on XLA:CPU.
 Dense = functools.partial(nn.Dense, kernel_init=variance_scaling_flat(1.0, "fan_in"))
@@ -44,11 +48,11 @@ def _heads(x2: jax.Array, x7: jax.Array, dropout: float, train: bool, suffix: st
 class _AttentionPool(nn.Module):
     """Softmax-weighted sum over sequences, scores from a tanh MLP shared by all sequences."""
 
-    hidden: int = 128
+    hidden: int | None = None  # None: AUTO_ATTENTION_HIDDEN, capped at the features' width
 
     @nn.compact
     def __call__(self, tokens: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden = min(self.hidden, tokens.shape[-1])
+        hidden = self.hidden or min(AUTO_ATTENTION_HIDDEN, tokens.shape[-1])
         scores = Dense(1, name="score")(jnp.tanh(Dense(hidden, name="key")(tokens)))[..., 0]
         # Absent sequences get no weight; a lesion with none present pools to zero.
         weights = jax.nn.softmax(jnp.where(present, scores, -1e9), axis=1) * present
@@ -62,6 +66,7 @@ class PaperFusion(nn.Module):
     sequences: tuple[str, ...]
     dropout: float = 0.0
     shared_backbone: ClassVar[bool] = False
+    pools_by_attention: ClassVar[bool] = False
 
     @nn.compact
     def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
@@ -82,6 +87,7 @@ class ConcatFusion(nn.Module):
     sequences: tuple[str, ...]
     dropout: float = 0.0
     shared_backbone: ClassVar[bool] = False
+    pools_by_attention: ClassVar[bool] = False
 
     @nn.compact
     def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
@@ -95,11 +101,13 @@ class AttentionFusion(nn.Module):
 
     sequences: tuple[str, ...]
     dropout: float = 0.0
+    attention_hidden: int | None = None
     shared_backbone: ClassVar[bool] = False
+    pools_by_attention: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
-        pooled, weights = _AttentionPool(name="attention")(feats, present)
+        pooled, weights = _AttentionPool(self.attention_hidden, name="attention")(feats, present)
         logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
         return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
 
@@ -110,6 +118,7 @@ class LateFusion(nn.Module):
     sequences: tuple[str, ...]
     dropout: float = 0.0
     shared_backbone: ClassVar[bool] = False
+    pools_by_attention: ClassVar[bool] = False
 
     @nn.compact
     def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
@@ -128,14 +137,16 @@ class SharedFusion(nn.Module):
 
     sequences: tuple[str, ...]
     dropout: float = 0.0
+    attention_hidden: int | None = None
     shared_backbone: ClassVar[bool] = True
+    pools_by_attention: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, feats: jax.Array, present: jax.Array, train: bool = False) -> dict:
         embedding = self.param(
             "sequence_embedding", normal_flat(0.02), (len(self.sequences), feats.shape[-1]), jnp.float32
         )
-        pooled, weights = _AttentionPool(name="attention")(feats + embedding, present)
+        pooled, weights = _AttentionPool(self.attention_hidden, name="attention")(feats + embedding, present)
         logits2, logits7 = _heads(pooled, pooled, self.dropout, train)
         return {"logits2": logits2, "logits7": logits7, "sequence_weights": weights}
 

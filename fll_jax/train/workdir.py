@@ -87,7 +87,10 @@ def run_fingerprint(config: ml_collections.ConfigDict, data: dict) -> dict:
 
 
 def fingerprint_changes(stored: dict, current: dict) -> list[str]:
-    """Lines naming each changed setting (by path) and each changed lesion or file."""
+    """Lines naming each changed setting (by path) and each changed lesion or file.
+
+    A setting absent from `stored` compares as None: a setting added since, whose unset value
+    (None) means what the code did before it, leaves the runs recorded without it valid."""
     # Older runs recorded settings made knobs since (their first command's folds, model.space_to_depth).
     ignored = SPEED_KNOBS + REPORT_SETTINGS + FOLD_SELECTION
     old, new = ({k: v for k, v in fingerprint.get("settings", {}).items() if k not in ignored}
