@@ -7,10 +7,13 @@
   python data_prep/preprocess.py --config configs/quick.py --config.data.backend numpy   # .npz, no TF
   python data_prep/preprocess.py --config configs/paper.py --config.data.source manifest \
       --config.data.manifest /path/to/manifest.csv --check     # list every problem, build nothing
+  python data_prep/preprocess.py --config configs/paper.py --prune   # delete the caches it does not use
 
 Everything is built once under config.data.root and reused (keyed on the content of the data, so
 changed images are preprocessed again); the training entry point calls the same code, so running
-this first is optional.
+this first is optional. Caches of other data, settings or preprocessing versions stay under
+config.data.root until --prune deletes them (it refuses while another command uses them); the
+command says how many there are.
 """
 import sys
 import time
@@ -18,12 +21,16 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fll_jax.data.prepare import check_data, prepare_source
+from fll_jax.data.prepare import check_data, prepare_source, unused_caches
+from fll_jax.data.root_caches import delete, root_alone, summary
 from fll_jax.errors import no_stray_arguments, parse_config_flags, reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, folds, leaks, "
                   "unreadable, blank or inverted inputs) without preprocessing; exit status 1 if there are any.")
+flags.DEFINE_bool("prune", False, "Then delete the patch sets and lesions' patches under config.data.root that this "
+                  "config's data does not use (other data, settings or preprocessing versions; made again when "
+                  "needed). Refused while another command uses them.")
 
 
 def main(argv):
@@ -43,6 +50,16 @@ def main(argv):
     splits = [lesion["split"] for lesion in source.fingerprint["lesions"].values()]
     print(f"{splits.count('dev')} development lesions in {config.data.num_folds} folds, {splits.count('test')} test "
           f"lesions; ready in {time.perf_counter() - start:.0f} s under {config.data.root}/")
+    with reported_as("preprocess --prune" if flags.FLAGS.prune else "preprocess"):
+        if flags.FLAGS.prune:
+            with root_alone(config.data.root):
+                unused = unused_caches(config)
+                text = summary(unused)
+                delete(unused)
+            print(f"deleted {text} that this config's data does not use")
+        elif unused := unused_caches(config):
+            print(f"{config.data.root}/ also holds {summary(unused)} that this config's data does not use "
+                  "(other data, settings or preprocessing versions): --prune deletes them")
 
 
 if __name__ == "__main__":

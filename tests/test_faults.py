@@ -6,6 +6,7 @@ applies one fault, reruns what a user would rerun, and asserts the clear error, 
 the rebuild or the retrain, and that every result written before the fault is unchanged.
 """
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -25,8 +26,9 @@ import pytest
 from fll_jax.config_check import ConfigError, check_config
 from fll_jax.data import prepare, preprocess
 from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
-from fll_jax.data.prepare import DataError, check_data, prepare_source
+from fll_jax.data.prepare import DataError, check_data, prepare_source, unused_caches
 from fll_jax.data.preprocess import PreprocessError
+from fll_jax.data.root_caches import CachesInUse, delete, root_alone, summary
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
@@ -205,6 +207,25 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     row = list(relabelled.patches.lesion_id).index("D00_L1")
     assert relabelled.patches.label7[row] == 3 and old.patches.label7[row] == 0
     np.testing.assert_array_equal(relabelled.patches.image, old.patches.image)
+    # The set made before the relabelling is left over: listed, and deleted only with the folder alone.
+    root = Path(config.data.root)
+    unused = unused_caches(config)
+    assert unused == [root / "patches" / f"{old.fingerprint['patches']}-checks{prepare.CHECKS_VERSION}.npz"]
+    assert re.fullmatch(r"1 patch set and the patches of 0 lesions \(\d+\.\d MB\)", summary(unused))
+    other = os.open(root, os.O_RDONLY)
+    with pytest.raises(BlockingIOError):  # making the source held the folder (shared) for this process
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other, fcntl.LOCK_SH)  # as another command training from these patches holds it
+    with pytest.raises(CachesInUse, match="in use by another command"), root_alone(root):
+        delete(unused)
+    os.close(other)
+    assert unused[0].is_file()
+    with root_alone(root):
+        delete(unused_caches(config))
+    assert not unused[0].exists() and unused_caches(config) == []
+    capsys.readouterr()
+    np.testing.assert_array_equal(prepare_source(config).patches.image, old.patches.image)
+    assert "reused the patches of 25 of 25 lesions" not in capsys.readouterr().out  # its set was kept
     # In a new data folder one bad lesion fails the build, but the others' patches are kept.
     config.data.root = str(folder / "other_data")
     image = folder / "cohort" / "patients" / "D31" / "t1w.nii.gz"

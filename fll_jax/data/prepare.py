@@ -11,6 +11,9 @@ Layout under config.data.root (default data/):
   preprocessing_code.json    per PREPROCESS_VERSION, the digest of the preprocessing code that
                              last made patches here (an edit that kept the version is warned of)
 
+Each process that makes or reads a source holds data.root shared, and caches no config uses are
+deleted only with the folder alone (fll_jax.data.root_caches; data_prep/preprocess.py --prune).
+
 <key> names the lesions' content (labels, mask values, metadata and the bytes of every image
 and mask file), the patch size, the preprocessing version and the version of the data checks
 (a lesion cached before a check was added is checked when it is made again), so changed images
@@ -41,6 +44,7 @@ from fll_jax.data.patchset import PatchSet
 from fll_jax.data.preprocess import (
     PREPROCESS_VERSION, PreprocessOptions, lesion_problems, mask_claims, preprocess_manifest,
 )
+from fll_jax.data.root_caches import CACHE_FOLDERS, LESIONS_DIR, PATCHES_DIR, RECORDS_DIR, hold_root
 from fll_jax.files import StateFileError, read_json, write_json
 
 BACKENDS = ("tfds", "numpy")
@@ -209,35 +213,28 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     """
     check_config(config)
     data = config.data
+    root = Path(data.root)
+    hold_root(root)
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
     if fit:
         refuse_misfit(config, fingerprint["lesions"])
-    _note_preprocessing_code(Path(data.root))
-    # Patches made before this version's checks, or with checks switched off, are kept apart from
-    # the others: reused by a run that keeps those checks, they would pass it lesions it refuses.
-    checked = (f"checks{CHECKS_VERSION}",) + (("allow=" + "+".join(sorted(allow)),) if allow else ())
-    key = "-".join((fingerprint["patches"], *checked))
+    _note_preprocessing_code(root)
+    key, lesion_keys = _cache_keys(config, records, fingerprint)
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
-    settings = fingerprint["preprocessing"].values()
-    # A lesion's checks also read which mask values its patient's lesions claim (a row dropped
-    # leaves its value unclaimed), so its patches are kept under them too.
-    claims = mask_claims(records)
-    cache = LesionCache(Path(data.root) / "lesion_patches",
-                        {r.lesion_id: patch_key(fingerprint["lesions"][r.lesion_id], *settings, *checked,
-                                                sorted(claims[r.patient_id])) for r in records})
+    cache = LesionCache(root / LESIONS_DIR, lesion_keys)
     if data.backend == "tfds":
         from fll_jax.data.pipeline import TFDSSource
         from fll_jax.data.records import build_records
 
-        path = build_records(records, Path(data.root) / "records" / key, digests, workers=data.workers, allow=allow,
+        path = build_records(records, root / RECORDS_DIR / key, digests, workers=data.workers, allow=allow,
                              options=options, cache=cache)
         digests.save()
-        _check_inputs_unchanged(records, digests, cache, Path(data.root) / "records" / key)
+        _check_inputs_unchanged(records, digests, cache, root / RECORDS_DIR / key)
         return TFDSSource(path, fold_of, fingerprint)
-    npz = Path(data.root) / "patches" / f"{key}.npz"
+    npz = root / PATCHES_DIR / f"{key}.npz"
     patches = None
     if npz.is_file():
         try:
@@ -249,6 +246,32 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
         patches.save_npz(npz)
         _check_inputs_unchanged(records, digests, cache, npz)
     return NumpySource(patches, fold_of, fingerprint)
+
+
+def _cache_keys(config: ml_collections.ConfigDict, records: list, fingerprint: dict) -> tuple[str, dict[str, str]]:
+    """The key of the config's patch set, and each lesion's patch key (fll_jax.data.lesion_cache)."""
+    allow = parse_allow(config.data.allow)
+    # Patches made before this version's checks, or with checks switched off, are kept apart from
+    # the others: reused by a run that keeps those checks, they would pass it lesions it refuses.
+    checked = (f"checks{CHECKS_VERSION}",) + (("allow=" + "+".join(sorted(allow)),) if allow else ())
+    settings = fingerprint["preprocessing"].values()
+    # A lesion's checks also read which mask values its patient's lesions claim (a row dropped
+    # leaves its value unclaimed), so its patches are kept under them too.
+    claims = mask_claims(records)
+    return "-".join((fingerprint["patches"], *checked)), {
+        r.lesion_id: patch_key(fingerprint["lesions"][r.lesion_id], *settings, *checked, sorted(claims[r.patient_id]))
+        for r in records}
+
+
+def unused_caches(config: ml_collections.ConfigDict) -> list[Path]:
+    """The patch sets and lesions' patches under config.data.root that the config's data does not
+    use: those of other data, settings, preprocessing or check versions, made again when needed."""
+    records, _, fingerprint = describe_data(config)
+    key, lesion_keys = _cache_keys(config, records, fingerprint)
+    root = Path(config.data.root)
+    used = {root / RECORDS_DIR / key, root / PATCHES_DIR / f"{key}.npz",
+            *(root / LESIONS_DIR / f"{k}.npz" for k in lesion_keys.values())}
+    return sorted(p for folder in CACHE_FOLDERS for p in (root / folder).glob("*") if p not in used)
 
 
 def _note_preprocessing_code(root: Path) -> None:
