@@ -104,11 +104,14 @@ def test_edited_manifest_is_refused_naming_the_lesions_and_restart_runs_it(run, 
     write_json(folder / "run" / "missing_at_inference.json", {"sequence_dropout": 0.0, "rows": [
         {"hidden": "t2w", "n": 1, "accuracy_7way": 0.123, "accuracy_2way": 0.5, "auc_binary": None}]})
     (folder / "run" / "notes.txt").write_text("mine")
+    (folder / "run" / "patients.csv").write_text("patient_id,age\nD00,61\n")
     cross_validate(config, folder / "run", restart=True)
     left = {p.name for p in (folder / "run").iterdir()}
-    assert "notes.txt" in left and not {"predict", "missing_at_inference.json"} & left
+    assert {"notes.txt", "patients.csv"} <= left and not {"predict", "missing_at_inference.json"} & left
     # and says what it kept, where a predict.py --out_dir of the user's naming would be listed
-    assert f"--restart: kept notes.txt in {folder / 'run'} (not a run's own outputs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"--restart: kept notes.txt in {folder / 'run'} (not a run's own outputs" in out
+    assert f"--restart: kept patients.csv in {folder / 'run'} (yours: the report reads the patients' age" in out
     assert "0.123" not in (folder / "run" / "report.md").read_text()
     predictions = pd.read_csv(folder / "run" / "predictions.csv")
     assert predictions.loc[predictions.lesion_id == "D01_L1", "split"].tolist() == ["test"]

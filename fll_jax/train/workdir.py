@@ -30,6 +30,7 @@ import pandas as pd
 from fll_jax.data.digests import sha256_of
 from fll_jax.data.fingerprint import describe_changes
 from fll_jax.data.folds import TEST_FOLD
+from fll_jax.evaluation.cohort import PATIENTS_FILE
 from fll_jax.evaluation.predictions import PredictionsError, load_predictions, row_problems
 from fll_jax.files import StateFileError, read_json, write_json
 
@@ -160,6 +161,10 @@ def open_run(workdir: str | Path, config: ml_collections.ConfigDict, data: dict,
             if deleted:
                 print(f"--restart: deleted {', '.join(p.name for p in deleted)} from {workdir}")
             kept = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+            if PATIENTS_FILE in kept:
+                kept.remove(PATIENTS_FILE)
+                print(f"--restart: kept {PATIENTS_FILE} in {workdir} (yours: the report reads the patients' age "
+                      "and sex from it)")
             if kept:  # e.g. predict.py's or explain.py's outputs in a folder of the user's naming
                 print(f"--restart: kept {', '.join(kept)} in {workdir} (not a run's own outputs; if made from the "
                       "earlier models, they no longer describe this run)")
