@@ -222,6 +222,10 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     with pytest.raises(CachesInUse, match="in use by another command"), root_alone(root):
         delete(unused)
     os.close(other)
+    probe = os.open(root, os.O_RDONLY)
+    with pytest.raises(BlockingIOError):  # the refused prune still holds the folder shared
+        fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(probe)
     assert unused[0].is_file()
     with root_alone(root):
         delete(unused_caches(config))

@@ -48,6 +48,7 @@ def root_alone(root: str | Path) -> Iterator[None]:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        fcntl.flock(handle, fcntl.LOCK_SH)  # a conversion that fails has dropped the shared lock too (flock(2))
         raise CachesInUse(f"{root} is in use by another command (training from its patches or preprocessing "
                           "into them); nothing was deleted. Run this again once no other command uses it") from None
     try:
