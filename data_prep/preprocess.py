@@ -28,7 +28,7 @@ from fll_jax.errors import no_stray_arguments, parse_config_flags, reported_as
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
 flags.DEFINE_bool("check", False, "Check the whole data set and list every problem (manifest, folds, leaks, "
                   "unreadable, blank or inverted inputs) without preprocessing; exit status 1 if there are any.")
-flags.DEFINE_bool("prune", False, "Then delete the patch sets and lesions' patches under config.data.root that this "
+flags.DEFINE_bool("prune", False, "First delete the patch sets and lesions' patches under config.data.root that this "
                   "config's data does not use (other data, settings or preprocessing versions; made again when "
                   "needed). Refused while another command uses them.")
 
@@ -39,27 +39,29 @@ def main(argv):
     config = flags.FLAGS.config
     start = time.perf_counter()
     if flags.FLAGS.check:
+        if flags.FLAGS.prune:
+            raise app.UsageError("--check builds and deletes nothing; run --prune without it")
         with reported_as("preprocess --check"):
             problems = check_data(config)
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s) found in {time.perf_counter() - start:.0f} s")
         sys.exit(1 if problems else 0)
+    if flags.FLAGS.prune:  # first: the space may be what building this config's patches needs
+        with reported_as("preprocess --prune"), root_alone(config.data.root):
+            unused = unused_caches(config, staging=True)
+            text = summary(unused)
+            delete(unused)
+        print(f"deleted {text} under {config.data.root}/ that this config's data does not use")
     with reported_as("preprocess"):
         source = prepare_source(config)
+        unused = [] if flags.FLAGS.prune else unused_caches(config)
     splits = [lesion["split"] for lesion in source.fingerprint["lesions"].values()]
     print(f"{splits.count('dev')} development lesions in {config.data.num_folds} folds, {splits.count('test')} test "
           f"lesions; ready in {time.perf_counter() - start:.0f} s under {config.data.root}/")
-    with reported_as("preprocess --prune" if flags.FLAGS.prune else "preprocess"):
-        if flags.FLAGS.prune:
-            with root_alone(config.data.root):
-                unused = unused_caches(config)
-                text = summary(unused)
-                delete(unused)
-            print(f"deleted {text} that this config's data does not use")
-        elif unused := unused_caches(config):
-            print(f"{config.data.root}/ also holds {summary(unused)} that this config's data does not use "
-                  "(other data, settings or preprocessing versions): --prune deletes them")
+    if unused:
+        print(f"{config.data.root}/ also holds {summary(unused)} that this config's data does not use (other data, "
+              "settings or preprocessing versions): --prune deletes them")
 
 
 if __name__ == "__main__":

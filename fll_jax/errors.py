@@ -20,12 +20,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fll_jax.data.manifest import ManifestError
     from fll_jax.data.prepare import DataError
     from fll_jax.data.preprocess import PreprocessError
-    from fll_jax.data.root_caches import CachesInUse
+    from fll_jax.data.root_caches import PruneRefused
     from fll_jax.evaluation.predictions import PredictionsError
     from fll_jax.evaluation.readers import ReadersError
     from fll_jax.files import StateFileError
 
-    errors = [SweepError, ConfigError, FoldError, ManifestError, DataError, PreprocessError, CachesInUse,
+    errors = [SweepError, ConfigError, FoldError, ManifestError, DataError, PreprocessError, PruneRefused,
               PredictionsError, ReadersError, StateFileError, FileExistsError]
     try:  # DICOM support is an extra (pydicom)
         from fll_jax.data.dicom import DicomError

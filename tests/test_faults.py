@@ -28,7 +28,7 @@ from fll_jax.data import prepare, preprocess
 from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source, unused_caches
 from fll_jax.data.preprocess import PreprocessError
-from fll_jax.data.root_caches import CachesInUse, delete, root_alone, summary
+from fll_jax.data.root_caches import LOCK_FILE, PruneRefused, delete, root_alone, summary
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
@@ -212,24 +212,29 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     np.testing.assert_array_equal(relabelled.patches.image, old.patches.image)
     # The set made before the relabelling is left over: listed, and deleted only with the folder alone.
     root = Path(config.data.root)
+    stale = root / "patches" / f"{old.fingerprint['patches']}-checks{prepare.CHECKS_VERSION}.npz"
+    staged = root / "lesion_patches" / ".0123456789abcdef.npz.x1y2.tmp.npz"  # as fll_jax.files names a write
+    staged.write_bytes(b"an interrupted write")
+    (root / "patches" / "notes.csv").write_text("not a cache: never listed")
     unused = unused_caches(config)
-    assert unused == [root / "patches" / f"{old.fingerprint['patches']}-checks{prepare.CHECKS_VERSION}.npz"]
+    assert unused == [stale] and unused_caches(config, staging=True) == [staged, stale]
     assert re.fullmatch(r"1 patch set and the patches of 0 lesions \(\d+\.\d MB\)", summary(unused))
-    other = os.open(root, os.O_RDONLY)
+    other = os.open(root / LOCK_FILE, os.O_RDWR)
     with pytest.raises(BlockingIOError):  # making the source held the folder (shared) for this process
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(other, fcntl.LOCK_SH)  # as another command training from these patches holds it
-    with pytest.raises(CachesInUse, match="in use by another command"), root_alone(root):
+    with pytest.raises(PruneRefused, match="in use by another command"), root_alone(root):
         delete(unused)
     os.close(other)
-    probe = os.open(root, os.O_RDONLY)
+    probe = os.open(root / LOCK_FILE, os.O_RDWR)
     with pytest.raises(BlockingIOError):  # the refused prune still holds the folder shared
         fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(probe)
-    assert unused[0].is_file()
+    assert stale.is_file()
     with root_alone(root):
-        delete(unused_caches(config))
-    assert not unused[0].exists() and unused_caches(config) == []
+        delete(unused_caches(config, staging=True))
+    assert not stale.exists() and not staged.exists() and unused_caches(config, staging=True) == []
+    assert (root / "patches" / "notes.csv").is_file()
     capsys.readouterr()
     np.testing.assert_array_equal(prepare_source(config).patches.image, old.patches.image)
     assert "reused the patches of 25 of 25 lesions" not in capsys.readouterr().out  # its set was kept

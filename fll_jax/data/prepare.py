@@ -44,7 +44,7 @@ from fll_jax.data.patchset import PatchSet
 from fll_jax.data.preprocess import (
     PREPROCESS_VERSION, PreprocessOptions, lesion_problems, mask_claims, preprocess_manifest,
 )
-from fll_jax.data.root_caches import CACHE_FOLDERS, LESIONS_DIR, PATCHES_DIR, RECORDS_DIR, hold_root
+from fll_jax.data.root_caches import LESIONS_DIR, PATCHES_DIR, RECORDS_DIR, caches_in, hold_root
 from fll_jax.files import StateFileError, read_json, write_json
 
 BACKENDS = ("tfds", "numpy")
@@ -214,10 +214,10 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     check_config(config)
     data = config.data
     root = Path(data.root)
-    hold_root(root)
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
+    hold_root(root)
     if fit:
         refuse_misfit(config, fingerprint["lesions"])
     _note_preprocessing_code(root)
@@ -263,15 +263,17 @@ def _cache_keys(config: ml_collections.ConfigDict, records: list, fingerprint: d
         for r in records}
 
 
-def unused_caches(config: ml_collections.ConfigDict) -> list[Path]:
+def unused_caches(config: ml_collections.ConfigDict, staging: bool = False) -> list[Path]:
     """The patch sets and lesions' patches under config.data.root that the config's data does not
-    use: those of other data, settings, preprocessing or check versions, made again when needed."""
+    use: those of other data, settings, preprocessing or check versions, made again when needed.
+    staging: also what interrupted writes left (only with the folder alone, root_caches.root_alone)."""
+    check_config(config)
     records, _, fingerprint = describe_data(config)
     key, lesion_keys = _cache_keys(config, records, fingerprint)
     root = Path(config.data.root)
     used = {root / RECORDS_DIR / key, root / PATCHES_DIR / f"{key}.npz",
             *(root / LESIONS_DIR / f"{k}.npz" for k in lesion_keys.values())}
-    return sorted(p for folder in CACHE_FOLDERS for p in (root / folder).glob("*") if p not in used)
+    return [p for p in caches_in(root, staging) if p not in used]
 
 
 def _note_preprocessing_code(root: Path) -> None:
