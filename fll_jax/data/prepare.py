@@ -217,9 +217,9 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     allow = parse_allow(data.allow)
     digests = _digests(config)
     records, folds, fingerprint = describe_data(config, digests)
-    hold_root(root)
     if fit:
         refuse_misfit(config, fingerprint["lesions"])
+    hold_root(root)
     _note_preprocessing_code(root)
     key, lesion_keys = _cache_keys(config, records, fingerprint)
     options = PreprocessOptions.from_config(data)
