@@ -92,7 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.fusion = "paper"
     config.model.dropout = 0.0  # ours: dropout before the heads; the paper mentions none
     # ours: the width of the scoring MLP of the fusions that weigh sequences by attention
-    # ('attention', 'shared'; the paper's has none); unset (None): 128, or the features' width if narrower.
+    # ('attention', 'shared'; the paper's has none, and the others ignore it); unset (None): 128,
+    # or the features' width if narrower.
     config.model.attention_hidden = ml_collections.config_dict.placeholder(int)
 
     # paper: patches "resized to 64 x 64 x 64" (Image processing). Side of the cube the network
