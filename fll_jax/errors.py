@@ -108,7 +108,9 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         name, *hint = text.splitlines() or [""]
         name = name.strip("'\"")
         named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        refuse(f"{', '.join(named) or '--config.*'}: no such setting {name}" + "".join(f"; {line}" for line in hint))
+        if not named:
+            raise  # the config file's own error: its traceback shows the line
+        refuse(f"{', '.join(named)}: no such setting {name}" + "".join(f"; {line}" for line in hint))
     except OSError as error:
         refuse(f"--config: {str(error).splitlines()[-1].strip()}")
     except flags.Error as error:

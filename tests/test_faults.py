@@ -714,6 +714,16 @@ def test_a_config_that_cannot_be_read_is_named_in_one_line(tmp_path, command, pr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_files_own_mistake_keeps_its_traceback_not_blamed_on_an_override(tmp_path):
+    """It had been reported as '--config.*: no such setting trian', an override never given."""
+    (tmp_path / "mine.py").write_text("import ml_collections\n\n\ndef get_config():\n"
+                                      "    config = ml_collections.ConfigDict({'train': {'epochs': 1}})\n"
+                                      "    config.trian.epochs = 3\n    return config\n")
+    done = subprocess.run([sys.executable, "data_prep/preprocess.py", "--config", str(tmp_path / "mine.py"), "--check"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "config.trian.epochs = 3" in done.stderr and "no such setting" not in done.stderr
+
+
 def test_a_boolean_flag_followed_by_a_word_is_refused_not_read_as_true(run):
     # absl reads `--restart False` as --restart plus a stray word: the finished run would be deleted.
     folder, _ = run
