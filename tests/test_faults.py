@@ -29,6 +29,7 @@ from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source, unused_caches
 from fll_jax.data.preprocess import PreprocessError
 from fll_jax.data.root_caches import LOCK_FILE, PruneRefused, delete, root_alone, summary
+from fll_jax.evaluation.predictions import PredictionsError
 from fll_jax.evaluation.report import write_report
 from fll_jax.files import StateFileError, read_json, write_json
 from fll_jax.train.checkpoints import CheckpointError
@@ -712,6 +713,15 @@ def test_a_config_that_cannot_be_read_is_named_in_one_line(tmp_path, command, pr
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith(problem) and done.stderr.count("\n") == 1, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_patients_csv_is_refused_before_training_not_when_the_report_reads_it(finished, tmp_path):
+    folder, config = finished
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "patients.csv").write_text("patient_id,age\n007,50\n")  # the cohort's ids are D00, ...
+    with pytest.raises(PredictionsError, match=r"patients\.csv: lists none of the run's 17 patients \(D00, "):
+        cross_validate(config, tmp_path / "new")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["patients.csv"]
 
 
 def test_a_config_files_own_mistake_keeps_its_traceback_not_blamed_on_an_override(tmp_path):

@@ -363,10 +363,19 @@ def test_the_patients_age_and_sex_come_from_patients_csv_beside_the_run(run, tmp
     assert "age" not in metrics["cohort"]["rows"]  # the run without the table
     for table, problem in (({"patient_id": [patients[0]] * 2, "age": [50, 51]}, "listed more than once: " + patients[0]),
                            ({"patient_id": patients[:2], "age": ["50", "fifty"]}, "age is not a number on row(s) 3"),
-                           ({"patient_id": patients[:2], "weight": [70, 80]}, "needs a patient_id column and an age")):
+                           ({"patient_id": patients[:2], "weight": [70, 80]}, "needs a patient_id column and an age"),
+                           # A blank id twice had ended in a TypeError's traceback.
+                           ({"patient_id": ["", ""], "age": [50, 51]}, "no patient_id on row(s) 2, 3"),
+                           # As a spreadsheet saves '007': every age had been left empty, unsaid.
+                           ({"patient_id": [f"x{p}" for p in patients], "age": 50},
+                            f"lists none of the run's {len(patients)} patients")):
         pd.DataFrame(table).to_csv(tmp_path / "run" / "patients.csv", index=False)
         with pytest.raises(PredictionsError, match=r"patients\.csv: .*" + re.escape(problem)):
             write_report(tmp_path / "run")
+    (tmp_path / "run" / "patients.csv").unlink()
+    (tmp_path / "run" / "patients.csv").mkdir()
+    with pytest.raises(PredictionsError, match=r"patients\.csv: not a readable CSV table"):
+        write_report(tmp_path / "run")
 
 
 def test_a_likelihood_ratio_over_zero_reads_infinite_and_one_without_positive_calls_or_negative_lesions_undefined():

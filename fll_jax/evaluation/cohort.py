@@ -15,6 +15,7 @@ predictions.csv by hand as before (a rerun of the training rewrites that file wi
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -46,29 +47,34 @@ def _cohorts(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return {"total": pd.concat(parts.values()), **parts}
 
 
-def with_patients(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
-    """The predictions frame with the age and sex that `path` (a patients.csv: patient_id, then age
-    and/or sex) gives each patient, on every row of its lesions; the frame itself when there is no
-    such file. Patients it does not list get empty cells.
+def read_patients(path: str | Path, patient_ids: Iterable[str] | None = None) -> pd.DataFrame | None:
+    """The user's patients.csv at `path` (patient_id, then age and/or sex), or None when there is none.
+
+    patient_ids: the run's patients, when known; a file that lists none of them is refused (ids are
+    matched as text: a spreadsheet that saved 007 as 7 matches nothing).
 
     Raises:
-        PredictionsError: the file cannot be read, lacks patient_id or both of age and sex, lists a
-            patient twice, has an age that is not a number, or gives a column predictions.csv
-            already has; the message names the file and the rows.
+        PredictionsError: the file cannot be read, lacks patient_id or both of age and sex, has a
+            row without a patient_id, lists a patient twice, has an age that is not a number, or
+            lists none of `patient_ids`; the message names the file and the rows.
     """
     path = Path(path)
     if not path.exists():
-        return frame
+        return None
     try:
         table = pd.read_csv(path, dtype={"patient_id": str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PredictionsError(f"{path}: not a readable CSV table ({e})") from None
     given = [c for c in PATIENT_COLUMNS if c in table]
     if "patient_id" not in table or not given:
         raise PredictionsError(f"{path}: needs a patient_id column and an age or a sex column; it has "
                                f"{', '.join(map(str, table.columns)) or 'none'}")
     problems = []
-    repeated = table["patient_id"][table["patient_id"].duplicated()].unique().tolist()
+    blank = np.flatnonzero(table["patient_id"].isna())
+    if len(blank):
+        problems.append("no patient_id on row(s) " + ", ".join(str(i + 2) for i in blank[:SHOWN_ROWS]))
+    ids = table["patient_id"].dropna()
+    repeated = ids[ids.duplicated()].unique().tolist()
     if repeated:
         problems.append(f"patient(s) listed more than once: {', '.join(repeated[:SHOWN_ROWS])}")
     if "age" in given:
@@ -77,11 +83,36 @@ def with_patients(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         if len(bad):
             problems.append("age is not a number on row(s) " + ", ".join(str(i + 2) for i in bad[:SHOWN_ROWS]))
         table["age"] = age
-    clashing = [c for c in given if c in frame]
-    if clashing:
-        problems.append(f"predictions.csv has its own {' and '.join(clashing)} column(s): keep them in one of the two files")
+    if patient_ids is not None and not problems:
+        run = sorted(set(map(str, patient_ids)))
+        if not run:
+            problems.append("the run's lesions have no patient ids to match its rows with")
+        elif not set(ids) & set(run):
+            problems.append(f"lists none of the run's {len(run)} patients ({', '.join(run[:SHOWN_ROWS])}, ...); "
+                            "ids are matched as text, so 007 is not 7")
     if problems:
         raise PredictionsError(f"{path}: " + "; ".join(problems))
+    return table[["patient_id", *given]]
+
+
+def with_patients(frame: pd.DataFrame, path: str | Path) -> pd.DataFrame:
+    """The predictions frame with the age and sex that `path` (a patients.csv, read_patients) gives
+    each patient, on every row of its lesions; the frame itself when there is no such file.
+    Patients it does not list get empty cells.
+
+    Raises:
+        PredictionsError: read_patients refuses the file (here also when predictions.csv has no
+            patient ids), or it gives a column predictions.csv already has.
+    """
+    known = _patients_known(frame)
+    table = read_patients(path, frame["patient_id"].astype(str) if known else [])
+    if table is None:
+        return frame
+    given = [c for c in PATIENT_COLUMNS if c in table]
+    clashing = [c for c in given if c in frame]
+    if clashing:
+        raise PredictionsError(f"{path}: predictions.csv has its own {' and '.join(clashing)} column(s): keep them "
+                               "in one of the two files")
     ids = frame["patient_id"].astype(str)
     return frame.assign(**{c: ids.map(dict(zip(table["patient_id"], table[c]))) for c in given})
 

@@ -15,6 +15,7 @@ import pandas as pd
 from fll_jax.config_check import check_config
 from fll_jax.data.checks import problem_report
 from fll_jax.data.prepare import DataError, refuse_misfit
+from fll_jax.evaluation.cohort import PATIENTS_FILE, read_patients
 from fll_jax.evaluation.predictions import ENSEMBLE, missing_text, prob_columns, weight_columns
 from fll_jax.files import read_json, write_csv
 from fll_jax.models import build_model
@@ -155,6 +156,7 @@ def cross_validate(
         check_config(config, jax.device_count(), data_source=source is None)
         source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
+        check_patients_file(workdir, source)
     # Held from the folder's first write to its last: a second command there is refused.
     with rng_settings(config), hold_run(workdir):
         open_run(workdir, config, source.fingerprint, restart)
@@ -174,6 +176,12 @@ def cross_validate(
         if is_primary():
             log_hparams(workdir / "tensorboard", config, metrics["test"]["ensemble"])
     return metrics
+
+
+def check_patients_file(workdir: Path, source) -> None:
+    """Refuse a bad patients.csv beside the run (cohort.read_patients) before training, not at its end
+    when the report reads it."""
+    read_patients(workdir / PATIENTS_FILE, [lesion["patient_id"] for lesion in source.fingerprint["lesions"].values()])
 
 
 def write_results(workdir: Path, predictions: pd.DataFrame, models: Path | None = None) -> dict:
@@ -228,6 +236,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, workdir: str | Path, tra
         check_config(config, jax.device_count(), data_source=source is None)
         source = source if source is not None else prepared_in_turn(config)
         check_source(config, source)
+        check_patients_file(workdir, source)
         check_finished(trained, trained_config(config), source.fingerprint)
         check_has_models(trained, config.train.folds)  # not a fold being trained again
         check_same_folds(trained, config.train.folds)
