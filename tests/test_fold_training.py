@@ -68,6 +68,16 @@ def _kill_after(setup, fold_dir, last_epoch: int) -> None:
         train_fold(config, 1, source, steps, fold_dir, on_epoch_end=kill)
 
 
+def test_a_fold_log_opened_again_within_the_second_keeps_the_first_attempts_file(tmp_path):
+    from fll_jax.train.fold_log import FoldLog
+
+    for start, value in ((0, 1.0), (10, 2.0)):  # a stopped attempt, then its resumption from step 10
+        log = FoldLog(tmp_path, 0, start)
+        log.add_scalar("train/loss", value, start + 10)
+        log.close()
+    assert tensorboard_scalars(tmp_path)["fold0"]["train/loss"] == [(10, 1.0), (20, 2.0)]
+
+
 def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_path, monkeypatch):
     """Stopped right after epoch 1's latest/ was saved, then after epoch 2 (whose checkpoint comes
     at epoch 3): each epoch is shown once, with the values of the run that finished. Epoch 1 had

@@ -28,7 +28,9 @@ class FoldLog:
     def __init__(self, logdir: str | Path, fold: int, step: int):
         folder = Path(logdir) / f"fold{fold}"
         folder.mkdir(parents=True, exist_ok=True)
-        self._events = EventsWriter(str(folder / "events"))
+        # Named to the nanosecond: tensorboardX's own name, to the second, had a retry within the
+        # second overwrite the first attempt's file; TensorBoard reads a run's files in name order.
+        self._events = EventsWriter(str(folder / "events"), filename_suffix=f".{time.time_ns()}")
         self._events.write_event(Event(wall_time=time.time(), step=step + 1,
                                        session_log=SessionLog(status=SessionLog.START)))
 
