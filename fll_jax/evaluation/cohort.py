@@ -88,8 +88,9 @@ def read_patients(path: str | Path, patient_ids: Iterable[str] | None = None) ->
         if not run:
             problems.append("the run's lesions have no patient ids to match its rows with")
         elif not set(ids) & set(run):
-            problems.append(f"lists none of the run's {len(run)} patients ({', '.join(run[:SHOWN_ROWS])}, ...); "
-                            "ids are matched as text, so 007 is not 7")
+            shown = ", ".join(run[:SHOWN_ROWS]) + (", ..." if len(run) > SHOWN_ROWS else "")
+            problems.append(f"lists none of the run's {len(run)} patients ({shown}); ids are matched as text, "
+                            "so 007 is not 7")
     if problems:
         raise PredictionsError(f"{path}: " + "; ".join(problems))
     return table[["patient_id", *given]]
