@@ -22,7 +22,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fll_jax.data.prepare import check_data, prepare_source, unused_caches
-from fll_jax.data.root_caches import delete, root_alone, summary
+from fll_jax.data.root_caches import root_alone, summary
+from fll_jax.files import remove
 from fll_jax.errors import no_stray_arguments, parse_config_flags, reported_as
 
 config_flags.DEFINE_config_file("config", "configs/quick.py", "Experiment config (file[:config string]).")
@@ -51,7 +52,7 @@ def main(argv):
         with reported_as("preprocess --prune"), root_alone(config.data.root):
             unused = unused_caches(config, staging=True)
             text = summary(unused)
-            delete(unused)
+            remove(unused)
         print(f"deleted {text} under {config.data.root}/ that this config's data does not use")
     with reported_as("preprocess"):
         source = prepare_source(config)

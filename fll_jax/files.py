@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ def no_empty_folder_left(path: str | Path) -> Iterator[Path]:
     finally:
         if not existed and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+
+
+def remove(paths: Iterable[Path]) -> None:
+    """Delete each file, or folder with everything in it."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

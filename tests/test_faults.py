@@ -28,10 +28,10 @@ from fll_jax.data import prepare, preprocess
 from fll_jax.data.manifest import ManifestError, read_manifest, write_manifest
 from fll_jax.data.prepare import DataError, check_data, prepare_source, unused_caches
 from fll_jax.data.preprocess import PreprocessError
-from fll_jax.data.root_caches import LOCK_FILE, PruneRefused, delete, root_alone, summary
+from fll_jax.data.root_caches import LOCK_FILE, PruneRefused, root_alone, summary
 from fll_jax.evaluation.predictions import PredictionsError
 from fll_jax.evaluation.report import write_report
-from fll_jax.files import StateFileError, read_json, write_json
+from fll_jax.files import StateFileError, read_json, remove, write_json
 from fll_jax.train.checkpoints import CheckpointError
 from fll_jax.train.cross_validate import cross_validate
 from fll_jax.train.workdir import WorkdirError, fingerprint_changes, is_finished, open_run
@@ -225,7 +225,7 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(other, fcntl.LOCK_SH)  # as another command training from these patches holds it
     with pytest.raises(PruneRefused, match="in use by another command"), root_alone(root):
-        delete(unused)
+        remove(unused)
     os.close(other)
     probe = os.open(root / LOCK_FILE, os.O_RDWR)
     with pytest.raises(BlockingIOError):  # the refused prune still holds the folder shared
@@ -233,7 +233,7 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     os.close(probe)
     assert stale.is_file()
     with root_alone(root):
-        delete(unused_caches(config, staging=True))
+        remove(unused_caches(config, staging=True))
     assert not stale.exists() and not staged.exists() and unused_caches(config, staging=True) == []
     assert (root / "patches" / "notes.csv").is_file()
     capsys.readouterr()

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -76,11 +75,6 @@ def caches_in(root: Path, staging: bool = False) -> list[Path]:
     (only with the folder alone: another command's write may be under way)."""
     pattern = re.compile(f"{_CACHE}|{_STAGING}" if staging else _CACHE)
     return sorted(p for folder in CACHE_FOLDERS for p in (root / folder).glob("*") if pattern.fullmatch(p.name))
-
-
-def delete(paths: Sequence[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def summary(paths: Sequence[Path]) -> str:

@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from fll_jax.data.fingerprint import describe_changes
 from fll_jax.data.folds import TEST_FOLD
 from fll_jax.evaluation.cohort import PATIENTS_FILE
 from fll_jax.evaluation.predictions import PredictionsError, load_predictions, row_problems
-from fll_jax.files import StateFileError, read_json, write_json
+from fll_jax.files import StateFileError, read_json, remove, write_json
 
 CONFIG_FILE = "config.json"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -127,8 +126,7 @@ def _outputs(workdir: Path) -> list[Path]:
 def clear_run(workdir: str | Path) -> list[Path]:
     """Delete an earlier run's outputs from the folder (other files stay); returns what was deleted."""
     deleted = _outputs(Path(workdir))
-    for path in deleted:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove(deleted)
     return deleted
 
 
