@@ -55,14 +55,10 @@ def main(argv):
             remove(unused)
         print(f"deleted {text} under {config.data.root}/ that this config's data does not use")
     with reported_as("preprocess"):
-        source = prepare_source(config)
-        unused = [] if flags.FLAGS.prune else unused_caches(config)
+        source = prepare_source(config, list_unused=not flags.FLAGS.prune)
     splits = [lesion["split"] for lesion in source.fingerprint["lesions"].values()]
     print(f"{splits.count('dev')} development lesions in {config.data.num_folds} folds, {splits.count('test')} test "
           f"lesions; ready in {time.perf_counter() - start:.0f} s under {config.data.root}/")
-    if unused:
-        print(f"{config.data.root}/ also holds {summary(unused)} that this config's data does not use (other data, "
-              "settings or preprocessing versions): --prune deletes them")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,9 @@ def test_a_relabelled_lesion_keeps_its_patches_and_a_rerun_after_a_fix_redoes_on
     unused = unused_caches(config)
     assert unused == [stale] and unused_caches(config, staging=True) == [staged, stale]
     assert re.fullmatch(r"1 patch set and the patches of 0 lesions \(\d+\.\d MB\)", summary(unused))
+    capsys.readouterr()
+    prepare_source(config, list_unused=True)  # as data_prep/preprocess.py makes it
+    assert f"{root}/ also holds {summary(unused)} that this config's data does not use" in capsys.readouterr().out
     other = os.open(root / LOCK_FILE, os.O_RDWR)
     with pytest.raises(BlockingIOError):  # making the source held the folder (shared) for this process
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -44,7 +44,7 @@ from fll_jax.data.patchset import PatchSet
 from fll_jax.data.preprocess import (
     PREPROCESS_VERSION, PreprocessOptions, lesion_problems, mask_claims, preprocess_manifest,
 )
-from fll_jax.data.root_caches import LESIONS_DIR, PATCHES_DIR, RECORDS_DIR, caches_in, hold_root
+from fll_jax.data.root_caches import LESIONS_DIR, PATCHES_DIR, RECORDS_DIR, caches_in, hold_root, summary
 from fll_jax.files import StateFileError, read_json, write_json
 
 BACKENDS = ("tfds", "numpy")
@@ -201,11 +201,12 @@ def preprocessing(config: ml_collections.ConfigDict) -> dict:
     return {"version": PREPROCESS_VERSION, "patch_size": PATCH_SIZE, **dataclasses.asdict(options)}
 
 
-def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
+def prepare_source(config: ml_collections.ConfigDict, fit: bool = False, list_unused: bool = False):
     """The training/evaluation source of a config (TFDSSource or NumpySource), with its `fingerprint`.
 
     fit: also refuse data that cannot train under the config (refuse_misfit) before any lesion
     is preprocessed, which on a real data set can take an hour.
+    list_unused: also say how much of config.data.root the config's data does not use (unused_caches).
 
     Raises:
         ConfigError: the config cannot run (every bad field listed), before anything is made.
@@ -222,6 +223,10 @@ def prepare_source(config: ml_collections.ConfigDict, fit: bool = False):
     hold_root(root)
     _note_preprocessing_code(root)
     key, lesion_keys = _cache_keys(config, records, fingerprint)
+    unused = _unused(root, key, lesion_keys) if list_unused else []
+    if unused:
+        print(f"{root}/ also holds {summary(unused)} that this config's data does not use (other data, settings "
+              "or preprocessing versions): data_prep/preprocess.py --prune deletes them")
     options = PreprocessOptions.from_config(data)
     fold_of = {r.lesion_id: f for r, f in zip(records, folds)}
     cache = LesionCache(root / LESIONS_DIR, lesion_keys)
@@ -269,8 +274,10 @@ def unused_caches(config: ml_collections.ConfigDict, staging: bool = False) -> l
     staging: also what interrupted writes left (only with the folder alone, root_caches.root_alone)."""
     check_config(config)
     records, _, fingerprint = describe_data(config)
-    key, lesion_keys = _cache_keys(config, records, fingerprint)
-    root = Path(config.data.root)
+    return _unused(Path(config.data.root), *_cache_keys(config, records, fingerprint), staging)
+
+
+def _unused(root: Path, key: str, lesion_keys: dict[str, str], staging: bool = False) -> list[Path]:
     used = {root / RECORDS_DIR / key, root / PATCHES_DIR / f"{key}.npz",
             *(root / LESIONS_DIR / f"{k}.npz" for k in lesion_keys.values())}
     return [p for p in caches_in(root, staging) if p not in used]
