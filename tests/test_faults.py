@@ -829,9 +829,11 @@ def test_checksums_are_the_sums_checkpoints_were_written_with():
                 int(jnp.sum(words ^ (index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32))]
 
     rng = np.random.default_rng(1)
-    tree = {"w": jnp.asarray(rng.normal(size=(3, 70001)), jnp.float32), "b": jnp.asarray(rng.normal(size=9), jnp.bfloat16),
+    # "w" spans two of the pieces the host sums in (integrity._PIECE words each)
+    tree = {"w": jnp.asarray(rng.normal(size=(3, 100001)), jnp.float32), "b": jnp.asarray(rng.normal(size=9), jnp.bfloat16),
             "u": jnp.asarray(rng.integers(0, 255, 40), jnp.uint8), "step": jnp.asarray(7, jnp.int32)}
     expected = {f"['{k}']": device_sums(v) for k, v in tree.items()}
+    assert tree["w"].size > integrity._PIECE
     assert integrity.checksums(tree) == expected == integrity.checksums(jax.device_get(tree))
     assert len({tuple(v) for v in expected.values()}) == len(tree)
 

@@ -7,15 +7,23 @@ the first sum (its weights are odd); random damage passes both with probability 
 They are checksums against damage, not signatures against tampering. They are computed with
 numpy on the host arrays that are written or were read: a jitted form compiled one reduction
 per array, 8 s for the quick model's variables and 18 s for its full state in every process
-that saved or restored them (docs/performance.md).
+that saved or restored them. Each array is summed in cache-sized pieces, the arrays on a pool of
+threads (numpy releases the GIL): the paper model's full state, 2.8 GB, is summed at every save
+of latest/ (docs/performance.md).
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_GOLDEN = np.uint32(0x9E3779B9)
+_GOLDEN = 0x9E3779B9
+_PIECE = 1 << 18  # words summed at once: the temporaries of a piece stay in the cache
+_ODD = 2 * np.arange(_PIECE, dtype=np.uint32) + 1  # the first sum's weights 2i + 1 of a piece at 0
+_SPREAD = np.arange(_PIECE, dtype=np.uint32) * np.uint32(_GOLDEN)  # the second sum's i * golden of a piece at 0
 
 
 def _words(x: np.ndarray) -> np.ndarray:
@@ -29,11 +37,17 @@ def _words(x: np.ndarray) -> np.ndarray:
 
 
 def _sums(x: np.ndarray) -> list[int]:
+    """[sum of w_i * (2i + 1), sum of w_i ^ (i * golden)] over the words w of x, modulo 2^32."""
     words = _words(x)
-    index = np.arange(words.size, dtype=np.uint32)
-    # uint32 arithmetic wraps around, as the sums are defined
-    return [int(np.sum(words * (2 * index + 1), dtype=np.uint32)),
-            int(np.sum(words ^ (index * _GOLDEN), dtype=np.uint32))]
+    first = second = 0
+    for start in range(0, words.size, _PIECE):
+        piece = words[start:start + _PIECE]
+        n = piece.size
+        # a piece at `start` shifts the weights by 2 * start and the spread by start * golden
+        first += int(np.sum(piece * _ODD[:n], dtype=np.uint32)) + 2 * start * int(np.sum(piece, dtype=np.uint32))
+        spread = _SPREAD[:n] + np.uint32(start * _GOLDEN % 2**32)  # uint32 arrays wrap around silently
+        second += int(np.sum(piece ^ spread, dtype=np.uint32))
+    return [first % 2**32, second % 2**32]
 
 
 def _raw(x):
@@ -44,7 +58,12 @@ def _raw(x):
 def checksums(tree) -> dict[str, list[int]]:
     """{leaf path: [two uint32 sums]} of every array in the tree (host or device arrays)."""
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(jax.tree.map(_raw, tree)))[0]
-    return {jax.tree_util.keystr(path): _sums(np.asarray(value)) for path, value in leaves}
+    arrays = {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
+    # threads for the large arrays only: handing a small one to the pool costs more than its sums
+    large = [key for key, value in arrays.items() if value.size >= _PIECE]
+    with ThreadPoolExecutor(min(len(large), os.cpu_count() or 1) or 1) as pool:
+        sums = dict(zip(large, pool.map(lambda key: _sums(arrays[key]), large)))
+    return {key: sums[key] if key in sums else _sums(value) for key, value in arrays.items()}
 
 
 def mismatches(tree, expected: dict[str, list[int]]) -> list[str]:
