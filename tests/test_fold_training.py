@@ -310,6 +310,31 @@ def test_best_checkpoint_deleted_mid_run_retrains_the_fold(setup, straight, tmp_
     assert [h["val"] for h in resumed["history"]] == [h["val"] for h in straight["history"]]
 
 
+def _filled(target, value):
+    """A train state shaped and placed as target, every array filled with value."""
+    return jax.tree.map(lambda a: jax.device_put(np.full(a.shape, value, a.dtype), a.sharding), target)
+
+
+def test_a_better_epoch_just_after_a_latest_save_does_not_wait_for_its_write(setup, tmp_path, monkeypatch):
+    """latest/ writes the whole train state in the background; a better epoch saved just after goes
+    beside the older best epochs instead of waiting for that write, until best/ holds a few."""
+    target = setup[3].state_target
+    ckpt = FoldCheckpoints(tmp_path, target)
+    ckpt.save_best(0, _filled(target, 0))
+    ckpt.save_best(1, _filled(target, 1))
+    ckpt.save_latest(1, _filled(target, 1), {"epoch": 1, "best": {"epoch": 1}, "history": []})
+    waits = []
+    wait_latest = ckpt.latest.wait_until_finished
+    monkeypatch.setattr(ckpt.latest, "wait_until_finished", lambda: waits.append(1) or wait_latest())
+    ckpt.save_best(2, _filled(target, 2))
+    assert waits == [] and ckpt.best.all_steps() == [0, 1, 2]
+    assert FoldCheckpoints.UNPRUNED_BEST == 3  # the next save finds three: it waits, and epoch 0 goes
+    ckpt.save_best(3, _filled(target, 3))
+    assert waits == [1] and ckpt.best.all_steps() == [1, 2, 3]
+    ckpt.wait()
+    ckpt.close()
+
+
 def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, tmp_path):
     """latest/ holds epoch 4, which names best epoch 3; epoch 7 was better and saved, then the run
     was killed. Each resume recomputes epochs 5-7, so it drops best/7 but keeps best/3: killed
@@ -317,7 +342,7 @@ def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, 
     target = setup[3].state_target
 
     def state(value):
-        return jax.tree.map(lambda a: jax.device_put(np.full(a.shape, value, a.dtype), a.sharding), target)
+        return _filled(target, value)
 
     meta = {"epoch": 4, "best": {"epoch": 3}, "history": []}
     ckpt = FoldCheckpoints(tmp_path, target)

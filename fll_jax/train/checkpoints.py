@@ -69,7 +69,13 @@ class FoldCheckpoints:
     A better epoch's best/ must not replace the one latest/ names until a later latest/ names it:
     a run killed in between resumes from latest/ and needs that best again, and again after a
     second kill before the better epoch is recomputed.
+
+    Every process makes the same calls, and orbax's deletes wait for all of them: so whether a
+    call waits and prunes depends only on the calls made before it, never on how far a write got.
     """
+
+    # best epochs saved, while a latest/ save may still be writing, before a save waits for it
+    UNPRUNED_BEST = 3
 
     def __init__(self, directory: Path, target: TrainState):
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
@@ -78,6 +84,7 @@ class FoldCheckpoints:
         # every step kept, and pruned here (wait): orbax's max_to_keep would drop the named best
         self.best = ocp.CheckpointManager(self.directory / "best", options=_options("best"))
         self._named_best: int | None = None  # the best epoch named by the last latest/ saved or restored
+        self._latest_unwaited = False  # a latest/ save started since the last wait
 
     def remedy(self) -> str:
         fold_dir = self.directory.parent
@@ -116,9 +123,14 @@ class FoldCheckpoints:
         with self._writing(host):
             self.latest.save(epoch, args=args)
         self._named_best = meta["best"] and meta["best"]["epoch"]
+        self._latest_unwaited = True
 
     def save_best(self, epoch: int, state: TrainState) -> None:
-        self.wait()  # drops the best epochs older than the one latest/ names (at most one epoch's wait)
+        # Waiting drops the best epochs older than the one latest/ names. Right after a latest/ save,
+        # which writes the whole train state in the background (2.8 GB on the paper model), a
+        # better epoch is saved beside them instead of waiting, unless best/ holds a few already.
+        if not self._latest_unwaited or len(self.best.all_steps()) >= self.UNPRUNED_BEST:
+            self.wait()
         host = _on_host(variables_of(state))
         with self._writing(host):
             self.best.save(epoch, args=ocp.args.Composite(
@@ -208,6 +220,7 @@ class FoldCheckpoints:
         with self._writing():
             self.latest.wait_until_finished()
             self.best.wait_until_finished()
+        self._latest_unwaited = False
         if self._named_best is not None:
             for step in self.best.all_steps():
                 if step < self._named_best:
