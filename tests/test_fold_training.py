@@ -3,6 +3,7 @@ import dataclasses
 import math
 import re
 import shutil
+import threading
 from types import SimpleNamespace
 
 import jax
@@ -115,7 +116,11 @@ def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_pat
     np.testing.assert_allclose([value for _, value in shown["fold1"]["train/loss"]], losses, rtol=1e-5)
 
 
-def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["latest_saved_in_line", "latest_saved_by_a_thread"])
+def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path, monkeypatch, background):
+    import fll_jax.train.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "background_writes", lambda: background)
     config, source, spe, steps = setup
     # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
     _kill_after(setup, tmp_path / "killed", 2)
@@ -332,6 +337,25 @@ def test_a_better_epoch_just_after_a_latest_save_does_not_wait_for_its_write(set
     ckpt.save_best(3, _filled(target, 3))
     assert waits == [1] and ckpt.best.all_steps() == [1, 2, 3]
     ckpt.wait()
+    ckpt.close()
+
+
+def test_latest_is_written_from_copies_of_the_donated_state_and_the_progress_it_was_given(setup, tmp_path):
+    """save_latest returns before its state is fetched; the step then donates (deletes) the state's
+    buffers and the loop appends to the progress record: what is written is what was saved."""
+    target = setup[3].state_target
+    ckpt = FoldCheckpoints(tmp_path, target, background=True)
+    hold = threading.Event()
+    ckpt._writer.submit(hold.wait)  # the write queues behind this until the state is gone
+    state, meta = _filled(target, 4), {"epoch": 4, "best": None, "history": [{"epoch": 4}]}
+    ckpt.save_latest(4, state, meta)
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()
+    meta["history"].append({"epoch": 5})
+    hold.set()
+    restored, restored_meta = ckpt.restore_latest()
+    assert restored_meta["history"] == [{"epoch": 4}]
+    assert all((np.asarray(leaf) == 4).all() for leaf in jax.tree.leaves(restored))
     ckpt.close()
 
 

@@ -9,14 +9,17 @@ cannot be read or does not match them raises CheckpointError naming its path and
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -54,6 +57,15 @@ def _on_host(tree):
     return jax.device_get(tree)
 
 
+def background_writes() -> bool:
+    """Whether latest/ is written from a thread of its own: where the state lives on an
+    accelerator (5-7 s per save of the paper model's state on an H200, fetching, summing and
+    handing it to orbax), and in a single process (with several, every orbax barrier must be
+    reached in the same order by all). On the CPU, copying the state for the thread cost more
+    than it saved (docs/performance.md)."""
+    return jax.default_backend() != "cpu" and jax.process_count() == 1
+
+
 def _options(name: str, **kwargs) -> ocp.CheckpointManagerOptions:
     # Barriers named per manager: with several processes, latest/ and best/ saving the same epoch
     # waited at one barrier name at once, which the coordination service refuses.
@@ -77,7 +89,8 @@ class FoldCheckpoints:
     # best epochs saved, while a latest/ save may still be writing, before a save waits for it
     UNPRUNED_BEST = 3
 
-    def __init__(self, directory: Path, target: TrainState):
+    def __init__(self, directory: Path, target: TrainState, background: bool | None = None):
+        """background: write latest/ from a thread of its own (None: background_writes())."""
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
         self.latest = ocp.CheckpointManager(self.directory / "latest", options=_options("latest", max_to_keep=1))
@@ -85,24 +98,29 @@ class FoldCheckpoints:
         self.best = ocp.CheckpointManager(self.directory / "best", options=_options("best"))
         self._named_best: int | None = None  # the best epoch named by the last latest/ saved or restored
         self._latest_unwaited = False  # a latest/ save started since the last wait
+        background = background_writes() if background is None else background
+        self._writer = ThreadPoolExecutor(1, "latest-checkpoint") if background else None
+        self._writing_latest: Future | None = None
 
     def remedy(self) -> str:
         fold_dir = self.directory.parent
         return (f"delete {fold_dir} and rerun the same command to train this fold again "
                 "(or pass --restart to start the whole run over)")
 
+    def _check_room(self, tree: Any) -> None:
+        """CheckpointError naming a disk without room for the arrays about to be saved, before
+        anything is written."""
+        need = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(f"{self.directory}: {free / 1e6:.1f} MB free on its disk, less than the "
+                                  f"{need / 1e6:.1f} MB of the next checkpoint; free some space, then rerun the "
+                                  "same command: the fold resumes from its last complete checkpoint")
+
     @contextlib.contextmanager
-    def _writing(self, host: Any = None) -> Iterator[None]:
+    def _writing(self) -> Iterator[None]:
         """CheckpointError for a failed write: orbax raises a save's error from its background
-        threads at the next save or wait, as a long chain of tracebacks. With `host` (the arrays
-        about to be saved), a disk without room for them is named before orbax starts writing."""
-        if host is not None:
-            need = sum(leaf.nbytes for leaf in jax.tree.leaves(host))
-            free = shutil.disk_usage(self.directory).free
-            if free < need:
-                raise CheckpointError(f"{self.directory}: {free / 1e6:.1f} MB free on its disk, less than the "
-                                      f"{need / 1e6:.1f} MB of the next checkpoint; free some space, then rerun the "
-                                      "same command: the fold resumes from its last complete checkpoint")
+        threads at the next save or wait, as a long chain of tracebacks."""
         try:
             yield
         except CheckpointError:
@@ -116,14 +134,31 @@ class FoldCheckpoints:
                                   "checkpoint") from error
 
     def save_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
+        """Start saving the state and progress of `epoch`; a failed write raises at the next save or wait."""
+        self._join_latest()
+        self._check_room(state)
+        if self._writer is None:
+            self._write_latest(epoch, state, meta)
+        else:
+            # copies: the train step donates the state's buffers, and the loop appends to meta
+            snapshot = jax.tree.map(jnp.copy, state)
+            self._writing_latest = self._writer.submit(self._write_latest, epoch, snapshot, copy.deepcopy(meta))
+        self._named_best = meta["best"] and meta["best"]["epoch"]
+        self._latest_unwaited = True
+
+    def _write_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
         host = _on_host(state)
         check = {"arrays": integrity.checksums(host), "meta": _json_digest(meta)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
-        with self._writing(host):
+        with self._writing():
             self.latest.save(epoch, args=args)
-        self._named_best = meta["best"] and meta["best"]["epoch"]
-        self._latest_unwaited = True
+
+    def _join_latest(self) -> None:
+        """Wait until the last save_latest has handed its state to orbax; raise its error."""
+        writing, self._writing_latest = self._writing_latest, None
+        if writing is not None:
+            writing.result()
 
     def save_best(self, epoch: int, state: TrainState) -> None:
         # Waiting drops the best epochs older than the one latest/ names. Right after a latest/ save,
@@ -132,7 +167,8 @@ class FoldCheckpoints:
         if not self._latest_unwaited or len(self.best.all_steps()) >= self.UNPRUNED_BEST:
             self.wait()
         host = _on_host(variables_of(state))
-        with self._writing(host):
+        self._check_room(host)
+        with self._writing():
             self.best.save(epoch, args=ocp.args.Composite(
                 variables=ocp.args.StandardSave(host), checksums=ocp.args.JsonSave({"arrays": integrity.checksums(host)})))
 
@@ -182,6 +218,7 @@ class FoldCheckpoints:
             CheckpointError: the latest checkpoint is damaged.
             LostBestError: the best checkpoint its progress names is gone.
         """
+        self._join_latest()
         step = self.latest.latest_step()
         if step is None:
             return None
@@ -217,6 +254,7 @@ class FoldCheckpoints:
     def wait(self) -> None:
         """Wait until every save is on disk, then delete the best epochs older than the one the
         latest/ checkpoint names: no resume can need them."""
+        self._join_latest()
         with self._writing():
             self.latest.wait_until_finished()
             self.best.wait_until_finished()
@@ -227,6 +265,9 @@ class FoldCheckpoints:
                     self.best.delete(step)
 
     def close(self) -> None:
+        self._join_latest()
+        if self._writer is not None:
+            self._writer.shutdown()
         self.latest.close()
         self.best.close()
 
