@@ -359,6 +359,45 @@ def test_latest_is_written_from_copies_of_the_donated_state_and_the_progress_it_
     ckpt.close()
 
 
+def test_latest_is_saved_only_after_the_best_epoch_it_names_is_on_disk(setup, tmp_path, monkeypatch):
+    """Both are written in the background: a latest/ finished first, then a kill, had named a
+    best epoch that was never written."""
+    target = setup[3].state_target
+    ckpt = FoldCheckpoints(tmp_path, target)
+    ckpt.save_best(2, _filled(target, 2))
+    events = []
+    wait_best, save_latest = ckpt.best.wait_until_finished, ckpt.latest.save
+    monkeypatch.setattr(ckpt.best, "wait_until_finished", lambda: events.append("best written") or wait_best())
+    monkeypatch.setattr(ckpt.latest, "save", lambda *a, **k: events.append("latest started") or save_latest(*a, **k))
+    ckpt.save_latest(2, _filled(target, 2), {"epoch": 2, "best": {"epoch": 2}, "history": []})
+    assert events == ["best written", "latest started"]
+    ckpt.wait()
+    ckpt.close()
+
+
+def test_a_latest_save_that_failed_on_its_thread_leaves_the_best_epoch_the_last_latest_names(setup, tmp_path,
+                                                                                              monkeypatch):
+    """latest/4 names best 3; latest/5, naming the better best 5, fails on the thread. Its error is
+    named once; the waits after it (the loop's cleanup) must not drop best 3, which the resume needs."""
+    target = setup[3].state_target
+    ckpt = FoldCheckpoints(tmp_path, target, background=True)
+    ckpt.save_best(3, _filled(target, 3))
+    ckpt.save_latest(4, _filled(target, 4), {"epoch": 4, "best": {"epoch": 3}, "history": []})
+    ckpt.wait()
+    ckpt.save_best(5, _filled(target, 5))
+    monkeypatch.setattr(ckpt, "_write_latest", lambda *args: (_ for _ in ()).throw(MemoryError("fetching the state")))
+    ckpt.save_latest(5, _filled(target, 5), {"epoch": 5, "best": {"epoch": 5}, "history": []})
+    with pytest.raises(CheckpointError, match=r"a checkpoint could not be written \(MemoryError: fetching the state\)"):
+        ckpt.wait()
+    ckpt.wait()
+    ckpt.close()
+    ckpt = FoldCheckpoints(tmp_path, target)
+    restored, meta = ckpt.restore_latest()
+    assert meta["best"] == {"epoch": 3} and 3 in ckpt.best.all_steps()
+    assert all((np.asarray(leaf) == 3).all() for leaf in jax.tree.leaves(ckpt.restore_best()))
+    ckpt.close()
+
+
 def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, tmp_path):
     """latest/ holds epoch 4, which names best epoch 3; epoch 7 was better and saved, then the run
     was killed. Each resume recomputes epochs 5-7, so it drops best/7 but keeps best/3: killed

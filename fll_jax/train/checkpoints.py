@@ -84,6 +84,8 @@ class FoldCheckpoints:
 
     Every process makes the same calls, and orbax's deletes wait for all of them: so whether a
     call waits and prunes depends only on the calls made before it, never on how far a write got.
+    A latest/ save starts once the best epoch it names is written, and that epoch becomes the one
+    pruning keeps only once the save has reached orbax.
     """
 
     # best epochs saved, while a latest/ save may still be writing, before a save waits for it
@@ -100,7 +102,9 @@ class FoldCheckpoints:
         self._latest_unwaited = False  # a latest/ save started since the last wait
         background = background_writes() if background is None else background
         self._writer = ThreadPoolExecutor(1, "latest-checkpoint") if background else None
-        self._writing_latest: Future | None = None
+        # the thread's write of latest/ and the best epoch it names, which becomes the one pruning
+        # keeps only once the write has reached orbax
+        self._writing_latest: tuple[Future, int | None] | None = None
 
     def remedy(self) -> str:
         fold_dir = self.directory.parent
@@ -137,17 +141,27 @@ class FoldCheckpoints:
         """Start saving the state and progress of `epoch`; a failed write raises at the next save or wait."""
         self._join_latest()
         self._check_room(state)
+        named = meta["best"] and meta["best"]["epoch"]
+        # A latest/ on disk before the best epoch it names would lose that epoch to a kill.
+        with self._writing():
+            self.best.wait_until_finished()
         if self._writer is None:
-            self._write_latest(epoch, state, meta)
+            self._write_latest(epoch, _on_host(state), meta)
+            self._named_best = named
         else:
             # copies: the train step donates the state's buffers, and the loop appends to meta
             snapshot = jax.tree.map(jnp.copy, state)
-            self._writing_latest = self._writer.submit(self._write_latest, epoch, snapshot, copy.deepcopy(meta))
-        self._named_best = meta["best"] and meta["best"]["epoch"]
+            self._writing_latest = (self._writer.submit(self._write_copy, epoch, [snapshot], copy.deepcopy(meta)),
+                                    named)
         self._latest_unwaited = True
 
-    def _write_latest(self, epoch: int, state: TrainState, meta: dict) -> None:
-        host = _on_host(state)
+    def _write_copy(self, epoch: int, holder: list, meta: dict) -> None:
+        """_write_latest of the device copy in holder, freed once it is on the host."""
+        with self._writing():
+            host = _on_host(holder.pop())
+            self._write_latest(epoch, host, meta)
+
+    def _write_latest(self, epoch: int, host: Any, meta: dict) -> None:
         check = {"arrays": integrity.checksums(host), "meta": _json_digest(meta)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta),
                                   checksums=ocp.args.JsonSave(check))
@@ -155,10 +169,12 @@ class FoldCheckpoints:
             self.latest.save(epoch, args=args)
 
     def _join_latest(self) -> None:
-        """Wait until the last save_latest has handed its state to orbax; raise its error."""
+        """Wait until the last save_latest has handed its state to orbax; raise its error. Only
+        then does the best epoch it names replace the one an earlier latest/ names."""
         writing, self._writing_latest = self._writing_latest, None
         if writing is not None:
-            writing.result()
+            writing[0].result()
+            self._named_best = writing[1]
 
     def save_best(self, epoch: int, state: TrainState) -> None:
         # Waiting drops the best epochs older than the one latest/ names. Right after a latest/ save,
@@ -265,11 +281,13 @@ class FoldCheckpoints:
                     self.best.delete(step)
 
     def close(self) -> None:
-        self._join_latest()
-        if self._writer is not None:
-            self._writer.shutdown()
-        self.latest.close()
-        self.best.close()
+        try:
+            self._join_latest()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+            self.latest.close()
+            self.best.close()
 
 
 def best_variables(fold_dir: Path, target: TrainState) -> dict[str, Any]:

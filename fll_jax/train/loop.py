@@ -161,8 +161,10 @@ def train_fold(
         return _train(config, fold, train_folds, source, steps, ckpt, done, logdir, on_epoch_end, resident,
                       on_train_start)
     finally:
-        ckpt.wait()
-        ckpt.close()
+        try:
+            ckpt.wait()
+        finally:
+            ckpt.close()
 
 
 def fold_finished(fold_dir: Path, state_target: TrainState) -> bool:
