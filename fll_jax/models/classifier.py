@@ -36,6 +36,12 @@ def _statistics_mask(present: jax.Array) -> jax.Array:
     return present | ~jnp.any(present)
 
 
+# Which images batch norm's training statistics come from (model.batch_norm_statistics).
+# 'all': every image, zeros of absent sequences too; on complete data without sequence dropout
+# the same statistics, without the mask's cost (docs/performance.md).
+BATCH_NORM_STATISTICS = {None: _statistics_mask, "present": _statistics_mask, "all": lambda present: None}
+
+
 class MultiSequenceClassifier(nn.Module):
     """Input [B, S, D, H, W, C] (the used sequences in `sequences` order) -> dict of outputs.
 
@@ -65,6 +71,7 @@ class MultiSequenceClassifier(nn.Module):
     dtype: str = "float32"
     fold_depth: bool = False
     attention_hidden: int | None = None  # the attention fusions' scoring width; None: their default
+    batch_norm_statistics: str | None = None  # a key of BATCH_NORM_STATISTICS; None: 'present'
 
     def _backbone(self, **kwargs) -> nn.Module:
         return lookup(BACKBONES, self.backbone, "backbone")(
@@ -87,6 +94,7 @@ class MultiSequenceClassifier(nn.Module):
                 f"got shape {x.shape}"
             )
         fusion = lookup(FUSIONS, self.fusion, "fusion")
+        statistics_mask = BATCH_NORM_STATISTICS[self.batch_norm_statistics]
         present = jnp.any(x[..., -1] > 0, axis=(2, 3, 4))
         if fusion.shared_backbone:
             # One call on every sequence's images: batch norm's batch statistics are then those of
@@ -94,13 +102,13 @@ class MultiSequenceClassifier(nn.Module):
             # sequence normalised each by its own statistics in training, by their mixture after).
             b, s = x.shape[:2]
             fmaps = self._backbone(name="backbone")(
-                x.reshape((b * s,) + x.shape[2:]), train, _statistics_mask(present.reshape(b * s)))
+                x.reshape((b * s,) + x.shape[2:]), train, statistics_mask(present.reshape(b * s)))
             fmaps = fmaps.reshape((b, s) + fmaps.shape[1:])
             feats = [Branch(None, name=f"branch_{seq}")(fmaps[:, i], train) for i, seq in enumerate(self.sequences)]
         else:
             # parent=None: an unbound backbone, adopted by its branch (params under branch_<seq>).
             feats = [Branch(self._backbone(parent=None), name=f"branch_{seq}")(
-                         x[:, i], train, _statistics_mask(present[:, i]))
+                         x[:, i], train, statistics_mask(present[:, i]))
                      for i, seq in enumerate(self.sequences)]
         feats = jnp.where(present[..., None], jnp.stack(feats, axis=1), 0.0)
         options = {"attention_hidden": self.attention_hidden} if fusion.pools_by_attention else {}
@@ -129,6 +137,10 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
                                          or attention_hidden < 1):
         raise ValueError(f"attention_hidden must be an integer >= 1, or None (the default width), "
                          f"not {attention_hidden!r}")
+    batch_norm_statistics = model_config.get("batch_norm_statistics")
+    if batch_norm_statistics not in BATCH_NORM_STATISTICS:
+        raise ValueError(f"batch_norm_statistics must be 'present' (the default) or 'all', "
+                         f"not {batch_norm_statistics!r}")
     return MultiSequenceClassifier(
         sequences=sequences,
         fusion=model_config.fusion,
@@ -144,6 +156,7 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
         # Configs written before the key existed get its default.
         fold_depth=folds_depth(model_config.get("conv_impl", "auto")),
         attention_hidden=attention_hidden,
+        batch_norm_statistics=batch_norm_statistics,
     )
 
 
