@@ -95,10 +95,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ('attention', 'shared'; the paper's has none, and the others ignore it); unset (None): 128,
     # or the features' width if narrower.
     config.model.attention_hidden = ml_collections.config_dict.placeholder(int)
-    # ours: the images batch norm's training statistics come from. Unset (None) or 'present': the
-    # images of present sequences only, so the zeros standing in for absent ones (missing data,
-    # sequence dropout) do not shift them. 'all': every image, as the paper's complete data gave;
-    # the same statistics on complete data without sequence dropout, and a quicker step.
+    # ours: the images batch norm's training statistics come from. Unset (None): the images of
+    # present sequences only, so the zeros standing in for absent ones (missing data, sequence
+    # dropout) do not shift them. 'all': every image, as the paper's complete data gave; the same
+    # statistics on complete data without sequence dropout, compiled quicker and without the
+    # mask's cost (docs/performance.md).
     config.model.batch_norm_statistics = ml_collections.config_dict.placeholder(str)
 
     # paper: patches "resized to 64 x 64 x 64" (Image processing). Side of the cube the network

@@ -151,6 +151,7 @@ def run_variant(config, variant: str) -> dict:
         "width": config.model.width,
         "depth": config.model.depth,
         "dtype": config.model.dtype,
+        "batch_norm_statistics": config.model.get("batch_norm_statistics") or "present",
         "sequences": len(config.sequences),
         "samples_per_s": FLAGS.batch / step_s,
         "step_ms": 1000 * step_s,

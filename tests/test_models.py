@@ -282,26 +282,28 @@ def test_absent_images_stay_out_of_the_training_batch_statistics(fusion):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((features_none, stats_none)))
 
 
-def test_batch_norm_statistics_of_all_images_take_the_zeros_in_and_equal_the_default_on_complete_data():
+@pytest.mark.parametrize("fusion", ["concat", "shared"])
+def test_batch_norm_statistics_of_all_images_take_the_zeros_in_and_equal_the_default_on_complete_data(fusion):
     """model.batch_norm_statistics='all' (a quicker step): on a batch with every image present,
     the default's features and running averages; with one image absent, its zeros shift the
     statistics, so the lesions that have that sequence get other features."""
     sequences = ("t2w", "dwi")
-    present, every = (build_model(_tiny_config(fusion="concat", batch_norm_statistics=choice), sequences)
+    present, every = (build_model(_tiny_config(fusion=fusion, batch_norm_statistics=choice), sequences)
                       for choice in (None, "all"))
     x = np.random.default_rng(8).uniform(size=(3, 2, 16, 16, 16, 2)).astype(np.float32)
     variables = _random_variables(present, x)
     for a, b in zip(jax.tree.leaves(_train_apply(present, variables, x)), jax.tree.leaves(_train_apply(every, variables, x))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the masked sums add in another order
     absent = x.copy()
     absent[0, 0] = 0.0
     features, _ = _train_apply(present, variables, absent)
     features_every, _ = _train_apply(every, variables, absent)
     assert np.max(np.abs(features[1:, 0] - features_every[1:, 0])) > 1e-3
-    np.testing.assert_allclose(features[:, 1], features_every[:, 1], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"batch_norm_statistics must be 'present' \(the default\) or 'all', "
-                                         r"not 'every'"):
-        build_model(_tiny_config(batch_norm_statistics="every"), sequences)
+    if fusion == "concat":  # a branch of its own: the sequence every lesion has is normalised alike
+        np.testing.assert_allclose(features[:, 1], features_every[:, 1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"batch_norm_statistics must be unset \(the present images\) or 'all', "
+                                         r"not 'present'"):
+        build_model(_tiny_config(batch_norm_statistics="present"), sequences)
 
 
 def test_late_fusion_averages_per_sequence_heads(classifier_runs):

@@ -36,10 +36,11 @@ def _statistics_mask(present: jax.Array) -> jax.Array:
     return present | ~jnp.any(present)
 
 
-# Which images batch norm's training statistics come from (model.batch_norm_statistics).
-# 'all': every image, zeros of absent sequences too; on complete data without sequence dropout
-# the same statistics, without the mask's cost (docs/performance.md).
-BATCH_NORM_STATISTICS = {None: _statistics_mask, "present": _statistics_mask, "all": lambda present: None}
+# Which images batch norm's training statistics come from (model.batch_norm_statistics). Unset:
+# the present ones. 'all': every image, zeros of absent sequences too; on complete data without
+# sequence dropout the same statistics, without the mask's cost (docs/performance.md). One
+# spelling per choice: a run recorded unset is not refused when resumed with the default named.
+BATCH_NORM_STATISTICS = {None: _statistics_mask, "all": lambda present: None}
 
 
 class MultiSequenceClassifier(nn.Module):
@@ -71,7 +72,7 @@ class MultiSequenceClassifier(nn.Module):
     dtype: str = "float32"
     fold_depth: bool = False
     attention_hidden: int | None = None  # the attention fusions' scoring width; None: their default
-    batch_norm_statistics: str | None = None  # a key of BATCH_NORM_STATISTICS; None: 'present'
+    batch_norm_statistics: str | None = None  # a key of BATCH_NORM_STATISTICS; None: the present images
 
     def _backbone(self, **kwargs) -> nn.Module:
         return lookup(BACKBONES, self.backbone, "backbone")(
@@ -139,7 +140,7 @@ def build_model(model_config: ml_collections.ConfigDict, sequences: Sequence[str
                          f"not {attention_hidden!r}")
     batch_norm_statistics = model_config.get("batch_norm_statistics")
     if batch_norm_statistics not in BATCH_NORM_STATISTICS:
-        raise ValueError(f"batch_norm_statistics must be 'present' (the default) or 'all', "
+        raise ValueError(f"batch_norm_statistics must be unset (the present images) or 'all', "
                          f"not {batch_norm_statistics!r}")
     return MultiSequenceClassifier(
         sequences=sequences,
