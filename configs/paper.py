@@ -157,6 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (it describes every lesion with all seven sequences).
     config.train.sequence_dropout = 0.0
     # ours: epochs between saves of the latest state (a resumed run repeats at most this many).
+    # Each save writes the whole train state, 2.8 GB here: on a GPU, where an epoch of the
+    # paper-scale phantom takes about a second, 10 or more keeps saving from dominating
+    # (docs/performance.md, "The GPU figures on one H200").
     config.train.checkpoint_every = 1
     # ours: keep the development lesions on the devices and run each epoch and validation pass as
     # one device call (fll_jax/train/resident.py); the data must fit in every device's memory
