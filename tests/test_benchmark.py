@@ -27,10 +27,11 @@ def test_benchmark_reports_the_step_inference_and_saliency_figures():
     assert saliency["models"] == 2 and saliency["ms_per_lesion"] > 0
 
 
-def test_gpu_figures_refuses_unknown_parts_and_explain_without_its_workdir(tmp_path):
-    for parts, expected in (("bench", "unknown bench; the parts are benchmark, profile"),
-                            ("data,explain", "run both in one call")):
-        command = [sys.executable, "experiments/gpu_figures.py", f"--out={tmp_path / 'out'}", f"--parts={parts}"]
+def test_gpu_figures_refuses_unknown_parts_explain_without_its_workdir_and_a_folder_that_is_no_checkout(tmp_path):
+    for parts, expected in (("bench", "unknown bench; the parts are benchmark, checkouts, profile"),
+                            ("data,explain", "run both in one call"),
+                            (f"checkouts --checkouts={tmp_path}", f"--checkouts: {tmp_path} holds no experiments/benchmark.py")):
+        command = [sys.executable, "experiments/gpu_figures.py", f"--out={tmp_path / 'out'}", *f"--parts={parts}".split()]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # refused before anything ran or was written
