@@ -61,9 +61,9 @@ PROTOCOL = ["--config.train.resident_data=True", "--config.train.checkpoint_ever
 
 
 def _run(name: str, command: list[str], out: Path, log_name: str | None = None, checkout: Path | None = None) -> float:
-    """Run a command with its output into out/<log_name or name>.log (appended: one log for
-    several runs, the device tool brings back few files), from `checkout` when given (its own
-    fll_jax first on the path); its seconds."""
+    """Run a command with its output into out/<name>.log, or appended to out/<log_name>.log (one
+    log for several runs: the device tool brings back few files), from `checkout` when given
+    (its own fll_jax first on the path); its seconds."""
     log_path = out / f"{log_name or name}.log"
     env = None
     if checkout is not None:
