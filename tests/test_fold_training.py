@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fll_jax.train.ahead import compile_ahead
+from fll_jax.train import checkpoints
 from fll_jax.train.checkpoints import CheckpointError, FoldCheckpoints
 from fll_jax.train.cross_validate import build_steps
 from fll_jax.train.loop import (
@@ -118,8 +119,6 @@ def test_tensorboard_shows_every_epoch_once_after_stops(setup, straight, tmp_pat
 
 @pytest.mark.parametrize("background", [False, True], ids=["latest_saved_in_line", "latest_saved_by_a_thread"])
 def test_killed_fold_resumes_to_the_uninterrupted_result(setup, straight, tmp_path, monkeypatch, background):
-    import fll_jax.train.checkpoints as checkpoints
-
     monkeypatch.setattr(checkpoints, "background_writes", lambda: background)
     config, source, spe, steps = setup
     # Killed after epoch 2, the rerun starts from epoch 1's state and repeats epoch 2.
@@ -340,11 +339,13 @@ def test_a_better_epoch_just_after_a_latest_save_does_not_wait_for_its_write(set
     ckpt.close()
 
 
-def test_latest_is_written_from_copies_of_the_donated_state_and_the_progress_it_was_given(setup, tmp_path):
+def test_latest_is_written_from_copies_of_the_donated_state_and_the_progress_it_was_given(setup, tmp_path,
+                                                                                         monkeypatch):
     """save_latest returns before its state is fetched; the step then donates (deletes) the state's
     buffers and the loop appends to the progress record: what is written is what was saved."""
     target = setup[3].state_target
-    ckpt = FoldCheckpoints(tmp_path, target, background=True)
+    monkeypatch.setattr(checkpoints, "background_writes", lambda: True)
+    ckpt = FoldCheckpoints(tmp_path, target)
     hold = threading.Event()
     ckpt._writer.submit(hold.wait)  # the write queues behind this until the state is gone
     state, meta = _filled(target, 4), {"epoch": 4, "best": None, "history": [{"epoch": 4}]}
@@ -380,7 +381,8 @@ def test_a_latest_save_that_failed_on_its_thread_leaves_the_best_epoch_the_last_
     """latest/4 names best 3; latest/5, naming the better best 5, fails on the thread. Its error is
     named once; the waits after it (the loop's cleanup) must not drop best 3, which the resume needs."""
     target = setup[3].state_target
-    ckpt = FoldCheckpoints(tmp_path, target, background=True)
+    monkeypatch.setattr(checkpoints, "background_writes", lambda: True)
+    ckpt = FoldCheckpoints(tmp_path, target)
     ckpt.save_best(3, _filled(target, 3))
     ckpt.save_latest(4, _filled(target, 4), {"epoch": 4, "best": {"epoch": 3}, "history": []})
     ckpt.wait()
@@ -435,8 +437,6 @@ def test_a_second_kill_before_a_better_epoch_is_recomputed_still_resumes(setup, 
 
 def test_a_full_disk_is_named_before_a_checkpoint_is_written_and_a_failed_write_in_one_line(setup, tmp_path,
                                                                                              monkeypatch):
-    import fll_jax.train.checkpoints as checkpoints
-
     target = setup[3].state_target
     state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), target)
     ckpt = FoldCheckpoints(tmp_path, target)

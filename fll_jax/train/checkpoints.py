@@ -91,8 +91,7 @@ class FoldCheckpoints:
     # best epochs saved, while a latest/ save may still be writing, before a save waits for it
     UNPRUNED_BEST = 3
 
-    def __init__(self, directory: Path, target: TrainState, background: bool | None = None):
-        """background: write latest/ from a thread of its own (None: background_writes())."""
+    def __init__(self, directory: Path, target: TrainState):
         self.directory = Path(directory).absolute()  # orbax refuses relative paths
         self.target = target
         self.latest = ocp.CheckpointManager(self.directory / "latest", options=_options("latest", max_to_keep=1))
@@ -100,8 +99,7 @@ class FoldCheckpoints:
         self.best = ocp.CheckpointManager(self.directory / "best", options=_options("best"))
         self._named_best: int | None = None  # the best epoch named by the last latest/ saved or restored
         self._latest_unwaited = False  # a latest/ save started since the last wait
-        background = background_writes() if background is None else background
-        self._writer = ThreadPoolExecutor(1, "latest-checkpoint") if background else None
+        self._writer = ThreadPoolExecutor(1, "latest-checkpoint") if background_writes() else None
         # the thread's write of latest/ and the best epoch it names, which becomes the one pruning
         # keeps only once the write has reached orbax
         self._writing_latest: tuple[Future, int | None] | None = None
